@@ -1,0 +1,216 @@
+"""Reading and validating CT volumes, writing results atomically.
+
+All images are read with SimpleITK, so NIfTI, NRRD, MHA/MHD and DICOM series folders are
+supported and the geometry (spacing, origin, direction) is kept exactly.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Hounsfield-unit sanity limits.  Real CT holds air (-1000), padding down to -3024 and metal up
+# to a few thousand HU; anything far outside is not a CT in HU.
+HU_MIN_PLAUSIBLE = -4000.0
+HU_MAX_PLAUSIBLE = 40000.0
+SPACING_MIN_MM = 0.05
+SPACING_MAX_MM = 50.0
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """File name without its image suffix (``case.nii.gz`` -> ``case``); a folder keeps its name."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand folders of images into image files.  A folder of DICOM files stays a folder."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            images = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
+            if images:
+                out.extend(images)
+                continue
+        out.append(p)
+    return out
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read an image file or a DICOM series folder; raise :class:`InputError` on any problem."""
+    p = Path(path)
+    src = str(p)
+    if not p.exists():
+        raise InputError("file not found", src)
+    if p.is_dir():
+        reader = sitk.ImageSeriesReader()
+        try:
+            series = reader.GetGDCMSeriesIDs(src)
+        except RuntimeError as exc:  # pragma: no cover - GDCM error text varies
+            raise InputError(f"cannot scan folder for DICOM: {_first_line(exc)}", src) from None
+        if not series:
+            raise InputError("folder holds no image files and no DICOM series", src)
+        # Several series in one folder: take the one with most slices, as a viewer would.
+        files = max((reader.GetGDCMSeriesFileNames(src, s) for s in series), key=len)
+        reader.SetFileNames(files)
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"cannot read DICOM series: {_first_line(exc)}", src) from None
+    else:
+        if p.stat().st_size == 0:
+            raise InputError("file is empty (0 bytes)", src)
+        try:
+            image = sitk.ReadImage(src)
+        except RuntimeError as exc:
+            raise InputError(f"cannot read image (corrupt or unsupported format): {_first_line(exc)}", src) from None
+    validate_ct(image, src)
+    return image
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages start with a file/line banner; the useful part is the last line.
+    return lines[-1][:200] if lines else type(exc).__name__
+
+
+def validate_ct(image: sitk.Image, source: str | None = None) -> None:
+    """Check that ``image`` is a usable 3D CT in Hounsfield units."""
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp > 1:
+        raise InputError(f"RGB/vector image with {ncomp} components per voxel; a single-channel CT is required", source)
+    dim = image.GetDimension()
+    if dim != 3:
+        raise InputError(f"{dim}D image; a 3D CT volume is required", source)
+    size = image.GetSize()
+    if min(size) < 2:
+        raise InputError(f"image of size {size} is 2D (a single slice); a 3D CT volume is required", source)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"zero, negative or non-finite voxel spacing {tuple(spacing)}", source)
+    if np.any(spacing < SPACING_MIN_MM) or np.any(spacing > SPACING_MAX_MM):
+        raise InputError(
+            f"absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm; expected {SPACING_MIN_MM}-{SPACING_MAX_MM} mm",
+            source,
+        )
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise InputError(f"contains {bad} NaN/Inf voxels", source)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        raise InputError(f"empty volume: every voxel is {lo:g}", source)
+    if lo < HU_MIN_PLAUSIBLE or hi > HU_MAX_PLAUSIBLE:
+        raise InputError(
+            f"intensity range [{lo:g}, {hi:g}] is not CT in Hounsfield units (expected within "
+            f"[{HU_MIN_PLAUSIBLE:g}, {HU_MAX_PLAUSIBLE:g}])",
+            source,
+        )
+    if lo > -100.0 or hi < 0.0:
+        raise InputError(
+            f"intensity range [{lo:g}, {hi:g}] is not CT in Hounsfield units (a CT has fat or air below "
+            "-100 HU and soft tissue above 0 HU); is this an MR or an unrescaled CT?",
+            source,
+        )
+
+
+def read_label(path: str | os.PathLike, reference: sitk.Image | None = None) -> sitk.Image:
+    """Read a binary/instance label image; optionally check it shares ``reference``'s grid."""
+    src = str(path)
+    if not Path(path).exists():
+        raise InputError("label file not found", src)
+    try:
+        label = sitk.ReadImage(src)
+    except RuntimeError as exc:
+        raise InputError(f"cannot read label (corrupt or unsupported format): {_first_line(exc)}", src) from None
+    if reference is not None and not same_grid(label, reference):
+        raise InputError("label grid (size, spacing, origin, direction) differs from its image", src)
+    return label
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * 10)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )
+
+
+# ----------------------------------------------------------------------------------- writing
+class AtomicWriter:
+    """Collect output files in temporary names and move them into place together.
+
+    Nothing appears under its final name until :meth:`commit`; on error, :meth:`abort` removes
+    the temporary files, so a failed case never leaves half-written outputs.
+    """
+
+    def __init__(self, outdir: str | os.PathLike):
+        self.outdir = Path(outdir)
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path(self, name: str) -> str:
+        """A temporary path whose file will become ``outdir/name`` on commit."""
+        suffix = "".join(Path(name).suffixes)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=self.outdir)
+        os.close(fd)
+        self._pending.append((Path(tmp), self.outdir / name))
+        return tmp
+
+    def commit(self) -> list[Path]:
+        done = []
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, final in self._pending:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
+            os.replace(tmp, final)
+            done.append(final)
+        self._pending = []
+        return done
+
+    def abort(self) -> None:
+        for tmp, _ in self._pending:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+        self._pending = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+
+def write_image(array: np.ndarray, reference: sitk.Image, path: str) -> None:
+    """Write ``array`` (z, y, x) with exactly the geometry of ``reference``."""
+    img = sitk.GetImageFromArray(array)
+    img.CopyInformation(reference)
+    sitk.WriteImage(img, path, useCompression=True)
+
+
+def write_csv(rows: Iterable[dict], columns: Sequence[str], path: str) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)

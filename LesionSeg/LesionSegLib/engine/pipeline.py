@@ -1,0 +1,224 @@
+"""The CLCS pipeline: read -> preprocess -> infer -> clusters -> patch classifier -> result.
+
+    from LesionSegLib.engine.pipeline import Engine
+    result = Engine().segment(SimpleITK.ReadImage("ct.nii.gz"))
+
+Geometry: the image is permuted/flipped (no interpolation) to the LPS-closest orientation,
+cropped to the body, resampled to the model's spacing, segmented with MONAI sliding windows,
+and the probability map is resampled back onto the (canonical) input grid.  Clusters,
+measurements and patches are computed there; the labelmap is finally permuted back onto the
+input's exact grid.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .classifier import ConfidenceModel
+from .clusters import cluster_stats, extract_clusters
+from .errors import CancelledError, InputError
+from .features import adaptive_patch, feature_matrix, tabular_features
+from .inference import select_device, sliding_window_probability
+from .io import read_image, validate_ct
+from .models import ModelCard, get_card
+from .networks import build_segmenter
+from .preprocess import body_box, from_canonical, normalize, resample, spacing_zyx, target_shape, to_canonical
+from .result import Lesion, SegmentationResult
+
+STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
+#: fraction of the progress bar given to each stage
+_STAGE_SPAN = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.8), "clusters": (0.8, 0.85), "confidence": (0.85, 1.0)}
+
+DEFAULT_PROB_THRESHOLD = 0.5
+DEFAULT_MIN_SIZE_MM3 = 100.0
+DEFAULT_CONFIDENCE_THRESHOLD = 0.5
+
+
+def case_hash(image: sitk.Image) -> str:
+    """sha256 of the voxel values and the geometry (size, spacing, origin, direction)."""
+    h = hashlib.sha256()
+    arr = sitk.GetArrayViewFromImage(image)
+    h.update(str(arr.dtype).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    geo = (image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    h.update(repr(tuple(tuple(round(v, 6) for v in g) for g in geo)).encode())
+    return h.hexdigest()
+
+
+class Engine:
+    """A loaded model, ready to segment images."""
+
+    def __init__(self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None):
+        self.card = model if isinstance(model, ModelCard) else get_card(model)
+        if self.card.architecture != "clcs":
+            raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which this engine cannot run")
+        seg = self.card.part("segmenter")
+        self.seg_cfg = seg
+        self.segmenter = build_segmenter(seg["network"])
+        self.card.load_into("segmenter", self.segmenter)
+        self.segmenter.eval()
+        self.classifier = ConfidenceModel.from_card(self.card) if "classifier" in self.card.data else None
+        self.device, self.messages = select_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        post = self.card.data.get("postprocess", {})
+        self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
+        self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
+        self.default_threshold = float(self.card.data.get("confidence_threshold", DEFAULT_CONFIDENCE_THRESHOLD))
+
+    # ------------------------------------------------------------------------------------
+    def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
+        """Foreground probability on the canonical input grid, and stage timings."""
+        timings = {}
+        t = time.perf_counter()
+        box = body_box(canonical_hu, spacing)
+        crop = canonical_hu[box.slices]
+        shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
+        x = normalize(resample(crop, shape), self.seg_cfg["hu_windows"])
+        timings["preprocess"] = time.perf_counter() - t
+        _report(progress, "preprocess", 1.0)
+        t = time.perf_counter()
+        prob_model, used, msgs = sliding_window_probability(
+            self.segmenter,
+            x,
+            self.seg_cfg["roi_size"],
+            float(self.seg_cfg.get("overlap", 0.25)),
+            self.device,
+            progress=(lambda f: _report(progress, "inference", f)) if progress else None,
+            cancel=cancel,
+        )
+        self.messages.extend(m for m in msgs if m not in self.messages)
+        self.used_device = used
+        prob = np.zeros(canonical_hu.shape, dtype=np.float32)
+        prob[box.slices] = resample(prob_model, crop.shape).numpy()
+        timings["inference"] = time.perf_counter() - t
+        return prob, timings
+
+    def segment(
+        self,
+        image: sitk.Image,
+        threshold: float | None = None,
+        progress: Callable[[float, str], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        keep_patches: bool = False,
+        keep_probability: bool = False,
+        source: str | None = None,
+    ) -> SegmentationResult:
+        """Segment ``image`` (a validated 3D CT in HU) and return lesions with confidences.
+
+        ``threshold``: keep lesions with confidence >= threshold (None: the model's default;
+        0 keeps every candidate).  ``progress(fraction, stage)`` is called as work proceeds;
+        when ``cancel()`` returns True a :class:`CancelledError` is raised.
+        """
+        validate_ct(image, source)
+        threshold = self.default_threshold if threshold is None else float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"confidence threshold must be within [0, 1], not {threshold}")
+        _check(cancel)
+        canonical = to_canonical(image)
+        hu = sitk.GetArrayFromImage(canonical).astype(np.float32, copy=False)
+        sp = spacing_zyx(canonical)
+        prob, timings = self.probability(hu, sp, progress, cancel)
+        _check(cancel)
+
+        t = time.perf_counter()
+        labels, n = extract_clusters(prob, self.prob_threshold, sp, self.min_size_mm3)
+        stats = cluster_stats(labels, n)
+        timings["clusters"] = time.perf_counter() - t
+        _report(progress, "clusters", 1.0)
+
+        t = time.perf_counter()
+        largest = max((c.n_voxels for c in stats), default=1)
+        feats, measures, patches = [], [], []
+        for i, c in enumerate(stats):
+            _check(cancel)
+            f, m = tabular_features(hu, prob, labels, c, sp, largest, len(stats))
+            feats.append(f)
+            measures.append(m)
+            patches.append(adaptive_patch(hu, prob, labels, c, sp))
+            _report(progress, "confidence", (i + 1) / (len(stats) + 1))
+        if stats and self.classifier is not None:
+            conf = self.classifier.predict(np.stack(patches), feature_matrix(feats))
+        else:  # no classifier in this model: the mean probability is the confidence
+            conf = np.array([m["mean_probability"] for m in measures])
+
+        order = [i for i in np.argsort(-conf, kind="stable") if conf[i] >= threshold]
+        lut = np.zeros(n + 1, dtype=np.uint16)
+        lesions = []
+        for new_id, i in enumerate(order, start=1):
+            c = stats[i]
+            lut[c.label] = new_id
+            centroid = canonical.TransformContinuousIndexToPhysicalPoint([c.centroid_zyx[2], c.centroid_zyx[1], c.centroid_zyx[0]])
+            m = measures[i]
+            lesions.append(
+                Lesion(
+                    lesion_id=new_id,
+                    confidence=float(conf[i]),
+                    volume_ml=float(m["volume_ml"]),
+                    diameter_mm=float(m["diameter_mm"]),
+                    centroid_lps=tuple(float(v) for v in centroid),
+                    mean_probability=float(m["mean_probability"]),
+                    max_probability=float(m["max_probability"]),
+                    mean_hu=float(m["mean_hu"]),
+                    n_voxels=int(c.n_voxels),
+                    features=feats[i],
+                    patch=patches[i] if keep_patches else None,
+                )
+            )
+        labelmap = from_canonical(lut[labels], canonical, image)
+        _fill_bboxes(labelmap, lesions)
+        timings["confidence"] = time.perf_counter() - t
+        _report(progress, "confidence", 1.0)
+        probability = from_canonical(prob.astype(np.float16), canonical, image) if keep_probability else None
+        return SegmentationResult(
+            labelmap=labelmap,
+            lesions=lesions,
+            reference=image,
+            model_id=self.card.id,
+            threshold=threshold,
+            probability=probability,
+            timings=timings,
+            device=str(getattr(self, "used_device", self.device)),
+            messages=list(self.messages),
+        )
+
+
+def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion]) -> None:
+    import cc3d
+
+    if not lesions:
+        return
+    st = cc3d.statistics(np.ascontiguousarray(labelmap))
+    for les in lesions:
+        bz, by, bx = st["bounding_boxes"][les.lesion_id]
+        les.bbox_ijk = ((bx.start, by.start, bz.start), (bx.stop, by.stop, bz.stop))
+
+
+def _report(progress, stage: str, fraction: float) -> None:
+    if progress is None:
+        return
+    lo, hi = _STAGE_SPAN[stage]
+    progress(lo + (hi - lo) * min(1.0, max(0.0, fraction)), stage)
+
+
+def _check(cancel) -> None:
+    if cancel is not None and cancel():
+        raise CancelledError("segmentation cancelled")
+
+
+def segment_file(path: str | os.PathLike, model=None, device: str = "auto", threshold: float | None = None, engine: Engine | None = None, **kw) -> SegmentationResult:
+    """Read ``path`` (file or DICOM folder) and segment it; timings include 'read'."""
+    t = time.perf_counter()
+    image = read_image(path)
+    read_s = time.perf_counter() - t
+    engine = engine or Engine(model, device)
+    res = engine.segment(image, threshold=threshold, source=str(path), **kw)
+    res.timings = {"read": read_s, **res.timings}
+    return res

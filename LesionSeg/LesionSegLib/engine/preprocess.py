@@ -1,0 +1,106 @@
+"""Orientation, resampling, HU windowing and body cropping shared by training and inference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+CANONICAL = "LPS"  # array axes (z, y, x) then run inferior->superior, anterior->posterior, right->left
+
+
+def orientation_of(image: sitk.Image) -> str:
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """Permute/flip axes (no interpolation) so the image is closest to LPS (axial slices)."""
+    if orientation_of(image) == CANONICAL:
+        return image
+    return sitk.DICOMOrient(image, CANONICAL)
+
+
+def from_canonical(array: np.ndarray, canonical: sitk.Image, original: sitk.Image) -> np.ndarray:
+    """Map an array on ``canonical``'s grid back onto ``original``'s grid (exact: permute/flip)."""
+    if orientation_of(original) == CANONICAL:
+        return array
+    img = sitk.GetImageFromArray(array)
+    img.CopyInformation(canonical)
+    back = sitk.DICOMOrient(img, orientation_of(original))
+    out = sitk.GetArrayFromImage(back)
+    assert out.shape == sitk.GetArrayViewFromImage(original).shape
+    return out
+
+
+def spacing_zyx(image: sitk.Image) -> tuple[float, float, float]:
+    sx, sy, sz = image.GetSpacing()
+    return (sz, sy, sx)
+
+
+def target_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))
+
+
+def resample(array: np.ndarray | torch.Tensor, shape: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
+    """Resample a (z, y, x) or (C, z, y, x) array to ``shape`` keeping the field of view."""
+    t = torch.as_tensor(array)
+    squeeze = t.ndim == 3
+    if squeeze:
+        t = t[None]
+    t = t[None].float()
+    if tuple(t.shape[2:]) != tuple(shape):
+        if mode == "nearest":
+            t = F.interpolate(t, size=tuple(shape), mode="nearest-exact")
+        else:
+            t = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
+    t = t[0]
+    return t[0] if squeeze else t
+
+
+def normalize(hu: np.ndarray | torch.Tensor, windows: Sequence[Sequence[float]]) -> torch.Tensor:
+    """One channel per HU window, each clipped and scaled to [0, 1]."""
+    t = torch.as_tensor(hu).float()
+    chans = [((t.clamp(lo, hi) - lo) / (hi - lo)) for lo, hi in windows]
+    return torch.stack(chans, 0)
+
+
+@dataclass
+class Box:
+    """A box of array indices: ``lo`` inclusive, ``hi`` exclusive, (z, y, x)."""
+
+    lo: tuple[int, int, int]
+    hi: tuple[int, int, int]
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(self.lo, self.hi))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.lo, self.hi))
+
+
+def body_box(hu: np.ndarray, spacing: Sequence[float], threshold: float = -500.0, margin_mm: float = 10.0) -> Box:
+    """Bounding box of the body (voxels above ``threshold`` HU) plus a margin.
+
+    Air around the patient and scanner padding (-2048 / -3024) are cut away so that the
+    network does not spend time on them.  When nothing is above the threshold the whole
+    volume is kept.
+    """
+    shape = hu.shape
+    mask = hu > threshold
+    if not mask.any():
+        return Box((0, 0, 0), tuple(shape))
+    lo, hi = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        prof = mask.any(axis=other)
+        # ignore isolated specks (table, noise): need a few voxels along the profile
+        idx = np.flatnonzero(prof)
+        m = int(np.ceil(margin_mm / spacing[axis]))
+        lo.append(max(0, int(idx[0]) - m))
+        hi.append(min(shape[axis], int(idx[-1]) + 1 + m))
+    return Box(tuple(lo), tuple(hi))
