@@ -42,13 +42,16 @@ FEATURE_NAMES = [
 ]
 
 
-def _crop_padded(arr: np.ndarray, lo, hi, fill: float) -> np.ndarray:
-    """arr[lo:hi] with out-of-range parts filled with ``fill``."""
-    shape = arr.shape
-    src = tuple(slice(max(0, a), min(s, b)) for a, b, s in zip(lo, hi, shape))
-    out = np.full(tuple(b - a for a, b in zip(lo, hi)), fill, dtype=np.float32)
-    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
-    out[dst] = arr[src]
+def _gather(arr: np.ndarray, axes_idx: list[np.ndarray], fill: float) -> np.ndarray:
+    """``arr`` sampled at the index grid ``axes_idx`` (per axis); out-of-range indices -> ``fill``."""
+    clipped = [np.clip(ix, 0, n - 1) for ix, n in zip(axes_idx, arr.shape)]
+    out = arr[np.ix_(*clipped)].astype(np.float32)
+    for axis, (ix, n) in enumerate(zip(axes_idx, arr.shape)):
+        bad = (ix < 0) | (ix >= n)
+        if bad.any():
+            sl = [slice(None)] * 3
+            sl[axis] = bad
+            out[tuple(sl)] = fill
     return out
 
 
@@ -62,12 +65,18 @@ def adaptive_patch(hu: np.ndarray, prob: np.ndarray, labels: np.ndarray, c: Clus
     half = np.ceil(side / sp / 2.0).astype(int)
     plo = np.floor(centre).astype(int) - half
     phi = np.floor(centre).astype(int) + half
-    img = _crop_padded(hu, plo, phi, -1024.0)
+    # Sample at most 2x the patch size per axis before the final (anti-aliased) resize, so a
+    # huge cluster on a fine grid never needs a full-resolution copy of its neighbourhood.
+    idx = []
+    for a, b, p in zip(plo, phi, PATCH_SIZE):
+        step = max(1, (b - a) // (2 * p))
+        idx.append(np.arange(a, b, step))
+    img = _gather(hu, idx, -1024.0)
     img = (np.clip(img, *PATCH_WINDOW) - PATCH_WINDOW[0]) / (PATCH_WINDOW[1] - PATCH_WINDOW[0])
-    pr = _crop_padded(prob, plo, phi, 0.0)
-    mk = (_crop_padded(labels, plo, phi, 0) == c.label).astype(np.float32)
+    pr = _gather(prob, idx, 0.0)
+    mk = (_gather(labels, idx, 0) == c.label).astype(np.float32)
     t = torch.from_numpy(np.stack([img, pr, mk]))[None]
-    t = F.interpolate(t, size=PATCH_SIZE, mode="trilinear", align_corners=False)[0]
+    t = F.interpolate(t, size=PATCH_SIZE, mode="trilinear", align_corners=False, antialias=False)[0]
     return t.numpy().astype(np.float16)
 
 

@@ -122,14 +122,40 @@ class Engine:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"confidence threshold must be within [0, 1], not {threshold}")
         _check(cancel)
-        canonical = to_canonical(image)
-        hu = sitk.GetArrayFromImage(canonical).astype(np.float32, copy=False)
-        sp = spacing_zyx(canonical)
+        canonical, hu, sp = self.prepare(image)
         prob, timings = self.probability(hu, sp, progress, cancel)
         _check(cancel)
+        return self.lesions_from_probability(
+            image, canonical, hu, sp, prob, timings, threshold, progress, cancel, keep_patches, keep_probability
+        )
 
+    @staticmethod
+    def prepare(image: sitk.Image) -> tuple[sitk.Image, np.ndarray, tuple[float, float, float]]:
+        """(canonical image, its HU array (z, y, x) float32, its spacing (z, y, x))."""
+        canonical = to_canonical(image)
+        hu = sitk.GetArrayFromImage(canonical).astype(np.float32, copy=False)
+        return canonical, hu, spacing_zyx(canonical)
+
+    def lesions_from_probability(
+        self,
+        image: sitk.Image,
+        canonical: sitk.Image,
+        hu: np.ndarray,
+        sp,
+        prob: np.ndarray,
+        timings: dict,
+        threshold: float,
+        progress=None,
+        cancel=None,
+        keep_patches: bool = False,
+        keep_probability: bool = False,
+        prob_threshold: float | None = None,
+    ) -> SegmentationResult:
+        """Clusters, measurements, patches and confidences from a canonical probability map."""
+        timings = dict(timings)
+        prob_threshold = self.prob_threshold if prob_threshold is None else prob_threshold
         t = time.perf_counter()
-        labels, n = extract_clusters(prob, self.prob_threshold, sp, self.min_size_mm3)
+        labels, n = extract_clusters(prob, prob_threshold, sp, self.min_size_mm3)
         stats = cluster_stats(labels, n)
         timings["clusters"] = time.perf_counter() - t
         _report(progress, "clusters", 1.0)

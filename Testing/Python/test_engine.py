@@ -1,0 +1,301 @@
+"""Engine tests: input validation, geometry, model checksums, the segment CLI on real CT."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LesionSegLib.engine import cli, data
+from LesionSegLib.engine.clusters import extract_clusters, max_diameter_mm
+from LesionSegLib.engine.colors import confidence_color
+from LesionSegLib.engine.errors import InputError, ModelError
+from LesionSegLib.engine.features import PATCH_SIZE, adaptive_patch
+from LesionSegLib.engine.clusters import cluster_stats
+from LesionSegLib.engine.io import read_image
+from LesionSegLib.engine.matching import detections, match
+from LesionSegLib.engine.models import get_card, read_card
+from LesionSegLib.engine.preprocess import from_canonical, to_canonical
+
+DATA = data.data_root()
+HAVE_DATA = (DATA / "manifest.csv").exists()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"shared CT data folder {DATA} is absent (set LESIONSEG_DATA)")
+
+
+def _model_arg() -> list[str]:
+    m = os.environ.get("LESIONSEG_TEST_MODEL")
+    return ["--model", m] if m else []
+
+
+def _model():
+    m = os.environ.get("LESIONSEG_TEST_MODEL")
+    try:
+        return get_card(m)
+    except ModelError as exc:
+        pytest.skip(f"no model available ({exc}); set LESIONSEG_TEST_MODEL")
+
+
+def _write(arr, path, spacing=(1.0, 1.0, 1.0), vector=False):
+    img = sitk.GetImageFromArray(arr, isVector=vector)
+    if img.GetDimension() == len(spacing):
+        img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _bytes(d, name, content):
+    (d / name).write_bytes(content)
+    return d / name
+
+
+def _ct(shape=(8, 16, 16), seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(40, 20, shape).astype(np.int16)
+    a[:, :3] = -1000
+    return a
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda d: d / "missing.nii.gz", "file not found"),
+        (lambda d: _bytes(d, "empty.nii.gz", b""), "empty (0 bytes)"),
+        (lambda d: _bytes(d, "junk.nii.gz", gzip.compress(os.urandom(2000))), "corrupt"),
+        (lambda d: _bytes(d, "trunc.nrrd", b"NRRD0004\ntype: short\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n\n" + b"\0" * 10), "corrupt"),
+        (lambda d: _write(_ct((16, 16))[0:16].astype(np.int16), d / "flat.nrrd", (1.0, 1.0)), "2D image"),
+        (lambda d: _write(np.stack([_ct()] * 3), d / "four.nrrd", (1.0, 1.0, 1.0, 1.0)), "4D image"),
+        (lambda d: _write(np.stack([_ct()] * 3, -1).astype(np.uint8), d / "rgb.nrrd", vector=True), "RGB/vector"),
+        (lambda d: _write(_ct()[:1], d / "oneslice.nrrd"), "2D"),
+        (lambda d: _write(np.where(np.arange(8 * 16 * 16).reshape(8, 16, 16) == 5, np.nan, _ct()).astype(np.float32), d / "nan.nrrd"), "NaN/Inf"),
+        (lambda d: _write(np.where(np.arange(8 * 16 * 16).reshape(8, 16, 16) == 5, np.inf, _ct()).astype(np.float32), d / "inf.nrrd"), "NaN/Inf"),
+        (lambda d: _write(np.abs(_ct()).astype(np.int16) + 100, d / "mr.nrrd"), "not CT in Hounsfield units"),
+        (lambda d: _write((_ct() * 1000).astype(np.float32), d / "huge.nrrd"), "not CT in Hounsfield units"),
+        (lambda d: _write(_ct(), d / "absurd.nrrd", (1.0, 1.0, 500.0)), "absurd voxel spacing"),
+        (lambda d: _write(_ct(), d / "tiny.nrrd", (0.001, 1.0, 1.0)), "absurd voxel spacing"),
+        (lambda d: _write(np.zeros((8, 16, 16), np.int16), d / "zeros.nrrd"), "empty volume"),
+    ],
+)
+def test_bad_input_is_named(tmp_path, make, problem):
+    path = make(tmp_path)
+    with pytest.raises(InputError) as err:
+        read_image(path)
+    msg = str(err.value)
+    assert problem in msg and str(path) in msg
+    assert "\n" not in msg
+
+
+def test_zero_spacing_in_header(tmp_path):
+    p = tmp_path / "zero.nhdr"
+    raw = tmp_path / "zero.raw"
+    _ct().tofile(raw)
+    p.write_text("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: 16 16 8\n"
+                 "space directions: (0,0,0) (0,1,0) (0,0,1)\nendian: little\nencoding: raw\nspace origin: (0,0,0)\ndata file: zero.raw\n")
+    with pytest.raises(InputError) as err:
+        read_image(p)
+    assert str(p) in str(err.value)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(InputError, match="no image files and no DICOM series"):
+        read_image(tmp_path)
+
+
+# ------------------------------------------------------------------------------ geometry
+@pytest.mark.parametrize("direction", [
+    (1, 0, 0, 0, 1, 0, 0, 0, 1),
+    (-1, 0, 0, 0, -1, 0, 0, 0, 1),  # RAS-style (NIfTI from many tools)
+    (0, 0, 1, 1, 0, 0, 0, 1, 0),  # sagittal acquisition
+    (1, 0, 0, 0, 0, -1, 0, 1, 0),  # coronal
+])
+def test_canonical_roundtrip_is_exact(direction):
+    a = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    img = sitk.GetImageFromArray(a)
+    img.SetDirection(direction)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10, -20, 30))
+    can = to_canonical(img)
+    # same physical point holds the same value
+    idx = (1, 2, 3)
+    phys = img.TransformIndexToPhysicalPoint(idx)
+    assert can[can.TransformPhysicalPointToIndex(phys)] == img[idx]
+    back = from_canonical(sitk.GetArrayFromImage(can), can, img)
+    np.testing.assert_array_equal(back, a)
+
+
+def test_sphere_diameter_and_patch():
+    z, y, x = np.mgrid[:40, :40, :40]
+    sphere = ((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2) <= 10**2
+    d = max_diameter_mm(sphere, (1.0, 1.0, 1.0))
+    assert 20.0 <= d <= 22.0
+    d2 = max_diameter_mm(sphere, (2.0, 1.0, 1.0))  # stretched along z
+    assert 40.0 <= d2 <= 43.0
+    prob = sphere.astype(np.float32)
+    labels, n = extract_clusters(prob, 0.5, (1.0, 1.0, 1.0), 10.0)
+    assert n == 1
+    (c,) = cluster_stats(labels, n)
+    patch = adaptive_patch(np.where(sphere, 50.0, -1000.0).astype(np.float32), prob, labels, c, (1.0, 1.0, 1.0))
+    assert patch.shape == (3, *PATCH_SIZE)
+    # the mask fills the middle of the patch (cluster + 25 % margin each side + 5 mm)
+    assert patch[2, 16, 16, 16] > 0.99 and patch[2, 0, 0, 0] < 0.01
+
+
+def test_min_size_filter():
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[2:4, 2:4, 2:4] = 1  # 8 mm^3
+    prob[10:16, 10:16, 10:16] = 1  # 216 mm^3
+    _, n = extract_clusters(prob, 0.5, (1, 1, 1), 100)
+    assert n == 1
+    _, n = extract_clusters(prob, 0.5, (1, 1, 1), 0)
+    assert n == 2
+
+
+def test_matching_rule():
+    gt = np.zeros((10, 10, 30), np.uint32)
+    gt[2:8, 2:8, 2:8] = 1
+    gt[2:8, 2:8, 20:28] = 2
+    pred = np.zeros_like(gt)
+    pred[2:8, 2:8, 2:8] = 1  # exact -> GT 1
+    pred[3:5, 3:5, 21:23] = 2  # small fragment inside GT 2 -> hit by "inside" rule
+    pred[0:2, 0:2, 12:14] = 3  # nowhere -> FP
+    pred[4:6, 4:6, 4:6] = 0
+    pred[4:6, 4:6, 4:6] = 4  # second hit on GT 1 (inside)
+    m = match(pred, gt)
+    assert list(m.pred_to_gt) == [1, 2, 0, 1]
+    det, fp = detections(m, np.array([0.9, 0.8, 0.7, 0.95]))
+    assert list(det) == [False, True, False, True]  # GT1 detected once, by the 0.95 hit
+    assert list(fp) == [False, False, True, False]
+
+
+def test_colormap_is_ordered():
+    lo, mid, hi = confidence_color(0), confidence_color(0.5), confidence_color(1)
+    assert lo != hi and all(0 <= v <= 1 for v in lo + mid + hi)
+    assert confidence_color(-1) == lo and confidence_color(2) == hi
+
+
+# ------------------------------------------------------------------------------ models
+def test_checksum_failure_is_refused(tmp_path):
+    card = _model()
+    dst = tmp_path / "broken"
+    shutil.copytree(card.folder, dst)
+    w = dst / card.data["segmenter"]["file"]
+    b = bytearray(w.read_bytes())
+    b[-10] ^= 0xFF
+    w.write_bytes(bytes(b))
+    from LesionSegLib.engine.pipeline import Engine
+
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        Engine(str(dst))
+    # and through the CLI: clear error, non-zero exit, nothing written
+    out = tmp_path / "out"
+    rc = cli.main(["segment", str(tmp_path / "x.nii.gz"), "-o", str(out), "--model", str(dst), "--progress", "none"])
+    assert rc != 0
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_registry_lists_card():
+    card = _model()
+    assert card.data["segmenter"]["sha256"]
+    assert read_card(card.folder).id == card.id
+
+
+# ------------------------------------------------------------------------------ CLI on real CT
+@needs_data
+def test_cli_segment_real_case_outputs_agree(tmp_path):
+    import slicerio
+
+    _model()
+    case = data.case("STS_035")
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    rc = cli.main(["segment", str(case.image), str(bad), "-o", str(out), "--progress", "none", "--threshold", "0", *_model_arg()])
+    assert rc == 1  # one input failed...
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["STS_035.seg.nrrd", "STS_035_lesions.csv", "STS_035_lesions.nii.gz"]  # ...the other ran, nothing half-written
+
+    image = sitk.ReadImage(str(case.image))
+    lab = sitk.ReadImage(str(out / "STS_035_lesions.nii.gz"))
+    assert lab.GetSize() == image.GetSize()
+    assert np.allclose(lab.GetSpacing(), image.GetSpacing()) and np.allclose(lab.GetOrigin(), image.GetOrigin())
+    assert np.allclose(lab.GetDirection(), image.GetDirection())
+    arr = sitk.GetArrayFromImage(lab)
+    with open(out / "STS_035_lesions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    ids = [int(r["lesion_id"]) for r in rows]
+    assert ids == list(range(1, len(rows) + 1))
+    assert set(np.unique(arr)) - {0} == set(ids)
+    counts = np.bincount(arr.ravel())
+    spacing = np.prod(image.GetSpacing())
+    for r in rows:
+        k = int(r["lesion_id"])
+        assert int(r["n_voxels"]) == counts[k]
+        assert abs(float(r["volume_ml"]) - counts[k] * spacing / 1000) < 1e-3
+        assert 0.0 <= float(r["confidence"]) <= 1.0
+    confs = [float(r["confidence"]) for r in rows]
+    assert confs == sorted(confs, reverse=True)
+
+    seg = slicerio.read_segmentation(str(out / "STS_035.seg.nrrd"))
+    assert len(seg["segments"]) == len(rows)
+    vox = seg["voxels"]
+    np.testing.assert_array_equal(np.transpose(vox, (2, 1, 0)), arr)
+    for s, r in zip(sorted(seg["segments"], key=lambda s: s["labelValue"]), rows):
+        assert s["labelValue"] == int(r["lesion_id"])
+        assert abs(float(s["tags"]["LesionSeg.Confidence"]) - float(r["confidence"])) < 1e-5
+        assert np.allclose(s["color"], confidence_color(float(r["confidence"])), atol=1e-3)
+    assert np.allclose(seg["ijkToLPS"][:3, 3], image.GetOrigin(), atol=1e-3)
+
+    # the GT tumour is found: one of the lesions overlaps it
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
+    assert (arr[gt > 0] > 0).mean() > 0.3
+
+
+@needs_data
+def test_oriented_input_gives_same_lesions(tmp_path):
+    """A flipped/permuted copy of a real CT (same physical image) gives the same labelmap."""
+    from LesionSegLib.engine.pipeline import Engine
+
+    card = _model()
+    img = sitk.ReadImage(str(data.case("STS_041").image))
+    ras = sitk.DICOMOrient(img, "RAS")
+    eng = Engine(card, device="cpu")
+    a = eng.segment(img, threshold=0)
+    b = eng.segment(ras, threshold=0)
+    back = sitk.GetImageFromArray(b.labelmap)
+    back.CopyInformation(ras)
+    back = sitk.GetArrayFromImage(sitk.DICOMOrient(back, "LPS"))
+    assert (back > 0).sum() > 0
+    agree = ((back > 0) == (a.labelmap > 0)).mean()
+    assert agree > 0.995
+
+
+@needs_data
+def test_dicom_series_folder(tmp_path):
+    """A DICOM series folder is read with its geometry (series written from a real CT)."""
+    img = sitk.ReadImage(str(data.case("STS_035").image))
+    arr = sitk.GetArrayFromImage(img)
+    d = tmp_path / "dicom"
+    d.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(arr.shape[0]):
+        sl = img[:, :, k]
+        sl = sitk.Cast(sl, sitk.sitkInt16)
+        for tag, val in [("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.2"),
+                         ("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k))))),
+                         ("0020|0037", "\\".join(map(str, img.GetDirection()[0:3] + img.GetDirection()[3:6]))),
+                         ("0020|0013", str(k + 1)), ("0028|0030", f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}"),
+                         ("0018|0050", str(img.GetSpacing()[2]))]:
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(d / f"s{k:03d}.dcm"))
+        writer.Execute(sl)
+    back = read_image(d)
+    assert back.GetSize() == img.GetSize()
+    assert np.allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), arr)
