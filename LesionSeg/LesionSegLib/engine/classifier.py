@@ -114,11 +114,17 @@ class ConfidenceModel:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature minimising the NLL of ``sigmoid(logits / T)`` (grid search, robust for few samples)."""
+    """Temperature minimising the NLL of ``sigmoid(logits / T)`` (grid search over 0.2-20).
+
+    Targets are Platt's smoothed labels, ``(N+ + 1) / (N+ + 2)`` and ``1 / (N- + 2)``, so a small,
+    perfectly separated calibration set does not drive T to zero (infinite confidence).
+    """
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
     if len(z) == 0 or y.min() == y.max():
         return 1.0
+    n_pos, n_neg = float(y.sum()), float(len(y) - y.sum())
+    y = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1.0 / (n_neg + 2))
     best_t, best = 1.0, np.inf
     for t in np.exp(np.linspace(np.log(0.2), np.log(20.0), 200)):
         s = z / t
