@@ -1,0 +1,365 @@
+"""Export a LesionSeg segmentation: ``.seg.nrrd`` with tags, NIfTI instance labelmap, CSV, DICOM SEG.
+
+Which lesions: the ones the clinician sees, i.e. confidence at or above the node's threshold
+(``include_hidden=True`` exports every candidate).  Lesion ids are never renumbered, so the
+files and the lesion table agree.  Rejected lesions stay in ``.seg.nrrd`` (status flagged, tag
+``LesionSeg.Review=rejected``), in the NIfTI labelmap and in the CSV, with their status; the
+DICOM SEG, a clinical object, leaves them out (``include_rejected=True`` keeps them).
+
+No Qt; MRML through ``slicer``.  DICOM SEG needs ``highdicom`` and ``pydicom``.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+
+from . import mrml
+
+CSV_COLUMNS = (
+    "lesion_id", "name", "confidence", "status", "volume_ml", "diameter_mm", "mean_hu", "n_voxels",
+    "centroid_x", "centroid_y", "centroid_z", "mean_probability", "max_probability", "model_id", "case_hash",
+)
+
+
+def _selected(segmentation_node, include_hidden: bool = False, include_rejected: bool = True) -> list[dict]:
+    rows = mrml.lesions(segmentation_node) if include_hidden else mrml.visible_lesions(segmentation_node)
+    if not include_rejected:
+        rows = [d for d in rows if d["review"] != "rejected"]
+    return rows
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def _commit(tmp: Path, final: Path) -> Path:
+    os.replace(tmp, final)
+    return final
+
+
+# ------------------------------------------------------------------------------ .seg.nrrd
+def export_seg_nrrd(segmentation_node, path, include_hidden: bool = False) -> Path:
+    """Write the lesion segments (names, colours, tags, status) with Slicer's segmentation storage node."""
+    path = Path(path)
+    keep = {d["segment_id"] for d in _selected(segmentation_node, include_hidden)}
+    scene = segmentation_node.GetScene()
+    source = segmentation_node.GetSegmentation()
+    all_ids = [source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())]
+    tmp_node = None
+    node = segmentation_node
+    if set(all_ids) != keep:  # write a copy without the left-out segments
+        tmp_node = slicer.vtkMRMLSegmentationNode()
+        tmp_node.GetSegmentation().DeepCopy(source)
+        for sid in all_ids:
+            if sid not in keep:
+                tmp_node.GetSegmentation().RemoveSegment(sid)
+        node = tmp_node
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    if scene is not None:
+        storage.SetScene(scene)
+    tmp = _atomic_target(path)
+    storage.SetFileName(str(tmp))
+    storage.SetUseCompression(True)
+    try:
+        if not storage.WriteData(node):
+            raise RuntimeError(f"cannot write {path}")
+        return _commit(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------- instance labelmap
+def instance_labelmap(segmentation_node, lesion_ids=None, reference_volume=None) -> np.ndarray:
+    """(k, j, i) uint16 array on the reference volume's grid; voxel value = lesion id."""
+    reference_volume = reference_volume or mrml.reference_volume(segmentation_node)
+    if reference_volume is None:
+        raise RuntimeError("the segmentation has no reference volume")
+    if lesion_ids is None:
+        lesion_ids = [d["lesion_id"] for d in mrml.visible_lesions(segmentation_node)]
+    shape = tuple(int(v) for v in reversed(reference_volume.GetImageData().GetDimensions()))
+    out = np.zeros(shape, dtype=np.uint16)
+    if not lesion_ids:
+        return out
+    ids = vtk.vtkStringArray()
+    order = []
+    for lid in lesion_ids:
+        sid, _ = mrml.find_segment(segmentation_node, lid)
+        ids.InsertNextValue(sid)
+        order.append(int(lid))
+    scene = segmentation_node.GetScene()
+    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__LesionSeg_export__")
+    try:
+        logic = mrml._segmentations_logic()
+        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_volume):
+            raise RuntimeError("export of the lesion segments to a labelmap failed")
+        arr = slicer.util.arrayFromVolume(labelmap)  # values 1..n in the order of `ids`
+        if arr.shape != shape:
+            raise RuntimeError(f"exported labelmap {arr.shape} is not on the reference grid {shape}")
+        lut = np.zeros(len(order) + 1, dtype=np.uint16)
+        lut[1:] = order
+        out[...] = lut[np.clip(arr, 0, len(order)).astype(np.intp)]
+    finally:
+        # remove the temporary labelmap and what the export made for it (display and colour nodes)
+        made = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in made:
+            if node.GetID() not in existing and node is not labelmap:
+                scene.RemoveNode(node)
+        scene.RemoveNode(labelmap)
+    return out
+
+
+def export_nifti(segmentation_node, path, include_hidden: bool = False) -> Path:
+    """NIfTI instance labelmap (value k = lesion k) on the input volume's exact grid."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    volume = mrml.reference_volume(segmentation_node)
+    ids = [d["lesion_id"] for d in _selected(segmentation_node, include_hidden)]
+    arr = instance_labelmap(segmentation_node, ids, volume)
+    img = sitk.GetImageFromArray(arr)
+    spacing, origin, direction = mrml.volume_geometry_lps(volume)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    tmp = _atomic_target(path)
+    tmp = tmp.with_name(tmp.name if tmp.name.endswith((".nii", ".nii.gz")) else tmp.name + ".nii.gz")
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+        return _commit(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------------- CSV
+def csv_rows(segmentation_node, include_hidden: bool = False) -> list[dict]:
+    case_hash = segmentation_node.GetAttribute(mrml.ATTR_CASE_HASH) or ""
+    out = []
+    for d in sorted(_selected(segmentation_node, include_hidden), key=lambda d: d["lesion_id"]):
+        x, y, z = d["centroid_lps"]
+        out.append({
+            "lesion_id": d["lesion_id"], "name": d["name"], "confidence": f"{d['confidence']:.6f}", "status": d["review"],
+            "volume_ml": f"{d['volume_ml']:.4f}", "diameter_mm": f"{d['diameter_mm']:.2f}", "mean_hu": f"{d['mean_hu']:.2f}",
+            "n_voxels": d["n_voxels"], "centroid_x": f"{x:.3f}", "centroid_y": f"{y:.3f}", "centroid_z": f"{z:.3f}",
+            "mean_probability": f"{d['mean_probability']:.6f}", "max_probability": f"{d['max_probability']:.6f}",
+            "model_id": d["model_id"], "case_hash": d["case_hash"] or case_hash,
+        })
+    return out
+
+
+def export_csv(segmentation_node, path, include_hidden: bool = False) -> Path:
+    """The lesion table (plus centroid, probabilities, model and case) as CSV; centroids in LPS mm."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+            writer.writeheader()
+            writer.writerows(csv_rows(segmentation_node, include_hidden))
+        return _commit(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------- DICOM SEG
+def _is_dicom(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_source_files(volume_node) -> list[str]:
+    """The DICOM files a volume was loaded from, or [] when it did not come from DICOM.
+
+    Looks at (1) the ``DICOM.instanceUIDs`` attribute that Slicer's DICOM module sets, resolved
+    through ``slicer.dicomDatabase``; (2) the volume's storage node: a DICOM archetype file and
+    the other files of its series in the same folder.
+    """
+    if volume_node is None:
+        return []
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    db = getattr(slicer, "dicomDatabase", None)
+    if uids and db is not None:
+        files = [db.fileForInstance(uid) for uid in uids]
+        files = [f for f in files if f and os.path.exists(f)]
+        if len(files) == len(uids):
+            return files
+    storage = volume_node.GetStorageNode()
+    if storage is None or not storage.GetFileName():
+        return []
+    first = storage.GetFileName()
+    if not _is_dicom(first):
+        return []
+    names = [storage.GetNthFileName(i) for i in range(storage.GetNumberOfFileNames())]
+    candidates = [first] + [n if os.path.isabs(n) else os.path.join(os.path.dirname(first), n) for n in names]
+    if len(set(candidates)) <= 1:  # archetype only: the rest of the series is in its folder
+        folder = os.path.dirname(first)
+        candidates = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+    import pydicom
+
+    series = pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID
+    files = []
+    for f in dict.fromkeys(candidates):
+        if os.path.isfile(f) and _is_dicom(f):
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPClassUID"])
+            except Exception:
+                continue
+            if getattr(ds, "SeriesInstanceUID", None) == series:
+                files.append(f)
+    return files
+
+
+def _rgb_to_cielab(rgb):
+    import highdicom as hd
+
+    return hd.color.CIELabColor.from_rgb(*[int(round(255 * float(c))) for c in rgb]) if hasattr(hd.color.CIELabColor, "from_rgb") else None
+
+
+def export_dicom_seg(segmentation_node, path, source_files=None, include_hidden: bool = False,
+                     include_rejected: bool = False, series_description: str = "LesionSeg lesions") -> Path:
+    """A DICOM Segmentation (binary, one segment per lesion) referencing the source CT series.
+
+    Each segment: label ``Lesion <id> (<confidence>)``, tracking id ``LesionSeg lesion <id>``,
+    property Morphologically Abnormal Structure / Lesion, algorithm LesionSeg ``<model id>``,
+    display colour = the segment's colour.  The mask of every source slice is sampled from the
+    instance labelmap through the slice's own ImagePositionPatient / ImageOrientationPatient, so
+    any slice order or orientation is handled.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    path = Path(path)
+    volume = mrml.reference_volume(segmentation_node)
+    files = list(source_files) if source_files else dicom_source_files(volume)
+    if not files:
+        raise RuntimeError(f"volume '{volume.GetName()}' was not loaded from DICOM: no DICOM SEG can reference it")
+    datasets = [pydicom.dcmread(f) for f in files]
+    rows = _selected(segmentation_node, include_hidden, include_rejected)
+    if not rows:
+        raise RuntimeError("no lesion to export (all hidden or rejected)")
+    ids = [d["lesion_id"] for d in rows]
+    labelmap = instance_labelmap(segmentation_node, ids, volume)
+    # lesion id -> DICOM segment number (1..n, consecutive as the standard requires)
+    lut = np.zeros(int(labelmap.max()) + 1 if labelmap.size else 1, dtype=np.uint16)
+    for number, lid in enumerate(ids, start=1):
+        if lid < lut.size:
+            lut[lid] = number
+    # the DICOM geometry describes the volume's own (untransformed) frame
+    ras_to_ijk = np.linalg.inv(mrml.ijk_to_ras(volume))
+    frames = np.zeros((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), dtype=np.uint16)
+    for f, ds in enumerate(datasets):
+        frames[f] = lut[_sample_slice(labelmap, ds, ras_to_ijk)]
+    model_id = segmentation_node.GetAttribute(mrml.ATTR_MODEL) or rows[0]["model_id"] or "unknown"
+    algorithm = hd.AlgorithmIdentificationSequence(name="LesionSeg", family=codes.cid7162.ArtificialIntelligence, version=model_id)
+    descriptions = []
+    for number, d in enumerate(rows, start=1):
+        reviewed = d["review"] in ("accepted", "rejected")
+        kwargs = {}
+        color = _rgb_to_cielab(d["color"])
+        if color is not None:
+            kwargs["display_color"] = color
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=f"Lesion {d['lesion_id']} ({d['confidence']:.2f}) {d['review']}"[:64],
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if reviewed else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=hd.UID(),
+            tracking_id=f"LesionSeg lesion {d['lesion_id']}",
+            **kwargs,
+        ))
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(getattr(datasets[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="LesionSeg",
+        manufacturer_model_name="LesionSeg 3D Slicer module",
+        software_versions=model_id,
+        device_serial_number="0",
+        series_description=series_description,
+        content_label="LESIONS",
+        content_description=f"LesionSeg lesions, model {model_id}"[:64],
+        omit_empty_frames=True,
+    )
+    tmp = _atomic_target(path)
+    try:
+        seg.save_as(str(tmp))
+        return _commit(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _sample_slice(labelmap: np.ndarray, ds, ras_to_ijk: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour sample of ``labelmap`` (k, j, i) on the pixel grid of one DICOM slice."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    # DICOM: x direction (iop[:3]) goes along a row (increasing column index), spacing PixelSpacing[1]
+    lps = ipp[None, None, :] + c[..., None] * col_spacing * iop[None, None, :3] + r[..., None] * row_spacing * iop[None, None, 3:]
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    ijk = ras @ ras_to_ijk[:3, :3].T + ras_to_ijk[:3, 3]
+    idx = np.rint(ijk).astype(np.int64)
+    k_max, j_max, i_max = labelmap.shape
+    inside = (idx[..., 0] >= 0) & (idx[..., 0] < i_max) & (idx[..., 1] >= 0) & (idx[..., 1] < j_max) & (idx[..., 2] >= 0) & (idx[..., 2] < k_max)
+    out = np.zeros((rows, cols), dtype=labelmap.dtype)
+    out[inside] = labelmap[idx[..., 2][inside], idx[..., 1][inside], idx[..., 0][inside]]
+    return out
+
+
+# ---------------------------------------------------------------------------------- all
+FORMATS = ("seg.nrrd", "nifti", "csv", "dicomseg")
+
+
+def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMATS, include_hidden: bool = False,
+               dicom_files=None) -> dict[str, Path]:
+    """Write the requested formats into ``outdir``; returns {format: path}.
+
+    ``dicomseg`` is skipped (not an error) when the volume did not come from DICOM and no
+    ``dicom_files`` are given.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    stem = _stem(stem or segmentation_node.GetAttribute(mrml.ATTR_CASE_NAME) or segmentation_node.GetName())
+    out: dict[str, Path] = {}
+    for fmt in formats:
+        if fmt == "seg.nrrd":
+            out[fmt] = export_seg_nrrd(segmentation_node, outdir / f"{stem}.seg.nrrd", include_hidden)
+        elif fmt == "nifti":
+            out[fmt] = export_nifti(segmentation_node, outdir / f"{stem}_lesions.nii.gz", include_hidden)
+        elif fmt == "csv":
+            out[fmt] = export_csv(segmentation_node, outdir / f"{stem}_lesions.csv", include_hidden)
+        elif fmt == "dicomseg":
+            files = dicom_files or dicom_source_files(mrml.reference_volume(segmentation_node))
+            if files:
+                out[fmt] = export_dicom_seg(segmentation_node, outdir / f"{stem}_lesions.dcm", files, include_hidden)
+        else:
+            raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
+    return out
+
+
+def _stem(name: str) -> str:
+    keep = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in name).strip("._")
+    return keep or "lesions"

@@ -1,0 +1,549 @@
+"""LesionSeg module logic against real MRML (slicer-core) and a real CT.
+
+One engine run in this process (``logic.segment``) is checked against the engine run directly on
+the image file; then threshold, review, navigation and every export are checked on it, and the
+background CLI runner is run to completion and cancelled.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slicer_app_shim import data_dir, default_model, slicer_app  # noqa: F401 (fixtures)
+
+CASE = "STS_003"  # 77x79x51 voxels; the default model finds the tumour plus low-confidence candidates here
+
+
+@pytest.fixture(scope="module")
+def run(slicer_app, data_dir, default_model):
+    import SimpleITK as sitk
+
+    from LesionSegLib import mrml
+    from LesionSegLib.engine.pipeline import case_hash
+    from LesionSegLib.logic import LesionSegLogicCore
+
+    slicer_app.reset()
+    path = data_dir / "sts" / CASE / "image.nii.gz"
+    volume = mrml.load_volume(str(path), CASE)
+    logic = LesionSegLogicCore()
+    t = time.perf_counter()
+    progress = []
+    seg, table = logic.segment(volume, model=str(default_model.folder), device="cpu", progress=lambda f, s: progress.append((f, s)))
+    seconds = time.perf_counter() - t
+    file_image = sitk.ReadImage(str(path))
+    engine = logic.engine(str(default_model.folder), "cpu")
+    ref = engine.segment(file_image, threshold=0.0, keep_patches=True)
+    yield types.SimpleNamespace(path=path, volume=volume, logic=logic, seg=seg, table=table, ref=ref, engine=engine,
+                                file_image=file_image, case_hash=case_hash(file_image), seconds=seconds, app=slicer_app,
+                                progress=progress)
+    slicer_app.reset()
+
+
+def _lesion(ref, lesion_id):
+    return next(les for les in ref.lesions if les.lesion_id == lesion_id)
+
+
+# ---------------------------------------------------------------------------- geometry
+def test_volume_to_sitk_matches_file(run):
+    import SimpleITK as sitk
+
+    from LesionSegLib import mrml
+
+    img = mrml.volume_to_sitk(run.volume)
+    ref = run.file_image
+    assert img.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert np.array_equal(sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(ref))
+    # a voxel's RAS position (Slicer) is its LPS position (ITK) with x, y negated
+    ijk = (5, 7, 11)
+    lps = np.array(ref.TransformIndexToPhysicalPoint(ijk))
+    ras = mrml.ijk_to_ras(run.volume) @ np.array([*ijk, 1.0])
+    np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
+
+
+def test_oblique_geometry_roundtrip(slicer_app):
+    import SimpleITK as sitk
+
+    from LesionSegLib import mrml
+
+    img = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
+    a = np.deg2rad(30)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]])
+    img.SetDirection(tuple(rot.ravel()))
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    node = mrml.volume_from_sitk(img, "oblique")
+    try:
+        back = mrml.volume_to_sitk(node)
+        np.testing.assert_allclose(back.GetDirection(), img.GetDirection(), atol=1e-9)
+        np.testing.assert_allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-9)
+        np.testing.assert_allclose(back.GetSpacing(), img.GetSpacing(), atol=1e-9)
+        assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
+        lps = np.array(img.TransformIndexToPhysicalPoint((3, 2, 1)))
+        ras = mrml.ijk_to_ras(node) @ np.array([3, 2, 1, 1.0])
+        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-9)
+    finally:
+        node.GetScene().RemoveNode(node)
+
+
+def test_mrml_layer_without_model(slicer_app, data_dir, tmp_path):
+    """Nodes, threshold, review and export from a result built on the real CT's ground-truth
+    label (split into three 'lesions'), so the MRML layer is covered even without a model."""
+    import SimpleITK as sitk
+    import slicerio
+
+    from LesionSegLib import export, mrml
+    from LesionSegLib.engine.result import Lesion, SegmentationResult
+    from LesionSegLib.logic import LesionSegLogicCore
+
+    case = data_dir / "sts" / CASE
+    volume = mrml.load_volume(str(case / "image.nii.gz"), CASE)
+    image = sitk.ReadImage(str(case / "image.nii.gz"))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "label.nii.gz"))) > 0
+    zs = np.nonzero(label.any(axis=(1, 2)))[0]
+    cuts = np.linspace(zs[0], zs[-1] + 1, 4).astype(int)
+    labelmap = np.zeros(label.shape, np.uint16)
+    lesions = []
+    for k, conf in enumerate((0.9, 0.6, 0.3), start=1):
+        part = label.copy()
+        part[: cuts[k - 1]] = False
+        part[cuts[k]:] = False
+        labelmap[part] = k
+        z, y, x = np.nonzero(part)
+        centroid = image.TransformContinuousIndexToPhysicalPoint((float(x.mean()), float(y.mean()), float(z.mean())))
+        lesions.append(Lesion(k, conf, part.sum() * np.prod(image.GetSpacing()) / 1000, 10.0, tuple(centroid), 0.8, 0.99, 40.0,
+                              int(part.sum()), ((int(x.min()), int(y.min()), int(z.min())), (int(x.max()) + 1, int(y.max()) + 1, int(z.max()) + 1)),
+                              {"f": 1.0}, np.zeros((3, 32, 32, 32), np.float16)))
+    result = SegmentationResult(labelmap, lesions, image, "groundtruth@0", 0.0)
+    logic = LesionSegLogicCore()
+    seg, table = logic.add_result(volume, result, "hash", threshold=0.5)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3 and table.GetNumberOfRows() == 2
+    assert np.array_equal(export.instance_labelmap(seg, [1, 2, 3]), labelmap)
+    logic.review(seg, 1, "accepted")
+    logic.review(seg, 2, "rejected")
+    assert [r["Status"] for r in mrml.table_rows(table)] == ["accepted", "rejected"]
+    np.testing.assert_allclose(mrml.lesion_center_ras(seg, 2), np.array(lesions[1].centroid_lps) * [-1, -1, 1], atol=1e-3)
+    paths = logic.export(seg, tmp_path)
+    s = slicerio.read_segmentation(str(paths["seg.nrrd"]))
+    assert [x["name"] for x in s["segments"]] == ["Lesion 1 (0.90)", "Lesion 2 (0.60)"]
+    assert [x["status"] for x in s["segments"]] == ["completed", "flagged"]
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(paths["nifti"]))), np.where(labelmap <= 2, labelmap, 0))
+    mrml.set_threshold(seg, 0.0)
+    assert table.GetNumberOfRows() == 3
+    mrml.remove_result_nodes(seg)  # the scene is shared with the module fixture: clean up our nodes
+    volume.GetScene().RemoveNode(volume)
+
+
+# --------------------------------------------------------------------- segments vs engine
+def test_segments_match_engine(run):
+    import slicer
+
+    from LesionSegLib import export, mrml
+    from LesionSegLib.engine.colors import confidence_color
+
+    ref, seg = run.ref, run.seg
+    records = mrml.lesions(seg)
+    assert len(records) == len(ref.lesions) == seg.GetSegmentation().GetNumberOfSegments()
+    assert [d["lesion_id"] for d in records] == [les.lesion_id for les in ref.lesions] == list(range(1, len(records) + 1))
+    np.testing.assert_allclose([d["confidence"] for d in records], [les.confidence for les in ref.lesions], atol=1e-5)
+    assert [d["n_voxels"] for d in records] == [les.n_voxels for les in ref.lesions]
+    # voxels: the segments, exported back on the volume grid, are the engine's labelmap
+    labelmap = export.instance_labelmap(seg, [d["lesion_id"] for d in records], run.volume)
+    assert np.array_equal(labelmap, ref.labelmap)
+    for d in records:
+        les = _lesion(ref, d["lesion_id"])
+        assert d["name"] == les.name == f"Lesion {les.lesion_id} ({les.confidence:.2f})"
+        np.testing.assert_allclose(d["color"], confidence_color(les.confidence), atol=1e-6)
+        assert d["review"] == "unreviewed"
+        assert mrml.segment_status(seg, les.lesion_id) == "notstarted"
+        assert d["model_id"] == run.engine.card.id
+        assert d["case_hash"] == run.case_hash
+        assert d["features"] and set(d["features"]) == set(les.features)
+        np.testing.assert_allclose(d["centroid_lps"], les.centroid_lps, atol=1e-3)
+        assert int((labelmap == les.lesion_id).sum()) == les.n_voxels
+    # reference geometry is the input volume
+    assert mrml.reference_volume(seg) is run.volume
+    geometry = seg.GetSegmentation().GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert geometry
+    assert seg.GetAttribute(mrml.ATTR_CASE_HASH) == run.case_hash
+    assert run.seconds < 240
+
+
+def test_progress_and_cancel_in_process(run):
+    from LesionSegLib.engine.errors import CancelledError
+
+    stages = [s for _, s in run.progress]
+    assert "inference" in stages and stages[-1] == "confidence"
+    fractions = [f for f, _ in run.progress]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    scene = run.volume.GetScene()
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(CancelledError):
+        run.logic.segment(run.volume, model=str(run.engine.card.folder), device="cpu", cancel=lambda: True)
+    assert scene.GetNumberOfNodes() == before  # no half-made nodes
+
+
+# ------------------------------------------------------------------------ table/threshold
+def test_table_and_threshold(run):
+    from LesionSegLib import mrml
+
+    seg, table, ref = run.seg, run.table, run.ref
+    assert [table.GetTable().GetColumn(c).GetName() for c in range(table.GetNumberOfColumns())] == [
+        "ID", "Confidence", "Volume (ml)", "Diameter (mm)", "Mean HU", "Status"]
+    default = run.engine.default_threshold
+    assert mrml.get_threshold(seg) == pytest.approx(default)
+    confidences = sorted({round(les.confidence, 6) for les in ref.lesions})
+    layer_before = seg.GetSegmentation().GetSegment("lesion_1").GetRepresentation("Binary labelmap") if ref.lesions else None
+    try:
+        for thr in [0.0, 1.01] + ([confidences[len(confidences) // 2]] if confidences else []):
+            shown = mrml.set_threshold(seg, thr)
+            expected = [les for les in ref.lesions if les.confidence >= thr - 1e-9]
+            assert shown == len(expected) == table.GetNumberOfRows()
+            rows = mrml.table_rows(table)
+            assert sorted(r["ID"] for r in rows) == sorted(les.lesion_id for les in expected)
+            assert [r["Confidence"] for r in rows] == sorted((r["Confidence"] for r in rows), reverse=True)
+            display = seg.GetDisplayNode()
+            for les in ref.lesions:
+                assert display.GetSegmentVisibility(mrml.segment_id(les.lesion_id)) == (les.confidence >= thr - 1e-9)
+            for r in rows:
+                les = _lesion(ref, r["ID"])
+                assert r["Volume (ml)"] == pytest.approx(les.volume_ml, abs=0.006)
+                assert r["Diameter (mm)"] == pytest.approx(les.diameter_mm, abs=0.06)
+                assert r["Mean HU"] == pytest.approx(les.mean_hu, abs=0.06)
+        # nothing was recomputed: same segments, same labelmap object
+        assert seg.GetSegmentation().GetNumberOfSegments() == len(ref.lesions)
+        if layer_before is not None:
+            assert seg.GetSegmentation().GetSegment("lesion_1").GetRepresentation("Binary labelmap") is layer_before
+    finally:
+        mrml.set_threshold(seg, 0.0)
+
+
+# ------------------------------------------------------------------------------- review
+class _ListSink:
+    def __init__(self):
+        self.decisions = []
+
+    def record(self, decision):
+        self.decisions.append(decision)
+
+
+class _BrokenSink:
+    def record(self, decision):
+        raise OSError("disk full")
+
+
+def test_review_status_colour_tags_and_recorder(run, tmp_path):
+    from LesionSegLib import mrml
+    from LesionSegLib.engine.colors import ACCEPTED_COLOR, REJECTED_COLOR, confidence_color
+
+    if len(run.ref.lesions) < 3:
+        pytest.skip("this case gave fewer than 3 lesions with this model")
+    seg, logic = run.seg, run.logic
+    sink = _ListSink()
+    logic.recorder.add_sink(sink)
+    try:
+        for lesion_id, decision, status, color in (
+            (1, "accepted", "completed", ACCEPTED_COLOR),
+            (2, "rejected", "flagged", REJECTED_COLOR),
+            (3, "unsure", "inprogress", confidence_color(_lesion(run.ref, 3).confidence)),
+        ):
+            d = logic.review(seg, lesion_id, decision)
+            assert mrml.segment_status(seg, lesion_id) == status
+            assert mrml.review_state(seg, lesion_id) == decision
+            _, segment = mrml.find_segment(seg, lesion_id)
+            np.testing.assert_allclose(segment.GetColor(), color, atol=1e-6)
+            row = next(r for r in mrml.table_rows(run.table) if r["ID"] == lesion_id)
+            assert row["Status"] == decision
+            les = _lesion(run.ref, lesion_id)
+            assert d.decision == decision and d.lesion_id == lesion_id
+            assert d.case_hash == run.case_hash and d.model_id == run.engine.card.id
+            assert d.confidence == pytest.approx(les.confidence, abs=1e-5)
+            assert d.patch is not None and d.patch.shape == les.patch.shape
+            assert set(d.features) == set(les.features)
+            assert d.bbox_ijk == les.bbox_ijk
+        assert [x.lesion_id for x in sink.decisions] == [1, 2, 3]
+        assert [x.decision for x in logic.recorder.log[-3:]] == ["accepted", "rejected", "unsure"]
+        # a failing sink: the scene keeps the decision, the other sinks still get it, the error surfaces
+        logic.recorder.add_sink(_BrokenSink())
+        with pytest.raises(RuntimeError, match="disk full"):
+            logic.review(seg, 3, "accepted")
+        assert mrml.segment_status(seg, 3) == "completed"
+        assert sink.decisions[-1].lesion_id == 3 and sink.decisions[-1].decision == "accepted"
+        logic.recorder.sinks = [s for s in logic.recorder.sinks if not isinstance(s, _BrokenSink)]
+        logic.review(seg, 3, "unsure")
+        with pytest.raises(ValueError):
+            logic.review(seg, 1, "maybe")
+        with pytest.raises(KeyError):
+            logic.review(seg, 10_000, "accepted")
+    finally:
+        logic.recorder.remove_sink(sink)
+
+
+def test_feedback_store_sink(run, tmp_path):
+    pytest.importorskip("LesionSegLib.engine.feedback", reason="feedback store (issue 5) not in this build")
+    seg, logic = run.seg, run.logic
+    if not run.ref.lesions:
+        pytest.skip("no lesion to review")
+    store = logic.enable_feedback_store(tmp_path / "feedback.db")
+    try:
+        logic.review(seg, 1, "accepted")
+        assert (tmp_path / "feedback.db").exists()
+        assert store.count() >= 1
+    finally:
+        logic.disable_feedback_store()
+        if hasattr(store, "close"):
+            store.close()
+
+
+# --------------------------------------------------------------------------- navigation
+def test_jump_to_lesion_centres_slice_views(run):
+    from LesionSegLib import mrml
+
+    for les in run.ref.lesions[:3]:
+        ras = run.logic.jump_to_lesion(run.seg, les.lesion_id)
+        expected = np.array(les.centroid_lps) * [-1, -1, 1]
+        np.testing.assert_allclose(ras, expected, atol=1e-2)
+        for name in ("Red", "Yellow", "Green"):
+            np.testing.assert_allclose(run.app.slice_center_ras(name), expected, atol=1e-2)
+    order = [3, 1, 2]
+    assert mrml.neighbour_lesion(order, 1, +1) == 2
+    assert mrml.neighbour_lesion(order, 2, +1) == 3
+    assert mrml.neighbour_lesion(order, 3, -1) == 2
+    assert mrml.neighbour_lesion(order, None, +1) == 3
+    assert mrml.neighbour_lesion([], None, +1) is None
+
+
+# ------------------------------------------------------------------------------- export
+def test_export_seg_nrrd_nifti_csv(run, tmp_path):
+    import SimpleITK as sitk
+    import slicerio
+
+    from LesionSegLib import mrml
+    from LesionSegLib.engine.colors import ACCEPTED_COLOR, REJECTED_COLOR
+    from LesionSegLib.engine.result import ijk_to_lps
+
+    seg, logic, ref = run.seg, run.logic, run.ref
+    if len(ref.lesions) < 2:
+        pytest.skip("this case gave fewer than 2 lesions with this model")
+    for les in ref.lesions:  # start from a clean review state
+        mrml.set_review(seg, les.lesion_id, "unreviewed")
+    logic.review(seg, 1, "accepted")
+    logic.review(seg, 2, "rejected")
+    thr = ref.lesions[min(3, len(ref.lesions) - 1)].confidence  # keeps at least 2 lesions
+    mrml.set_threshold(seg, thr)
+    try:
+        exported = [les for les in ref.lesions if les.confidence >= thr - 1e-9]
+        ids = {les.lesion_id for les in exported}
+        before = {n.GetID() for n in _nodes(seg.GetScene())}
+        paths = logic.export(seg, tmp_path, formats=("seg.nrrd", "nifti", "csv", "dicomseg"))
+        assert set(paths) == {"seg.nrrd", "nifti", "csv"}  # not from DICOM: no DICOM SEG
+        assert {n.GetID() for n in _nodes(seg.GetScene())} == before  # no helper nodes left behind
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{CASE}.seg.nrrd", f"{CASE}_lesions.nii.gz", f"{CASE}_lesions.csv"])
+
+        # .seg.nrrd, re-read with slicerio: names, colours, tags, status, geometry, voxels
+        s = slicerio.read_segmentation(str(paths["seg.nrrd"]))
+        assert {x["id"] for x in s["segments"]} == {mrml.segment_id(i) for i in ids}
+        for x in s["segments"]:
+            les = _lesion(ref, int(x["tags"]["LesionSeg.LesionId"]))
+            assert x["name"] == les.name
+            assert float(x["tags"]["LesionSeg.Confidence"]) == pytest.approx(les.confidence, abs=1e-6)
+            assert x["tags"]["LesionSeg.Model"] == run.engine.card.id
+            assert x["terminology"]["type"][1] == "52988006"  # SCT Lesion
+            review = {1: "accepted", 2: "rejected"}.get(les.lesion_id)
+            if review:
+                assert x["tags"]["LesionSeg.Review"] == review
+                assert x["status"] == {"accepted": "completed", "rejected": "flagged"}[review]
+                np.testing.assert_allclose(x["color"], ACCEPTED_COLOR if review == "accepted" else REJECTED_COLOR, atol=1e-4)
+        np.testing.assert_allclose(s["ijkToLPS"], ijk_to_lps(run.file_image), atol=1e-4)
+        vox = np.transpose(s["voxels"], (2, 1, 0))  # (i, j, k) -> (k, j, i)
+        off = s.get("referenceImageExtentOffset", [0, 0, 0])
+        full = np.zeros(ref.labelmap.shape, dtype=np.int64)
+        full[off[2]:off[2] + vox.shape[0], off[1]:off[1] + vox.shape[1], off[0]:off[0] + vox.shape[2]] = vox
+        label_of = {x["labelValue"]: int(x["tags"]["LesionSeg.LesionId"]) for x in s["segments"]}
+        lut = np.zeros(max(label_of) + 1, dtype=np.int64)
+        for value, lid in label_of.items():
+            lut[value] = lid
+        expected = np.where(np.isin(ref.labelmap, list(ids)), ref.labelmap, 0)
+        assert np.array_equal(lut[full], expected)
+
+        # NIfTI: input grid, voxel value = lesion id, only exported lesions
+        nii = sitk.ReadImage(str(paths["nifti"]))
+        assert nii.GetSize() == run.file_image.GetSize()
+        np.testing.assert_allclose(nii.GetOrigin(), run.file_image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(nii.GetSpacing(), run.file_image.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(nii.GetDirection(), run.file_image.GetDirection(), atol=1e-6)
+        arr = sitk.GetArrayFromImage(nii)
+        assert np.array_equal(arr, expected)
+
+        # CSV: the same lesions, statuses, and voxel counts consistent with the NIfTI
+        with open(paths["csv"], newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert sorted(int(r["lesion_id"]) for r in rows) == sorted(ids)
+        for r in rows:
+            lid = int(r["lesion_id"])
+            les = _lesion(ref, lid)
+            assert r["status"] == {1: "accepted", 2: "rejected"}.get(lid, "unreviewed")
+            assert int(r["n_voxels"]) == int((arr == lid).sum()) == les.n_voxels
+            assert float(r["confidence"]) == pytest.approx(les.confidence, abs=1e-6)
+            assert r["case_hash"] == run.case_hash
+        table_ids = sorted(r["ID"] for r in mrml.table_rows(run.table))
+        assert table_ids == sorted(ids)
+    finally:
+        mrml.set_threshold(seg, 0.0)
+
+
+def _nodes(scene):
+    return [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+
+
+def make_dicom_series(image, folder: Path) -> list[Path]:
+    """Write ``image`` as a CT DICOM series (one file per slice) with SimpleITK."""
+    import SimpleITK as sitk
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    d = np.asarray(image.GetDirection()).reshape(3, 3)
+    iop = "\\".join(f"{v:.6f}" for v in list(d[:, 0]) + list(d[:, 1]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    files = []
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        ipp = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+        for tag, value in {
+            "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": generate_uid(),
+            "0020|000d": study, "0020|000e": series, "0020|0052": frame, "0020|0011": "3", "0020|0013": str(k + 1),
+            "0010|0010": "LesionSeg^Test", "0010|0020": "LS-0001", "0008|0020": "20240101", "0008|0030": "120000",
+            "0008|103e": "CT for DICOM SEG test", "0020|0032": ipp, "0020|0037": iop,
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0028|1052": "0", "0028|1053": "1",
+        }.items():
+            sl.SetMetaData(tag, value)
+        path = folder / f"ct_{k:04d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(sl)
+        files.append(path)
+    return files
+
+
+def test_dicom_seg_export(run, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    from LesionSegLib import export, mrml
+
+    ref = run.ref
+    if not ref.lesions:
+        pytest.skip("no lesion to export")
+    files = make_dicom_series(run.file_image, tmp_path / "dicom")
+    volume = mrml.load_volume(str(files[0]), "CT from DICOM")
+    scene = volume.GetScene()
+    try:
+        assert sorted(export.dicom_source_files(volume)) == sorted(str(f) for f in files)
+        assert export.dicom_source_files(run.volume) == []
+        image = mrml.volume_to_sitk(volume)
+        np.testing.assert_allclose(image.GetOrigin(), run.file_image.GetOrigin(), atol=1e-3)
+        # the engine result of the same voxels, on this volume (what the GUI does after a background run)
+        seg, table = run.logic.add_result(volume, ref, run.case_hash, threshold=0.0)
+        rejected = ref.lesions[1].lesion_id if len(ref.lesions) > 1 else None
+        if rejected:
+            run.logic.review(seg, rejected, "rejected")
+        paths = run.logic.export(seg, tmp_path / "out", formats=("dicomseg",))
+        dcm = hd.seg.segread(str(paths["dicomseg"]))
+        kept = [les for les in ref.lesions if les.lesion_id != rejected]  # rejected lesions are left out
+        assert dcm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+        assert dcm.number_of_segments == len(kept)
+        labels = [dcm.get_segment_description(n).SegmentLabel for n in range(1, len(kept) + 1)]
+        assert labels == [f"Lesion {les.lesion_id} ({les.confidence:.2f}) unreviewed" for les in kept]
+        desc = dcm.get_segment_description(1)
+        assert desc.segmented_property_type.value == "52988006"
+        assert desc.algorithm_identification[0].AlgorithmVersion == run.engine.card.id
+        assert len(desc.RecommendedDisplayCIELabValue) == 3  # the segment colour travels too
+        assert str(dcm.StudyInstanceUID) == str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        # masks per source slice equal the labelmap slices (segment n = n-th kept lesion)
+        datasets = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: k for k, f in enumerate(files)}
+        uids = list(datasets)
+        pixels = dcm.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=list(range(1, len(kept) + 1)),
+            combine_segments=True, relabel=False, ignore_spatial_locations=True,
+            assert_missing_frames_are_empty=True,
+        )
+        number_of = np.zeros(int(ref.labelmap.max()) + 1, dtype=np.int64)
+        for n, les in enumerate(kept, start=1):
+            number_of[les.lesion_id] = n
+        expected = number_of[ref.labelmap]
+        for u, uid in enumerate(uids):
+            assert np.array_equal(pixels[u], expected[datasets[uid]]), f"slice {datasets[uid]} differs"
+        mrml.remove_result_nodes(seg)
+        assert table.GetScene() is None
+    finally:
+        scene.RemoveNode(volume)
+
+
+# --------------------------------------------------------------------- background runner
+def test_background_run_matches_in_process(run):
+    from LesionSegLib import mrml
+
+    before = {n.GetID() for n in _nodes(run.volume.GetScene())}
+    runner = run.logic.start_background(run.volume, model=str(run.engine.card.folder), device="cpu")
+    workdir = runner.workdir
+    assert runner.wait(timeout=300) == "finished", runner.error
+    assert runner.fraction == 1.0 and runner.stage
+    assert {n.GetID() for n in _nodes(run.volume.GetScene())} == before  # nothing before finish
+    seg, table = run.logic.finish_background(runner, run.volume, threshold=0.3)
+    try:
+        assert not workdir.exists()  # temporary files removed
+        records = mrml.lesions(seg)
+        assert [d["lesion_id"] for d in records] == [les.lesion_id for les in run.ref.lesions]
+        np.testing.assert_allclose([d["confidence"] for d in records], [les.confidence for les in run.ref.lesions], atol=1e-5)
+        assert mrml.get_threshold(seg) == pytest.approx(0.3)
+        assert seg.GetAttribute(mrml.ATTR_CASE_HASH) == run.case_hash
+        from LesionSegLib import export
+
+        assert np.array_equal(export.instance_labelmap(seg, [d["lesion_id"] for d in records], run.volume), run.ref.labelmap)
+        if records:
+            d = run.logic.review(seg, 1, "accepted")
+            assert d.patch is not None and d.patch.shape == (3, 32, 32, 32)
+    finally:
+        mrml.remove_result_nodes(seg)
+
+
+def test_background_cancel_leaves_nothing(run):
+    from LesionSegLib.runner import process_group_alive
+
+    scene = run.volume.GetScene()
+    before = {n.GetID() for n in _nodes(scene)}
+    runner = run.logic.start_background(run.volume, model=str(run.engine.card.folder), device="cpu")
+    pid, workdir = runner.proc.pid, runner.workdir
+    assert workdir.exists() and process_group_alive(pid)
+    deadline = time.monotonic() + 60
+    while runner.state == "running" and not runner.stage and time.monotonic() < deadline:  # cancel mid-run
+        runner.poll()
+        time.sleep(0.05)
+    runner.cancel()
+    assert runner.state == "cancelled"
+    assert runner.proc.poll() is not None
+    assert not process_group_alive(pid)
+    assert not workdir.exists()
+    assert {n.GetID() for n in _nodes(scene)} == before
+    with pytest.raises(RuntimeError):
+        runner.load_result()
+
+
+def test_background_failure_is_reported(run, tmp_path):
+    from LesionSegLib.runner import BackgroundSegmentation
+
+    runner = BackgroundSegmentation(run.file_image, stem="bad", model=str(tmp_path / "no-such-model"), device="cpu")
+    runner.start()
+    workdir = runner.workdir
+    assert runner.wait(timeout=120) == "failed"
+    assert "model" in runner.error.lower()
+    assert not workdir.exists()
