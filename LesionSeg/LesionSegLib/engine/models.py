@@ -23,10 +23,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
-
 from .errors import ModelError
+
+# torch / safetensors are imported where used, so the Slicer module can list model cards (and
+# offer to install torch) in an environment that does not have torch yet.
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = "sts-clcs"
@@ -47,6 +47,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def save_weights(obj: "torch.nn.Module | dict[str, torch.Tensor]", path: str | os.PathLike) -> str:
     """Save a module (shared tensors de-duplicated) or a state dict as safetensors; return its sha256."""
+    import torch
+    from safetensors.torch import save_file, save_model
+
     if isinstance(obj, torch.nn.Module):
         save_model(obj, str(path))
     else:
@@ -110,6 +113,8 @@ class ModelCard:
 
     def load_state(self, key: str) -> dict[str, torch.Tensor]:
         """The checksum-verified tensors of ``key`` as a dict."""
+        from safetensors.torch import load_file
+
         path = self.verified_path(key)
         try:
             return load_file(str(path))
@@ -118,6 +123,8 @@ class ModelCard:
 
     def load_into(self, key: str, module: torch.nn.Module) -> torch.nn.Module:
         """Load the checksum-verified weights of ``key`` into ``module`` (strict)."""
+        from safetensors.torch import load_model
+
         path = self.verified_path(key)
         try:
             load_model(module, str(path), strict=True, device="cpu")
