@@ -97,8 +97,18 @@ class qMRMLNodeComboBox(QWidget):
         self._scene = scene
         if scene is not None:
             for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent, scene.EndImportEvent):
-                self._tags.append(scene.AddObserver(event, lambda *a: self._refresh()))
+                self._tags.append(scene.AddObserver(event, lambda *a: self._on_scene_changed()))
         self._refresh()
+
+    def _on_scene_changed(self):
+        # the scene outlives widgets: once Qt deleted this widget, stop observing
+        try:
+            self._refresh()
+        except RuntimeError:  # "Internal C++ object ... already deleted"
+            scene, self._scene = self._scene, None
+            for tag in self._tags:
+                scene.RemoveObserver(tag)
+            self._tags = []
 
     def mrmlScene(self):
         return self._scene
