@@ -118,10 +118,20 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+#: QSettings key under which both Slicer modules keep a user-chosen database path
+SETTINGS_KEY = "LesionSeg/FeedbackDatabase"
+
+
 def default_path() -> Path:
     """``$LESIONSEG_FEEDBACK`` or ``~/.lesionseg/feedback.db`` (the CLI default; Slicer passes its own)."""
     env = os.environ.get("LESIONSEG_FEEDBACK")
     return Path(env).expanduser() if env else Path.home() / ".lesionseg" / "feedback.db"
+
+
+def slicer_default_path(user_settings_file: str | os.PathLike) -> Path:
+    """Default inside Slicer: ``<Slicer settings folder>/LesionSeg/feedback.db``, where the folder
+    is that of ``slicer.app.slicerUserSettingsFilePath``."""
+    return Path(user_settings_file).expanduser().parent / "LesionSeg" / "feedback.db"
 
 
 def _now() -> str:
@@ -165,11 +175,12 @@ def lesion_key(centroid_lps: Sequence[float] | None, lesion_id: int) -> str:
 
 
 # ----------------------------------------------------------------------------- file checks
-def inspect_file(path: str | os.PathLike) -> dict:
+def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
     """Read-only look at ``path``: ``{"exists", "schema_version", "empty"}``; raises on a bad file.
 
     Never writes to the file: a non-SQLite file, a foreign SQLite database, a newer schema or
-    an unreadable/corrupt database raise :class:`FeedbackStoreError` naming the file.
+    an unreadable/corrupt database raise :class:`FeedbackStoreError` naming the file.  With
+    ``check``, ``PRAGMA quick_check`` runs too (before anything could write to the file).
     """
     p = Path(path)
     if not p.exists():
@@ -194,6 +205,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         app_id = con.execute("PRAGMA application_id").fetchone()[0]
         version = con.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        problems = [r[0] for r in con.execute("PRAGMA quick_check(5)")] if check and app_id == APPLICATION_ID else ["ok"]
     except sqlite3.DatabaseError as exc:
         raise FeedbackStoreError(f"{p} is a corrupt SQLite database ({exc}); it was left untouched") from None
     finally:
@@ -205,6 +217,10 @@ def inspect_file(path: str | os.PathLike) -> dict:
         raise FeedbackStoreError(
             f"{p} is an SQLite database of another application ({what}), not a LesionSeg feedback "
             "database; it was left untouched. Choose another file."
+        )
+    if problems != ["ok"]:
+        raise FeedbackStoreError(
+            f"{p} is a corrupt feedback database (integrity check: {'; '.join(problems)}); it was left untouched"
         )
     if version > SCHEMA_VERSION:
         raise FeedbackStoreError(
@@ -276,7 +292,7 @@ class FeedbackStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        info = inspect_file(self.path)
+        info = inspect_file(self.path, check=check)
         if readonly:
             if not info["exists"] or info["empty"]:
                 raise FeedbackStoreError(f"no feedback database at {self.path}")
@@ -290,8 +306,6 @@ class FeedbackStore:
             if info["exists"] and not info["empty"] and info["schema_version"] < SCHEMA_VERSION:
                 self._backup(info["schema_version"])
         con = self._conn()
-        if check:
-            self._quick_check(con)
         if not readonly:
             try:
                 _migrate(con)
@@ -346,18 +360,6 @@ class FeedbackStore:
     def __repr__(self) -> str:
         return f"FeedbackStore({str(self.path)!r})"
 
-    def _quick_check(self, con: sqlite3.Connection) -> None:
-        try:
-            res = [r[0] for r in con.execute("PRAGMA quick_check(5)")]
-        except sqlite3.DatabaseError as exc:
-            self.close()
-            raise FeedbackStoreError(f"{self.path} is a corrupt database ({exc}); it was left untouched") from None
-        if res != ["ok"]:
-            self.close()
-            raise FeedbackStoreError(
-                f"{self.path} is a corrupt database (integrity check: {'; '.join(res)}); it was left untouched"
-            )
-
     def _backup(self, old_version: int) -> Path:
         dest = self.path.with_name(f"{self.path.name}.schema{old_version}.bak")
         src = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
@@ -385,6 +387,9 @@ class FeedbackStore:
             raise FeedbackStoreError(f"{self.path} is busy or read-only: {exc}") from None
         try:
             yield con
+        except sqlite3.Error as exc:
+            con.execute("ROLLBACK")
+            raise FeedbackStoreError(f"cannot write to {self.path}: {exc}") from None
         except BaseException:
             con.execute("ROLLBACK")
             raise
@@ -439,7 +444,7 @@ class FeedbackStore:
                 (
                     uid, row["case_hash"], row["case_name"], row["model_id"], row["lesion_key"], row["lesion_id"],
                     row["decision"], row["confidence"], *row["centroid"], row["volume_ml"], row["diameter_mm"],
-                    row["bbox"], row["features"], row["patch"], row["patch_shape"], row["patch_codec"],
+                    row["bbox"], row["features"], row["patch"], row["patch_shape"], row["patch_codec"] or PATCH_CODEC,
                     row["reviewer"], row["decided_at"], now, now, source,
                 ),
             )

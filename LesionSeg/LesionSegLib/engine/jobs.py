@@ -1,0 +1,402 @@
+"""Long jobs in a child process, with parsed progress, a log and cancel.
+
+* :class:`SegmenterTrainingJob`: ``python -m LesionSegLib.engine.train_seg`` (used by
+  ``lesionseg train-seg`` and the LesionSegTraining module).  ``train_seg`` trains for a
+  wall-clock budget (``--minutes``), so the fraction is the time since its "loaded ... cases"
+  line over the budget (or steps over ``--max-steps`` when that comes first), capped at 0.99
+  until the final validation and save are done.
+* :class:`RetrainJob`: ``lesionseg retrain --progress json`` (used by the LesionSegTraining
+  module, so that retraining never blocks Slicer's GUI and can be cancelled at any moment;
+  the new model folder appears atomically, so a cancelled job leaves no half-written model).
+
+Callers poll (:meth:`ChildProcessJob.poll`) from a timer; nothing here uses Qt.  Cancel stops
+only the process this job started (its own process group): SIGTERM, then SIGKILL.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import models
+from .errors import LesionSegError, ModelError
+
+LIB_PARENT = Path(__file__).resolve().parents[2]  # the folder holding LesionSegLib
+STEP_RE = re.compile(r"^step (\d+) t=([\d.]+)min loss=([\d.eE+-]+|nan)")
+LOADED_RE = re.compile(r"^loaded (\d+) training and (\d+) validation cases")
+DICE_RE = re.compile(r"val dice \(model grid\) ([\d.]+)")
+
+
+class TrainingJobError(LesionSegError):
+    pass
+
+
+def python_executable() -> str:
+    """The interpreter to run children with (``PythonSlicer`` inside Slicer)."""
+    exe = Path(sys.executable)
+    for cand in (exe.with_name("PythonSlicer"), exe.with_name("PythonSlicer.exe")):
+        if cand.exists():
+            return str(cand)
+    return sys.executable
+
+
+def gt_case_dirs(images: str | os.PathLike) -> list[Path]:
+    root = Path(images)
+    if not root.is_dir():
+        raise TrainingJobError(f"training folder {root} does not exist")
+    return [d for d in sorted(root.iterdir()) if d.is_dir() and (d / "image.nii.gz").exists() and (d / "label.nii.gz").exists()]
+
+
+class ChildProcessJob:
+    """A child process whose output lines are read by a thread and parsed by :meth:`_parse`."""
+
+    def __init__(self, python: str | None = None, nice: int | None = None, env: dict | None = None):
+        self.python = python or python_executable()
+        self.nice = nice
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=2000)
+        self.stderr_lines: collections.deque[str] = collections.deque(maxlen=200)
+        self._unread: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.fraction = 0.0
+        self.status = "not started"
+        self.cancelled = False
+        self.started_at: float | None = None
+        self.error: str | None = None
+        self._final = False
+
+    def command(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _parse(self, line: str) -> None:  # pragma: no cover - abstract
+        pass
+
+    def check_inputs(self) -> None:
+        pass
+
+    def start(self):
+        if self.proc is not None:
+            raise TrainingJobError("job already started")
+        self.check_inputs()
+        cmd = self.command()
+        if self.nice:
+            cmd = ["nice", "-n", str(int(self.nice)), *cmd]
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONPATH"] = os.pathsep.join([str(LIB_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONUNBUFFERED"] = "1"
+        kw = {"start_new_session": True} if os.name == "posix" else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+        self.started_at = time.time()
+        self.status = "starting"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env, **kw)
+        for stream, sink, parse in ((self.proc.stdout, self.lines, True), (self.proc.stderr, self.stderr_lines, False)):
+            t = threading.Thread(target=self._read, args=(stream, sink, parse), daemon=True, name="job-reader")
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _read(self, stream, sink, parse: bool) -> None:
+        for raw in stream:
+            line = raw.rstrip("\n")
+            with self._lock:
+                sink.append(line)
+                if parse:
+                    self._unread.append(line)
+            if parse:
+                try:
+                    self._parse(line)
+                except Exception:  # a malformed line must not kill the reader
+                    pass
+        stream.close()
+
+    def _finished(self, rc: int) -> None:
+        """Set the final status once the process ended (override to add results)."""
+        if self.cancelled:
+            self.status = "cancelled"
+        elif rc == 0:
+            self.fraction = 1.0
+            if not self.status.startswith("done"):
+                self.status = "done"
+        else:
+            self.error = self.error or self.error_text()
+            self.status = f"failed (exit {rc})"
+
+    def poll(self) -> int | None:
+        """None while running, else the exit code."""
+        if self.proc is None:
+            return None
+        rc = self.proc.poll()
+        if rc is None:
+            self._tick()
+            return None
+        if not self._final:
+            for t in self._threads:
+                t.join(timeout=5)
+            self._final = True
+            self._finished(rc)
+        return rc
+
+    def _tick(self) -> None:
+        pass
+
+    @property
+    def state(self) -> str:
+        """'idle', 'running', 'finished', 'failed' or 'cancelled'."""
+        if self.proc is None:
+            return "idle"
+        rc = self.poll()
+        if rc is None:
+            return "running"
+        if self.cancelled:
+            return "cancelled"
+        return "finished" if rc == 0 and self.error is None else "failed"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def new_lines(self) -> list[str]:
+        with self._lock:
+            out = list(self._unread)
+            self._unread.clear()
+        return out
+
+    def error_text(self) -> str:
+        errs = [ln for ln in self.stderr_lines if ln.strip() and not ln.startswith(("warning", "  warnings"))]
+        for ln in reversed(errs):
+            if ln.startswith("error:"):
+                return ln[len("error:"):].strip()
+        tail = (errs or [ln for ln in self.lines if ln.strip()])[-3:]
+        return " | ".join(tail) or "no output"
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.proc is not None
+        self.proc.wait(timeout)
+        return self.poll()
+
+    def cancel(self, grace: float = 10.0) -> None:
+        """Stop the process this job started (and its children): SIGTERM, then SIGKILL."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.cancelled = True
+        self.status = "cancelling"
+        try:
+            if os.name == "posix":
+                os.killpg(self.proc.pid, signal.SIGTERM)  # our own session (start_new_session)
+            else:  # pragma: no cover
+                self.proc.terminate()
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            if os.name == "posix":
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:  # pragma: no cover
+                self.proc.kill()
+            self.proc.wait(grace)
+        except ProcessLookupError:
+            pass
+        self.poll()
+
+
+class SegmenterTrainingJob(ChildProcessJob):
+    def __init__(self, images: str | os.PathLike, output: str | os.PathLike, minutes: float = 45.0,
+                 max_steps: int = 0, val: Sequence[str] | None = None, extra: Sequence[str] = (), **kw):
+        super().__init__(**kw)
+        self.images = Path(images)
+        self.output = Path(output)
+        self.minutes = float(minutes)
+        self.max_steps = int(max_steps or 0)
+        self.val = list(val) if val else None
+        self.extra = list(extra)
+        self.step = 0
+        self.loss: float | None = None
+        self.val_dice: float | None = None
+        self._t_loaded: float | None = None
+
+    def check_inputs(self) -> list[Path]:
+        cases = gt_case_dirs(self.images)
+        if len(cases) < 1:
+            raise TrainingJobError(f"{self.images} holds no <case>/image.nii.gz + <case>/label.nii.gz folders")
+        names = {c.name for c in cases}
+        if self.val:
+            missing = [v for v in self.val if v not in names]
+            if missing:
+                raise TrainingJobError(f"validation cases {missing} are not folders of {self.images}")
+            if len(names - set(self.val)) < 1:
+                raise TrainingJobError("every case is a validation case; nothing is left to train on")
+        if self.minutes <= 0 and self.max_steps <= 0:
+            raise TrainingJobError("give a positive --minutes budget or --max-steps")
+        self.output.mkdir(parents=True, exist_ok=True)
+        return cases
+
+    def command(self) -> list[str]:
+        cases = [c.name for c in gt_case_dirs(self.images)]
+        train = [c for c in cases if not self.val or c not in self.val]
+        cmd = [self.python, "-u", "-m", "LesionSegLib.engine.train_seg", "-o", str(self.output),
+               "--images", str(self.images), "--minutes", f"{self.minutes:g}", "--train", *train]
+        cmd += ["--val", *(self.val or [])]
+        if self.max_steps:
+            cmd += ["--max-steps", str(self.max_steps)]
+        return cmd + self.extra
+
+    def _parse(self, line: str) -> None:
+        s = line.strip()
+        if s.startswith("done:"):
+            self.status = s
+            self.fraction = 1.0
+        elif LOADED_RE.match(s):
+            self._t_loaded = time.time()
+            self.status = "training"
+        elif (m := STEP_RE.match(s)) is not None:
+            self.step = int(m.group(1))
+            self.loss = float(m.group(3))
+            self.status = f"step {self.step}, loss {self.loss:.4f}" + (f", val Dice {self.val_dice:.3f}" if self.val_dice is not None else "")
+            self._update_fraction(float(m.group(2)) / max(self.minutes, 1e-9))
+        elif (m := DICE_RE.search(s)) is not None:
+            self.val_dice = float(m.group(1))
+
+    def _update_fraction(self, by_log: float = 0.0) -> None:
+        f = by_log
+        if self._t_loaded is not None and self.minutes > 0:
+            f = max(f, (time.time() - self._t_loaded) / (self.minutes * 60.0))
+        if self.max_steps:
+            f = max(f, self.step / self.max_steps)
+        self.fraction = max(self.fraction, min(0.99, f))
+
+    def _tick(self) -> None:
+        if self._t_loaded is not None and not self.status.startswith("done"):
+            self._update_fraction()
+        elif self.status == "starting":
+            self.status = "loading cases"
+
+    def _finished(self, rc: int) -> None:
+        if rc == 0 and not self.cancelled and not (self.output / "segmenter.json").exists():
+            self.error = f"training ended without writing {self.output / 'segmenter.json'}"
+        super()._finished(rc if self.error is None else 1)
+
+
+class RetrainJob(ChildProcessJob):
+    """``lesionseg retrain ... --progress json`` in a child process; :attr:`result` is its
+    final ``done`` event (model id, folder, metrics, label counts)."""
+
+    def __init__(self, feedback: str | os.PathLike | None, base_model: str | None = None,
+                 include_gt: str | os.PathLike | None = None, output: str | None = None, folds: int = 5,
+                 mode: str = "head", min_labels: int | None = None, min_per_class: int | None = None,
+                 gt_cases: Sequence[str] | None = None, gt_prob_thresholds: Sequence[float] | None = None,
+                 activate: bool = False, extra: Sequence[str] = (), **kw):
+        super().__init__(**kw)
+        self.args = ["retrain", "--progress", "json", "--folds", str(int(folds)), "--mode", mode]
+        if feedback:
+            self.args += ["--feedback", str(feedback)]
+        if base_model:
+            self.args += ["--base-model", str(base_model)]
+        if include_gt:
+            self.args += ["--include-gt", str(include_gt)]
+        if gt_cases:
+            self.args += ["--gt-cases", *gt_cases]
+        if gt_prob_thresholds:
+            self.args += ["--gt-prob-threshold", *[f"{t:g}" for t in gt_prob_thresholds]]
+        if output:
+            self.args += ["-o", str(output)]
+        if min_labels is not None:
+            self.args += ["--min-labels", str(int(min_labels))]
+        if min_per_class is not None:
+            self.args += ["--min-per-class", str(int(min_per_class))]
+        if activate:
+            self.args.append("--activate")
+        self.args += list(extra)
+        self.result: dict | None = None
+
+    def command(self) -> list[str]:
+        return [self.python, "-u", "-m", "LesionSegLib.engine.cli", *self.args]
+
+    def _parse(self, line: str) -> None:
+        if not line.startswith("{"):
+            return
+        ev = json.loads(line)
+        kind = ev.get("event")
+        if kind == "progress":
+            self.fraction = max(self.fraction, min(1.0, float(ev.get("fraction", 0.0))))
+            self.status = str(ev.get("stage", ""))
+        elif kind == "done":
+            self.result = ev
+            self.fraction = 1.0
+            self.status = f"done: {ev.get('model')}"
+        elif kind == "error":
+            self.error = str(ev.get("message", "retraining failed"))
+
+    def _tick(self) -> None:
+        if self.status == "starting":
+            self.status = "starting (loading the engine)"
+
+    def _finished(self, rc: int) -> None:
+        if rc == 0 and not self.cancelled and self.result is None:
+            self.error = "retraining ended without a result"
+        super()._finished(rc if self.error is None else (rc or 1))
+
+
+def register_segmenter(seg_dir: str | os.PathLike, base_model: str | None, output: str | None) -> models.ModelCard:
+    """A new model version: the segmenter trained in ``seg_dir`` plus ``base_model``'s classifier
+    (copied; retrain it on the new segmenter's clusters with ``lesionseg retrain --include-gt``)."""
+    from .retrain import _now, resolve_output
+
+    seg_dir = Path(seg_dir)
+    cfg_path = seg_dir / "segmenter.json"
+    if not cfg_path.exists():
+        raise TrainingJobError(f"{seg_dir} has no segmenter.json (did the training finish?)")
+    seg_cfg = json.loads(cfg_path.read_text())
+    weights = seg_dir / seg_cfg["file"]
+    if models.sha256_file(weights) != seg_cfg.get("sha256"):
+        raise ModelError(f"{weights} does not match the sha256 in {cfg_path}")
+    parent = models.get_card(base_model)
+    name, version, folder = resolve_output(parent, output or parent.name)
+    if folder.exists():
+        raise TrainingJobError(f"{folder} already exists")
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        data = copy.deepcopy(parent.data)
+        training = seg_cfg.pop("training", {})
+        shutil.copy2(weights, tmp / "segmenter.safetensors")
+        seg_cfg["file"] = "segmenter.safetensors"
+        files = {"segmenter.safetensors": seg_cfg["sha256"]}
+        if "classifier" in parent.data:
+            src = parent.verified_path("classifier")
+            shutil.copy2(src, tmp / parent.data["classifier"]["file"])
+            files[parent.data["classifier"]["file"]] = parent.data["classifier"]["sha256"]
+        dice = training.get("final_val_dice_model_grid") or {}
+        data.update({
+            "name": name,
+            "version": version,
+            "created": _now(),
+            "description": f"segmenter retrained from {seg_dir}; classifier inherited from {parent.id} (retrain it)",
+            "segmenter": seg_cfg,
+            "parent": {"id": parent.id, "folder": str(parent.folder), "metrics": parent.data.get("metrics", {})},
+            "metrics": {"val_dice_model_grid": sum(dice.values()) / len(dice)} if dice else {},
+            "training": {**data.get("training", {}), "segmenter": training},
+            "files": files,
+        })
+        models.ModelCard(tmp, data).verified_path("segmenter")
+        (tmp / "card.partial.json").write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp / "card.partial.json", tmp / models.CARD_NAME)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return models.read_card(folder)

@@ -1,0 +1,238 @@
+"""Model versions: list them, activate one, roll back to the previously active one.
+
+The active model is what ``segment`` uses when no model is named.  It is kept in
+``<user models>/active.json``::
+
+    {"active": "sts-clcs@2",
+     "history": ["sts-clcs@1", "sts-clcs@2"],           # activation stack (rollback pops it)
+     "log": [{"event": "activate", "id": "sts-clcs@2", "previous": "sts-clcs@1", "at": "..."}]}
+
+With no ``active.json`` (or an empty stack) the shipped default model is active.  Activating
+verifies the checksums of the model's weight files first, so a damaged version can never become
+the default.  Writes are atomic (temporary file + rename) under a lock file.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+from . import models
+from .errors import ModelError
+
+LOG_LIMIT = 200
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _locked():
+    """An exclusive lock on ``active.json.lock`` (POSIX; no-op where fcntl is missing)."""
+    d = models.user_models_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(d / "active.json.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_state() -> dict:
+    f = models.active_file()
+    state = {"active": None, "history": [], "log": []}
+    if f.exists():
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{f} is not valid JSON ({exc}); fix or delete it to reset to the default model") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{f} does not hold a JSON object; fix or delete it")
+        state.update({k: data.get(k, state[k]) for k in state})
+        if state["active"] and not state["history"]:
+            state["history"] = [state["active"]]
+    return state
+
+
+def _write_state(state: dict) -> None:
+    f = models.active_file()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    state["log"] = state.get("log", [])[-LOG_LIMIT:]
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, f)
+
+
+def active_id() -> str:
+    """The full id (name@version) of the model used when none is named."""
+    active = models.active_model_id()
+    try:
+        return models.get_card(active).id
+    except ModelError:
+        return active
+
+
+def verify(card: models.ModelCard) -> list[str]:
+    """Check the sha256 of every weight file the card names; returns the file names checked."""
+    checked = []
+    for key, part in card.data.items():
+        if isinstance(part, dict) and "file" in part:
+            card.verified_path(key)
+            checked.append(part["file"])
+    if not checked:
+        raise ModelError(f"model {card.id} names no weight files")
+    return checked
+
+
+def list_versions(name: str | None = None) -> list[dict]:
+    """Every model version in the registry (builtin and user), oldest first per name."""
+    active = active_id()
+    out = []
+    cards = [c for c in models.list_models() if name is None or c.name == name]
+    cards.sort(key=lambda c: (c.name, models._version_key(c.version)))
+    for c in cards:
+        parent = c.data.get("parent") or {}
+        out.append(
+            {
+                "id": c.id,
+                "name": c.name,
+                "version": c.version,
+                "active": c.id == active,
+                "builtin": c.builtin,
+                "parent": parent.get("id") if isinstance(parent, dict) else parent,
+                "created": c.data.get("created", ""),
+                "description": c.data.get("description", ""),
+                "metrics": c.data.get("metrics", {}),
+                "folder": str(c.folder),
+            }
+        )
+    return out
+
+
+def _resolve(model: str) -> models.ModelCard:
+    """``name@version``, a folder, or ``name`` = its newest version (not the active one)."""
+    text = str(model)
+    if "@" not in text and not Path(text).exists():
+        found = [c for c in models.list_models() if c.name == text]
+        if found:
+            return max(found, key=lambda c: models._version_key(c.version))
+    return models.get_card(text)
+
+
+def activate(model: str, reason: str = "activate") -> str:
+    """Make ``model`` (name, name@version or folder inside the registry) the active model."""
+    card = _resolve(model)
+    verify(card)
+    # the id must resolve back to this card, or segment would load another one
+    if models.get_card(card.id).folder.resolve() != card.folder.resolve():
+        raise ModelError(f"{card.folder} is not the registered {card.id}; copy it into {models.user_models_dir()} first")
+    with _locked():
+        state = read_state()
+        previous = state["active"] or models.DEFAULT_MODEL
+        if state["history"] and state["history"][-1] == card.id:
+            return card.id
+        state["history"].append(card.id)
+        state["active"] = card.id
+        state["log"].append({"event": reason, "id": card.id, "previous": previous, "at": _now()})
+        _write_state(state)
+    return card.id
+
+
+def rollback() -> str:
+    """Re-activate the previously active model (the shipped default when there is none)."""
+    with _locked():
+        state = read_state()
+        if not state["history"]:
+            raise ModelError(f"nothing to roll back: the default model {models.DEFAULT_MODEL} is active")
+        current = state["history"].pop()
+        # skip versions that have since been deleted or damaged
+        while state["history"]:
+            cand = state["history"][-1]
+            try:
+                verify(models.get_card(cand))
+                break
+            except ModelError:
+                state["history"].pop()
+        state["active"] = state["history"][-1] if state["history"] else None
+        now_active = state["active"] or models.DEFAULT_MODEL
+        state["log"].append({"event": "rollback", "id": now_active, "previous": current, "at": _now()})
+        _write_state(state)
+    return now_active
+
+
+def history() -> list[dict]:
+    return read_state()["log"]
+
+
+def next_version(name: str) -> str:
+    """The next integer version for ``name`` (1 when there is none)."""
+    majors = []
+    for c in models.list_models():
+        if c.name == name:
+            head = str(c.version).split(".")[0]
+            if head.isdigit():
+                majors.append(int(head))
+    return str(max(majors, default=0) + 1)
+
+
+# ----------------------------------------------------------------------------- CLI
+def format_versions(rows: list[dict]) -> str:
+    lines = [f"{'':2s}{'model':28s} {'parent':24s} {'created':26s} metrics"]
+    for r in rows:
+        m = r["metrics"]
+        figs = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in list(m.items())[:4])
+        mark = "* " if r["active"] else "  "
+        lines.append(f"{mark}{r['id']:28s} {str(r['parent'] or '-'):24s} {r['created'] or ('builtin' if r['builtin'] else '-'):26s} {figs}")
+    return "\n".join(lines)
+
+
+def _cmd_list(args) -> int:
+    rows = list_versions(args.name)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_versions(rows) if rows else "no models found")
+        print(f"active: {active_id()}")
+    return 0
+
+
+def _cmd_activate(args) -> int:
+    print(f"active model: {activate(args.model)}")
+    return 0
+
+
+def _cmd_rollback(args) -> int:
+    print(f"rolled back; active model: {rollback()}")
+    return 0
+
+
+def _cmd_history(args) -> int:
+    for e in history():
+        print(f"{e.get('at', '')}  {e.get('event', ''):9s} {e.get('previous', '')} -> {e.get('id', '')}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """``lesionseg models list|activate|rollback|history``."""
+    p = subparsers.add_parser("models", help="model versions: list, activate, roll back")
+    sub = p.add_subparsers(dest="models_cmd", required=True)
+    q = sub.add_parser("list", help="list model versions (* = active)")
+    q.add_argument("name", nargs="?", help="only this model name")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_list)
+    q = sub.add_parser("activate", help="make a model version the default (checksums verified)")
+    q.add_argument("model", help="name@version (or name: its newest version)")
+    q.set_defaults(func=_cmd_activate)
+    q = sub.add_parser("rollback", help="re-activate the previously active version")
+    q.set_defaults(func=_cmd_rollback)
+    q = sub.add_parser("history", help="activation log")
+    q.set_defaults(func=_cmd_history)
