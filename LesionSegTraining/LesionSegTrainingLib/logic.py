@@ -18,7 +18,6 @@ and in the module's parameter node (database path, last retrained model, plot pa
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import slicer

@@ -9,9 +9,8 @@ formed at a low probability threshold (``PROB_THRESHOLD``) and also on one pertu
 case (flips, noise, HU shift: ``train_cls.perturbed``; case name ``<case>~1``), until both classes
 have enough examples.  Computed once per test session (cached).
 
-The model is the shipped default when it exists, else the development model
-(``$LESIONSEG_DEV_MODEL`` or ``/work/runs/devmodel``); tests skip with the reason when there is
-neither, or when the data folder is absent.
+The model is the shipped default (``$LESIONSEG_TEST_MODEL`` overrides it); tests skip with the
+reason when there is none, or when the data folder is absent.
 """
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ import pytest
 
 from LesionSegLib.engine import data as dataset
 from LesionSegLib.engine import models
-from LesionSegLib.engine.errors import ModelError
 
 CASES = ["STS_041", "STS_012", "STS_037", "STS_035", "STS_002", "STS_034", "STS_038", "STS_040"]
 PROB_THRESHOLD = 0.1
@@ -40,14 +38,14 @@ def require_data() -> Path:
 
 
 def model_folder() -> Path:
-    """Folder of the model used for real features (default model, else the dev model)."""
+    """Folder of the model used for real features (``$LESIONSEG_TEST_MODEL``, else the shipped default)."""
+    override = os.environ.get("LESIONSEG_TEST_MODEL")
+    if override:
+        return models.get_card(override).folder
     builtin = [c for c in models.list_models() if c.builtin and c.name == models.DEFAULT_MODEL]
     if builtin:
         return max(builtin, key=lambda c: models._version_key(c.version)).folder
-    dev = Path(os.environ.get("LESIONSEG_DEV_MODEL", "/work/runs/devmodel"))
-    if (dev / "card.json").exists():
-        return dev
-    pytest.skip(f"no model: neither {models.DEFAULT_MODEL} in LesionSegLib/models nor a dev model at {dev}")
+    pytest.skip(f"no model: {models.DEFAULT_MODEL} is not in LesionSegLib/models (set LESIONSEG_TEST_MODEL)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -41,9 +41,6 @@ def default_model() -> str:
     builtin = [c for c in models.list_models() if c.builtin and c.name == models.DEFAULT_MODEL]
     if builtin:
         return str(builtin[0].folder)
-    dev = Path(os.environ.get("LESIONSEG_DEV_MODEL", "/work/runs/devmodel"))
-    if (dev / "card.json").exists():
-        return str(dev)
     raise SystemExit("no model: install the default model or pass --model")
 
 

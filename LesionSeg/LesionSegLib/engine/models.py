@@ -22,8 +22,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 # torch / safetensors are imported where used, so the Slicer module can list model cards (and
 # offer to install torch) in an environment that does not have torch yet.

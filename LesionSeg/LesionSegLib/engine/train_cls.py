@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from . import data as dataset
 from .classifier import fit_temperature, save_classifier, train_classifier
-from .features import FEATURE_NAMES, feature_matrix
+from .features import feature_matrix
 from .io import read_image, read_label
 from .matching import detections, gt_components, match
 from .models import ModelCard, sha256_file
