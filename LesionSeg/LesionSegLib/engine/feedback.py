@@ -39,7 +39,9 @@ import math
 import os
 import sqlite3
 import sys
+import random
 import threading
+import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -230,6 +232,19 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
     return {"exists": True, "schema_version": int(version), "empty": False}
 
 
+def _retry_busy(fn, timeout_s: float = BUSY_TIMEOUT_MS / 1000):
+    """Call ``fn`` again while SQLite says the database is locked/busy, up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.05))
+
+
 def _migrate(con: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     """Run the migrations from the file's version up to ``target`` in one transaction."""
     con.execute("BEGIN IMMEDIATE")
@@ -308,7 +323,7 @@ class FeedbackStore:
         con = self._conn()
         if not readonly:
             try:
-                _migrate(con)
+                _retry_busy(lambda: _migrate(con))
             except sqlite3.Error as exc:
                 raise FeedbackStoreError(f"cannot initialise or migrate {self.path}: {exc}") from None
 
@@ -321,19 +336,29 @@ class FeedbackStore:
         con = getattr(self._local, "con", None)
         if con is not None:
             return con
-        try:
+        def connect() -> sqlite3.Connection:
             if self.readonly:
-                con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                      timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+                c = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                    timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             else:
-                con = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if not self.readonly:
-                mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise FeedbackStoreError(f"{self.path}: cannot switch to WAL journal (got {mode!r})")
-                con.execute("PRAGMA synchronous = FULL")
-            con.execute("PRAGMA foreign_keys = ON")
+                c = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            try:
+                c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                if not self.readonly:
+                    mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                    if str(mode).lower() != "wal":
+                        raise FeedbackStoreError(f"{self.path}: cannot switch to WAL journal (got {mode!r})")
+                    c.execute("PRAGMA synchronous = FULL")
+                c.execute("PRAGMA foreign_keys = ON")
+            except BaseException:
+                c.close()
+                raise
+            return c
+
+        try:
+            # Switching a brand-new file to WAL while another process creates it returns
+            # SQLITE_BUSY at once (SQLite's busy handler is not used there): retry.
+            con = _retry_busy(connect)
         except sqlite3.DatabaseError as exc:
             raise FeedbackStoreError(f"cannot open feedback database {self.path}: {exc}") from None
         con.row_factory = sqlite3.Row
