@@ -28,10 +28,9 @@ from .classifier import fit_temperature, save_classifier, train_classifier
 from .features import feature_matrix
 from .io import read_image, read_label
 from .matching import detections, gt_components, match
+from .retrain import candidates_with_labels
 from .models import ModelCard, sha256_file
 from .pipeline import Engine
-
-FROC_FPS = (0.125, 0.25, 0.5, 1, 2, 4, 8)
 
 
 def perturbed(image: sitk.Image, label: sitk.Image, rng: np.random.Generator):
@@ -50,59 +49,37 @@ def perturbed(image: sitk.Image, label: sitk.Image, rng: np.random.Generator):
     return img, lab
 
 
-def candidates(engine: Engine, image: sitk.Image, label: sitk.Image):
-    """(lesions, is_tp, labelmap, gt_instances, n_gt) for every candidate of ``image``."""
-    res = engine.segment(image, threshold=0.0, keep_patches=True)
-    gt, n_gt = gt_components(sitk.GetArrayFromImage(label))
-    m = match(res.labelmap, gt, len(res.lesions), n_gt)
-    return res, m, gt, n_gt
-
-
-def froc(per_case: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]) -> dict:
-    """FROC from per-case (confidences, is_detection, is_fp, n_gt), via MONAI's utilities."""
-    from monai.metrics import compute_froc_curve_data, compute_froc_score
-
-    fp_probs = np.concatenate([c[fp] for c, _, fp, _ in per_case]) if per_case else np.zeros(0)
-    tp_probs = np.concatenate([c[det] for c, det, _, _ in per_case]) if per_case else np.zeros(0)
-    n_targets = int(sum(n for *_, n in per_case))
-    fps, sens = compute_froc_curve_data(fp_probs, tp_probs, n_targets, len(per_case))
-    at = {f: float(compute_froc_score(fps, sens, eval_thresholds=(f,))) for f in FROC_FPS}
-    return {"sensitivity_at_fp": at, "cpm": float(np.mean(list(at.values())))}
-
-
 def evaluate_cases(engine: Engine, names, by_name, threshold: float) -> dict:
-    from sklearn.metrics import roc_auc_score
+    """Validation figures for the model card, with the metric functions of ``lesionseg evaluate``."""
+    from .evaluate import cluster_auc, dice_score, froc
 
-    dices, per_case, conf_all, mp_all, tp_all = {}, [], [], [], []
+    dices, tp_scores, fp_scores, conf_all, mp_all, tp_all = {}, [], [], [], [], []
     for n in names:
         img = read_image(by_name[n].image)
         lab = read_label(by_name[n].label, img)
-        res, m, gt, n_gt = candidates(engine, img, lab)
+        res, m, gt, n_gt = candidates_with_labels(engine, img, lab)
         conf = np.array([les.confidence for les in res.lesions])
         det, fp = detections(m, conf)
-        per_case.append((conf, det, fp, n_gt))
+        tp_scores += conf[det].tolist() + [None] * (n_gt - int(det.sum()))
+        fp_scores += conf[fp].tolist()
         conf_all.append(conf)
         mp_all.append(np.array([les.mean_probability for les in res.lesions]))
         tp_all.append(m.is_tp)
         keep_ids = [les.lesion_id for les in res.lesions if les.confidence >= threshold]
-        pred = np.isin(res.labelmap, keep_ids) & (res.labelmap > 0)
-        g = gt > 0
-        denom = pred.sum() + g.sum()
-        dices[n] = float(2 * (pred & g).sum() / denom) if denom else 1.0
+        dices[n] = dice_score(np.isin(res.labelmap, keep_ids) & (res.labelmap > 0), gt > 0)
     conf_all = np.concatenate(conf_all)
-    mp_all = np.concatenate(mp_all)
     tp_all = np.concatenate(tp_all)
-    both = tp_all.min() != tp_all.max() if len(tp_all) else False
-    out = {
+    fr = froc(tp_scores, fp_scores, len(names))
+    return {
         "dice_mean": float(np.mean(list(dices.values()))),
         "dice_per_case": {k: round(v, 4) for k, v in dices.items()},
         "n_clusters": int(len(tp_all)),
         "n_tp_clusters": int(tp_all.sum()),
-        "cluster_auc": float(roc_auc_score(tp_all, conf_all)) if both else None,
-        "cluster_auc_mean_probability": float(roc_auc_score(tp_all, mp_all)) if both else None,
+        "cluster_auc": cluster_auc(conf_all, tp_all),
+        "cluster_auc_mean_probability": cluster_auc(np.concatenate(mp_all), tp_all),
+        "sensitivity_at_fp": dict(zip(fr["fp_rates"], fr["sensitivity"])),
+        "cpm": fr["cpm"],
     }
-    out.update(froc(per_case))
-    return out
 
 
 def main(argv=None) -> int:
@@ -169,7 +146,7 @@ def main(argv=None) -> int:
     for n in val_names:
         img = read_image(by_name[n].image)
         lab = read_label(by_name[n].label, img)
-        res, m, _, _ = candidates(engine, img, lab)
+        res, m, _, _ = candidates_with_labels(engine, img, lab)
         for les, tp in zip(res.lesions, m.is_tp):
             vp.append(les.patch)
             vf.append(les.features)
