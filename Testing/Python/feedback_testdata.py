@@ -48,6 +48,18 @@ def model_folder() -> Path:
     pytest.skip(f"no model: {models.DEFAULT_MODEL} is not in LesionSegLib/models (set LESIONSEG_TEST_MODEL)")
 
 
+def user_models_with_base(tmp_path, monkeypatch):
+    """Point ``$LESIONSEG_MODELS`` at ``tmp_path/models`` holding the base model; return its card."""
+    import shutil
+
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
+    src = model_folder()
+    card = models.read_card(src)
+    if not card.builtin:
+        shutil.copytree(src, tmp_path / "models" / card.name / card.version)
+    return models.get_card(card.id)
+
+
 @functools.lru_cache(maxsize=None)
 def _candidates(folder: str, case_names: tuple[str, ...], views: int = 1):
     import torch

@@ -22,17 +22,9 @@ sys.path.insert(0, str(REPO / "LesionSegTraining"))
 @pytest.fixture
 def env(tmp_path, monkeypatch, slicer_app):
     """Temporary user model folder holding the base model; a fresh scene."""
-    import shutil
-
-    from LesionSegLib.engine import models
-
-    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
-    src = td.model_folder()
-    card = models.read_card(src)
-    if not card.builtin:
-        shutil.copytree(src, tmp_path / "models" / card.name / card.version)
+    base = td.user_models_with_base(tmp_path, monkeypatch)
     slicer_app.reset()
-    yield tmp_path, models.get_card(card.id)
+    yield tmp_path, base
     slicer_app.reset()
 
 

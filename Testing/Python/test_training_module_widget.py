@@ -22,24 +22,16 @@ MIN_LABELS, MIN_PER_CLASS = 20, 5  # the CLI defaults the widget uses
 
 @pytest.fixture
 def widget(tmp_path, monkeypatch, slicer_app):
-    import shutil
-
     pytest.importorskip("PySide6")
     from qt_harness import install
 
     install()
     import qt
 
-    from LesionSegLib.engine import models
-
     qt.QSettings.setPath(qt.QSettings.IniFormat, qt.QSettings.UserScope, str(tmp_path / "settings"))
     qt.QSettings.setDefaultFormat(qt.QSettings.IniFormat)
     qt.QSettings().setValue("LesionSeg/FeedbackDatabase", str(tmp_path / "feedback.db"))
-    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
-    src = td.model_folder()
-    card = models.read_card(src)
-    if not card.builtin:
-        shutil.copytree(src, tmp_path / "models" / card.name / card.version)
+    base = td.user_models_with_base(tmp_path, monkeypatch)
     slicer_app.reset()
     ensure_module_path()
     sys.path.insert(0, str(REPO / "LesionSegTraining"))
@@ -47,7 +39,7 @@ def widget(tmp_path, monkeypatch, slicer_app):
 
     w = LesionSegTraining.LesionSegTrainingWidget()
     w.tmp = tmp_path
-    w.base = models.get_card(card.id)
+    w.base = base
     yield w
     w.cleanup()
     w.parent.close()
