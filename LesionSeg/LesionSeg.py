@@ -163,7 +163,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------------- colour bar
     def setupColorBar(self):
-        from LesionSegLib.engine.colors import ACCEPTED_COLOR, CONFIDENCE_STOPS, REJECTED_COLOR
+        from LesionSegLib.engine.segment.colors import ACCEPTED_COLOR, CONFIDENCE_STOPS, REJECTED_COLOR
 
         def rgb(c):
             return "rgb({}, {}, {})".format(*[int(round(255 * v)) for v in c])

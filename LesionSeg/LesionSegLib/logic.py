@@ -67,7 +67,7 @@ class LesionSegLogicCore:
 
     def engine(self, model=None, device: str = "auto"):
         """A loaded engine, cached per (model, device)."""
-        from .engine.pipeline import Engine
+        from .engine.segment.pipeline import Engine
 
         key = (str(model or ""), device)
         if key not in self._engines:
@@ -83,7 +83,7 @@ class LesionSegLogicCore:
         those below ``threshold`` (default: the model's) are hidden, so the threshold can be
         moved later without recomputing.
         """
-        from .engine.pipeline import case_hash
+        from .engine.segment.pipeline import case_hash
 
         image = mrml.volume_to_sitk(volume_node)
         engine = self.engine(model, device)

@@ -26,7 +26,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .engine.colors import ACCEPTED_COLOR, CONFIDENCE_STOPS, REJECTED_COLOR, confidence_color, status_color
+from .engine.segment.colors import ACCEPTED_COLOR, CONFIDENCE_STOPS, REJECTED_COLOR, confidence_color, status_color
 
 #: Segment tag names.
 TAG = {

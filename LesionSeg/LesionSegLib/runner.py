@@ -285,7 +285,7 @@ def load_cli_outputs(outdir, stem: str, reference, threshold: float | None = Non
     """
     import SimpleITK as sitk
 
-    from .engine.result import Lesion, SegmentationResult
+    from .engine.segment.result import Lesion, SegmentationResult
 
     outdir = Path(outdir)
     lab_img = sitk.ReadImage(str(outdir / f"{stem}_lesions.nii.gz"))

@@ -179,14 +179,14 @@ class TrainingLogicCore:
     # ------------------------------------------------------------------ model versions
     @staticmethod
     def model_versions() -> list[dict]:
-        from LesionSegLib.engine import versions
+        from LesionSegLib.engine.learn import versions
 
         return versions.list_versions()
 
     @staticmethod
     def active_model_id() -> str:
         """Full id (name@version) of the active model."""
-        from LesionSegLib.engine import versions
+        from LesionSegLib.engine.learn import versions
 
         return versions.active_id()
 
@@ -201,14 +201,14 @@ class TrainingLogicCore:
         return table
 
     def activate(self, model_id: str) -> str:
-        from LesionSegLib.engine import versions
+        from LesionSegLib.engine.learn import versions
 
         active = versions.activate(model_id)
         self.update_versions_table()
         return active
 
     def rollback(self) -> str:
-        from LesionSegLib.engine import versions
+        from LesionSegLib.engine.learn import versions
 
         active = versions.rollback()
         self.update_versions_table()
@@ -218,7 +218,7 @@ class TrainingLogicCore:
     def start_retrain(self, base_model: str | None = None, include_gt=None, output: str | None = None,
                       folds: int = 5, use_feedback: bool = True, **kw):
         """Start ``lesionseg retrain`` in a background process on the open database."""
-        from LesionSegLib.engine.jobs import RetrainJob
+        from LesionSegLib.engine.learn.jobs import RetrainJob
 
         if use_feedback and self.store is None:
             raise RuntimeError("open a feedback database first")
@@ -259,7 +259,7 @@ class TrainingLogicCore:
 
     # ------------------------------------------------------------------ segmenter training
     def start_segmenter_training(self, images, output, minutes: float = 45.0, max_steps: int = 0, val=None, **kw):
-        from LesionSegLib.engine.jobs import SegmenterTrainingJob
+        from LesionSegLib.engine.learn.jobs import SegmenterTrainingJob
 
         job = SegmenterTrainingJob(images, output, minutes=minutes, max_steps=max_steps, val=val, **kw)
         job.start()
@@ -273,7 +273,7 @@ class TrainingLogicCore:
             raise RuntimeError(f"segmenter training {state}: {job.error or job.status}")
         if not register:
             return None
-        from LesionSegLib.engine.jobs import register_segmenter
+        from LesionSegLib.engine.learn.jobs import register_segmenter
 
         card = register_segmenter(job.output, base_model or None, register)
         self.update_versions_table()

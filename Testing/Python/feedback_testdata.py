@@ -64,10 +64,10 @@ def user_models_with_base(tmp_path, monkeypatch):
 def _candidates(folder: str, case_names: tuple[str, ...], views: int = 1):
     import torch
 
-    from LesionSegLib.engine.io import read_image, read_label
-    from LesionSegLib.engine.pipeline import Engine, case_hash
-    from LesionSegLib.engine.retrain import candidates_with_labels
-    from LesionSegLib.engine.train_cls import perturbed
+    from LesionSegLib.engine.io.images import read_image, read_label
+    from LesionSegLib.engine.segment.pipeline import Engine, case_hash
+    from LesionSegLib.engine.learn.labels import candidates_with_labels
+    from LesionSegLib.engine.learn.train_cls import perturbed
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     engine = Engine(folder, device="cpu")
@@ -120,7 +120,7 @@ def real_decisions(reviewer: str = "sim-reviewer", unsure_every: int = 0):
 def synthetic_decision(i: int, decision: str = "accepted", case: str = "caseA", model_id: str = "m@1",
                        with_patch: bool = True, rng_seed: int | None = None):
     """A decision with a smooth random patch and all features (for store-only tests)."""
-    from LesionSegLib.engine.features import FEATURE_NAMES
+    from LesionSegLib.engine.segment.features import FEATURE_NAMES
     from LesionSegLib.review import Decision
 
     rng = np.random.default_rng(i if rng_seed is None else rng_seed)

@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LesionSegLib.engine import cli, data
-from LesionSegLib.engine.clusters import extract_clusters, max_diameter_mm
-from LesionSegLib.engine.colors import confidence_color
+from LesionSegLib.engine import cli
+from LesionSegLib.engine import data
+from LesionSegLib.engine.segment.clusters import extract_clusters, max_diameter_mm
+from LesionSegLib.engine.segment.colors import confidence_color
 from LesionSegLib.engine.errors import InputError, ModelError
-from LesionSegLib.engine.features import PATCH_SIZE, adaptive_patch
-from LesionSegLib.engine.clusters import cluster_stats
-from LesionSegLib.engine.io import read_image
-from LesionSegLib.engine.matching import detections, match
+from LesionSegLib.engine.segment.features import PATCH_SIZE, adaptive_patch
+from LesionSegLib.engine.segment.clusters import cluster_stats
+from LesionSegLib.engine.io.images import read_image
+from LesionSegLib.engine.evaluate.matching import detections, match
 from LesionSegLib.engine.models import get_card, read_card
-from LesionSegLib.engine.preprocess import from_canonical, to_canonical
+from LesionSegLib.engine.io.preprocess import from_canonical, to_canonical
 
 DATA = data.data_root()
 HAVE_DATA = (DATA / "manifest.csv").exists()
@@ -186,7 +187,7 @@ def test_checksum_failure_is_refused(tmp_path):
     b = bytearray(w.read_bytes())
     b[-10] ^= 0xFF
     w.write_bytes(bytes(b))
-    from LesionSegLib.engine.pipeline import Engine
+    from LesionSegLib.engine.segment.pipeline import Engine
 
     with pytest.raises(ModelError, match="checksum mismatch"):
         Engine(str(dst))
@@ -257,7 +258,7 @@ def test_cli_segment_real_case_outputs_agree(tmp_path):
 @needs_data
 def test_oriented_input_gives_same_lesions(tmp_path):
     """A flipped/permuted copy of a real CT (same physical image) gives the same labelmap."""
-    from LesionSegLib.engine.pipeline import Engine
+    from LesionSegLib.engine.segment.pipeline import Engine
 
     card = _model()
     img = sitk.ReadImage(str(data.case("STS_041").image))

@@ -12,8 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 from LesionSegLib.engine import evaluate as ev
+from LesionSegLib.engine.cli import evaluate as ev_cli
+from LesionSegLib.engine.evaluate import report as report_mod
 from LesionSegLib.engine.errors import InputError
-from LesionSegLib.engine.result import CSV_COLUMNS
+from LesionSegLib.engine.segment.result import CSV_COLUMNS
 
 SHAPE = (12, 20, 20)  # z, y, x
 
@@ -309,7 +311,7 @@ def test_empty_or_missing_pred_folder(tmp_path):
 # ------------------------------------------------------------------------------ report + CLI
 def _parser():
     ap = argparse.ArgumentParser(prog="lesionseg")
-    ev.register_cli(ap.add_subparsers(dest="command", required=True))
+    ev_cli.register(ap.add_subparsers(dest="command", required=True))
     return ap
 
 
@@ -319,7 +321,7 @@ def test_cli_writes_report_files(tmp_path, capsys):
     args = _parser().parse_args(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-o", str(out)])
     assert args.func(args) == 0
     assert "CPM 0.536" in capsys.readouterr().out
-    for name in ev.REPORT_FILES:
+    for name in report_mod.REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
     for png in ("froc.png", "reliability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -339,7 +341,7 @@ def test_registered_in_lesionseg_cli():
     from LesionSegLib.engine import cli
 
     args = cli.build_parser().parse_args(["evaluate", "--pred", "p", "--gt", "g", "--split", "val"])
-    assert args.func is ev.cmd_evaluate and ev._case_list(args)[0] == "STS_034"
+    assert args.func is ev_cli.cmd_evaluate and ev_cli._case_list(args)[0] == "STS_034"
 
 
 # ------------------------------------------------------------------------------ real case
@@ -366,7 +368,7 @@ def test_real_case_segment_then_evaluate(tmp_path, capsys):
     rep_dir = tmp_path / "report"
     assert cli.main(["evaluate", "--pred", str(out), "--gt", str(gt_dir), "-o", str(rep_dir), "--cases", "STS_035"]) == 0, capsys.readouterr().err
     rep = json.loads((rep_dir / "report.json").read_text())
-    for name in ev.REPORT_FILES:
+    for name in report_mod.REPORT_FILES:
         assert (rep_dir / name).stat().st_size > 0
     s = rep["summary"]
     assert rep["cases_evaluated"] == ["STS_035"] and s["n_gt_lesions"] == 1  # manifest: one tumour

@@ -12,6 +12,8 @@ import pytest
 
 from feedback_testdata import synthetic_decision
 from LesionSegLib.engine import feedback as fb
+from LesionSegLib.engine.cli import feedback as fb_cli
+from LesionSegLib.engine.feedback import schema as fb_schema
 from LesionSegLib.engine.feedback import FeedbackStore, FeedbackStoreError
 from LesionSegLib.review import DecisionRecorder
 
@@ -51,7 +53,7 @@ def test_record_everything_and_read_back(tmp_path):
     s = store.stats()
     assert s["decisions"] == 13 and s["by_model"]["m@1"] == {"accepted": 8, "rejected": 4, "unsure": 1}
     assert s["by_class"] == {"accepted": 8, "rejected": 4, "unsure": 1} and s["cases"] == 1
-    assert "m@1" in fb.format_stats(s)
+    assert "m@1" in fb_cli.format_stats(s)
 
 
 def test_wal_and_pragmas(tmp_path):
@@ -60,7 +62,7 @@ def test_wal_and_pragmas(tmp_path):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA application_id").fetchone()[0] == fb.APPLICATION_ID
     assert con.execute("PRAGMA user_version").fetchone()[0] == fb.SCHEMA_VERSION
-    assert con.execute("PRAGMA busy_timeout").fetchone()[0] == fb.BUSY_TIMEOUT_MS
+    assert con.execute("PRAGMA busy_timeout").fetchone()[0] == fb_schema.BUSY_TIMEOUT_MS
     # a failing batch is rolled back as a whole (explicit transaction)
     good = synthetic_decision(1)
     bad = synthetic_decision(2)
@@ -109,29 +111,24 @@ def test_lesions_without_centroid_are_keyed_by_id(tmp_path):
     assert store.history(a.case_hash, a.model_id, 1)[0]["decision"] == "accepted"
 
 
-def test_recorder_hook_routes_accept_reject_into_the_store(tmp_path):
+def test_recorder_routes_accept_reject_into_the_store(tmp_path):
     rec = DecisionRecorder(reviewer="dr-who")
-    store = fb.attach_feedback_store(rec, tmp_path / "site.db")
-    assert fb.attach_feedback_store(rec, tmp_path / "site.db") is store  # idempotent
-    assert rec.sinks.count(store) == 1
+    store = FeedbackStore(tmp_path / "site.db")
+    rec.add_sink(store)
     d = synthetic_decision(3, "rejected")
     d.reviewer = ""
     rec.record(d)
     row = store.decisions()[0]
     assert row["decision"] == "rejected" and row["reviewer"] == "dr-who"
-    # choosing another file moves the sink
-    other = fb.attach_feedback_store(rec, tmp_path / "other.db")
-    assert other is not store and store not in rec.sinks and other in rec.sinks
+    rec.remove_sink(store)
     rec.record(synthetic_decision(4))
-    assert store.count() == 1 and other.count() == 1
-    fb.detach_feedback_store(rec)
-    assert rec.sinks == []
+    assert store.count() == 1 and rec.sinks == []
 
 
 def test_schema_migration_from_version_1(tmp_path):
     path = tmp_path / "old.db"
     con = sqlite3.connect(path, isolation_level=None)
-    fb._migrate(con, target=1)  # a database as the first release wrote it
+    fb_schema._migrate(con, target=1)  # a database as the first release wrote it
     patch = np.arange(3 * 32 * 32 * 32, dtype=np.float16).reshape(3, 32, 32, 32) / 1000
     v1_blob = zlib.compress(patch.view(np.uint8).tobytes())  # version-1 codec: plain zlib
     con.execute(

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 import feedback_testdata as td
-from LesionSegLib.engine import models, versions
+from LesionSegLib.engine import models
+from LesionSegLib.engine.learn import versions
 from LesionSegLib.engine.errors import ModelError
 from LesionSegLib.engine.feedback import FeedbackStore
-from LesionSegLib.engine.retrain import RetrainError, check_labels, from_store, retrain
+from LesionSegLib.engine.learn.labels import RetrainError, check_labels, from_store
+from LesionSegLib.engine.learn.retrain import retrain
 
 
 @pytest.fixture
@@ -138,8 +140,8 @@ def test_retrain_on_real_features_writes_a_new_version(review_db, base_model, us
     json.loads((card.folder / "card.json").read_text())
 
     # the new model runs in the engine, with different confidences than its parent
-    from LesionSegLib.engine.classifier import ConfidenceModel
-    from LesionSegLib.engine.features import feature_matrix
+    from LesionSegLib.engine.segment.classifier import ConfidenceModel
+    from LesionSegLib.engine.segment.features import feature_matrix
 
     new, old = ConfidenceModel.from_card(card), ConfidenceModel.from_card(base_model)
     P = np.stack([d.patch for d in labelled[:8]]).astype(np.float32)

@@ -25,7 +25,7 @@ def run(slicer_app, data_dir, default_model):
     import SimpleITK as sitk
 
     from LesionSegLib import mrml
-    from LesionSegLib.engine.pipeline import case_hash
+    from LesionSegLib.engine.segment.pipeline import case_hash
     from LesionSegLib.logic import LesionSegLogicCore
 
     slicer_app.reset()
@@ -101,7 +101,7 @@ def test_mrml_layer_without_model(slicer_app, data_dir, tmp_path):
     import slicerio
 
     from LesionSegLib import export, mrml
-    from LesionSegLib.engine.result import Lesion, SegmentationResult
+    from LesionSegLib.engine.segment.result import Lesion, SegmentationResult
     from LesionSegLib.logic import LesionSegLogicCore
 
     case = data_dir / "sts" / CASE
@@ -147,7 +147,7 @@ def test_segments_match_engine(run):
     import slicer
 
     from LesionSegLib import export, mrml
-    from LesionSegLib.engine.colors import confidence_color
+    from LesionSegLib.engine.segment.colors import confidence_color
 
     ref, seg = run.ref, run.seg
     records = mrml.lesions(seg)
@@ -242,7 +242,7 @@ class _BrokenSink:
 
 def test_review_status_colour_tags_and_recorder(run, tmp_path):
     from LesionSegLib import mrml
-    from LesionSegLib.engine.colors import ACCEPTED_COLOR, REJECTED_COLOR, confidence_color
+    from LesionSegLib.engine.segment.colors import ACCEPTED_COLOR, REJECTED_COLOR, confidence_color
 
     if len(run.ref.lesions) < 3:
         pytest.skip("this case gave fewer than 3 lesions with this model")
@@ -327,8 +327,8 @@ def test_export_seg_nrrd_nifti_csv(run, tmp_path):
     import slicerio
 
     from LesionSegLib import mrml
-    from LesionSegLib.engine.colors import ACCEPTED_COLOR, REJECTED_COLOR
-    from LesionSegLib.engine.result import ijk_to_lps
+    from LesionSegLib.engine.segment.colors import ACCEPTED_COLOR, REJECTED_COLOR
+    from LesionSegLib.engine.segment.result import ijk_to_lps
 
     seg, logic, ref = run.seg, run.logic, run.ref
     if len(ref.lesions) < 2:

@@ -187,7 +187,7 @@ def test_segmenter_training_job_register_and_cancel(env, logic):
 
 def test_segmenter_progress_parsing(tmp_path):
     """The lines train_seg prints (format strings from engine/train_seg.py) drive the progress."""
-    from LesionSegLib.engine.jobs import SegmenterTrainingJob, TrainingJobError
+    from LesionSegLib.engine.learn.jobs import SegmenterTrainingJob, TrainingJobError
 
     job = SegmenterTrainingJob(tmp_path, tmp_path / "out", minutes=10, max_steps=0)
     job._parse("loaded 30 training and 8 validation cases in 12.3s")

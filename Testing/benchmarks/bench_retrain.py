@@ -47,10 +47,10 @@ def default_model() -> str:
 def collect(engine, n: int, case_names, views: int, log):
     """Reviewed lesions from the original cases first, then from perturbed copies (view 1, 2...)."""
     from LesionSegLib.engine import data as dataset
-    from LesionSegLib.engine.io import read_image, read_label
-    from LesionSegLib.engine.pipeline import case_hash
-    from LesionSegLib.engine.retrain import candidates_with_labels
-    from LesionSegLib.engine.train_cls import perturbed
+    from LesionSegLib.engine.io.images import read_image, read_label
+    from LesionSegLib.engine.segment.pipeline import case_hash
+    from LesionSegLib.engine.learn.labels import candidates_with_labels
+    from LesionSegLib.engine.learn.train_cls import perturbed
     from LesionSegLib.review import Decision
 
     rng = np.random.default_rng(0)
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
 
     from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine.feedback import FeedbackStore
-    from LesionSegLib.engine.pipeline import Engine
-    from LesionSegLib.engine.retrain import retrain
+    from LesionSegLib.engine.segment.pipeline import Engine
+    from LesionSegLib.engine.learn.retrain import retrain
     from dataclasses import replace
 
     model = args.model or default_model()

@@ -73,11 +73,13 @@ def worker(config: str, image_path: str, repeats: int, device_name: str, model: 
     import SimpleITK as sitk
     import torch
 
-    from LesionSegLib.engine.inference import count_windows, select_device
-    from LesionSegLib.engine.io import read_image, write_image
+    from LesionSegLib.engine.atomic import AtomicWriter
+    from LesionSegLib.engine.segment.inference import count_windows, select_device
+    from LesionSegLib.engine.io.images import read_image
+    from LesionSegLib.engine.io.writers import write_image
     from LesionSegLib.engine.models import get_card
-    from LesionSegLib.engine.networks import build_segmenter
-    from LesionSegLib.engine.preprocess import body_box, from_canonical, normalize, spacing_zyx, target_shape, to_canonical
+    from LesionSegLib.engine.segment.networks import build_segmenter
+    from LesionSegLib.engine.io.preprocess import body_box, from_canonical, normalize, spacing_zyx, target_shape, to_canonical
 
     if threads:
         torch.set_num_threads(threads)
@@ -85,7 +87,7 @@ def worker(config: str, image_path: str, repeats: int, device_name: str, model: 
     device, _ = select_device(device_name)
     t = time.perf_counter()
     if config == "lesionseg":
-        from LesionSegLib.engine.pipeline import Engine
+        from LesionSegLib.engine.segment.pipeline import Engine
 
         engine = Engine(model, device_name, threads=threads)
         card, cfg = engine.card, engine.seg_cfg
@@ -118,7 +120,8 @@ def worker(config: str, image_path: str, repeats: int, device_name: str, model: 
                 res = engine.segment(image, source=image_path)
                 timings.update(res.timings)
                 t = time.perf_counter()
-                res.write_outputs(tmp, "bench")
+                with AtomicWriter(tmp) as w:
+                    res.write_outputs(w, "bench")
                 timings["write"] = time.perf_counter() - t
                 info["n_lesions"] = len(res.lesions)
                 info["device_used"] = res.device

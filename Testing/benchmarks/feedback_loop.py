@@ -59,10 +59,10 @@ class CaseCandidates:
 
 
 def collect(engine, cases, log) -> list[CaseCandidates]:
-    from LesionSegLib.engine.features import PATCH_CHANNELS, PATCH_SIZE, feature_matrix
-    from LesionSegLib.engine.io import read_image, read_label
-    from LesionSegLib.engine.pipeline import case_hash
-    from LesionSegLib.engine.retrain import candidates_with_labels
+    from LesionSegLib.engine.segment.features import PATCH_CHANNELS, PATCH_SIZE, feature_matrix
+    from LesionSegLib.engine.io.images import read_image, read_label
+    from LesionSegLib.engine.segment.pipeline import case_hash
+    from LesionSegLib.engine.learn.labels import candidates_with_labels
     from LesionSegLib.review import Decision
 
     out = []
@@ -149,11 +149,12 @@ def main(argv=None) -> int:
 
     from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine import models
-    from LesionSegLib.engine.classifier import ConfidenceModel
+    from LesionSegLib.engine.segment.classifier import ConfidenceModel
     from LesionSegLib.engine.errors import LesionSegError
     from LesionSegLib.engine.feedback import FeedbackStore
-    from LesionSegLib.engine.pipeline import Engine
-    from LesionSegLib.engine.retrain import score_metrics, retrain
+    from LesionSegLib.engine.segment.pipeline import Engine
+    from LesionSegLib.engine.learn.validation import score_metrics
+    from LesionSegLib.engine.learn.retrain import retrain
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     base = models.get_card(args.model or models.DEFAULT_MODEL)

@@ -19,7 +19,7 @@ from PySide6.QtGui import QColor, QGuiApplication, QImage, QPainter, QPen, QRadi
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 sys.path.insert(0, str(REPO / "LesionSeg"))
-from LesionSegLib.engine.colors import ACCEPTED_COLOR, confidence_color  # noqa: E402
+from LesionSegLib.engine.segment.colors import ACCEPTED_COLOR, confidence_color  # noqa: E402
 
 
 def qcolor(rgb, alpha=255):

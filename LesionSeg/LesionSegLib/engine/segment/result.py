@@ -7,15 +7,16 @@ grid (size, spacing, origin, direction).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 
-from .colors import confidence_color
-from .io import AtomicWriter, write_csv, write_image
+from ..io.writers import SLICER_STATUS, ijk_to_lps, write_csv, write_image, write_seg_nrrd
+from .colors import confidence_color, status_color
+
+#: the files ``lesionseg segment`` writes per input: ``<stem>`` + each suffix
+OUTPUT_SUFFIXES = ("_lesions.nii.gz", "_lesions.csv", ".seg.nrrd")
 
 CSV_COLUMNS = (
     "lesion_id",
@@ -93,22 +94,16 @@ class SegmentationResult:
     def ijk_to_lps(self) -> np.ndarray:
         return ijk_to_lps(self.reference)
 
-    def subset(self, threshold: float) -> "SegmentationResult":
-        """Only the lesions with confidence >= ``threshold``, renumbered 1..n."""
-        keep = [les for les in self.lesions if les.confidence >= threshold]
-        lut = np.zeros(max([les.lesion_id for les in self.lesions], default=0) + 1, dtype=np.uint16)
-        new = []
-        for k, les in enumerate(keep, start=1):
-            lut[les.lesion_id] = k
-            d = {f: getattr(les, f) for f in les.__dataclass_fields__}
-            d["lesion_id"] = k
-            new.append(Lesion(**d))
-        return SegmentationResult(
-            lut[self.labelmap], new, self.reference, self.model_id, threshold, self.probability,
-            dict(self.timings), self.device, list(self.messages),
-        )
-
     # ------------------------------------------------------------------ writers
+    def write_outputs(self, writer, stem: str) -> list[str]:
+        """Write ``<stem>_lesions.nii.gz``, ``<stem>_lesions.csv`` and ``<stem>.seg.nrrd`` into the
+        temporary paths of ``writer`` (an :class:`~..atomic.AtomicWriter`); returns the final names."""
+        names = [stem + suffix for suffix in OUTPUT_SUFFIXES]
+        self.write_labelmap(writer.path(names[0]))
+        self.write_csv(writer.path(names[1]))
+        self.write_seg_nrrd(writer.path(names[2]))
+        return names
+
     def write_labelmap(self, path: str) -> None:
         write_image(self.labelmap.astype(np.uint16), self.reference, path)
 
@@ -116,28 +111,22 @@ class SegmentationResult:
         write_csv(self.rows(), CSV_COLUMNS, path)
 
     def write_seg_nrrd(self, path: str, statuses: dict[int, str] | None = None) -> None:
-        write_seg_nrrd(path, self.labelmap, self.lesions, self.reference, self.model_id, statuses)
-
-    def write_outputs(self, outdir: str | Path, stem: str) -> list[Path]:
-        """Write ``<stem>_lesions.nii.gz``, ``<stem>_lesions.csv`` and ``<stem>.seg.nrrd`` atomically."""
-        with AtomicWriter(outdir) as w:
-            self.write_labelmap(w.path(f"{stem}_lesions.nii.gz"))
-            self.write_csv(w.path(f"{stem}_lesions.csv"))
-            self.write_seg_nrrd(w.path(f"{stem}.seg.nrrd"))
-            return [Path(outdir) / n for n in (f"{stem}_lesions.nii.gz", f"{stem}_lesions.csv", f"{stem}.seg.nrrd")]
-
-
-def ijk_to_lps(image: sitk.Image) -> np.ndarray:
-    """4x4 matrix from voxel (i, j, k) to LPS millimetres."""
-    m = np.eye(4)
-    d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    m[:3, :3] = d * np.asarray(image.GetSpacing(), dtype=float)[None, :]
-    m[:3, 3] = image.GetOrigin()
-    return m
-
-
-#: Slicer segment status tag values used for review decisions.
-SLICER_STATUS = {"accepted": "completed", "rejected": "flagged", "unsure": "inprogress", "unreviewed": "notstarted"}
+        """A Slicer ``.seg.nrrd``: segment k has label value k and is coloured by confidence."""
+        statuses = statuses or {}
+        segments = []
+        for les in self.lesions:
+            status = statuses.get(les.lesion_id, "unreviewed")
+            segments.append(
+                {
+                    "id": f"lesion_{les.lesion_id}",
+                    "name": les.name,
+                    "color": list(status_color(status, les.confidence)),
+                    "labelValue": int(les.lesion_id),
+                    "status": SLICER_STATUS.get(status, "notstarted"),
+                    "tags": segment_tags(les, self.model_id, status),
+                }
+            )
+        write_seg_nrrd(path, self.labelmap, segments, self.reference)
 
 
 def segment_tags(lesion: Lesion, model_id: str, status: str = "unreviewed") -> dict[str, str]:
@@ -149,44 +138,3 @@ def segment_tags(lesion: Lesion, model_id: str, status: str = "unreviewed") -> d
         "LesionSeg.VolumeMl": f"{lesion.volume_ml:.4f}",
         "LesionSeg.DiameterMm": f"{lesion.diameter_mm:.2f}",
     }
-
-
-def write_seg_nrrd(path, labelmap, lesions, reference, model_id, statuses=None) -> None:
-    """A Slicer ``.seg.nrrd``: one layer, segment k has label value k, colour = confidence."""
-    import slicerio
-
-    from .colors import status_color
-
-    statuses = statuses or {}
-    seg = {
-        "voxels": np.ascontiguousarray(np.transpose(labelmap.astype(np.uint8 if len(lesions) < 256 else np.uint16), (2, 1, 0))),
-        "ijkToLPS": ijk_to_lps(reference),
-        "containedRepresentationNames": ["Binary labelmap"],
-        "masterRepresentation": "Binary labelmap",
-        "referenceImageExtentOffset": [0, 0, 0],
-        "segments": [],
-    }
-    for les in lesions:
-        status = statuses.get(les.lesion_id, "unreviewed")
-        seg["segments"].append(
-            {
-                "id": f"lesion_{les.lesion_id}",
-                "name": les.name,
-                "color": list(status_color(status, les.confidence)),
-                "labelValue": int(les.lesion_id),
-                "layer": 0,
-                "status": SLICER_STATUS.get(status, "notstarted"),
-                "tags": segment_tags(les, model_id, status),
-            }
-        )
-    # zlib level 9 is pathologically slow on mostly-empty label volumes; level 1 is ~100x faster
-    slicerio.write_segmentation(path, seg, compression_level=1)
-
-
-def lesions_to_json(lesions: list[Lesion]) -> str:
-    out = []
-    for les in lesions:
-        d = asdict(les)
-        d.pop("patch", None)
-        out.append(d)
-    return json.dumps(out, indent=2)

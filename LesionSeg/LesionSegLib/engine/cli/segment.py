@@ -1,64 +1,19 @@
-"""``lesionseg`` command line.
-
-    lesionseg segment INPUT... -o OUTDIR [--model NAME] [--device auto|cpu|cuda] [--threshold T]
-
-Other subcommands (evaluate, retrain, train-seg, feedback, models) register themselves from
-their modules.
-"""
+"""``lesionseg segment INPUT... -o OUTDIR``: segment CT volumes and write their lesions."""
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import LesionSegError
-from .io import expand_inputs, image_stem
-
-#: modules that add subcommands with ``register_cli(subparsers)``
-PLUGINS = ("evaluate", "retrain", "feedback", "versions")
-GENERIC_STEMS = {"image", "ct", "volume", "img"}
-
-
-def output_stem(path: Path) -> str:
-    """``<case>/image.nii.gz`` is named after its folder; other files after themselves."""
-    stem = image_stem(path)
-    if stem.lower() in GENERIC_STEMS and path.parent.name:
-        return path.parent.name
-    return stem
-
-
-class Progress:
-    """Progress reporting: a tqdm bar, JSON lines on stdout, or nothing."""
-
-    def __init__(self, mode: str, label: str):
-        self.mode = mode
-        self.label = label
-        self.bar = None
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=100, desc=label, unit="%", file=sys.stderr, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
-
-    def __call__(self, fraction: float, stage: str) -> None:
-        if self.mode == "json":
-            print(json.dumps({"event": "progress", "fraction": round(fraction, 4), "stage": stage, "input": self.label}), flush=True)
-        elif self.bar is not None:
-            self.bar.n = int(round(fraction * 100))
-            self.bar.set_postfix_str(stage, refresh=False)
-            self.bar.refresh()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+from ..errors import LesionSegError
+from ..io.images import expand_inputs, output_stem
+from .common import Progress, emit
 
 
 def save_features(result, path: str, case_hash: str) -> None:
-    from .features import FEATURE_NAMES, feature_matrix
+    from ..segment.features import FEATURE_NAMES, feature_matrix
 
     lesions = result.lesions
     patches = np.stack([les.patch for les in lesions]) if lesions else np.zeros((0, 3, 32, 32, 32), np.float16)
@@ -75,8 +30,9 @@ def save_features(result, path: str, case_hash: str) -> None:
 
 
 def cmd_segment(args) -> int:
-    from .io import AtomicWriter, read_image
-    from .pipeline import Engine, case_hash
+    from ..atomic import AtomicWriter
+    from ..io.images import read_image
+    from ..segment.pipeline import Engine, case_hash
 
     inputs = expand_inputs(args.inputs)
     if not inputs:
@@ -85,7 +41,7 @@ def cmd_segment(args) -> int:
     try:
         engine = Engine(args.model, args.device, threads=args.threads)
     except LesionSegError as exc:
-        _emit(args, {"event": "error", "input": None, "message": str(exc)})
+        emit(args, {"event": "error", "input": None, "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for msg in engine.messages:
@@ -103,10 +59,7 @@ def cmd_segment(args) -> int:
             read_s = time.perf_counter() - t
             res = engine.segment(image, threshold=args.threshold, progress=prog, keep_patches=args.save_features, source=str(path))
             t = time.perf_counter()
-            names = [f"{stem}_lesions.nii.gz", f"{stem}_lesions.csv", f"{stem}.seg.nrrd"]
-            res.write_labelmap(writer.path(names[0]))
-            res.write_csv(writer.path(names[1]))
-            res.write_seg_nrrd(writer.path(names[2]))
+            names = res.write_outputs(writer, stem)
             if args.save_features:
                 names.append(f"{stem}_features.npz")
                 save_features(res, writer.path(names[3]), case_hash(image))
@@ -120,13 +73,13 @@ def cmd_segment(args) -> int:
             if str(path) not in msg:
                 msg = f"{path}: {msg}"
             print(f"error: {msg}", file=sys.stderr)
-            _emit(args, {"event": "error", "input": str(path), "message": msg})
+            emit(args, {"event": "error", "input": str(path), "message": msg})
             continue
         prog.close()
         for k, v in timings.items():
             totals[k] = totals.get(k, 0.0) + v
         outputs = [str(Path(args.output) / n) for n in names]
-        _emit(args, {"event": "done", "input": str(path), "outputs": outputs, "lesions": len(res.lesions), "timings": timings, "device": res.device})
+        emit(args, {"event": "done", "input": str(path), "outputs": outputs, "lesions": len(res.lesions), "timings": timings, "device": res.device})
         stage_txt = "  ".join(f"{k} {v:.2f}s" for k, v in timings.items())
         print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / stem}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}]", file=sys.stderr)
         for m in res.messages:
@@ -139,14 +92,8 @@ def cmd_segment(args) -> int:
     return 1 if failed else 0
 
 
-def _emit(args, obj) -> None:
-    if getattr(args, "progress", None) == "json":
-        print(json.dumps(obj), flush=True)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lesionseg", description="CT lesion segmentation with per-lesion confidence")
-    sub = ap.add_subparsers(dest="command", required=True)
+def register(sub) -> None:
     sp = sub.add_parser("segment", help="segment CT volumes (files, folders, DICOM series folders)")
     sp.add_argument("inputs", nargs="+", metavar="INPUT")
     sp.add_argument("-o", "--output", required=True, metavar="OUTDIR")
@@ -157,21 +104,3 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save-features", action="store_true", help="also write <stem>_features.npz (classifier inputs, for review/retraining)")
     sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     sp.set_defaults(func=cmd_segment)
-    for name in PLUGINS:
-        try:
-            mod = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.endswith(name):
-                continue  # that plugin is not part of this build
-            raise
-        mod.register_cli(sub)
-    return ap
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import CancelledError, ModelError
+from ..errors import CancelledError, ModelError
 from .features import FEATURE_NAMES, PATCH_CHANNELS, PATCH_SIZE
-from .models import ModelCard, save_weights
+from ..models import ModelCard, save_weights
 
 __all__ = [
     "FEATURE_NAMES",

@@ -22,13 +22,13 @@ import torch
 
 from .classifier import ConfidenceModel
 from .clusters import cluster_stats, extract_clusters
-from .errors import CancelledError, InputError
+from ..errors import CancelledError, InputError
 from .features import adaptive_patch, feature_matrix, tabular_features
 from .inference import select_device, sliding_window_probability
-from .io import read_image, validate_ct
-from .models import ModelCard, get_card
+from ..io.images import validate_ct
+from ..models import ModelCard, get_card
 from .networks import build_segmenter
-from .preprocess import body_box, from_canonical, normalize, resample, spacing_zyx, target_shape, to_canonical
+from ..io.preprocess import body_box, from_canonical, normalize, resample, spacing_zyx, target_shape, to_canonical
 from .result import Lesion, SegmentationResult
 
 STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
@@ -236,14 +236,3 @@ def _report(progress, stage: str, fraction: float) -> None:
 def _check(cancel) -> None:
     if cancel is not None and cancel():
         raise CancelledError("segmentation cancelled")
-
-
-def segment_file(path: str | os.PathLike, model=None, device: str = "auto", threshold: float | None = None, engine: Engine | None = None, **kw) -> SegmentationResult:
-    """Read ``path`` (file or DICOM folder) and segment it; timings include 'read'."""
-    t = time.perf_counter()
-    image = read_image(path)
-    read_s = time.perf_counter() - t
-    engine = engine or Engine(model, device)
-    res = engine.segment(image, threshold=threshold, source=str(path), **kw)
-    res.timings = {"read": read_s, **res.timings}
-    return res

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .errors import CancelledError, LesionSegError
+from ..errors import CancelledError, LesionSegError
 
 
 def select_device(name: str = "auto") -> tuple[torch.device, list[str]]:

@@ -1,6 +1,6 @@
 """Train the lesion segmenter from scratch on CT + label pairs.
 
-    python -m LesionSegLib.engine.train_seg -o runs/seg --minutes 45
+    python -m LesionSegLib.engine.learn.train_seg -o runs/seg --minutes 45
 
 Defaults reproduce the shipped model: MONAI DynUNet (residual blocks, deep supervision),
 2 HU-window input channels, 2x2x3 mm (x, y, z) voxels, 48x96x96 (z, y, x) patches sampled
@@ -26,11 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import data as dataset
-from .io import read_image, read_label
-from .models import save_weights
-from .networks import build_segmenter
-from .preprocess import normalize, resample, spacing_zyx, target_shape, to_canonical
+from .. import data as dataset
+from ..io.images import read_image, read_label
+from ..models import save_weights
+from ..segment.networks import build_segmenter
+from ..io.preprocess import normalize, resample, spacing_zyx, target_shape, to_canonical
 
 DEFAULT_CONFIG = {
     "network": {
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
             "sha256": sha,
             "overlap": 0.25,
             "training": {
-                "command": "python -m LesionSegLib.engine.train_seg " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "command": "python -m LesionSegLib.engine.learn.train_seg " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "train_cases": names_train,
                 "val_cases": names_val,
                 "loss": args.loss,

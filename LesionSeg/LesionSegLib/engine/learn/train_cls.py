@@ -1,6 +1,6 @@
 """Train the CLCS confidence classifier for a trained segmenter and assemble the model.
 
-    python -m LesionSegLib.engine.train_cls --segmenter runs/seg -o LesionSeg/LesionSegLib/models/sts-clcs
+    python -m LesionSegLib.engine.learn.train_cls --segmenter runs/seg -o LesionSeg/LesionSegLib/models/sts-clcs
 
 1. Candidates: the segmenter runs on the training cases (STS_001-033), on the original image
    and on ``--views`` perturbed copies (flips, noise, HU shift), at probability thresholds
@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import data as dataset
-from .classifier import fit_temperature, save_classifier, train_classifier
-from .features import feature_matrix
-from .io import read_image, read_label
-from .matching import detections, gt_components, match
-from .retrain import candidates_with_labels
-from .models import ModelCard, sha256_file
-from .pipeline import Engine
+from .. import data as dataset
+from ..segment.classifier import fit_temperature, save_classifier, train_classifier
+from ..segment.features import feature_matrix
+from ..io.images import read_image, read_label
+from ..evaluate.matching import detections, gt_components, match
+from .labels import candidates_with_labels
+from ..models import ModelCard, sha256_file
+from ..segment.pipeline import Engine
 
 
 def perturbed(image: sitk.Image, label: sitk.Image, rng: np.random.Generator):
@@ -51,7 +51,7 @@ def perturbed(image: sitk.Image, label: sitk.Image, rng: np.random.Generator):
 
 def evaluate_cases(engine: Engine, names, by_name, threshold: float) -> dict:
     """Validation figures for the model card, with the metric functions of ``lesionseg evaluate``."""
-    from .evaluate import cluster_auc, dice_score, froc
+    from ..evaluate.metrics import cluster_auc, dice_score, froc
 
     dices, tp_scores, fp_scores, conf_all, mp_all, tp_all = {}, [], [], [], [], []
     for n in names:
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     }
     card["training"] = {
         "segmenter": training,
-        "classifier_command": "python -m LesionSegLib.engine.train_cls " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "classifier_command": "python -m LesionSegLib.engine.learn.train_cls " + " ".join(argv if argv is not None else sys.argv[1:]),
         "classifier_minutes": round((time.time() - t_start) / 60, 1),
     }
     card["files"] = {f: sha256_file(out / f) for f in ("segmenter.safetensors", "classifier.safetensors")}

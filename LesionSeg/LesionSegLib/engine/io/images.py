@@ -1,20 +1,18 @@
-"""Reading and validating CT volumes, writing results atomically.
+"""Reading and validating CT volumes.
 
 All images are read with SimpleITK, so NIfTI, NRRD, MHA/MHD and DICOM series folders are
 supported and the geometry (spacing, origin, direction) is kept exactly.
 """
 from __future__ import annotations
 
-import csv
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..errors import InputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Hounsfield-unit sanity limits.  Real CT holds air (-1000), padding down to -3024 and metal up
@@ -23,6 +21,20 @@ HU_MIN_PLAUSIBLE = -4000.0
 HU_MAX_PLAUSIBLE = 40000.0
 SPACING_MIN_MM = 0.05
 SPACING_MAX_MM = 50.0
+
+
+#: file stems that name no case (``<case>/image.nii.gz``): the folder names the case instead
+GENERIC_STEMS = frozenset({"image", "img", "ct", "volume", "scan"})
+
+
+def output_stem(path: str | os.PathLike) -> str:
+    """The case name of an input: ``<case>/image.nii.gz`` is named after its folder, other files
+    after themselves.  ``segment`` names its outputs by it and ``evaluate`` pairs them by it."""
+    p = Path(path)
+    stem = image_stem(p)
+    if stem.lower() in GENERIC_STEMS and p.parent.name:
+        return p.parent.name
+    return stem
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -148,69 +160,3 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
         and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * 10)
         and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
     )
-
-
-# ----------------------------------------------------------------------------------- writing
-class AtomicWriter:
-    """Collect output files in temporary names and move them into place together.
-
-    Nothing appears under its final name until :meth:`commit`; on error, :meth:`abort` removes
-    the temporary files, so a failed case never leaves half-written outputs.
-    """
-
-    def __init__(self, outdir: str | os.PathLike):
-        self.outdir = Path(outdir)
-        self.outdir.mkdir(parents=True, exist_ok=True)
-        self._pending: list[tuple[Path, Path]] = []
-
-    def path(self, name: str) -> str:
-        """A temporary path whose file will become ``outdir/name`` on commit."""
-        suffix = "".join(Path(name).suffixes)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=self.outdir)
-        os.close(fd)
-        self._pending.append((Path(tmp), self.outdir / name))
-        return tmp
-
-    def commit(self) -> list[Path]:
-        done = []
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp, final in self._pending:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
-            os.replace(tmp, final)
-            done.append(final)
-        self._pending = []
-        return done
-
-    def abort(self) -> None:
-        for tmp, _ in self._pending:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-        self._pending = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-        return False
-
-
-def write_image(array: np.ndarray, reference: sitk.Image, path: str) -> None:
-    """Write ``array`` (z, y, x) with exactly the geometry of ``reference``."""
-    img = sitk.GetImageFromArray(array)
-    img.CopyInformation(reference)
-    sitk.WriteImage(img, path, useCompression=True)
-
-
-def write_csv(rows: Iterable[dict], columns: Sequence[str], path: str) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)

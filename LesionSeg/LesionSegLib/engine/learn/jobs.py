@@ -1,6 +1,6 @@
 """Long jobs in a child process, with parsed progress, a log and cancel.
 
-* :class:`SegmenterTrainingJob`: ``python -m LesionSegLib.engine.train_seg`` (used by
+* :class:`SegmenterTrainingJob`: ``python -m LesionSegLib.engine.learn.train_seg`` (used by
   ``lesionseg train-seg`` and the LesionSegTraining module).  ``train_seg`` trains for a
   wall-clock budget (``--minutes``), so the fraction is the time since its "loaded ... cases"
   line over the budget (or steps over ``--max-steps`` when that comes first), capped at 0.99
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import models
-from .errors import LesionSegError, ModelError
+from .. import models
+from ..errors import LesionSegError, ModelError
 
 LIB_PARENT = Path(__file__).resolve().parents[2]  # the folder holding LesionSegLib
 STEP_RE = re.compile(r"^step (\d+) t=([\d.]+)min loss=([\d.eE+-]+|nan)")
@@ -246,7 +246,7 @@ class SegmenterTrainingJob(ChildProcessJob):
     def command(self) -> list[str]:
         cases = [c.name for c in gt_case_dirs(self.images)]
         train = [c for c in cases if not self.val or c not in self.val]
-        cmd = [self.python, "-u", "-m", "LesionSegLib.engine.train_seg", "-o", str(self.output),
+        cmd = [self.python, "-u", "-m", "LesionSegLib.engine.learn.train_seg", "-o", str(self.output),
                "--images", str(self.images), "--minutes", f"{self.minutes:g}", "--train", *train]
         cmd += ["--val", *(self.val or [])]
         if self.max_steps:
@@ -352,7 +352,8 @@ class RetrainJob(ChildProcessJob):
 def register_segmenter(seg_dir: str | os.PathLike, base_model: str | None, output: str | None) -> models.ModelCard:
     """A new model version: the segmenter trained in ``seg_dir`` plus ``base_model``'s classifier
     (copied; retrain it on the new segmenter's clusters with ``lesionseg retrain --include-gt``)."""
-    from .retrain import _now, resolve_output
+    from ..common import utc_now as _now
+    from .model_writer import resolve_output
 
     seg_dir = Path(seg_dir)
     cfg_path = seg_dir / "segmenter.json"

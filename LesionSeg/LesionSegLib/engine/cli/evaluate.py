@@ -1,0 +1,74 @@
+"""``lesionseg evaluate``: Dice, FROC, cluster AUC and calibration of segment outputs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import data
+from ..errors import LesionSegError
+from ..evaluate.report import MATCHING_RULE, _fmt, evaluate, write_report
+
+
+def _case_list(args) -> list[str] | None:
+    names: list[str] = []
+    if getattr(args, "split", None):
+        names += list(data.STS_VAL if args.split == "val" else data.STS_TRAIN)
+    for item in getattr(args, "cases", None) or []:
+        names += [c for c in item.split(",") if c]
+    return names or None
+
+
+def cmd_evaluate(args) -> int:
+    outdir = Path(args.output) if args.output else Path(args.pred) / "evaluation"
+    try:
+        report = evaluate(args.pred, args.gt, cases=_case_list(args), dice_threshold=args.dice_threshold)
+        files = write_report(report, outdir)
+    except LesionSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    s = report["summary"]
+    print(
+        f"{s['n_cases']} case(s), {s['n_gt_lesions']} lesion(s), {s['n_clusters']} cluster(s): "
+        f"Dice {_fmt(s['dice_mean'])} (global {_fmt(s['dice_global'])}), "
+        f"sensitivity@0.5FP {_fmt(s['sensitivity_at_0.5fp'])}, CPM {_fmt(s['cpm'])}, "
+        f"cluster AUC {_fmt(s['cluster_auc'])} (mean probability {_fmt(s['cluster_auc_mean_probability'])}), "
+        f"ECE {_fmt(s['ece'])}"
+    )
+    for n in report["notes"]:
+        print(f"note: {n}", file=sys.stderr)
+    print(f"report: {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="Dice, FROC, cluster AUC and calibration of segment outputs against ground truth",
+        description=(
+            "Evaluate `lesionseg segment` outputs against ground-truth labels and write report.json, report.md, "
+            "froc.png and reliability.png. " + MATCHING_RULE
+        ),
+    )
+    p.add_argument("--pred", required=True, metavar="OUTDIR", help="folder written by `lesionseg segment` (<case>_lesions.nii.gz + .csv)")
+    p.add_argument("--gt", required=True, metavar="GTDIR", help="ground truth: <case>/label.nii.gz folders or flat <case>_label/_lesions files")
+    p.add_argument("-o", "--output", default=None, metavar="REPORTDIR", help="where to write the report (default: OUTDIR/evaluation)")
+    p.add_argument("--cases", nargs="+", default=None, metavar="CASE", help="evaluate only these cases (names or comma lists); each must exist")
+    p.add_argument("--split", choices=["val", "train"], default=None, help="evaluate the fixed STS validation (STS_034-041) or training split")
+    p.add_argument(
+        "--dice-threshold", type=float, default=None, metavar="T",
+        help="Dice over lesions with confidence >= T only (default: every lesion in the labelmap)",
+    )
+    p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lesionseg")
+    register(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

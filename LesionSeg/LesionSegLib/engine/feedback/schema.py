@@ -1,0 +1,185 @@
+"""The feedback database file: schema, migrations and read-only checks of a file before use.
+
+* The schema is versioned (``PRAGMA user_version``, ``PRAGMA application_id``) and created by
+  running the migrations in order; an older file is backed up (``<file>.schema<N>.bak``) and
+  migrated in one transaction when opened for writing.
+* A file that is not SQLite, a foreign SQLite database, a newer schema or a corrupt database is
+  refused with :class:`FeedbackStoreError`; the file is never written to.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+from ..errors import LesionSegError
+
+#: ``PRAGMA application_id`` of a LesionSeg feedback database ("LSFB").
+APPLICATION_ID = 0x4C534642
+SQLITE_HEADER = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS = 30_000
+DECISION_VALUES = ("accepted", "rejected", "unsure")
+
+
+class FeedbackStoreError(LesionSegError):
+    """The feedback database cannot be used (not ours, corrupt, newer schema, locked...)."""
+
+
+# ----------------------------------------------------------------------------- schema
+#: Migration ``k`` (1-based) brings the schema from version k-1 to k.  A new database is created
+#: by running all of them, so every migration runs on every fresh file.
+MIGRATIONS: list[str] = [
+    # 1: decisions (current state), their history, metadata
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE decisions (
+        id          INTEGER PRIMARY KEY,
+        uid         TEXT NOT NULL UNIQUE,
+        case_hash   TEXT NOT NULL,
+        case_name   TEXT NOT NULL,
+        model_id    TEXT NOT NULL,
+        lesion_key  TEXT NOT NULL,
+        lesion_id   INTEGER NOT NULL,
+        decision    TEXT NOT NULL CHECK (decision IN ('accepted', 'rejected', 'unsure')),
+        confidence  REAL NOT NULL,
+        centroid_x  REAL, centroid_y REAL, centroid_z REAL,
+        volume_ml   REAL, diameter_mm REAL,
+        bbox        TEXT,
+        features    TEXT NOT NULL DEFAULT '{}',
+        patch       BLOB,
+        patch_shape TEXT,
+        reviewer    TEXT NOT NULL DEFAULT '',
+        decided_at  TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        revision    INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (case_hash, model_id, lesion_key)
+    );
+    CREATE TABLE history (
+        id          INTEGER PRIMARY KEY,
+        decision_id INTEGER NOT NULL REFERENCES decisions(id),
+        revision    INTEGER NOT NULL,
+        decision    TEXT NOT NULL,
+        confidence  REAL NOT NULL,
+        reviewer    TEXT NOT NULL,
+        decided_at  TEXT NOT NULL,
+        recorded_at TEXT NOT NULL
+    );
+    CREATE INDEX history_decision ON history(decision_id);
+    """,
+    # 2: provenance (local review or an imported file) and a patch codec column.  Version-1
+    #    patches were plain zlib of float16 ('f16-zlib'); new ones are byte-shuffled first,
+    #    which compresses CT patches markedly better.
+    """
+    ALTER TABLE decisions ADD COLUMN source TEXT NOT NULL DEFAULT 'review';
+    ALTER TABLE decisions ADD COLUMN patch_codec TEXT NOT NULL DEFAULT 'f16-zlib';
+    ALTER TABLE history ADD COLUMN source TEXT NOT NULL DEFAULT 'review';
+    CREATE INDEX decisions_model ON decisions(model_id, decision);
+    CREATE INDEX decisions_case ON decisions(case_hash);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def default_path() -> Path:
+    """``$LESIONSEG_FEEDBACK`` or ``~/.lesionseg/feedback.db`` (the CLI default; Slicer passes its own)."""
+    env = os.environ.get("LESIONSEG_FEEDBACK")
+    return Path(env).expanduser() if env else Path.home() / ".lesionseg" / "feedback.db"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+# ----------------------------------------------------------------------------- file checks
+def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
+    """Read-only look at ``path``: ``{"exists", "schema_version", "empty"}``; raises on a bad file.
+
+    Never writes to the file: a non-SQLite file, a foreign SQLite database, a newer schema or
+    an unreadable/corrupt database raise :class:`FeedbackStoreError` naming the file.  With
+    ``check``, ``PRAGMA quick_check`` runs too (before anything could write to the file).
+    """
+    p = Path(path)
+    if not p.exists():
+        return {"exists": False, "schema_version": 0, "empty": True}
+    if p.is_dir():
+        raise FeedbackStoreError(f"{p} is a folder, not a feedback database file")
+    size = p.stat().st_size
+    if size == 0:
+        return {"exists": True, "schema_version": 0, "empty": True}
+    with open(p, "rb") as fh:
+        header = fh.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise FeedbackStoreError(
+            f"{p} is not a LesionSeg feedback database (not an SQLite file, or its header is corrupt); "
+            "it was left untouched. Choose another file."
+        )
+    try:
+        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise FeedbackStoreError(f"cannot open {p} read-only: {exc}") from None
+    try:
+        app_id = con.execute("PRAGMA application_id").fetchone()[0]
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        problems = [r[0] for r in con.execute("PRAGMA quick_check(5)")] if check and app_id == APPLICATION_ID else ["ok"]
+    except sqlite3.DatabaseError as exc:
+        raise FeedbackStoreError(f"{p} is a corrupt SQLite database ({exc}); it was left untouched") from None
+    finally:
+        con.close()
+    if app_id != APPLICATION_ID:
+        if app_id == 0 and not tables:
+            return {"exists": True, "schema_version": 0, "empty": True}
+        what = f"application id {app_id:#x}" if app_id else "tables " + ", ".join(sorted(tables)[:5])
+        raise FeedbackStoreError(
+            f"{p} is an SQLite database of another application ({what}), not a LesionSeg feedback "
+            "database; it was left untouched. Choose another file."
+        )
+    if problems != ["ok"]:
+        raise FeedbackStoreError(
+            f"{p} is a corrupt feedback database (integrity check: {'; '.join(problems)}); it was left untouched"
+        )
+    if version > SCHEMA_VERSION:
+        raise FeedbackStoreError(
+            f"{p} has feedback schema version {version}, newer than this LesionSeg supports "
+            f"({SCHEMA_VERSION}); update LesionSeg. The file was left untouched."
+        )
+    return {"exists": True, "schema_version": int(version), "empty": False}
+
+
+def _retry_busy(fn, timeout_s: float = BUSY_TIMEOUT_MS / 1000):
+    """Call ``fn`` again while SQLite says the database is locked/busy, up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.05))
+
+
+def _migrate(con: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Run the migrations from the file's version up to ``target`` in one transaction."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        current = con.execute("PRAGMA user_version").fetchone()[0]
+        for version in range(current + 1, target + 1):
+            for stmt in MIGRATIONS[version - 1].split(";"):
+                if stmt.strip():
+                    con.execute(stmt)
+            con.execute(f"PRAGMA user_version = {version}")
+        if current == 0:
+            con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (_now(),))
+        if target > current:
+            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"migrated_to_{target}", _now()))
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return current

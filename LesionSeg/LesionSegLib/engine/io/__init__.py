@@ -1,0 +1,1 @@
+"""Reading, validating and writing CT volumes, and the preprocessing shared by training and inference."""

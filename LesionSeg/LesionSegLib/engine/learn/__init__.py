@@ -1,0 +1,1 @@
+"""Learning: segmenter and classifier training, retraining from feedback, model versions, jobs."""

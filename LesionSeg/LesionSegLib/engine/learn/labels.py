@@ -1,0 +1,235 @@
+"""Labelled lesions for the confidence classifier: from the feedback store and from ground truth.
+
+* **Review**: every *accepted* (1) and *rejected* (0) lesion in the feedback database whose
+  stored features match this engine's ``FEATURE_NAMES`` and that has a patch; *unsure* ones
+  are left out.
+* **Ground truth** (folders ``DIR/<case>/image.nii.gz`` + ``label.nii.gz``): the model segments
+  each image with threshold 0 (every candidate) and each candidate is labelled by the matching
+  rule of :mod:`..evaluate.matching`.  When a lesion is both reviewed and in the ground truth,
+  the human decision wins (pass the reviewed data first to :func:`merge`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..common import Progress, check_cancel
+from ..errors import LesionSegError
+
+MIN_LABELS = 20
+MIN_PER_CLASS = 5
+
+
+class RetrainError(LesionSegError):
+    """Retraining refused or failed (too few labels, one class, incompatible data...)."""
+
+
+@dataclass
+class TrainingData:
+    patches: np.ndarray  # (N, C, z, y, x) float16
+    features: np.ndarray  # (N, F) float32, columns = FEATURE_NAMES
+    labels: np.ndarray  # (N,) int 1 = true lesion, 0 = false positive
+    groups: list[str]  # case hash per lesion (cross-validation groups)
+    sources: list[str]  # "review" or "gt"
+    case_names: list[str]
+    keys: list[str] = field(default_factory=list)  # case_hash|lesion_key, for de-duplication
+    skipped: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    @classmethod
+    def empty(cls, n_features: int, patch_shape=(3, 32, 32, 32)) -> "TrainingData":
+        return cls(np.zeros((0, *patch_shape), np.float16), np.zeros((0, n_features), np.float32),
+                   np.zeros(0, np.int64), [], [], [], [])
+
+    def subset(self, idx) -> "TrainingData":
+        idx = np.asarray(idx, dtype=np.int64)
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return TrainingData(self.patches[idx], self.features[idx], self.labels[idx], pick(self.groups),
+                            pick(self.sources), pick(self.case_names), pick(self.keys) if self.keys else [],
+                            dict(self.skipped))
+
+    def counts(self) -> dict:
+        out = {"total": len(self), "positive": int(self.labels.sum()), "negative": int(len(self) - self.labels.sum()),
+               "cases": len(set(self.groups)), "by_source": {}}
+        for src in sorted(set(self.sources)):
+            m = np.array([s == src for s in self.sources])
+            pos = int(self.labels[m].sum())
+            out["by_source"][src] = {"positive": pos, "negative": int(m.sum()) - pos}
+        if self.skipped:
+            out["skipped"] = dict(self.skipped)
+        return out
+
+
+def merge(*parts: TrainingData) -> TrainingData:
+    """Concatenate, keeping the first occurrence of a lesion (pass the reviewed data first)."""
+    parts = [p for p in parts if p is not None and len(p)]
+    if not parts:
+        raise RetrainError("no labelled lesions at all")
+    seen: set[str] = set()
+    keep: list[tuple[int, int]] = []
+    skipped: dict[str, int] = {}
+    for pi, p in enumerate(parts):
+        for k, v in p.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+        for i in range(len(p)):
+            key = p.keys[i] if p.keys else None
+            if key is not None and key in seen:
+                skipped["duplicate of a reviewed lesion"] = skipped.get("duplicate of a reviewed lesion", 0) + 1
+                continue
+            if key is not None:
+                seen.add(key)
+            keep.append((pi, i))
+    shapes = {p.patches.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise RetrainError(f"patches of different shapes {sorted(shapes)} cannot be combined")
+    return TrainingData(
+        np.stack([parts[pi].patches[i] for pi, i in keep]),
+        np.stack([parts[pi].features[i] for pi, i in keep]).astype(np.float32),
+        np.array([parts[pi].labels[i] for pi, i in keep], dtype=np.int64),
+        [parts[pi].groups[i] for pi, i in keep],
+        [parts[pi].sources[i] for pi, i in keep],
+        [parts[pi].case_names[i] for pi, i in keep],
+        [parts[pi].keys[i] if parts[pi].keys else "" for pi, i in keep],
+        skipped,
+    )
+
+
+def from_store(store, model_ids: Sequence[str] | None = None) -> TrainingData:
+    """Accepted / rejected lesions of a feedback store (path or :class:`FeedbackStore`)."""
+    from ..feedback import FeedbackStore, lesion_key
+    from ..segment.features import FEATURE_NAMES, feature_matrix
+
+    own = not isinstance(store, FeedbackStore)
+    st = FeedbackStore(store, readonly=True) if own else store
+    try:
+        ls = st.labelled(model_ids=model_ids, feature_names=FEATURE_NAMES, with_patches=True)
+    finally:
+        if own:
+            st.close()
+    if len(ls) == 0:
+        d = TrainingData.empty(len(FEATURE_NAMES))
+        d.skipped = dict(ls.skipped)
+        return d
+    feats = np.nan_to_num(feature_matrix(ls.features), nan=0.0, posinf=0.0, neginf=0.0)
+    keys = [f"{h}|{lesion_key(c, 0)}" for h, c in zip(ls.case_hashes, ls.centroids)]
+    return TrainingData(ls.patches, feats, ls.labels, list(ls.case_hashes), ["review"] * len(ls),
+                        list(ls.case_names), keys, dict(ls.skipped))
+
+
+def find_gt_cases(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """``(name, image, label)`` for ``folder/<case>/image.nii.gz`` + ``label.nii.gz`` (also one level deeper)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise RetrainError(f"ground-truth folder {root} does not exist")
+
+    def scan(d: Path):
+        return [(c.name, c / "image.nii.gz", c / "label.nii.gz") for c in sorted(d.iterdir())
+                if c.is_dir() and (c / "image.nii.gz").exists() and (c / "label.nii.gz").exists()]
+
+    found = scan(root)
+    if not found:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            found.extend(scan(sub))
+    if not found:
+        raise RetrainError(f"{root} holds no <case>/image.nii.gz + <case>/label.nii.gz pairs")
+    return found
+
+
+def candidates_with_labels(engine, image, label_image):
+    """Run ``engine`` at threshold 0 and label every candidate with the matching rule."""
+    import SimpleITK as sitk
+
+    from ..evaluate.matching import gt_components, match
+
+    res = engine.segment(image, threshold=0.0, keep_patches=True)
+    gt, n_gt = gt_components(sitk.GetArrayFromImage(label_image))
+    m = match(res.labelmap, gt, len(res.lesions), n_gt)
+    return res, m, gt, n_gt
+
+
+def from_ground_truth(folder, engine, cases: Sequence[str] | None = None, progress: Progress | None = None,
+                      cancel=None, prob_thresholds: Sequence[float] | None = None) -> TrainingData:
+    """Candidates of the base model on ``folder``'s images, labelled from their ground truth.
+
+    ``prob_thresholds``: the probability thresholds that form the candidates (default: the
+    model's own); adding a lower one, as the original classifier training does, yields more
+    false positives to learn from.
+    """
+    from ..segment.features import FEATURE_NAMES, feature_matrix
+    from ..feedback import lesion_key
+    from ..io.images import read_image, read_label
+    from ..segment.pipeline import case_hash
+
+    items = find_gt_cases(folder)
+    if cases:
+        wanted = set(cases)
+        items = [it for it in items if it[0] in wanted]
+        if not items:
+            raise RetrainError(f"none of the cases {sorted(wanted)} is in {folder}")
+    patches, feats, labels, groups, names, keys = [], [], [], [], [], []
+    thresholds = list(prob_thresholds) if prob_thresholds else [engine.prob_threshold]
+    own = engine.prob_threshold
+    try:
+        for k, (name, img_path, lab_path) in enumerate(items):
+            check_cancel(cancel, "retraining")
+            img = read_image(img_path)
+            lab = read_label(lab_path, img)
+            h = case_hash(img)
+            seen = set()
+            n = 0
+            for thr in thresholds:
+                engine.prob_threshold = float(thr)
+                res, m, _, _ = candidates_with_labels(engine, img, lab)
+                for les, tp in zip(res.lesions, m.is_tp):
+                    key = f"{h}|{lesion_key(les.centroid_lps, les.lesion_id)}"
+                    if key in seen:  # the same cluster at two thresholds
+                        continue
+                    seen.add(key)
+                    patches.append(les.patch)
+                    feats.append(les.features)
+                    labels.append(int(tp))
+                    groups.append(h)
+                    names.append(name)
+                    keys.append(key)
+                    n += 1
+            if progress:
+                progress((k + 1) / len(items), f"ground truth {name}: {n} candidates")
+    finally:
+        engine.prob_threshold = own
+    if not labels:
+        return TrainingData.empty(len(FEATURE_NAMES))
+    f = np.nan_to_num(feature_matrix(feats), nan=0.0, posinf=0.0, neginf=0.0)
+    return TrainingData(np.stack(patches).astype(np.float16), f, np.asarray(labels, np.int64), groups,
+                        ["gt"] * len(labels), names, keys)
+
+
+def check_labels(data: TrainingData, min_labels: int = MIN_LABELS, min_per_class: int = MIN_PER_CLASS) -> None:
+    """Refuse to retrain on too few labels or a single class (clear message with the counts)."""
+    n = len(data)
+    pos = int(data.labels.sum()) if n else 0
+    neg = n - pos
+    skipped = ""
+    if data.skipped:
+        skipped = " (left out: " + ", ".join(f"{v} {k}" for k, v in sorted(data.skipped.items())) + ")"
+    if n < min_labels:
+        raise RetrainError(
+            f"too few labels to retrain: {n} usable lesions ({pos} accepted/true, {neg} rejected/false){skipped}; "
+            f"at least {min_labels} are needed. Review more lesions or add ground truth (--include-gt)."
+        )
+    if pos == 0 or neg == 0:
+        which = "accepted (true lesions)" if pos else "rejected (false positives)"
+        raise RetrainError(
+            f"only one class: all {n} labels are {'rejected' if neg else 'accepted'}; the classifier needs "
+            f"{which} examples too{skipped}."
+        )
+    if min(pos, neg) < min_per_class:
+        raise RetrainError(
+            f"too few labels of one class: {pos} accepted/true and {neg} rejected/false{skipped}; at least "
+            f"{min_per_class} of each are needed."
+        )

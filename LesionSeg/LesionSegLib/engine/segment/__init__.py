@@ -1,0 +1,1 @@
+"""Segmentation: networks, sliding-window inference, clusters, per-cluster features and confidence."""
