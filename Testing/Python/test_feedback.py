@@ -234,7 +234,10 @@ def test_export_import_round_trip(tmp_path, fmt):
     assert a.export(out) == 10
 
     b = FeedbackStore(tmp_path / "site_b.db")
-    assert b.import_file(out) == {"inserted": 10, "updated": 0, "unchanged": 0, "rows": 10}
+    c = b.import_file(out)
+    assert {k: c[k] for k in ("inserted", "updated", "unchanged", "rows", "skipped")} == \
+        {"inserted": 10, "updated": 0, "unchanged": 0, "rows": 10, "skipped": 0}
+    assert c["skipped_by_reason"] == {} and c["errors"] == []
     key = lambda r: r["uid"]  # noqa: E731
     ra, rb = sorted(a.decisions(), key=key), sorted(b.decisions(), key=key)
     for x, y in zip(ra, rb):
@@ -249,8 +252,8 @@ def test_export_import_round_trip(tmp_path, fmt):
     # importing the same file again changes nothing
     assert b.import_file(out)["unchanged"] == 10
     # a newer decision at site A travels; an older one does not override a newer local one
-    newer = synthetic_decision(4, "accepted")
-    newer.timestamp = "2099-01-01T00:00:00+00:00"
+    newer = synthetic_decision(4, "accepted")  # later than site B's copy, not in the future
+    newer.timestamp = fb_schema._now()
     a.record(newer)
     older = synthetic_decision(6, "accepted")
     older.timestamp = "2000-01-01T00:00:00+00:00"
