@@ -37,13 +37,10 @@ PARAM_SEG_OUTPUT = "LastSegmenterOutput"
 
 
 def default_database_path() -> Path:
-    """The Slicer settings folder's ``LesionSeg/feedback.db`` inside Slicer, else the CLI default."""
-    from LesionSegLib.engine import feedback
+    """The feedback database the LesionSeg module uses (one resolver for both modules, review R4)."""
+    from LesionSegLib.logic import LesionSegLogicCore
 
-    settings = getattr(getattr(slicer, "app", None), "slicerUserSettingsFilePath", None)
-    if isinstance(settings, str) and settings:
-        return feedback.slicer_default_path(settings)
-    return feedback.default_path()
+    return LesionSegLogicCore.feedback_database_path()
 
 
 def _fmt(v, digits: int = 3) -> str:

@@ -61,7 +61,7 @@ from .. import models
 from ..common import Progress, check_cancel, span, utc_now
 from ..errors import ModelError
 from .labels import MIN_LABELS, MIN_PER_CLASS, RetrainError, TrainingData, check_labels, find_gt_cases, from_ground_truth, from_store, merge
-from .model_writer import write_model
+from .model_writer import resolve_output, write_model
 from .validation import DEFAULT_FOLDS, fit_and_validate
 
 def _describe_setting(setting: dict | None) -> str:
@@ -130,6 +130,7 @@ def retrain(
     parent = models.get_card(base_model)
     if "classifier" not in parent.data:
         raise RetrainError(f"model {parent.id} has no classifier to retrain")
+    resolve_output(parent, output)  # a bad or taken output name fails before any training (R2)
     try:
         base = ConfidenceModel.from_card(parent)
     except ModelError as exc:
