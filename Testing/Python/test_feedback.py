@@ -125,6 +125,19 @@ def test_recorder_routes_accept_reject_into_the_store(tmp_path):
     assert store.count() == 1 and rec.sinks == []
 
 
+def test_recorder_log_is_bounded_and_keeps_no_patches(tmp_path, monkeypatch):
+    """R6: a long session's log does not grow without bound nor hold ~192 KiB patches; the
+    sinks still get the full decision."""
+    monkeypatch.setattr(DecisionRecorder, "LOG_LIMIT", 5)
+    rec = DecisionRecorder(reviewer="me")
+    store = FeedbackStore(tmp_path / "fb.db")
+    rec.add_sink(store)
+    for i in range(8):
+        rec.record(synthetic_decision(i))
+    assert [d.lesion_id for d in rec.log] == [3, 4, 5, 6, 7] and all(d.patch is None for d in rec.log)
+    assert store.count() == 8 and store.stats()["with_patch"] == 8
+
+
 def test_schema_migration_from_version_1(tmp_path):
     path = tmp_path / "old.db"
     con = sqlite3.connect(path, isolation_level=None)
