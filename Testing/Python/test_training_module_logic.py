@@ -136,7 +136,7 @@ def test_retrain_refusal_and_cancel(env, logic):
 
     tmp, base = env
     store = logic.open_database(tmp / "fb.db")
-    store.record_many([td.synthetic_decision(i, "rejected") for i in range(25)])
+    store.record_many([td.synthetic_decision(i, "rejected", model_id=base.id) for i in range(25)])
     job = logic.start_retrain(base_model=base.id, folds=2)
     assert wait(job) == "failed"
     assert "only one class" in job.error
