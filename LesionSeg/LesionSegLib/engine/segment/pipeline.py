@@ -18,17 +18,15 @@ from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from .classifier import ConfidenceModel
 from .clusters import cluster_stats, extract_clusters
 from ..errors import CancelledError, InputError
 from .features import adaptive_patch, feature_matrix, tabular_features
-from .inference import select_device, sliding_window_probability
+from .inference import Segmenter
 from ..io.images import validate_ct
 from ..models import ModelCard, get_card
-from .networks import build_segmenter
-from ..io.preprocess import body_box, from_canonical, normalize, resample, spacing_zyx, target_shape, to_canonical
+from ..io.preprocess import body_box, from_canonical, spacing_zyx, target_shape, to_canonical
+from ..runtime.ops import hu_windows, resize_linear
 from .result import Lesion, SegmentationResult
 
 STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
@@ -54,23 +52,27 @@ def case_hash(image: sitk.Image) -> str:
 class Engine:
     """A loaded model, ready to segment images."""
 
-    def __init__(self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None):
+    def __init__(
+        self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None, runtime: str | None = None
+    ):
         self.card = model if isinstance(model, ModelCard) else get_card(model)
         if self.card.architecture != "clcs":
             raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which this engine cannot run")
-        seg = self.card.part("segmenter")
-        self.seg_cfg = seg
-        self.segmenter = build_segmenter(seg["network"])
-        self.card.load_into("segmenter", self.segmenter)
-        self.segmenter.eval()
-        self.classifier = ConfidenceModel.from_card(self.card) if "classifier" in self.card.data else None
-        self.device, self.messages = select_device(device)
-        if threads:
-            torch.set_num_threads(threads)
+        self.seg_cfg = self.card.part("segmenter")
+        # runtime: auto (OpenVINO > ONNX Runtime > torch), openvino, onnxruntime or torch; see engine/runtime
+        self.runner = Segmenter(self.card, device, runtime, threads)
+        self.runtime, self.device, self.messages = self.runner.runtime, self.runner.device, self.runner.messages
+        self.classifier = _confidence_model(self.card, self.runtime, threads) if "classifier" in self.card.data else None
+        self.messages.extend(getattr(self.classifier, "notes", []))
         post = self.card.data.get("postprocess", {})
         self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
         self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
         self.default_threshold = float(self.card.data.get("confidence_threshold", DEFAULT_CONFIDENCE_THRESHOLD))
+
+    @property
+    def segmenter(self):
+        """The segmenter as a PyTorch module (built on first use; the ONNX runtimes do not need it)."""
+        return self.runner.net
 
     # ------------------------------------------------------------------------------------
     def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
@@ -80,23 +82,14 @@ class Engine:
         box = body_box(canonical_hu, spacing)
         crop = canonical_hu[box.slices]
         shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
-        x = normalize(resample(crop, shape), self.seg_cfg["hu_windows"])
+        x = hu_windows(resize_linear(crop, shape), self.seg_cfg["hu_windows"])
         timings["preprocess"] = time.perf_counter() - t
         _report(progress, "preprocess", 1.0)
         t = time.perf_counter()
-        prob_model, used, msgs = sliding_window_probability(
-            self.segmenter,
-            x,
-            self.seg_cfg["roi_size"],
-            float(self.seg_cfg.get("overlap", 0.25)),
-            self.device,
-            progress=(lambda f: _report(progress, "inference", f)) if progress else None,
-            cancel=cancel,
-        )
-        self.messages.extend(m for m in msgs if m not in self.messages)
-        self.used_device = used
+        prob_model = self.runner.probability(x, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
+        self.used_device = self.runner.used_device
         prob = np.zeros(canonical_hu.shape, dtype=np.float32)
-        prob[box.slices] = resample(prob_model, crop.shape).numpy()
+        prob[box.slices] = resize_linear(prob_model, crop.shape)
         timings["inference"] = time.perf_counter() - t
         return prob, timings
 
@@ -213,6 +206,16 @@ class Engine:
             device=str(getattr(self, "used_device", self.device)),
             messages=list(self.messages),
         )
+
+
+def _confidence_model(card: ModelCard, runtime: str, threads: int | None):
+    if runtime == "torch":
+        from .classifier import ConfidenceModel
+
+        return ConfidenceModel.from_card(card)
+    from ..runtime.models import OnnxConfidenceModel
+
+    return OnnxConfidenceModel(card, runtime, threads)
 
 
 def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion]) -> None:
