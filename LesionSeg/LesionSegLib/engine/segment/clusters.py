@@ -5,21 +5,42 @@ from dataclasses import dataclass
 
 import cc3d
 import numpy as np
-from scipy import ndimage
+
+
+def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The tightest box (z, y, x slices) holding every non-zero voxel of ``array``; None if there is none."""
+    nz = np.asarray(array) != 0
+    out = []
+    for axis in range(nz.ndim):
+        idx = np.flatnonzero(nz.any(axis=tuple(a for a in range(nz.ndim) if a != axis)))
+        if idx.size == 0:
+            return None
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(out)
 
 
 def extract_clusters(prob: np.ndarray, threshold: float, spacing_zyx, min_size_mm3: float) -> tuple[np.ndarray, int]:
     """Threshold ``prob``, take 26-connected components and drop those below ``min_size_mm3``.
 
-    Returns a uint32 label image (1..n, consecutive) and n.
+    Returns a uint32 label image (1..n, consecutive, in raster order of their first voxel) and n.
+    The components are found inside the box that holds the thresholded voxels only.
     """
     mask = np.asarray(prob) >= threshold
+    labels = np.zeros(mask.shape, dtype=np.uint32)
+    box = nonzero_box(mask)
+    if box is None:
+        return labels, 0
+    sub, n = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=26, return_N=True)
     voxel_mm3 = float(np.prod(spacing_zyx))
     min_voxels = int(np.ceil(min_size_mm3 / voxel_mm3)) if min_size_mm3 > 0 else 0
-    if min_voxels > 1:
-        mask = cc3d.dust(mask, threshold=min_voxels, connectivity=26, in_place=True)
-    labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
-    return labels.astype(np.uint32, copy=False), int(n)
+    if min_voxels > 1 and n:  # drop small components, keep the order of the others (what cc3d.dust + a new pass gives)
+        keep = np.bincount(sub.ravel(), minlength=n + 1) >= min_voxels
+        keep[0] = False
+        lut = np.zeros(n + 1, dtype=np.uint32)
+        lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+        sub, n = lut[sub], int(keep.sum())
+    labels[box] = sub
+    return labels, int(n)
 
 
 @dataclass
@@ -31,16 +52,32 @@ class ClusterStats:
 
 
 def cluster_stats(labels: np.ndarray, n: int) -> list[ClusterStats]:
-    if n == 0:
+    """Voxel count, bounding box and centroid of clusters 1..n (computed inside their common box)."""
+    box = nonzero_box(labels) if n else None
+    if box is None:
         return []
-    st = cc3d.statistics(labels)
+    st = cc3d.statistics(np.ascontiguousarray(labels[box]))
+    offset = [s.start for s in box]
     out = []
-    for k in range(1, n + 1):
+    for k in range(1, min(n, len(st["voxel_counts"]) - 1) + 1):
         count = int(st["voxel_counts"][k])
         if count == 0:
             continue
-        out.append(ClusterStats(k, count, tuple(st["bounding_boxes"][k]), tuple(float(c) for c in st["centroids"][k])))
+        bbox = tuple(slice(b.start + o, b.stop + o) for b, o in zip(st["bounding_boxes"][k], offset))
+        out.append(ClusterStats(k, count, bbox, tuple(float(c) + o for c, o in zip(st["centroids"][k], offset))))
     return out
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a 6-neighbour outside it (``mask & ~binary_erosion(mask)``, border = outside)."""
+    p = np.pad(mask, 1)
+    inner = p[1:-1, 1:-1, 1:-1].copy()
+    for axis in range(3):
+        for shift in (0, 2):
+            sl = [slice(1, -1)] * 3
+            sl[axis] = slice(shift, shift + mask.shape[axis])
+            inner &= p[tuple(sl)]
+    return mask & ~inner
 
 
 def max_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
@@ -52,7 +89,7 @@ def max_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return 0.0
-    surface = mask & ~ndimage.binary_erosion(mask)
+    surface = _surface(mask)
     pts = np.argwhere(surface).astype(np.float64) * np.asarray(spacing_zyx, dtype=np.float64)
     if len(pts) > 64:
         try:

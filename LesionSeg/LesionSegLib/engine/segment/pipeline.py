@@ -219,13 +219,9 @@ def _confidence_model(card: ModelCard, runtime: str, threads: int | None):
 
 
 def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion]) -> None:
-    import cc3d
-
-    if not lesions:
-        return
-    st = cc3d.statistics(np.ascontiguousarray(labelmap))
+    stats = {c.label: c for c in cluster_stats(labelmap, max((les.lesion_id for les in lesions), default=0))}
     for les in lesions:
-        bz, by, bx = st["bounding_boxes"][les.lesion_id]
+        bz, by, bx = stats[les.lesion_id].bbox
         les.bbox_ijk = ((bx.start, by.start, bz.start), (bx.stop, by.stop, bz.stop))
 
 
