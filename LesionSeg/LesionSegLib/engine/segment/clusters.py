@@ -19,30 +19,6 @@ def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
     return tuple(out)
 
 
-def extract_clusters(prob: np.ndarray, threshold: float, spacing_zyx, min_size_mm3: float) -> tuple[np.ndarray, int]:
-    """Threshold ``prob``, take 26-connected components and drop those below ``min_size_mm3``.
-
-    Returns a uint32 label image (1..n, consecutive, in raster order of their first voxel) and n.
-    The components are found inside the box that holds the thresholded voxels only.
-    """
-    mask = np.asarray(prob) >= threshold
-    labels = np.zeros(mask.shape, dtype=np.uint32)
-    box = nonzero_box(mask)
-    if box is None:
-        return labels, 0
-    sub, n = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=26, return_N=True)
-    voxel_mm3 = float(np.prod(spacing_zyx))
-    min_voxels = int(np.ceil(min_size_mm3 / voxel_mm3)) if min_size_mm3 > 0 else 0
-    if min_voxels > 1 and n:  # drop small components, keep the order of the others (what cc3d.dust + a new pass gives)
-        keep = np.bincount(sub.ravel(), minlength=n + 1) >= min_voxels
-        keep[0] = False
-        lut = np.zeros(n + 1, dtype=np.uint32)
-        lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-        sub, n = lut[sub], int(keep.sum())
-    labels[box] = sub
-    return labels, int(n)
-
-
 @dataclass
 class ClusterStats:
     label: int
@@ -51,20 +27,55 @@ class ClusterStats:
     centroid_zyx: tuple[float, float, float]  # voxel index
 
 
+def find_clusters(prob: np.ndarray, threshold: float, spacing_zyx, min_size_mm3: float) -> tuple[np.ndarray, list[ClusterStats]]:
+    """Threshold ``prob``, take 26-connected components, drop those below ``min_size_mm3``.
+
+    Returns a uint32 label image (1..n, consecutive, in raster order of their first voxel) and
+    the clusters' statistics.  Components and statistics are computed once, inside the box
+    that holds the thresholded voxels.
+    """
+    mask = np.asarray(prob) >= threshold
+    labels = np.zeros(mask.shape, dtype=np.uint32)
+    box = nonzero_box(mask)
+    if box is None:
+        return labels, []
+    sub = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=26)
+    st = cc3d.statistics(sub)
+    voxel_mm3 = float(np.prod(spacing_zyx))
+    min_voxels = int(np.ceil(min_size_mm3 / voxel_mm3)) if min_size_mm3 > 0 else 0
+    counts = np.asarray(st["voxel_counts"])
+    keep = counts >= max(1, min_voxels)
+    keep[0] = False
+    lut = np.zeros(len(counts), dtype=np.uint32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    labels[box] = lut[sub] if not keep[1:].all() else sub
+    return labels, _collect(st, np.flatnonzero(keep), lut, box)
+
+
+def extract_clusters(prob: np.ndarray, threshold: float, spacing_zyx, min_size_mm3: float) -> tuple[np.ndarray, int]:
+    """The label image of :func:`find_clusters` and the number of clusters."""
+    labels, stats = find_clusters(prob, threshold, spacing_zyx, min_size_mm3)
+    return labels, len(stats)
+
+
 def cluster_stats(labels: np.ndarray, n: int) -> list[ClusterStats]:
-    """Voxel count, bounding box and centroid of clusters 1..n (computed inside their common box)."""
+    """Voxel count, bounding box and centroid of clusters 1..n of a label image."""
     box = nonzero_box(labels) if n else None
     if box is None:
         return []
     st = cc3d.statistics(np.ascontiguousarray(labels[box]))
+    ids = np.arange(1, min(n, len(st["voxel_counts"]) - 1) + 1)
+    return _collect(st, ids[np.asarray(st["voxel_counts"])[ids] > 0], np.arange(len(st["voxel_counts"])), box)
+
+
+def _collect(st: dict, ids, new_ids, box) -> list[ClusterStats]:
+    """ClusterStats of components ``ids`` of ``cc3d.statistics`` output ``st`` computed inside ``box``, renumbered by ``new_ids``."""
     offset = [s.start for s in box]
     out = []
-    for k in range(1, min(n, len(st["voxel_counts"]) - 1) + 1):
-        count = int(st["voxel_counts"][k])
-        if count == 0:
-            continue
+    for k in ids:
         bbox = tuple(slice(b.start + o, b.stop + o) for b, o in zip(st["bounding_boxes"][k], offset))
-        out.append(ClusterStats(k, count, bbox, tuple(float(c) + o for c, o in zip(st["centroids"][k], offset))))
+        centroid = tuple(float(c) + o for c, o in zip(st["centroids"][k], offset))
+        out.append(ClusterStats(int(new_ids[k]), int(st["voxel_counts"][k]), bbox, centroid))
     return out
 
 

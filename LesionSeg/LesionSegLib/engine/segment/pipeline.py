@@ -19,13 +19,13 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .clusters import cluster_stats, extract_clusters
+from .clusters import cluster_stats, find_clusters
 from ..errors import CancelledError, InputError
 from .features import adaptive_patch, feature_matrix, tabular_features
 from .inference import Segmenter
 from ..io.images import validate_ct
 from ..models import ModelCard, get_card
-from ..io.preprocess import body_box, from_canonical, spacing_zyx, target_shape, to_canonical
+from ..io.preprocess import CANONICAL, body_box, from_canonical, orientation_of, spacing_zyx, target_shape, to_canonical
 from ..runtime.ops import hu_windows, resize_linear
 from .result import Lesion, SegmentationResult
 
@@ -147,8 +147,8 @@ class Engine:
         timings = dict(timings)
         prob_threshold = self.prob_threshold if prob_threshold is None else prob_threshold
         t = time.perf_counter()
-        labels, n = extract_clusters(prob, prob_threshold, sp, self.min_size_mm3)
-        stats = cluster_stats(labels, n)
+        labels, stats = find_clusters(prob, prob_threshold, sp, self.min_size_mm3)
+        n = len(stats)
         timings["clusters"] = time.perf_counter() - t
         _report(progress, "clusters", 1.0)
 
@@ -191,7 +191,8 @@ class Engine:
                 )
             )
         labelmap = from_canonical(lut[labels], canonical, image)
-        _fill_bboxes(labelmap, lesions)
+        same_grid = orientation_of(image) == CANONICAL  # then the clusters' boxes are the lesions' boxes
+        _fill_bboxes(labelmap, lesions, {k: stats[i].bbox for k, i in enumerate(order, start=1)} if same_grid else None)
         timings["confidence"] = time.perf_counter() - t
         _report(progress, "confidence", 1.0)
         probability = from_canonical(prob.astype(np.float16), canonical, image) if keep_probability else None
@@ -218,10 +219,12 @@ def _confidence_model(card: ModelCard, runtime: str, threads: int | None):
     return OnnxConfidenceModel(card, runtime, threads)
 
 
-def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion]) -> None:
-    stats = {c.label: c for c in cluster_stats(labelmap, max((les.lesion_id for les in lesions), default=0))}
+def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion], boxes: dict | None = None) -> None:
+    """Each lesion's box on the input grid (``boxes``: lesion id -> (z, y, x) slices when already known)."""
+    if boxes is None:
+        boxes = {c.label: c.bbox for c in cluster_stats(labelmap, max((les.lesion_id for les in lesions), default=0))}
     for les in lesions:
-        bz, by, bx = stats[les.lesion_id].bbox
+        bz, by, bx = boxes[les.lesion_id]
         les.bbox_ijk = ((bx.start, by.start, bz.start), (bx.stop, by.stop, bz.stop))
 
 
