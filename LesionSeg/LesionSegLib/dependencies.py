@@ -29,6 +29,9 @@ REQUIREMENTS = {
 }
 #: only needed for DICOM SEG export
 OPTIONAL = {"highdicom": "highdicom>=0.22", "pydicom": "pydicom>=2.4"}
+#: fast CPU runtimes for the networks (engine/runtime); without them segmentation runs on PyTorch,
+#: so they are installed best-effort and never block the module
+RUNTIMES = {"openvino": "openvino>=2026.4,<2027", "onnxruntime": "onnxruntime>=1.32,<2", "onnx": "onnx>=1.23,<2"}
 
 
 def _present(name: str) -> bool:
@@ -70,10 +73,28 @@ def install(names: list[str]) -> None:
     if reqs:
         log.info("installing %s", " ".join(reqs))
         slicer.util.pip_install(reqs)
+    install_runtimes()
     importlib.invalidate_caches()
     still = [n for n in names if not _present(n)]
     if still:
         raise RuntimeError(f"these packages are still missing after installation: {describe(still)}")
+
+
+def install_runtimes() -> list[str]:
+    """Install the missing fast runtimes (OpenVINO, ONNX Runtime) best-effort; return those still missing.
+
+    A failure is logged, not raised: the engine's ``auto`` runtime then falls back to PyTorch.
+    """
+    import slicer
+
+    todo = [n for n in RUNTIMES if not _present(n)]
+    for name in todo:
+        try:
+            slicer.util.pip_install(RUNTIMES[name])
+        except Exception as exc:  # no wheel for this platform, no network...
+            log.warning("could not install %s (%s): segmentation will run on PyTorch", RUNTIMES[name], exc)
+    importlib.invalidate_caches()
+    return [n for n in todo if not _present(n)]
 
 
 def cuda_status() -> tuple[bool, str]:

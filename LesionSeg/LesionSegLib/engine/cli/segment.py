@@ -39,7 +39,7 @@ def cmd_segment(args) -> int:
         print("error: no input images", file=sys.stderr)
         return 2
     try:
-        engine = Engine(args.model, args.device, threads=args.threads)
+        engine = Engine(args.model, args.device, threads=args.threads, runtime=args.runtime)
     except LesionSegError as exc:
         emit(args, {"event": "error", "input": None, "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
@@ -79,9 +79,9 @@ def cmd_segment(args) -> int:
         for k, v in timings.items():
             totals[k] = totals.get(k, 0.0) + v
         outputs = [str(Path(args.output) / n) for n in names]
-        emit(args, {"event": "done", "input": str(path), "outputs": outputs, "lesions": len(res.lesions), "timings": timings, "device": res.device})
+        emit(args, {"event": "done", "input": str(path), "outputs": outputs, "lesions": len(res.lesions), "timings": timings, "device": res.device, "runtime": engine.runtime})
         stage_txt = "  ".join(f"{k} {v:.2f}s" for k, v in timings.items())
-        print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / stem}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}]", file=sys.stderr)
+        print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / stem}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}, {engine.runtime}]", file=sys.stderr)
         for m in res.messages:
             if m not in engine.messages:
                 print(f"note: {m}", file=sys.stderr)
@@ -102,5 +102,11 @@ def register(sub) -> None:
     sp.add_argument("--threshold", type=float, default=None, help="keep lesions with confidence >= T (default: the model's, 0.5; 0 keeps every candidate)")
     sp.add_argument("--progress", default="bar", choices=["bar", "json", "none"])
     sp.add_argument("--save-features", action="store_true", help="also write <stem>_features.npz (classifier inputs, for review/retraining)")
-    sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    sp.add_argument(
+        "--runtime",
+        default=None,
+        choices=["auto", "openvino", "onnxruntime", "torch"],
+        help="network runtime (default: $LESIONSEG_RUNTIME or auto = OpenVINO, else ONNX Runtime, else PyTorch; PyTorch on CUDA)",
+    )
+    sp.add_argument("--threads", type=int, default=None, help="CPU threads for the network runtime")
     sp.set_defaults(func=cmd_segment)

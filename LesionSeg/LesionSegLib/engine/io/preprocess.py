@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:  # torch is imported where used: the ONNX inference path runs without it
+    import torch
 
 CANONICAL = "LPS"  # array axes (z, y, x) then run inferior->superior, anterior->posterior, right->left
 
@@ -46,6 +47,9 @@ def target_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Se
 
 def resample(array: np.ndarray | torch.Tensor, shape: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
     """Resample a (z, y, x) or (C, z, y, x) array to ``shape`` keeping the field of view."""
+    import torch
+    import torch.nn.functional as F
+
     t = torch.as_tensor(array)
     squeeze = t.ndim == 3
     if squeeze:
@@ -62,6 +66,8 @@ def resample(array: np.ndarray | torch.Tensor, shape: Sequence[int], mode: str =
 
 def normalize(hu: np.ndarray | torch.Tensor, windows: Sequence[Sequence[float]]) -> torch.Tensor:
     """One channel per HU window, each clipped and scaled to [0, 1]."""
+    import torch
+
     t = torch.as_tensor(hu).float()
     chans = [((t.clamp(lo, hi) - lo) / (hi - lo)) for lo, hi in windows]
     return torch.stack(chans, 0)

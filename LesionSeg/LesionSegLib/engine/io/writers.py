@@ -50,7 +50,8 @@ def write_seg_nrrd(path: str, labelmap: np.ndarray, segments: list[dict], refere
 
     dtype = np.uint8 if int(labelmap.max(initial=0)) < 256 else np.uint16
     seg = {
-        "voxels": np.ascontiguousarray(np.transpose(labelmap.astype(dtype, copy=False), (2, 1, 0))),
+        # a transposed view: pynrrd writes it in Fortran order, which is the labelmap's own C order (no copy)
+        "voxels": np.transpose(labelmap.astype(dtype, copy=False), (2, 1, 0)),
         "ijkToLPS": ijk_to_lps(reference),
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",

@@ -5,21 +5,18 @@ from dataclasses import dataclass
 
 import cc3d
 import numpy as np
-from scipy import ndimage
 
 
-def extract_clusters(prob: np.ndarray, threshold: float, spacing_zyx, min_size_mm3: float) -> tuple[np.ndarray, int]:
-    """Threshold ``prob``, take 26-connected components and drop those below ``min_size_mm3``.
-
-    Returns a uint32 label image (1..n, consecutive) and n.
-    """
-    mask = np.asarray(prob) >= threshold
-    voxel_mm3 = float(np.prod(spacing_zyx))
-    min_voxels = int(np.ceil(min_size_mm3 / voxel_mm3)) if min_size_mm3 > 0 else 0
-    if min_voxels > 1:
-        mask = cc3d.dust(mask, threshold=min_voxels, connectivity=26, in_place=True)
-    labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
-    return labels.astype(np.uint32, copy=False), int(n)
+def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The tightest box (z, y, x slices) holding every non-zero voxel of ``array``; None if there is none."""
+    nz = np.asarray(array) != 0
+    out = []
+    for axis in range(nz.ndim):
+        idx = np.flatnonzero(nz.any(axis=tuple(a for a in range(nz.ndim) if a != axis)))
+        if idx.size == 0:
+            return None
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(out)
 
 
 @dataclass
@@ -30,17 +27,68 @@ class ClusterStats:
     centroid_zyx: tuple[float, float, float]  # voxel index
 
 
+def find_clusters(prob: np.ndarray, threshold: float, spacing_zyx, min_size_mm3: float) -> tuple[np.ndarray, list[ClusterStats]]:
+    """Threshold ``prob``, take 26-connected components, drop those below ``min_size_mm3``.
+
+    Returns a uint32 label image (1..n, consecutive, in raster order of their first voxel) and
+    the clusters' statistics.  Components and statistics are computed once, inside the box
+    that holds the thresholded voxels.
+    """
+    mask = np.asarray(prob) >= threshold
+    labels = np.zeros(mask.shape, dtype=np.uint32)
+    box = nonzero_box(mask)
+    if box is None:
+        return labels, []
+    sub = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=26)
+    st = cc3d.statistics(sub)
+    voxel_mm3 = float(np.prod(spacing_zyx))
+    min_voxels = int(np.ceil(min_size_mm3 / voxel_mm3)) if min_size_mm3 > 0 else 0
+    counts = np.asarray(st["voxel_counts"])
+    keep = counts >= max(1, min_voxels)
+    keep[0] = False
+    lut = np.zeros(len(counts), dtype=np.uint32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    labels[box] = lut[sub] if not keep[1:].all() else sub
+    return labels, _collect(st, np.flatnonzero(keep), lut, box)
+
+
+def extract_clusters(prob: np.ndarray, threshold: float, spacing_zyx, min_size_mm3: float) -> tuple[np.ndarray, int]:
+    """The label image of :func:`find_clusters` and the number of clusters."""
+    labels, stats = find_clusters(prob, threshold, spacing_zyx, min_size_mm3)
+    return labels, len(stats)
+
+
 def cluster_stats(labels: np.ndarray, n: int) -> list[ClusterStats]:
-    if n == 0:
+    """Voxel count, bounding box and centroid of clusters 1..n of a label image."""
+    box = nonzero_box(labels) if n else None
+    if box is None:
         return []
-    st = cc3d.statistics(labels)
+    st = cc3d.statistics(np.ascontiguousarray(labels[box]))
+    ids = np.arange(1, min(n, len(st["voxel_counts"]) - 1) + 1)
+    return _collect(st, ids[np.asarray(st["voxel_counts"])[ids] > 0], np.arange(len(st["voxel_counts"])), box)
+
+
+def _collect(st: dict, ids, new_ids, box) -> list[ClusterStats]:
+    """ClusterStats of components ``ids`` of ``cc3d.statistics`` output ``st`` computed inside ``box``, renumbered by ``new_ids``."""
+    offset = [s.start for s in box]
     out = []
-    for k in range(1, n + 1):
-        count = int(st["voxel_counts"][k])
-        if count == 0:
-            continue
-        out.append(ClusterStats(k, count, tuple(st["bounding_boxes"][k]), tuple(float(c) for c in st["centroids"][k])))
+    for k in ids:
+        bbox = tuple(slice(b.start + o, b.stop + o) for b, o in zip(st["bounding_boxes"][k], offset))
+        centroid = tuple(float(c) + o for c, o in zip(st["centroids"][k], offset))
+        out.append(ClusterStats(int(new_ids[k]), int(st["voxel_counts"][k]), bbox, centroid))
     return out
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a 6-neighbour outside it (``mask & ~binary_erosion(mask)``, border = outside)."""
+    p = np.pad(mask, 1)
+    inner = p[1:-1, 1:-1, 1:-1].copy()
+    for axis in range(3):
+        for shift in (0, 2):
+            sl = [slice(1, -1)] * 3
+            sl[axis] = slice(shift, shift + mask.shape[axis])
+            inner &= p[tuple(sl)]
+    return mask & ~inner
 
 
 def max_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
@@ -52,7 +100,7 @@ def max_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return 0.0
-    surface = mask & ~ndimage.binary_erosion(mask)
+    surface = _surface(mask)
     pts = np.argwhere(surface).astype(np.float64) * np.asarray(spacing_zyx, dtype=np.float64)
     if len(pts) > 64:
         try:

@@ -8,9 +8,8 @@ largest extent, ``side = max(extent) * (1 + 2 * MARGIN_FRACTION) + 2 * MARGIN_MM
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from ..runtime.ops import resize_linear
 from .clusters import ClusterStats, max_diameter_mm
 
 PATCH_SIZE = (32, 32, 32)
@@ -75,9 +74,8 @@ def adaptive_patch(hu: np.ndarray, prob: np.ndarray, labels: np.ndarray, c: Clus
     img = (np.clip(img, *PATCH_WINDOW) - PATCH_WINDOW[0]) / (PATCH_WINDOW[1] - PATCH_WINDOW[0])
     pr = _gather(prob, idx, 0.0)
     mk = (_gather(labels, idx, 0) == c.label).astype(np.float32)
-    t = torch.from_numpy(np.stack([img, pr, mk]))[None]
-    t = F.interpolate(t, size=PATCH_SIZE, mode="trilinear", align_corners=False, antialias=False)[0]
-    return t.numpy().astype(np.float16)
+    # trilinear, align_corners=False: torch's F.interpolate in NumPy (see runtime.ops)
+    return resize_linear(np.stack([img, pr, mk]), PATCH_SIZE).astype(np.float16)
 
 
 def tabular_features(

@@ -1,16 +1,49 @@
-"""Device selection and MONAI sliding-window inference with progress, cancel and OOM fallback."""
+"""The segmentation network on its runtime: device selection, sliding windows, OOM fallback.
+
+:class:`Segmenter` runs a card's segmenter either on an ONNX runtime (OpenVINO / ONNX Runtime,
+NumPy sliding windows, no torch import) or with eager PyTorch + MONAI's
+``sliding_window_inference`` (CUDA, or when no ONNX runtime is installed); see
+:mod:`..runtime`.  Both take the same NumPy input and give the same probability map (within
+the tolerance the runtime tests state).
+"""
 from __future__ import annotations
 
+import importlib.util
 import math
-from typing import Callable
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-import torch
+import numpy as np
 
 from ..errors import CancelledError, LesionSegError
+
+if TYPE_CHECKING:
+    import torch
+
+NO_CUDA_NOTE = "CUDA is not available (no GPU or a CPU-only torch build): running on CPU"
+
+
+def torch_has_cuda_build() -> bool:
+    """Whether the installed torch is a CUDA build, read from ``torch/version.py`` without importing torch."""
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
+    except OSError:
+        return True  # unknown: let torch answer
+    m = re.search(r"^cuda\b[^=\n]*=\s*(\S+)", text, re.M)
+    return m is None or m.group(1) != "None"
 
 
 def select_device(name: str = "auto") -> tuple[torch.device, list[str]]:
     """``auto``: CUDA when present, else CPU.  ``cuda`` without CUDA is an error that says so."""
+    import torch
+
     name = (name or "auto").lower()
     messages: list[str] = []
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
@@ -20,7 +53,7 @@ def select_device(name: str = "auto") -> tuple[torch.device, list[str]]:
     if torch.cuda.is_available():
         return torch.device("cuda" if name == "auto" else name), messages
     if name == "auto":
-        messages.append("CUDA is not available (no GPU or a CPU-only torch build): running on CPU")
+        messages.append(NO_CUDA_NOTE)
         return torch.device("cpu"), messages
     raise LesionSegError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__}, no GPU found)")
 
@@ -48,6 +81,7 @@ def sliding_window_probability(
 
     On CUDA out-of-memory the pass is retried on the CPU, and a message says so.
     """
+    import torch
     from monai.inferers import sliding_window_inference
 
     total = max(1, count_windows(x.shape[1:], roi, overlap))
@@ -82,3 +116,77 @@ def sliding_window_probability(
         messages.append("CUDA ran out of memory: retried on the CPU")
         cpu = torch.device("cpu")
         return run(cpu), cpu, messages
+
+
+def _wants_cuda(device: str) -> bool:
+    """Whether ``device`` will run on CUDA; torch is imported only when it could."""
+    name = (device or "auto").lower()
+    if name == "cpu":
+        return False
+    if name == "auto" and not torch_has_cuda_build():
+        return False
+    import torch
+
+    return torch.cuda.is_available() or name != "auto"  # an explicit cuda without CUDA fails in select_device
+
+
+class Segmenter:
+    """A card's segmentation network on the chosen runtime (``auto``, ``openvino``, ``onnxruntime``, ``torch``).
+
+    ``probability(x)`` maps the preprocessed input (C, z, y, x) to the foreground probability
+    (z, y, x) on the same grid, blending sliding windows with MONAI's Gaussian weights.
+    """
+
+    def __init__(self, card, device: str = "auto", runtime: str | None = None, threads: int | None = None):
+        from ..runtime.backends import resolve
+
+        self.card = card
+        self.cfg = card.part("segmenter")
+        self.roi = tuple(int(v) for v in self.cfg["roi_size"])
+        self.overlap = float(self.cfg.get("overlap", 0.25))
+        self.threads = threads
+        cuda = _wants_cuda(device)
+        self.runtime, self.messages = resolve(runtime, cuda)
+        if self.runtime == "torch":
+            import torch
+
+            self.device, msgs = select_device(device)
+            self.messages += msgs
+            if threads:
+                torch.set_num_threads(threads)
+            self._net = None
+        else:
+            from ..runtime.models import onnx_segmenter
+
+            self.device = "cpu"
+            if (device or "auto").lower() == "auto":
+                self.messages.append(NO_CUDA_NOTE)
+            self._run, notes = onnx_segmenter(card, self.runtime, threads)
+            self.messages += notes
+        self.used_device = self.device
+
+    @property
+    def net(self):
+        """The PyTorch network (built and loaded on first use)."""
+        if getattr(self, "_net", None) is None:
+            from .networks import build_segmenter
+
+            self._net = build_segmenter(self.cfg["network"])
+            self.card.load_into("segmenter", self._net)
+            self._net.eval()
+        return self._net
+
+    def probability(self, x: np.ndarray, progress=None, cancel=None) -> np.ndarray:
+        if self.runtime == "torch":
+            import torch
+
+            prob, self.used_device, msgs = sliding_window_probability(
+                self.net, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.roi, self.overlap, self.device, progress, cancel
+            )
+            self.messages.extend(m for m in msgs if m not in self.messages)
+            return prob.numpy()
+        from ..runtime.ops import sigmoid
+        from ..runtime.sliding import sliding_window
+
+        logit = sliding_window(x, self.roi, self._run, self.overlap, "gaussian", 1, progress, cancel)
+        return sigmoid(logit[0])

@@ -18,17 +18,15 @@ from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from .classifier import ConfidenceModel
-from .clusters import cluster_stats, extract_clusters
+from .clusters import cluster_stats, find_clusters
 from ..errors import CancelledError, InputError
 from .features import adaptive_patch, feature_matrix, tabular_features
-from .inference import select_device, sliding_window_probability
+from .inference import Segmenter
 from ..io.images import validate_ct
 from ..models import ModelCard, get_card
-from .networks import build_segmenter
-from ..io.preprocess import body_box, from_canonical, normalize, resample, spacing_zyx, target_shape, to_canonical
+from ..io.preprocess import CANONICAL, body_box, from_canonical, orientation_of, spacing_zyx, target_shape, to_canonical
+from ..runtime.ops import hu_windows, resize_linear
 from .result import Lesion, SegmentationResult
 
 STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
@@ -54,23 +52,27 @@ def case_hash(image: sitk.Image) -> str:
 class Engine:
     """A loaded model, ready to segment images."""
 
-    def __init__(self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None):
+    def __init__(
+        self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None, runtime: str | None = None
+    ):
         self.card = model if isinstance(model, ModelCard) else get_card(model)
         if self.card.architecture != "clcs":
             raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which this engine cannot run")
-        seg = self.card.part("segmenter")
-        self.seg_cfg = seg
-        self.segmenter = build_segmenter(seg["network"])
-        self.card.load_into("segmenter", self.segmenter)
-        self.segmenter.eval()
-        self.classifier = ConfidenceModel.from_card(self.card) if "classifier" in self.card.data else None
-        self.device, self.messages = select_device(device)
-        if threads:
-            torch.set_num_threads(threads)
+        self.seg_cfg = self.card.part("segmenter")
+        # runtime: auto (OpenVINO > ONNX Runtime > torch), openvino, onnxruntime or torch; see engine/runtime
+        self.runner = Segmenter(self.card, device, runtime, threads)
+        self.runtime, self.device, self.messages = self.runner.runtime, self.runner.device, self.runner.messages
+        self.classifier = _confidence_model(self.card, self.runtime, threads) if "classifier" in self.card.data else None
+        self.messages.extend(getattr(self.classifier, "notes", []))
         post = self.card.data.get("postprocess", {})
         self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
         self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
         self.default_threshold = float(self.card.data.get("confidence_threshold", DEFAULT_CONFIDENCE_THRESHOLD))
+
+    @property
+    def segmenter(self):
+        """The segmenter as a PyTorch module (built on first use; the ONNX runtimes do not need it)."""
+        return self.runner.net
 
     # ------------------------------------------------------------------------------------
     def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
@@ -80,23 +82,14 @@ class Engine:
         box = body_box(canonical_hu, spacing)
         crop = canonical_hu[box.slices]
         shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
-        x = normalize(resample(crop, shape), self.seg_cfg["hu_windows"])
+        x = hu_windows(resize_linear(crop, shape), self.seg_cfg["hu_windows"])
         timings["preprocess"] = time.perf_counter() - t
         _report(progress, "preprocess", 1.0)
         t = time.perf_counter()
-        prob_model, used, msgs = sliding_window_probability(
-            self.segmenter,
-            x,
-            self.seg_cfg["roi_size"],
-            float(self.seg_cfg.get("overlap", 0.25)),
-            self.device,
-            progress=(lambda f: _report(progress, "inference", f)) if progress else None,
-            cancel=cancel,
-        )
-        self.messages.extend(m for m in msgs if m not in self.messages)
-        self.used_device = used
+        prob_model = self.runner.probability(x, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
+        self.used_device = self.runner.used_device
         prob = np.zeros(canonical_hu.shape, dtype=np.float32)
-        prob[box.slices] = resample(prob_model, crop.shape).numpy()
+        prob[box.slices] = resize_linear(prob_model, crop.shape)
         timings["inference"] = time.perf_counter() - t
         return prob, timings
 
@@ -154,8 +147,8 @@ class Engine:
         timings = dict(timings)
         prob_threshold = self.prob_threshold if prob_threshold is None else prob_threshold
         t = time.perf_counter()
-        labels, n = extract_clusters(prob, prob_threshold, sp, self.min_size_mm3)
-        stats = cluster_stats(labels, n)
+        labels, stats = find_clusters(prob, prob_threshold, sp, self.min_size_mm3)
+        n = len(stats)
         timings["clusters"] = time.perf_counter() - t
         _report(progress, "clusters", 1.0)
 
@@ -198,7 +191,8 @@ class Engine:
                 )
             )
         labelmap = from_canonical(lut[labels], canonical, image)
-        _fill_bboxes(labelmap, lesions)
+        same_grid = orientation_of(image) == CANONICAL  # then the clusters' boxes are the lesions' boxes
+        _fill_bboxes(labelmap, lesions, {k: stats[i].bbox for k, i in enumerate(order, start=1)} if same_grid else None)
         timings["confidence"] = time.perf_counter() - t
         _report(progress, "confidence", 1.0)
         probability = from_canonical(prob.astype(np.float16), canonical, image) if keep_probability else None
@@ -215,14 +209,22 @@ class Engine:
         )
 
 
-def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion]) -> None:
-    import cc3d
+def _confidence_model(card: ModelCard, runtime: str, threads: int | None):
+    if runtime == "torch":
+        from .classifier import ConfidenceModel
 
-    if not lesions:
-        return
-    st = cc3d.statistics(np.ascontiguousarray(labelmap))
+        return ConfidenceModel.from_card(card)
+    from ..runtime.models import OnnxConfidenceModel
+
+    return OnnxConfidenceModel(card, runtime, threads)
+
+
+def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion], boxes: dict | None = None) -> None:
+    """Each lesion's box on the input grid (``boxes``: lesion id -> (z, y, x) slices when already known)."""
+    if boxes is None:
+        boxes = {c.label: c.bbox for c in cluster_stats(labelmap, max((les.lesion_id for les in lesions), default=0))}
     for les in lesions:
-        bz, by, bx = st["bounding_boxes"][les.lesion_id]
+        bz, by, bx = boxes[les.lesion_id]
         les.bbox_ijk = ((bx.start, by.start, bz.start), (bx.stop, by.stop, bz.stop))
 
 

@@ -98,14 +98,22 @@ class SegmentationResult:
     def write_outputs(self, writer, stem: str) -> list[str]:
         """Write ``<stem>_lesions.nii.gz``, ``<stem>_lesions.csv`` and ``<stem>.seg.nrrd`` into the
         temporary paths of ``writer`` (an :class:`~..atomic.AtomicWriter`); returns the final names."""
+        from concurrent.futures import ThreadPoolExecutor
+
         names = [stem + suffix for suffix in OUTPUT_SUFFIXES]
-        self.write_labelmap(writer.path(names[0]))
-        self.write_csv(writer.path(names[1]))
-        self.write_seg_nrrd(writer.path(names[2]))
+        paths = [writer.path(n) for n in names]
+        # the two compressed volumes are written side by side (zlib releases the GIL)
+        with ThreadPoolExecutor(1) as pool:
+            nifti = pool.submit(self.write_labelmap, paths[0])
+            self.write_csv(paths[1])
+            self.write_seg_nrrd(paths[2])
+            nifti.result()
         return names
 
     def write_labelmap(self, path: str) -> None:
-        write_image(self.labelmap.astype(np.uint16), self.reference, path)
+        """The labelmap as NIfTI: uint8 when there are fewer than 256 lesions (as the .seg.nrrd), else uint16."""
+        dtype = np.uint8 if len(self.lesions) < 256 and int(self.labelmap.max(initial=0)) < 256 else np.uint16
+        write_image(self.labelmap.astype(dtype, copy=False), self.reference, path)
 
     def write_csv(self, path: str) -> None:
         write_csv(self.rows(), CSV_COLUMNS, path)

@@ -1,0 +1,113 @@
+"""ONNX exports of a model's networks, cached next to the model and keyed by the weights' sha256.
+
+The first time a model runs on an ONNX runtime its checksum-verified PyTorch network is
+exported (``torch.onnx``) into ``<model folder>/.onnx-cache/`` (or, for the read-only shipped
+models, ``<user model folder>/.onnx-cache/``) as ``<part>-<sha256[:16]>.onnx`` with a manifest
+``<part>-<sha256[:16]>.json``: the full sha256 of the source safetensors, the sha256 of the ONNX
+file, the input spec and the exporter versions.  Both files are written atomically.
+
+A cached file is used only when its manifest names the card's current weight checksum and the
+same input spec, and the ONNX file's own sha256 matches the manifest.  Anything else -- stale
+(retrained weights), edited, truncated -- is refused with a note and exported again from the
+verified weights; nothing unverified is ever loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..atomic import AtomicWriter
+from ..errors import ModelError
+from ..models import ModelCard, sha256_file, user_models_dir
+
+CACHE_DIR = ".onnx-cache"
+MANIFEST_FORMAT = 1
+OPSET = 17
+
+
+def cache_folder(card: ModelCard) -> Path:
+    """Where the exports of ``card`` live: next to the model, unless it is shipped or read-only."""
+    if not card.builtin and os.access(card.folder, os.W_OK):
+        return card.folder / CACHE_DIR
+    return user_models_dir() / CACHE_DIR
+
+
+def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tuple]) -> tuple[Path, list[str]]:
+    """Path of a verified ONNX export of ``card``'s ``part`` ('segmenter', 'classifier'), and notes.
+
+    ``spec``: JSON-able description of the inputs (names, shapes, dynamic axes) -- part of the key.
+    ``build()`` -> (torch module in eval mode, example inputs tuple, input names, output names,
+    dynamic axes); it is only called when an export is needed.
+    """
+    source_sha = card.part(part).get("sha256")
+    if not source_sha:
+        raise ModelError(f"model {card.id}: card gives no sha256 for {part}; refusing to export it")
+    folder = cache_folder(card)
+    stem = f"{part}-{source_sha[:16]}"
+    onnx_path, manifest_path = folder / f"{stem}.onnx", folder / f"{stem}.json"
+    notes: list[str] = []
+    problem = check_cache(onnx_path, manifest_path, source_sha, spec)
+    if problem is None:
+        return onnx_path, notes
+    if problem != "missing":
+        notes.append(f"ONNX cache {onnx_path.name} of model {card.id} refused ({problem}): exported again from the verified weights")
+    card.verified_path(part)  # the weights the export is made from must match the card
+    export(build, folder, onnx_path.name, manifest_path.name, source_sha, spec)
+    problem = check_cache(onnx_path, manifest_path, source_sha, spec)
+    if problem is not None:
+        raise ModelError(f"model {card.id}: ONNX export of {part} failed its own check ({problem})")
+    return onnx_path, notes
+
+
+def check_cache(onnx_path: Path, manifest_path: Path, source_sha: str, spec: dict) -> str | None:
+    """None when the cached export may be used, else the reason it may not."""
+    if not onnx_path.exists() or not manifest_path.exists():
+        return "missing"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return "unreadable manifest"
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return "unknown manifest format"
+    if manifest.get("source_sha256") != source_sha:
+        return "made from other weights"
+    if manifest.get("spec") != spec:
+        return "made for other inputs"
+    if manifest.get("onnx_sha256") != sha256_file(onnx_path):
+        return "checksum mismatch: the file was modified or is incomplete"
+    return None
+
+
+def export(build: Callable[[], tuple], folder: Path, onnx_name: str, manifest_name: str, source_sha: str, spec: dict) -> None:
+    import warnings
+
+    import torch
+
+    module, example, input_names, output_names, dynamic_axes = build()
+    folder.mkdir(parents=True, exist_ok=True)
+    with AtomicWriter(folder) as writer:
+        tmp = writer.path(onnx_name)
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                example,
+                tmp,
+                dynamo=False,  # the TorchScript exporter: fast, and exact for these convolutional nets
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes or None,
+                opset_version=OPSET,
+            )
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "source_sha256": source_sha,
+            "onnx_sha256": sha256_file(tmp),
+            "spec": spec,
+            "opset": OPSET,
+            "torch": torch.__version__,
+        }
+        with open(writer.path(manifest_name), "w") as fh:
+            json.dump(manifest, fh, indent=2)

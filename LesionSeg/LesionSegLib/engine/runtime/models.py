@@ -1,0 +1,95 @@
+"""A model card's networks on an ONNX runtime: the segmenter and the CLCS patch classifier.
+
+Both are exported lazily (see :mod:`.export`) from the checksum-verified safetensors weights;
+PyTorch and MONAI are imported only for that export, never to run a cached export.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..models import ModelCard
+from .backends import open_backend
+from .export import cached_onnx
+
+
+def _segmenter_module(card: ModelCard):
+    """The segmenter as a torch module giving the foreground-minus-background logit (B, 1, ...)."""
+    import torch
+
+    from ..segment.networks import build_segmenter
+
+    net = build_segmenter(card.part("segmenter")["network"])
+    card.load_into("segmenter", net)
+    net.eval()
+
+    class LogitDifference(torch.nn.Module):
+        # softmax(l)[1] == sigmoid(l1 - l0), and blending is linear: one channel is enough
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y = self.inner(x)
+            return y[:, 1:2] - y[:, 0:1]
+
+    return LogitDifference(net).eval()
+
+
+def onnx_segmenter(card: ModelCard, runtime: str, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
+    """``f(batch (1, C, *roi)) -> logit difference (1, 1, *roi)`` on ``runtime``, and notes."""
+    seg = card.part("segmenter")
+    in_ch = int(seg["network"].get("in_channels", 1))
+    if int(seg["network"].get("out_channels", 2)) != 2:
+        raise ValueError("the ONNX path supports two-class segmenters only")
+    shape = [1, in_ch, *[int(v) for v in seg["roi_size"]]]
+    spec = {"image": shape, "output": "logit_difference"}
+
+    def build():
+        import torch
+
+        return _segmenter_module(card), (torch.zeros(shape),), ["image"], ["logit"], None
+
+    path, notes = cached_onnx(card, "segmenter", spec, build)
+    run = open_backend(runtime, path, threads)
+    return (lambda batch: run({"image": batch})), notes
+
+
+class OnnxConfidenceModel:
+    """:class:`~..segment.classifier.ConfidenceModel`'s ``predict`` on an ONNX runtime."""
+
+    def __init__(self, card: ModelCard, runtime: str, threads: int | None = None):
+        from ..segment.features import FEATURE_NAMES, PATCH_CHANNELS, PATCH_SIZE
+
+        part = card.part("classifier")
+        self.feature_mean = np.asarray(part["feature_mean"], dtype=np.float32)
+        self.feature_std = np.asarray(part["feature_std"], dtype=np.float32)
+        self.temperature = float(part.get("temperature", 1.0))
+        names = list(part.get("feature_names", FEATURE_NAMES))
+        spec = {"patch": [-1, PATCH_CHANNELS, *PATCH_SIZE], "features": [-1, len(names)], "output": "logit"}
+
+        def build():
+            import torch
+
+            from ..segment.classifier import ConfidenceModel
+
+            net = ConfidenceModel.from_card(card).net.eval()
+            example = (torch.zeros(2, PATCH_CHANNELS, *PATCH_SIZE), torch.zeros(2, len(names)))
+            axes = {"patch": {0: "n"}, "features": {0: "n"}, "logit": {0: "n"}}
+            return net, example, ["patch", "features"], ["logit"], axes
+
+        path, self.notes = cached_onnx(card, "classifier", spec, build)
+        self._run = open_backend(runtime, path, threads)
+
+    def logits(self, patches, feats) -> np.ndarray:
+        p = np.asarray(patches, dtype=np.float32)
+        if len(p) == 0:
+            return np.zeros(0, dtype=np.float64)
+        f = (np.asarray(feats, dtype=np.float32) - self.feature_mean) / self.feature_std
+        return np.asarray(self._run({"patch": p, "features": f}), dtype=np.float64).reshape(len(p))
+
+    def predict(self, patches, feats) -> np.ndarray:
+        """Calibrated confidence in [0, 1] that each cluster is a true lesion."""
+        z = self.logits(patches, feats) / self.temperature
+        return 1.0 / (1.0 + np.exp(-z))
