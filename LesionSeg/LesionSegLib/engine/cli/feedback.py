@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..feedback import FeedbackStore, default_path
+from ..feedback import corrections_exchange as cx
 
 
 def format_stats(s: dict) -> str:
@@ -23,7 +24,8 @@ def format_stats(s: dict) -> str:
 def _cmd_stats(args) -> int:
     with FeedbackStore(args.db, readonly=True) as store:
         s = store.stats()
-    print(json.dumps(s, indent=2) if args.json else format_stats(s))
+        s["corrections"] = cx.stats(store)
+    print(json.dumps(s, indent=2) if args.json else format_stats(s) + "\n" + cx.format_stats(s["corrections"]))
     return 0
 
 
@@ -31,6 +33,7 @@ def _cmd_export(args) -> int:
     with FeedbackStore(args.db, readonly=True) as store:
         n = store.export(args.output, patches=not args.no_patches, model_ids=args.model or None)
     print(f"exported {n} decisions to {args.output}")
+    cx.cli_export(args.db, args.output)
     return 0
 
 
@@ -38,6 +41,8 @@ def _cmd_import(args) -> int:
     with FeedbackStore(args.db) as store:
         total = {"inserted": 0, "updated": 0, "unchanged": 0, "rows": 0}
         for f in args.files:
+            if cx.cli_import(store, f):
+                continue
             c = store.import_file(f)
             print(f"{f}: {c['rows']} rows, {c['inserted']} new, {c['updated']} updated, {c['unchanged']} unchanged")
             for k in total:
