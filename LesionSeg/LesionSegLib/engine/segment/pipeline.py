@@ -29,6 +29,7 @@ from ..io.images import validate_ct
 from ..models import ModelCard, get_card
 from .networks import build_segmenter
 from ..io.preprocess import body_box, from_canonical, normalize, resample, spacing_zyx, target_shape, to_canonical
+from .ood import OODModel, lesion_embedding, scan_descriptor
 from .result import Lesion, SegmentationResult
 
 STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
@@ -64,6 +65,7 @@ class Engine:
         self.card.load_into("segmenter", self.segmenter)
         self.segmenter.eval()
         self.classifier = ConfidenceModel.from_card(self.card) if "classifier" in self.card.data else None
+        self.ood = OODModel.from_card(self.card) if self.classifier is not None else None
         self.device, self.messages = select_device(device)
         if threads:
             torch.set_num_threads(threads)
@@ -173,6 +175,9 @@ class Engine:
             conf = self.classifier.predict(np.stack(patches), feature_matrix(feats))
         else:  # no classifier in this model: the mean probability is the confidence
             conf = np.array([m["mean_probability"] for m in measures])
+        ood, ood_lesion = self.ood_scores(hu, sp, patches, feats)
+        if ood is not None:
+            conf = self.ood.apply(conf, ood["scan_score"])
 
         order = [i for i in np.argsort(-conf, kind="stable") if conf[i] >= threshold]
         lut = np.zeros(n + 1, dtype=np.uint16)
@@ -195,6 +200,7 @@ class Engine:
                     n_voxels=int(c.n_voxels),
                     features=feats[i],
                     patch=patches[i] if keep_patches else None,
+                    ood_score=float(ood_lesion[i]) if ood_lesion is not None else None,
                 )
             )
         labelmap = from_canonical(lut[labels], canonical, image)
@@ -211,8 +217,17 @@ class Engine:
             probability=probability,
             timings=timings,
             device=str(getattr(self, "used_device", self.device)),
-            messages=list(self.messages),
+            messages=list(self.messages) + ([ood["warning"]] if ood and ood["warning"] else []),
+            ood=ood,
         )
+
+    def ood_scores(self, hu, sp, patches, feats):
+        """({"scan_score", "warning", "domain"}, per-cluster scores) or (None, None) without OOD stats."""
+        if self.ood is None:
+            return None, None
+        score = self.ood.scan_score(scan_descriptor(hu, sp))
+        per = self.ood.lesion_scores(lesion_embedding(self.classifier, np.stack(patches), feature_matrix(feats))) if patches else None
+        return {"scan_score": score, "warning": self.ood.warning(score), "domain": self.ood.domain}, per
 
 
 def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion]) -> None:
