@@ -33,10 +33,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -206,28 +204,45 @@ def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, 
 
 # ----------------------------------------------------------------------------- scoring
 def score_case(engine, image, label: np.ndarray) -> dict:
-    """Sensitivity, FP count (default threshold) and Dice of ``engine`` on one labelled image,
-    plus every candidate's confidence and TP flag (threshold 0) for calibration."""
+    """Sensitivity, FP count (default threshold) and Dice of ``engine`` on one labelled image, and
+    every candidate (threshold 0): confidence as shown (OOD cap applied), raw confidence, TP flag
+    and both per-lesion OOD scores; plus the scan's OOD score."""
     from ..evaluate.matching import detections, gt_components, match
     from ..evaluate.metrics import dice_score
+    from ..segment.features import feature_matrix
+    from ..segment.ood import lesion_embedding
+    from .ood_fit import descriptor_of
 
-    res = engine.segment(image, threshold=0.0)
+    ood, engine.ood = engine.ood, None
+    try:
+        res = engine.segment(image, threshold=0.0, keep_patches=ood is not None)
+    finally:
+        engine.ood = ood
+    raw = np.array([les.confidence for les in res.lesions])
+    scan, knn, maha = None, [None] * len(raw), [None] * len(raw)
+    conf = raw
+    if ood is not None:
+        scan = ood.scan_score(descriptor_of(image))
+        conf = ood.apply(raw, scan)
+        if len(raw):
+            emb = lesion_embedding(engine.classifier, np.stack([l.patch for l in res.lesions]),
+                                   feature_matrix([l.features for l in res.lesions]))
+            knn, maha = ood.lesion_scores(emb, "knn").tolist(), ood.lesion_scores(emb, "mahalanobis").tolist()
     gt, n_gt = gt_components(label)
     m = match(res.labelmap, gt, len(res.lesions), n_gt)
-    conf = np.array([les.confidence for les in res.lesions])
     shown = conf >= engine.default_threshold
     det, fp = detections(m, np.where(shown, conf, -1.0))
     det &= shown
     fp &= shown
     keep = np.concatenate([[0], np.where(shown, np.arange(1, len(conf) + 1), 0)])
+    r = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
     return {
         "n_gt": int(n_gt), "detected": int(det.sum()), "fp": int(fp.sum()),
         "sensitivity": float(det.sum() / n_gt) if n_gt else None,
         "dice": float(dice_score(keep[res.labelmap] > 0, label > 0)),
-        "candidates": [{"confidence": round(float(c), 4), "tp": bool(t),
-                        "ood": None if les.ood_score is None else round(float(les.ood_score), 3)}
-                       for c, t, les in zip(conf, m.is_tp, res.lesions)],
-        "scan_ood": None if res.ood is None else round(float(res.ood["scan_score"]), 3),
+        "candidates": [{"confidence": r(c), "raw_confidence": r(rc), "tp": bool(t), "ood_knn": r(a), "ood_mahalanobis": r(b)}
+                       for c, rc, t, a, b in zip(conf, raw, m.is_tp, knn, maha)],
+        "scan_ood": r(scan),
     }
 
 
@@ -239,6 +254,7 @@ def _candidates(engine, items, thresholds=(0.5, 0.3), cancel=None):
 
     rows = []
     own = engine.prob_threshold, engine.ood
+    first = float(thresholds[0])
     engine.ood = None
     try:
         for name, img, lab in items:
@@ -252,23 +268,28 @@ def _candidates(engine, items, thresholds=(0.5, 0.3), cancel=None):
                     key = (name, tuple(round(v) for v in les.centroid_lps))
                     if key not in seen:
                         seen.add(key)
-                        rows.append((les.patch, les.features, int(tp), name))
+                        rows.append((les.patch, les.features, int(tp), name, float(thr) == first))
     finally:
         engine.prob_threshold, engine.ood = own
     if not rows:
-        return TrainingData.empty(len(FEATURE_NAMES))
+        return TrainingData.empty(len(FEATURE_NAMES)), np.zeros(0, bool)
     feats = np.nan_to_num(feature_matrix([r[1] for r in rows]), nan=0.0, posinf=0.0, neginf=0.0)
     names = [r[3] for r in rows]
-    return TrainingData(np.stack([r[0] for r in rows]).astype(np.float16), feats, np.array([r[2] for r in rows]),
+    data = TrainingData(np.stack([r[0] for r in rows]).astype(np.float16), feats, np.array([r[2] for r in rows]),
                         names, ["corrections"] * len(rows), names, [f"{n}|{i}" for i, n in enumerate(names)])
+    return data, np.array([r[4] for r in rows])
 
 
 def retrain_classifier(engine, items, base_cm, seed=0, cancel=None):
-    """(classifier, info): head-retrained on the new segmenter's clusters, or the parent's with the reason."""
+    """(classifier, info, OOD cluster embeddings): the classifier head-retrained on the new
+    segmenter's clusters (or the parent's, with the reason); the embeddings of the clusters at
+    the model's own probability threshold (the patch encoder is frozen, so they hold for both)."""
+    from ..segment.ood import lesion_embedding
     from .labels import check_labels
     from .validation import fit_and_validate
 
-    data = _candidates(engine, items, cancel=cancel)
+    data, own = _candidates(engine, items, (engine.prob_threshold, 0.3), cancel=cancel)
+    emb = lesion_embedding(base_cm, data.patches[own], data.features[own]) if own.any() else np.zeros((0, 1))
     counts = data.counts()
     try:
         check_labels(data, min_labels=10, min_per_class=2)
@@ -276,8 +297,9 @@ def retrain_classifier(engine, items, base_cm, seed=0, cancel=None):
             raise RetrainError("clusters from a single case")
         fv = fit_and_validate(data, base_cm, "head", folds=min(5, len(set(data.groups))), seed=seed, cancel=cancel)
     except RetrainError as exc:
-        return base_cm, {"retrained": False, "reason": str(exc), "label_counts": counts}
-    return fv["model"], {"retrained": True, "label_counts": counts, "validation": fv["metrics"], "trainer": fv["trainer"]}
+        return base_cm, {"retrained": False, "reason": str(exc), "label_counts": counts}, emb
+    info = {"retrained": True, "label_counts": counts, "validation": fv["metrics"], "trainer": fv["trainer"]}
+    return fv["model"], info, emb
 
 
 # ----------------------------------------------------------------------------- the command
@@ -322,12 +344,10 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     replay_items = [(n, *_read_case(by_name[n])) for n in replay_names[:cls_replay_cases]]
     if progress:
         progress(0.72, "retraining the classifier on the new segmenter's clusters")
-    cm, cls_info = retrain_classifier(new, items + replay_items, base.classifier, seed, cancel)
+    cm, cls_info, emb = retrain_classifier(new, items + replay_items, base.classifier, seed, cancel)
     new.classifier = cm
-    if progress:
-        progress(0.85, "refitting the OOD reference")
     domain = _domain(parent, train)
-    new.ood = ood_fit.fit(new, [it[1] for it in items + replay_items], domain)
+    new.ood = ood_fit.from_candidates([it[1] for it in items + replay_items], emb, domain)
     evaluation = {"cases": {}}
     for c in held:
         img = grid_image(c.hu, c.geometry)

@@ -1,6 +1,6 @@
 """Fit a model's out-of-distribution statistics (``segment.ood``) on its training scans.
 
-    lesionseg fit-ood --model sts-clcs            # rewrites the card's ood + domain sections
+    lesionseg fit-ood --model LesionSeg/LesionSegLib/models/sts-clcs   # rewrites the card's ood + domain sections
 
 The engine runs on every training scan at confidence threshold 0 (every candidate cluster): the
 scan descriptors and the clusters' classifier embeddings are the reference the OOD scores are
@@ -30,11 +30,7 @@ def references(engine, images, progress=None, cancel=None) -> tuple[np.ndarray, 
     scans, embs = [], []
     for k, img in enumerate(images):
         check_cancel(cancel, "fitting OOD statistics")
-        can = to_canonical(img)
-        import SimpleITK as sitk
-
-        hu = sitk.GetArrayFromImage(can).astype(np.float32)
-        scans.append(scan_descriptor(hu, spacing_zyx(can)))
+        scans.append(descriptor_of(img))
         own = engine.ood
         engine.ood = None  # candidates of the plain model
         try:
@@ -49,13 +45,25 @@ def references(engine, images, progress=None, cancel=None) -> tuple[np.ndarray, 
     return np.stack(scans), (np.concatenate(embs) if embs else np.zeros((0, 1)))
 
 
-def fit(engine, images, domain: dict, lesion_method: str = "knn", progress=None, cancel=None) -> OODModel:
-    scans, embs = references(engine, images, progress, cancel)
-    return OODModel(scans, embs, lesion_method, domain=domain_text(domain))
+def from_candidates(images, embeddings: np.ndarray, domain: dict, lesion_method: str = "knn") -> OODModel:
+    """OOD statistics from scan images and already computed cluster embeddings."""
+    scans = np.stack([descriptor_of(img) for img in images])
+    return OODModel(scans, embeddings, lesion_method, domain=domain_text(domain))
 
 
-def fit_card(model: str | None = None, cases=None) -> str:
-    """Fit and write the OOD section of ``model`` (its folder must be writable); returns the card path."""
+def descriptor_of(image) -> np.ndarray:
+    """The scan descriptor of a SimpleITK CT."""
+    import SimpleITK as sitk
+
+    can = to_canonical(image)
+    return scan_descriptor(sitk.GetArrayFromImage(can).astype(np.float32), spacing_zyx(can))
+
+
+def fit_card(model: str | None = None, cases=None, cluster_cases: int = 12) -> str:
+    """Fit and write the OOD section of ``model`` (its folder must be writable); returns the card path.
+
+    Scan descriptors come from every training case (cheap); cluster embeddings from the first
+    ``cluster_cases`` of them (one engine run each)."""
     from .. import data as dataset
     from ..io.images import read_image
     from ..models import get_card
@@ -65,8 +73,11 @@ def fit_card(model: str | None = None, cases=None) -> str:
     engine = Engine(card, device="cpu")
     names = cases or dataset.STS_TRAIN
     by_name = {c.name: c for c in dataset.cases()}
-    ood = fit(engine, [read_image(by_name[n].image) for n in names], STS_DOMAIN)
+    images = [read_image(by_name[n].image) for n in names]
+    _, embs = references(engine, images[:cluster_cases])
+    ood = from_candidates(images, embs, STS_DOMAIN)
     section = ood.save(card.folder)
+    section["cluster_cases"] = names[:cluster_cases]
     card.data["ood"] = section
     card.data.setdefault("domain", dict(STS_DOMAIN, n_cases=len(names)))
     return str(card.save())
@@ -76,4 +87,5 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("fit-ood", help="fit a model's out-of-distribution statistics on its training scans")
     p.add_argument("--model", default=None)
     p.add_argument("--cases", nargs="*", default=None, help="training cases (default STS_001-033)")
-    p.set_defaults(func=lambda a: print(fit_card(a.model, a.cases)) or 0)
+    p.add_argument("--cluster-cases", type=int, default=12, help="cases whose clusters form the lesion reference")
+    p.set_defaults(func=lambda a: print(fit_card(a.model, a.cases, a.cluster_cases)) or 0)
