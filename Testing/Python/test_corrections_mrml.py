@@ -95,3 +95,21 @@ def test_edit_add_delete_are_harvested(result, tmp_path):
     assert asked == [[seg.GetName()]] and saved[seg.GetName()]["added"] == 0
     store.close()
     assert cr.stats(FeedbackStore(db))["added"] == 0
+
+
+def test_ood_warning_is_kept_on_the_node(slicer_app):  # noqa: F811
+    import types
+
+    import slicer
+
+    from LesionSegLib import ood
+
+    slicer_app.reset()
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "r")
+    assert ood.warning(node) == "" and ood.score(node) is None
+    text = "this scan looks unlike the model's training data (soft-tissue sarcoma); confidences are not reliable here"
+    ood.annotate(node, types.SimpleNamespace(ood={"scan_score": 7.25, "warning": text}))
+    assert ood.warning(node) == text and ood.score(node) == 7.25
+    ood.annotate(node, types.SimpleNamespace(ood={"scan_score": 0.4, "warning": None}))
+    assert ood.warning(node) == "" and ood.score(node) == 0.4
+    slicer_app.reset()

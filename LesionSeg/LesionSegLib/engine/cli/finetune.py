@@ -19,16 +19,14 @@ def _cmd_finetune(args) -> int:
                        replay=args.replay, held_apart=args.held_apart, min_cases=args.min_cases, seed=args.seed,
                        activate=args.activate, progress=bar if args.progress != "none" else None)
     except (FinetuneError, RetrainError, FeedbackStoreError, ModelError, CancelledError) as exc:
-        bar.close()
         emit(args, {"event": "error", "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    bar.close()
-    if args.progress == "json":
-        print(json.dumps({"event": "done", "model": res.card.id, "folder": str(res.card.folder),
-                          "metrics": res.card.data["metrics"], "seconds": round(res.seconds, 2)}), flush=True)
-    else:
-        print(res.summary())
+    finally:
+        bar.close()
+    done = {"event": "done", "model": res.card.id, "folder": str(res.card.folder),
+            "metrics": res.card.data["metrics"], "seconds": round(res.seconds, 2)}
+    print(json.dumps(done) if args.progress == "json" else res.summary(), flush=True)
     return 0
 
 
@@ -36,9 +34,9 @@ def register(subparsers) -> None:
     """``lesionseg finetune`` and ``lesionseg fit-ood``."""
     p = subparsers.add_parser("finetune", help="fine-tune the segmenter on the corrections in a feedback database")
     p.add_argument("--feedback", required=True, help="feedback database holding corrections")
-    p.add_argument("--base-model", default=None, help="model to start from (default: the active model)")
-    p.add_argument("-o", "--output", default=None, metavar="NEW_MODEL",
-                   help="name, name@version or folder of the new model (default: base name, next version)")
+    p.add_argument("--base-model", default=None, help="model whose segmenter is fine-tuned (default: the active one)")
+    p.add_argument("-o", "--output", default=None, metavar="NEW_MODEL", help="new model: name, name@version or folder "
+                   "(default: the base model's name, next version)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (batch of 2)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the training loop")
     p.add_argument("--lr", type=float, default=1e-3)
