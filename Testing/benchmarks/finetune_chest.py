@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_chest.py -o Resources/evaluation/finetune_chest.json \
         [--steps 30] [--replay-cases 8]
+    OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_chest.py -o Resources/evaluation/finetune_chest_base.json --base-only
 
 1. Start from the shipped sarcoma model (``sts-clcs``).
 2. A reviewer is simulated from ground truth on each chest CT of ``$LESIONSEG_DATA``
@@ -56,13 +57,11 @@ def _score(engine, names):
     return out
 
 
-def task_base_sts(_):
+def task_base(name):
     _setup()
-    from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine.segment.pipeline import Engine
 
-    t = time.perf_counter()
-    return {"sts_before": _score(Engine(BASE, device="cpu"), dataset.STS_VAL), "seconds": time.perf_counter() - t}
+    return name, _score(Engine(BASE, device="cpu"), [name])[name]
 
 
 def task_fold(args):
@@ -115,12 +114,15 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--replay-cases", type=int, default=8)
+    ap.add_argument("--processes", type=int, default=4, help="parallel processes for the base model's scoring")
+    ap.add_argument("--base-only", action="store_true",
+                    help="only the base model: OOD AUROCs and chest calibration before fine-tuning (no folds)")
     args = ap.parse_args(argv)
     _setup()
     from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine.atomic import write_text
     from LesionSegLib.engine.feedback import FeedbackStore
-    from LesionSegLib.engine.learn.finetune import _read_case, score_case
+    from LesionSegLib.engine.learn.finetune import _read_case
     from LesionSegLib.engine.learn.simulate_review import review_into
     from LesionSegLib.engine.segment.pipeline import Engine
 
@@ -129,21 +131,21 @@ def main(argv=None) -> int:
     db = work / "feedback.db"
     base = Engine(BASE, device="cpu")
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as sts_pool:
-        sts_job = sts_pool.map_async(task_base_sts, [None])
+    with ctx.Pool(args.processes) as pool:
+        scored = dict(pool.map(task_base, CHEST + dataset.STS_VAL))
+    chest_before = {n: scored[n] for n in CHEST}
+    sts_before = {n: scored[n] for n in dataset.STS_VAL}
+    folds, review = [], {}
+    if not args.base_only:
         store = FeedbackStore(db)
-        review, chest_before = {}, {}
         for n in CHEST:
             img, lab = _read_case(dataset.case(n))
             review[n] = review_into(store, base, img, lab, n)
-            chest_before[n] = score_case(base, img, lab)
-            print(n, review[n], {k: chest_before[n][k] for k in ("detected", "fp", "dice", "scan_ood")}, flush=True)
+            print(n, review[n], flush=True)
         store.close()
-        t_base = time.perf_counter() - t0
         with ctx.Pool(len(CHEST)) as pool:
             folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models")) for h in CHEST])
-        sts_before = sts_job.get()[0]["sts_before"]
-
+    t_base = time.perf_counter() - t0
     chest_after = {f["held_out"]: f["chest_after"][f["held_out"]] for f in folds}
     sts_after = {f["held_out"]: _summary(f["sts_after"]) for f in folds}
     chest_c_before = [c for r in chest_before.values() for c in r["candidates"]]
@@ -155,10 +157,10 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs (timings are upper bounds)",
         "base_model": base.card.id,
         "protocol": "leave-one-case-out over the 3 chest CTs; simulated reviewer from ground truth; real scans and labels only",
-        "simulated_review": review,
-        "chest_held_out": {"before": _summary(chest_before), "after": _summary(chest_after),
+        "simulated_review": review if folds else None,
+        "chest_held_out": {"before": _summary(chest_before), "after": _summary(chest_after) if folds else None,
                            "per_case": {n: {"before": {k: chest_before[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood")},
-                                            "after": {k: chest_after[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood")}}
+                                            "after": {k: chest_after[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood")} if folds else None}
                                         for n in CHEST}},
         "sts_val": {"before": _summary(sts_before), "after_per_fold": sts_after},
         "ood": {
