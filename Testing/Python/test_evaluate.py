@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -291,7 +292,12 @@ def test_missing_or_mismatched_table(tmp_path):
     table.write_text(rows.splitlines()[0] + "\n")  # header only: lesion 1 has no row
     with pytest.raises(InputError, match=r"T_lesions.csv: labelmap T_lesions.nii.gz holds lesion id\(s\) \[1\]"):
         run_eval(tmp_path)
-    table.write_text(rows.replace(",27\n", ",99\n"))  # wrong n_voxels: table of another labelmap
+    recs = list(csv.DictReader(io.StringIO(rows)))
+    recs[0]["n_voxels"] = "99"  # wrong n_voxels: table of another labelmap
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(recs[0]))
+        w.writeheader()
+        w.writerows(recs)
     with pytest.raises(InputError, match="table says 99 voxels"):
         run_eval(tmp_path)
     table.write_text(rows.replace("0.9", "1.7"))

@@ -6,6 +6,8 @@
     lesionseg train-seg --images DIR -o OUTDIR
     lesionseg feedback stats|export|import|check
     lesionseg models list|activate|rollback|history
+    lesionseg finetune --feedback DB [--base-model NAME] [-o NEW_MODEL]
+    lesionseg fit-ood [--model NAME]
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import importlib
 import sys
 
 #: the command modules of this package; each has ``register(subparsers)``
-COMMANDS = ("segment", "evaluate", "retrain", "train_seg", "feedback", "models")
+COMMANDS = ("segment", "evaluate", "retrain", "train_seg", "feedback", "models", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

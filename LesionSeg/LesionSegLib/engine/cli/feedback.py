@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..feedback import FeedbackStore, FeedbackStoreError, default_path
+from ..feedback import corrections_exchange as cx
 
 
 def format_stats(s: dict) -> str:
@@ -36,7 +37,8 @@ def _guarded(fn):
 def _cmd_stats(args) -> int:
     with FeedbackStore(args.db, readonly=True) as store:
         s = store.stats()
-    print(json.dumps(s, indent=2) if args.json else format_stats(s))
+        s["corrections"] = cx.stats(store)
+    print(json.dumps(s, indent=2) if args.json else format_stats(s) + "\n" + cx.format_stats(s["corrections"]))
     return 0
 
 
@@ -45,6 +47,7 @@ def _cmd_export(args) -> int:
     with FeedbackStore(args.db, readonly=True) as store:
         n = store.export(args.output, patches=not args.no_patches, model_ids=args.model or None)
     print(f"exported {n} decisions to {args.output}")
+    cx.cli_export(args.db, args.output)
     return 0
 
 
@@ -64,6 +67,8 @@ def _cmd_import(args) -> int:
         total = {"inserted": 0, "updated": 0, "unchanged": 0, "rows": 0, "skipped": 0}
         failed = 0
         for f in args.files:
+            if cx.cli_import(store, f):
+                continue
             try:
                 c = store.import_file(f)
             except FeedbackStoreError as exc:  # the other files are still imported

@@ -81,6 +81,44 @@ MIGRATIONS: list[str] = [
     CREATE INDEX decisions_model ON decisions(model_id, decision);
     CREATE INDEX decisions_case ON decisions(case_hash);
     """,
+    # 3: corrections (edited / added / deleted / kept segments) and the corrected cases' images
+    #    on the model grid, for fine-tuning the segmenter (see corrections.py)
+    """
+    CREATE TABLE correction_images (
+        case_hash   TEXT PRIMARY KEY,
+        case_name   TEXT NOT NULL,
+        shape       TEXT NOT NULL,
+        geometry    TEXT NOT NULL,
+        image       BLOB NOT NULL,
+        codec       TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        source      TEXT NOT NULL DEFAULT 'review'
+    );
+    CREATE TABLE corrections (
+        id          INTEGER PRIMARY KEY,
+        uid         TEXT NOT NULL UNIQUE,
+        case_hash   TEXT NOT NULL REFERENCES correction_images(case_hash),
+        case_name   TEXT NOT NULL,
+        model_id    TEXT NOT NULL,
+        kind        TEXT NOT NULL CHECK (kind IN ('edited', 'added', 'deleted', 'kept')),
+        target_key  TEXT NOT NULL,
+        proposal_key TEXT,
+        proposal_lesion_id INTEGER,
+        proposal_confidence REAL,
+        bbox        TEXT NOT NULL,
+        mask        BLOB NOT NULL,
+        codec       TEXT NOT NULL,
+        n_voxels    INTEGER NOT NULL,
+        volume_ml   REAL,
+        reviewer    TEXT NOT NULL DEFAULT '',
+        decided_at  TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        source      TEXT NOT NULL DEFAULT 'review',
+        UNIQUE (case_hash, model_id, target_key)
+    );
+    CREATE INDEX corrections_case ON corrections(case_hash, model_id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -53,8 +53,9 @@ def _threads(threads: int | None) -> int:
     return int(threads) if threads else max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def open_backend(runtime: str, onnx_path: str | os.PathLike, threads: int | None = None) -> Callable[[dict], np.ndarray]:
-    """A callable running the ONNX model at ``onnx_path``: ``f({input: array}) -> first output``."""
+def open_backend(runtime: str, onnx_path: str | os.PathLike, threads: int | None = None, outputs: int = 1) -> Callable[[dict], np.ndarray]:
+    """A callable running the ONNX model at ``onnx_path``: ``f({input: array}) -> first output``
+    (or the tuple of the first ``outputs`` outputs when ``outputs > 1``)."""
     if runtime == "openvino":
         import openvino as ov
 
@@ -63,8 +64,9 @@ def open_backend(runtime: str, onnx_path: str | os.PathLike, threads: int | None
         compiled = core.compile_model(str(onnx_path), "CPU", config)
         request = compiled.create_infer_request()
 
-        def run_ov(feeds: dict) -> np.ndarray:
-            return np.array(request.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})[0])
+        def run_ov(feeds: dict):
+            res = request.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})
+            return np.array(res[0]) if outputs == 1 else tuple(np.array(res[i]) for i in range(outputs))
 
         return run_ov
     if runtime == "onnxruntime":
@@ -76,8 +78,9 @@ def open_backend(runtime: str, onnx_path: str | os.PathLike, threads: int | None
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
-        def run_ort(feeds: dict) -> np.ndarray:
-            return session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})[0]
+        def run_ort(feeds: dict):
+            res = session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})
+            return res[0] if outputs == 1 else tuple(res[:outputs])
 
         return run_ort
     raise LesionSegError(f"runtime {runtime!r} does not run ONNX models")

@@ -67,27 +67,41 @@ class OnnxConfidenceModel:
         self.feature_std = np.asarray(part["feature_std"], dtype=np.float32)
         self.temperature = float(part.get("temperature", 1.0))
         names = list(part.get("feature_names", FEATURE_NAMES))
-        spec = {"patch": [-1, PATCH_CHANNELS, *PATCH_SIZE], "features": [-1, len(names)], "output": "logit"}
+        spec = {"patch": [-1, PATCH_CHANNELS, *PATCH_SIZE], "features": [-1, len(names)], "output": ["logit", "embedding"]}
 
         def build():
             import torch
 
             from ..segment.classifier import ConfidenceModel
 
-            net = ConfidenceModel.from_card(card).net.eval()
+            class LogitAndEmbedding(torch.nn.Module):
+                def __init__(self, inner):
+                    super().__init__()
+                    self.inner = inner
+
+                def forward(self, patch, feats):
+                    return self.inner.forward_with_embedding(patch, feats)
+
+            net = LogitAndEmbedding(ConfidenceModel.from_card(card).net.eval()).eval()
             example = (torch.zeros(2, PATCH_CHANNELS, *PATCH_SIZE), torch.zeros(2, len(names)))
-            axes = {"patch": {0: "n"}, "features": {0: "n"}, "logit": {0: "n"}}
-            return net, example, ["patch", "features"], ["logit"], axes
+            axes = {"patch": {0: "n"}, "features": {0: "n"}, "logit": {0: "n"}, "embedding": {0: "n"}}
+            return net, example, ["patch", "features"], ["logit", "embedding"], axes
 
         path, self.notes = cached_onnx(card, "classifier", spec, build)
-        self._run = open_backend(runtime, path, threads)
+        self._run = open_backend(runtime, path, threads, outputs=2)
+
+    def logits_and_embedding(self, patches, feats) -> tuple[np.ndarray, np.ndarray]:
+        """Each cluster's logit and its embedding (patch encoder output + standardised features)."""
+        p = np.asarray(patches, dtype=np.float32)
+        f = (np.asarray(feats, dtype=np.float32) - self.feature_mean) / self.feature_std
+        if len(p) == 0:
+            return np.zeros(0, dtype=np.float64), np.zeros((0, 0))
+        logit, emb = self._run({"patch": p, "features": f})
+        emb = np.concatenate([np.asarray(emb, np.float64).reshape(len(p), -1), f.astype(np.float64)], 1)
+        return np.asarray(logit, dtype=np.float64).reshape(len(p)), emb
 
     def logits(self, patches, feats) -> np.ndarray:
-        p = np.asarray(patches, dtype=np.float32)
-        if len(p) == 0:
-            return np.zeros(0, dtype=np.float64)
-        f = (np.asarray(feats, dtype=np.float32) - self.feature_mean) / self.feature_std
-        return np.asarray(self._run({"patch": p, "features": f}), dtype=np.float64).reshape(len(p))
+        return self.logits_and_embedding(patches, feats)[0]
 
     def predict(self, patches, feats) -> np.ndarray:
         """Calibrated confidence in [0, 1] that each cluster is a true lesion."""

@@ -51,7 +51,12 @@ class PatchClassifier(nn.Module):
         )
 
     def forward(self, patch: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([self.encoder(patch), self.features(feats)], 1))[:, 0]
+        return self.forward_with_embedding(patch, feats)[0]
+
+    def forward_with_embedding(self, patch: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit, patch-encoder embedding): one encoder pass gives both the confidence and the OOD embedding."""
+        emb = self.encoder(patch)
+        return self.head(torch.cat([emb, self.features(feats)], 1))[:, 0], emb
 
 
 def _build(net_cfg: dict, n_features: int) -> PatchClassifier:
@@ -106,6 +111,18 @@ class ConfidenceModel:
             return np.zeros(0, dtype=np.float32)
         out = [self.net(p[i : i + batch], f[i : i + batch]) for i in range(0, len(p), batch)]
         return torch.cat(out).numpy().astype(np.float64)
+
+    @torch.inference_mode()
+    def logits_and_embedding(self, patches, feats, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Each cluster's logit and its embedding (patch encoder output + standardised features)."""
+        self.net.eval()
+        p, f = self._inputs(patches, feats)
+        if len(p) == 0:
+            return np.zeros(0, dtype=np.float64), np.zeros((0, 0))
+        out = [self.net.forward_with_embedding(p[i : i + batch], f[i : i + batch]) for i in range(0, len(p), batch)]
+        logit = torch.cat([o[0] for o in out]).numpy().astype(np.float64)
+        emb = torch.cat([o[1] for o in out]).numpy()
+        return logit, np.concatenate([emb, f.numpy()], 1).astype(np.float64)
 
     def predict(self, patches, feats) -> np.ndarray:
         """Calibrated confidence in [0, 1] that each cluster is a true lesion."""

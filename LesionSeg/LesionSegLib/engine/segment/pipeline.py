@@ -27,6 +27,7 @@ from ..io.images import validate_ct
 from ..models import ModelCard, get_card
 from ..io.preprocess import CANONICAL, body_box, from_canonical, orientation_of, spacing_zyx, target_shape, to_canonical
 from ..runtime.ops import hu_windows, resize_linear
+from .ood import OODModel, scan_descriptor
 from .result import Lesion, SegmentationResult
 
 STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
@@ -64,6 +65,7 @@ class Engine:
         self.runtime, self.device, self.messages = self.runner.runtime, self.runner.device, self.runner.messages
         self.classifier = _confidence_model(self.card, self.runtime, threads) if "classifier" in self.card.data else None
         self.messages.extend(getattr(self.classifier, "notes", []))
+        self.ood = OODModel.from_card(self.card) if self.classifier is not None else None
         post = self.card.data.get("postprocess", {})
         self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
         self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
@@ -162,10 +164,15 @@ class Engine:
             measures.append(m)
             patches.append(adaptive_patch(hu, prob, labels, c, sp))
             _report(progress, "confidence", (i + 1) / (len(stats) + 1))
-        if stats and self.classifier is not None:
-            conf = self.classifier.predict(np.stack(patches), feature_matrix(feats))
+        embedding = None
+        if stats and self.classifier is not None:  # one encoder pass: confidence and OOD embedding
+            logit, embedding = self.classifier.logits_and_embedding(np.stack(patches), feature_matrix(feats))
+            conf = 1.0 / (1.0 + np.exp(-logit / self.classifier.temperature))
         else:  # no classifier in this model: the mean probability is the confidence
             conf = np.array([m["mean_probability"] for m in measures])
+        ood, ood_lesion = self.ood_scores(hu, sp, embedding)
+        if ood is not None:
+            conf = self.ood.apply(conf, ood["scan_score"])
 
         order = [i for i in np.argsort(-conf, kind="stable") if conf[i] >= threshold]
         lut = np.zeros(n + 1, dtype=np.uint16)
@@ -188,6 +195,7 @@ class Engine:
                     n_voxels=int(c.n_voxels),
                     features=feats[i],
                     patch=patches[i] if keep_patches else None,
+                    ood_score=float(ood_lesion[i]) if ood_lesion is not None else None,
                 )
             )
         labelmap = from_canonical(lut[labels], canonical, image)
@@ -205,8 +213,17 @@ class Engine:
             probability=probability,
             timings=timings,
             device=str(getattr(self, "used_device", self.device)),
-            messages=list(self.messages),
+            messages=list(self.messages) + ([ood["warning"]] if ood and ood["warning"] else []),
+            ood=ood,
         )
+
+    def ood_scores(self, hu, sp, embedding):
+        """({"scan_score", "warning", "domain"}, per-cluster scores) or (None, None) without OOD stats."""
+        if self.ood is None:
+            return None, None
+        score = self.ood.scan_score(scan_descriptor(hu, sp))
+        per = self.ood.lesion_scores(embedding) if embedding is not None and len(embedding) else None
+        return {"scan_score": score, "warning": self.ood.warning(score), "domain": self.ood.domain}, per
 
 
 def _confidence_model(card: ModelCard, runtime: str, threads: int | None):

@@ -30,6 +30,8 @@ CSV_COLUMNS = (
     "max_probability",
     "mean_hu",
     "n_voxels",
+    "ood_score",
+    "scan_ood_score",
 )
 
 
@@ -50,6 +52,8 @@ class Lesion:
     features: dict[str, float] = field(default_factory=dict)
     #: the classifier's patch input, (channels, z, y, x) float16; None when not kept
     patch: np.ndarray | None = None
+    #: distance of the cluster to the model's training clusters (> 1: further than 95 % of them); None without OOD stats
+    ood_score: float | None = None
 
     def row(self) -> dict:
         x, y, z = self.centroid_lps
@@ -65,6 +69,7 @@ class Lesion:
             "max_probability": round(self.max_probability, 6),
             "mean_hu": round(self.mean_hu, 2),
             "n_voxels": self.n_voxels,
+            "ood_score": "" if self.ood_score is None else round(self.ood_score, 4),
         }
 
     @property
@@ -87,9 +92,12 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     messages: list[str] = field(default_factory=list)
+    #: scan-level out-of-distribution score and warning (``segment.ood``); None without OOD stats
+    ood: dict | None = None
 
     def rows(self) -> list[dict]:
-        return [les.row() for les in self.lesions]
+        scan = "" if not self.ood else round(self.ood["scan_score"], 4)
+        return [{**les.row(), "scan_ood_score": scan} for les in self.lesions]
 
     def ijk_to_lps(self) -> np.ndarray:
         return ijk_to_lps(self.reference)

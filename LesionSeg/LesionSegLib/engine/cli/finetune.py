@@ -1,0 +1,50 @@
+"""``lesionseg finetune``: fine-tune the segmenter on reviewers' corrections (+ ``fit-ood``)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import CancelledError, ModelError
+from ..feedback import FeedbackStoreError
+from ..learn import ood_fit
+from ..learn.finetune import DEFAULT_STEPS, MIN_CASES, FinetuneError, finetune
+from ..learn.labels import RetrainError
+from .common import Progress, emit
+
+
+def _cmd_finetune(args) -> int:
+    bar = Progress(args.progress, "finetune")
+    try:
+        res = finetune(args.feedback, args.base_model, args.output, steps=args.steps, minutes=args.minutes, lr=args.lr,
+                       replay=args.replay, held_apart=args.held_apart, min_cases=args.min_cases, seed=args.seed,
+                       activate=args.activate, progress=bar if args.progress != "none" else None)
+    except (FinetuneError, RetrainError, FeedbackStoreError, ModelError, CancelledError) as exc:
+        emit(args, {"event": "error", "message": str(exc)})
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    done = {"event": "done", "model": res.card.id, "folder": str(res.card.folder),
+            "metrics": res.card.data["metrics"], "seconds": round(res.seconds, 2)}
+    print(json.dumps(done) if args.progress == "json" else res.summary(), flush=True)
+    return 0
+
+
+def register(subparsers) -> None:
+    """``lesionseg finetune`` and ``lesionseg fit-ood``."""
+    p = subparsers.add_parser("finetune", help="fine-tune the segmenter on the corrections in a feedback database")
+    p.add_argument("--feedback", required=True, help="feedback database holding corrections")
+    p.add_argument("--base-model", default=None, help="model whose segmenter is fine-tuned (default: the active one)")
+    p.add_argument("-o", "--output", default=None, metavar="NEW_MODEL", help="new model: name, name@version or folder "
+                   "(default: the base model's name, next version)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (batch of 2)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the training loop")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--replay", type=float, default=0.5, help="fraction of each batch from the base training data")
+    p.add_argument("--held-apart", type=int, default=None, help="corrected cases kept out for before/after figures")
+    p.add_argument("--min-cases", type=int, default=MIN_CASES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--activate", action="store_true", help="make the new version the active model")
+    p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
+    p.set_defaults(func=_cmd_finetune)
+    ood_fit.register(subparsers)

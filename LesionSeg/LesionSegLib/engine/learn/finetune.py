@@ -1,0 +1,432 @@
+"""Fine-tune the segmenter on reviewers' corrections, then retrain the classifier on its clusters.
+
+    lesionseg finetune --feedback DB [--base-model NAME] [-o NEW_MODEL] [--steps N] [--minutes M] [--activate]
+
+Data
+----
+Every corrected case in the feedback store (:mod:`..feedback.corrections`): the image on the
+model grid and its label as the reviewer left it (edited + added + kept segments); the proposals
+the reviewer deleted are false positives.  A case is *usable* when at least one segment was
+edited, added or deleted.  ``held_apart`` of them (default: one in five, at least one when there
+are three or more, chosen by case hash) are kept out of training and give the before/after
+figures in the card.
+
+Training
+--------
+From the base segmenter's weights: AdamW (``lr``), cosine decay, DiceCE with deep supervision,
+48x96x96 patches.  Each batch holds corrected patches and **replay** patches of the base
+training data (STS_001-033, ``replay`` fraction of the batch) so that the sarcoma cases are not
+forgotten.  Corrected patches are centred on a lesion voxel (1/2), a deleted false positive
+(1/4, when there is one) or anywhere (1/4); random flips on every axis.  The run stops after
+``steps`` steps or ``minutes``, whichever comes first.
+
+Then the confidence classifier is retrained (``head`` mode of :mod:`.retrain`) on the new
+segmenter's candidate clusters on the training corrected cases and a few replay cases, labelled
+by the matching rule against their labels, and the OOD statistics are refitted on replay +
+corrected scans, so that segmenter, classifier and OOD reference stay consistent.
+
+Refusals (:class:`FinetuneError`, one line with the counts): no feedback database, no corrected
+case, fewer than ``min_cases`` usable corrected cases, or no lesion voxel in the training cases.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import models
+from ..common import check_cancel, span, utc_now
+from .labels import RetrainError
+
+MIN_CASES = 2
+DEFAULT_STEPS = 150
+
+
+class FinetuneError(RetrainError):
+    """Fine-tuning refused or failed (too little to learn from, bad model...)."""
+
+
+@dataclass
+class FinetuneResult:
+    card: models.ModelCard
+    seconds: float
+    evaluation: dict
+    activated: bool = False
+
+    def summary(self) -> str:
+        ft = self.card.data["finetuning"]
+        lines = [f"new model {self.card.id} ({self.card.folder}), parent {self.card.data['parent']['id']}",
+                 f"  {ft['steps']} steps on {len(ft['train_cases'])} corrected cases + replay; {self.seconds / 60:.1f} min"]
+        for name, ba in self.evaluation.get("cases", {}).items():
+            b, a = ba["before"], ba["after"]
+            lines.append(f"  held apart {name}: sensitivity {b['sensitivity']:.2f} -> {a['sensitivity']:.2f}, "
+                         f"FP {b['fp']} -> {a['fp']}, Dice {b['dice']:.3f} -> {a['dice']:.3f}")
+        return "\n".join(lines + (["  activated"] if self.activated else []))
+
+
+def usable(case) -> bool:
+    c = case.counts
+    return (c.get("edited", 0) + c.get("added", 0) + c.get("deleted", 0)) > 0
+
+
+def split_cases(cases, held_apart: int | None = None):
+    """(training, held apart) corrected cases; the held-apart ones are chosen by case hash."""
+    n = len(cases)
+    k = held_apart if held_apart is not None else (max(1, n // 5) if n >= 3 else 0)
+    order = sorted(cases, key=lambda c: hashlib.sha256(c.case_hash.encode()).hexdigest())
+    held = order[:k]
+    return [c for c in cases if c not in held], held
+
+
+def load_corrected(feedback, model_ids=None, min_cases: int = MIN_CASES, cases=None):
+    from ..feedback import FeedbackStore
+    from ..feedback.corrections import load_cases
+
+    if feedback is None:
+        raise FinetuneError("nothing to learn from: give a feedback database (--feedback)")
+    store = FeedbackStore(feedback, readonly=True) if not isinstance(feedback, FeedbackStore) else feedback
+    try:
+        found = load_cases(store, model_ids, cases)
+    finally:
+        if store is not feedback:
+            store.close()
+    good = [c for c in found if usable(c)]
+    if len(good) < min_cases:
+        raise FinetuneError(
+            f"too little to learn from: {len(found)} corrected cases in the feedback database, {len(good)} with an "
+            f"edited, added or deleted segment; at least {min_cases} are needed. Correct more cases "
+            "(edit, add or delete segments, then Save corrections).")
+    return good
+
+
+def _crop_at(arrays, centre, roi, rng):
+    """Crops of each (C, z, y, x) array of ``arrays`` of size ``roi`` around ``centre`` (padded)."""
+    import torch
+
+    shape = arrays[0].shape[1:]
+    out = []
+    lo = [int(np.clip(c - r // 2 + rng.integers(-r // 4, r // 4 + 1), 0, max(0, s - r))) for c, r, s in zip(centre, roi, shape)]
+    for a in arrays:
+        t = a[:, lo[0]:lo[0] + roi[0], lo[1]:lo[1] + roi[1], lo[2]:lo[2] + roi[2]]
+        pad = [(0, r - s) for r, s in zip(roi, t.shape[1:])]
+        if any(p[1] for p in pad):
+            t = torch.nn.functional.pad(t, [v for p in reversed(pad) for v in p])
+        out.append(t)
+    return out
+
+
+class PatchSampler:
+    """Training patches from corrected cases (lesion / deleted-FP / random centres) and replay cases."""
+
+    def __init__(self, corrected, replay, roi, windows, seed=0):
+        import torch
+
+        from ..io.preprocess import normalize
+
+        self.rng = np.random.default_rng(seed)
+        self.roi = tuple(roi)
+        self.corrected = []
+        for c in corrected:
+            x = normalize(c.hu.astype(np.float32), windows).half()
+            y = torch.as_tensor(c.label[None].astype(np.uint8))
+            self.corrected.append((x, y, np.argwhere(c.label > 0), np.argwhere(c.rejected)))
+        self.replay = replay
+
+    def _pick(self, x, y, pos, neg):
+        u = self.rng.random()
+        if len(pos) and u < 0.5:
+            centre = pos[self.rng.integers(len(pos))]
+        elif len(neg) and u < 0.75:
+            centre = neg[self.rng.integers(len(neg))]
+        else:
+            centre = [self.rng.integers(s) for s in x.shape[1:]]
+        xc, yc = _crop_at([x.float(), y], centre, self.roi, self.rng)
+        for axis in (1, 2, 3):
+            if self.rng.random() < 0.5:
+                xc, yc = xc.flip(axis), yc.flip(axis)
+        return xc, yc
+
+    def batch(self, n: int, replay_fraction: float):
+        import torch
+
+        xs, ys = [], []
+        for i in range(n):
+            if self.replay and (i + 1) / n > 1 - replay_fraction:
+                x, y = self.replay[self.rng.integers(len(self.replay))]
+                pos = np.argwhere(y[0].numpy() > 0)
+                xc, yc = self._pick(x, y, pos, [])
+            else:
+                xc, yc = self._pick(*self.corrected[self.rng.integers(len(self.corrected))])
+            xs.append(xc)
+            ys.append(yc)
+        return torch.stack(xs), torch.stack(ys)
+
+
+def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, batch: int, replay: float,
+                    progress=None, cancel=None) -> dict:
+    import torch
+
+    from .train_seg import make_loss
+
+    loss_fn = make_loss("dicece")
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
+    budget = (minutes or 1e9) * 60.0
+    t0 = time.perf_counter()
+    losses = []
+    net.train()
+    step = 0
+    while step < steps and time.perf_counter() - t0 < budget:
+        check_cancel(cancel, "fine-tuning")
+        frac = step / max(1, steps)
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * frac))
+        x, y = sampler.batch(batch, replay)
+        opt.zero_grad(set_to_none=True)
+        out = net(x)
+        preds = list(torch.unbind(out, dim=1)) if out.ndim == 6 else [out]
+        loss = loss_fn(preds, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+        opt.step()
+        losses.append(float(loss.item()))
+        step += 1
+        if progress:
+            progress(step / steps, f"fine-tuning step {step}/{steps} loss {np.mean(losses[-10:]):.3f}")
+    net.eval()
+    return {"steps": step, "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "loss_first10": round(float(np.mean(losses[:10])), 4) if losses else None,
+            "loss_last10": round(float(np.mean(losses[-10:])), 4) if losses else None}
+
+
+# ----------------------------------------------------------------------------- scoring
+def score_case(engine, image, label: np.ndarray) -> dict:
+    """Sensitivity, FP count (default threshold) and Dice of ``engine`` on one labelled image, and
+    every candidate (threshold 0): confidence as shown (OOD cap applied), raw confidence, TP flag
+    and both per-lesion OOD scores; plus the scan's OOD score."""
+    from ..evaluate.matching import detections, gt_components, match
+    from ..evaluate.metrics import dice_score
+    from ..segment.features import feature_matrix
+    from ..segment.ood import lesion_embedding
+    from .ood_fit import descriptor_of
+
+    ood, engine.ood = engine.ood, None
+    try:
+        res = engine.segment(image, threshold=0.0, keep_patches=ood is not None)
+    finally:
+        engine.ood = ood
+    raw = np.array([les.confidence for les in res.lesions])
+    scan, knn, maha = None, [None] * len(raw), [None] * len(raw)
+    conf = raw
+    if ood is not None:
+        scan = ood.scan_score(descriptor_of(image))
+        conf = ood.apply(raw, scan)
+        if len(raw):
+            emb = lesion_embedding(engine.classifier, np.stack([l.patch for l in res.lesions]),
+                                   feature_matrix([l.features for l in res.lesions]))
+            knn, maha = ood.lesion_scores(emb, "knn").tolist(), ood.lesion_scores(emb, "mahalanobis").tolist()
+    gt, n_gt = gt_components(label)
+    m = match(res.labelmap, gt, len(res.lesions), n_gt)
+    shown = conf >= engine.default_threshold
+    det, fp = detections(m, np.where(shown, conf, -1.0))
+    det &= shown
+    fp &= shown
+    keep = np.concatenate([[0], np.where(shown, np.arange(1, len(conf) + 1), 0)])
+    r = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
+    return {
+        "n_gt": int(n_gt), "detected": int(det.sum()), "fp": int(fp.sum()),
+        "sensitivity": float(det.sum() / n_gt) if n_gt else None,
+        "dice": float(dice_score(keep[res.labelmap] > 0, label > 0)),
+        "candidates": [{"confidence": r(c), "raw_confidence": r(rc), "tp": bool(t), "ood_knn": r(a), "ood_mahalanobis": r(b)}
+                       for c, rc, t, a, b in zip(conf, raw, m.is_tp, knn, maha)],
+        "scan_ood": r(scan),
+    }
+
+
+def _candidates(engine, items, thresholds=(0.5, 0.3), cancel=None):
+    """Classifier training data: candidate clusters of ``engine`` on (name, image, label) items."""
+    from ..evaluate.matching import gt_components, match
+    from ..segment.features import FEATURE_NAMES, feature_matrix
+    from .labels import TrainingData
+
+    rows = []
+    own = engine.prob_threshold, engine.ood
+    first = float(thresholds[0])
+    engine.ood = None
+    try:
+        for name, img, lab in items:
+            check_cancel(cancel, "fine-tuning")
+            gt, n_gt = gt_components(lab)
+            seen = set()
+            for thr in thresholds:
+                engine.prob_threshold = float(thr)
+                res = engine.segment(img, threshold=0.0, keep_patches=True)
+                for les, tp in zip(res.lesions, match(res.labelmap, gt, len(res.lesions), n_gt).is_tp):
+                    key = (name, tuple(round(v) for v in les.centroid_lps))
+                    if key not in seen:
+                        seen.add(key)
+                        rows.append((les.patch, les.features, int(tp), name, float(thr) == first))
+    finally:
+        engine.prob_threshold, engine.ood = own
+    if not rows:
+        return TrainingData.empty(len(FEATURE_NAMES)), np.zeros(0, bool)
+    feats = np.nan_to_num(feature_matrix([r[1] for r in rows]), nan=0.0, posinf=0.0, neginf=0.0)
+    names = [r[3] for r in rows]
+    data = TrainingData(np.stack([r[0] for r in rows]).astype(np.float16), feats, np.array([r[2] for r in rows]),
+                        names, ["corrections"] * len(rows), names, [f"{n}|{i}" for i, n in enumerate(names)])
+    return data, np.array([r[4] for r in rows])
+
+
+def retrain_classifier(engine, items, base_cm, seed=0, cancel=None):
+    """(classifier, info, OOD cluster embeddings): the classifier head-retrained on the new
+    segmenter's clusters (or the parent's, with the reason); the embeddings of the clusters at
+    the model's own probability threshold (the patch encoder is frozen, so they hold for both)."""
+    from ..segment.ood import lesion_embedding
+    from .labels import check_labels
+    from .validation import fit_and_validate
+
+    data, own = _candidates(engine, items, (engine.prob_threshold, 0.3), cancel=cancel)
+    emb = lesion_embedding(base_cm, data.patches[own], data.features[own]) if own.any() else np.zeros((0, 1))
+    counts = data.counts()
+    try:
+        check_labels(data, min_labels=10, min_per_class=2)
+        if len(set(data.groups)) < 2:
+            raise RetrainError("clusters from a single case")
+        fv = fit_and_validate(data, base_cm, "head", folds=min(5, len(set(data.groups))), seed=seed, cancel=cancel)
+    except RetrainError as exc:
+        return base_cm, {"retrained": False, "reason": str(exc), "label_counts": counts}, emb
+    info = {"retrained": True, "label_counts": counts, "validation": fv["metrics"], "trainer": fv["trainer"]}
+    return fv["model"], info, emb
+
+
+# ----------------------------------------------------------------------------- the command
+def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STEPS, minutes: float | None = None,
+             lr: float = 1e-3, batch: int = 2, replay: float = 0.5, replay_cases=None, cls_replay_cases: int = 6,
+             held_apart: int | None = None, min_cases: int = MIN_CASES, model_ids=None, cases=None, seed: int = 0,
+             activate: bool = False, progress=None, cancel=None) -> FinetuneResult:
+    """Fine-tune the segmenter of ``base_model`` on the corrections in ``feedback``; write a new version."""
+    import torch
+
+    from .. import data as dataset
+    from ..atomic import atomic_folder
+    from ..feedback.grid import grid_image
+    from ..segment.classifier import save_classifier
+    from ..segment.pipeline import Engine
+    from . import ood_fit
+    from .model_writer import resolve_output
+    from .train_seg import load_training_case
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    parent = models.get_card(base_model)
+    corrected = load_corrected(feedback, model_ids, min_cases, cases)
+    train, held = split_cases(corrected, held_apart)
+    if not any(c.label.any() for c in train):
+        raise FinetuneError(f"the {len(train)} training corrected cases hold no lesion voxel; add or keep at least one lesion")
+    name, version, folder = resolve_output(parent, output)
+    seg = parent.part("segmenter")
+    if progress:
+        progress(0.01, f"loading {len(train)} corrected cases and the replay data")
+    replay_names = list(replay_cases) if replay_cases is not None else dataset.STS_TRAIN
+    by_name = {c.name: c for c in dataset.cases()} if replay_names else {}
+    replay_data = [load_training_case(by_name[n], seg["spacing_zyx"], seg["hu_windows"]) for n in replay_names]
+    base = Engine(parent, device="cpu")
+    sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed)
+    net = copy.deepcopy(base.segmenter)
+    log = train_segmenter(net, sampler, steps, minutes, lr, batch, replay if replay_data else 0.0,
+                          span(progress, 0.05, 0.7), cancel)
+    new = Engine(parent, device="cpu")
+    new.segmenter = net
+    items = [(c.case_name, grid_image(c.hu, c.geometry), c.label) for c in train]
+    replay_items = [(n, *_read_case(by_name[n])) for n in replay_names[:cls_replay_cases]]
+    if progress:
+        progress(0.72, "retraining the classifier on the new segmenter's clusters")
+    cm, cls_info, emb = retrain_classifier(new, items + replay_items, base.classifier, seed, cancel)
+    new.classifier = cm
+    domain = _domain(parent, train)
+    new.ood = ood_fit.from_candidates([it[1] for it in items + replay_items], emb, domain)
+    evaluation = {"cases": {}}
+    for c in held:
+        img = grid_image(c.hu, c.geometry)
+        evaluation["cases"][c.case_name] = {"before": score_case(base, img, c.label), "after": score_case(new, img, c.label)}
+    check_cancel(cancel, "fine-tuning")
+    seconds = time.perf_counter() - t0
+    data = copy.deepcopy(parent.data)
+    with atomic_folder(folder) as tmp:
+        data["segmenter"] = {**seg, "sha256": models.save_weights(net, tmp / seg["file"])}
+        data["segmenter"].pop("training", None)
+        data["classifier"] = save_classifier(cm, tmp, parent.part("classifier")["file"])
+        data["ood"] = new.ood.save(tmp)
+        data.update({
+            "name": name, "version": version, "created": utc_now(),
+            "description": f"{parent.data.get('description', parent.id)} | segmenter fine-tuned on {len(train)} corrected cases",
+            "parent": {"id": parent.id, "folder": str(parent.folder), "segmenter_sha256": seg.get("sha256"),
+                       "classifier_sha256": parent.part("classifier").get("sha256"), "metrics": parent.data.get("metrics", {})},
+            "domain": domain,
+            "finetuning": {"created": utc_now(), "feedback_db": str(getattr(feedback, "path", feedback)),
+                           "train_cases": [c.case_name for c in train], "held_apart_cases": [c.case_name for c in held],
+                           "corrections": {c.case_name: c.counts for c in corrected}, "replay_cases": replay_names,
+                           "replay_fraction": replay, "lr": lr, "batch": batch, **log, "classifier": cls_info,
+                           "evaluation": _brief(evaluation), "total_minutes": round(seconds / 60, 2), "seed": seed,
+                           "threads": torch.get_num_threads(), "device": "cpu"},
+            "metrics": _metrics(evaluation),
+        })
+        data.pop("retraining", None)
+        card = models.ModelCard(tmp, data)
+        for key in ("segmenter", "classifier", "ood"):
+            card.verified_path(key)
+        (tmp / "finetune_evaluation.json").write_text(json.dumps(evaluation, indent=1) + "\n")
+        card.save()
+    result = FinetuneResult(models.read_card(folder), seconds, evaluation)
+    if activate:
+        from .versions import activate as _activate
+
+        _activate(result.card.id)
+        result.activated = True
+    if progress:
+        progress(1.0, f"done: {result.card.id}")
+    return result
+
+
+def _read_case(case):
+    from ..io.images import read_image, read_label
+    import SimpleITK as sitk
+
+    img = read_image(case.image)
+    return img, sitk.GetArrayFromImage(read_label(case.label, img))
+
+
+def _domain(parent, train) -> dict:
+    d = dict(parent.data.get("domain") or ood_domain())
+    added = sorted({c.case_name for c in train})
+    d["n_cases"] = int(d.get("n_cases", 0)) + len(added)
+    d["corrected_cases"] = added
+    d["body_region"] = d.get("body_region", "") + f" + {len(added)} corrected case(s) from review"
+    return d
+
+
+def ood_domain() -> dict:
+    from .ood_fit import STS_DOMAIN
+
+    return dict(STS_DOMAIN)
+
+
+def _brief(evaluation: dict) -> dict:
+    return {n: {k: {m: v[m] for m in ("n_gt", "detected", "fp", "sensitivity", "dice")} for k, v in ba.items()}
+            for n, ba in evaluation["cases"].items()}
+
+
+def _metrics(evaluation: dict) -> dict:
+    out = {}
+    cases = evaluation["cases"].values()
+    for when in ("before", "after"):
+        rs = [c[when] for c in cases]
+        if rs:
+            n_gt = sum(r["n_gt"] for r in rs)
+            out[f"held_apart_sensitivity_{when}"] = round(sum(r["detected"] for r in rs) / n_gt, 4) if n_gt else None
+            out[f"held_apart_fp_per_case_{when}"] = round(sum(r["fp"] for r in rs) / len(rs), 3)
+            out[f"held_apart_dice_{when}"] = round(float(np.mean([r["dice"] for r in rs])), 4)
+    return out

@@ -1,0 +1,91 @@
+"""Fit a model's out-of-distribution statistics (``segment.ood``) on its training scans.
+
+    lesionseg fit-ood --model LesionSeg/LesionSegLib/models/sts-clcs   # rewrites the card's ood + domain sections
+
+The engine runs on every training scan at confidence threshold 0 (every candidate cluster): the
+scan descriptors and the clusters' classifier embeddings are the reference the OOD scores are
+measured against.  Used for the shipped model and by ``lesionseg finetune`` (training = replay
+cases + corrected cases).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..common import check_cancel
+from ..io.preprocess import spacing_zyx, to_canonical
+from ..segment.features import feature_matrix
+from ..segment.ood import OODModel, domain_text, lesion_embedding, scan_descriptor
+
+STS_DOMAIN = {
+    "body_region": "extremities and trunk wall (soft-tissue sarcoma)",
+    "lesion_type": "soft-tissue sarcoma (one primary tumour per scan)",
+    "scanner_grid": "CT crops 5 cm around the tumour, about 1.95 x 1.95 x 3.27 mm (x, y, z)",
+    "n_cases": 33,
+    "cases": "STS_001-033 (IBSI / TCIA Soft-tissue-Sarcoma)",
+}
+
+
+def references(engine, images, progress=None, cancel=None) -> tuple[np.ndarray, np.ndarray]:
+    """(scan descriptors, cluster embeddings) of ``images`` (SimpleITK CTs) under ``engine``."""
+    scans, embs = [], []
+    for k, img in enumerate(images):
+        check_cancel(cancel, "fitting OOD statistics")
+        scans.append(descriptor_of(img))
+        own = engine.ood
+        engine.ood = None  # candidates of the plain model
+        try:
+            res = engine.segment(img, threshold=0.0, keep_patches=True)
+        finally:
+            engine.ood = own
+        if res.lesions:
+            embs.append(lesion_embedding(engine.classifier, np.stack([l.patch for l in res.lesions]),
+                                         feature_matrix([l.features for l in res.lesions])))
+        if progress:
+            progress((k + 1) / len(images), f"OOD reference {k + 1}/{len(images)}")
+    return np.stack(scans), (np.concatenate(embs) if embs else np.zeros((0, 1)))
+
+
+def from_candidates(images, embeddings: np.ndarray, domain: dict, lesion_method: str = "knn") -> OODModel:
+    """OOD statistics from scan images and already computed cluster embeddings."""
+    scans = np.stack([descriptor_of(img) for img in images])
+    return OODModel(scans, embeddings, lesion_method, domain=domain_text(domain))
+
+
+def descriptor_of(image) -> np.ndarray:
+    """The scan descriptor of a SimpleITK CT."""
+    import SimpleITK as sitk
+
+    can = to_canonical(image)
+    return scan_descriptor(sitk.GetArrayFromImage(can).astype(np.float32), spacing_zyx(can))
+
+
+def fit_card(model: str | None = None, cases=None, cluster_cases: int = 12) -> str:
+    """Fit and write the OOD section of ``model`` (its folder must be writable); returns the card path.
+
+    Scan descriptors come from every training case (cheap); cluster embeddings from the first
+    ``cluster_cases`` of them (one engine run each)."""
+    from .. import data as dataset
+    from ..io.images import read_image
+    from ..models import get_card
+    from ..segment.pipeline import Engine
+
+    card = get_card(model)
+    engine = Engine(card, device="cpu")
+    names = cases or dataset.STS_TRAIN
+    by_name = {c.name: c for c in dataset.cases()}
+    images = [read_image(by_name[n].image) for n in names]
+    _, embs = references(engine, images[:cluster_cases])
+    ood = from_candidates(images, embs, STS_DOMAIN)
+    section = ood.save(card.folder)
+    section["cluster_cases"] = names[:cluster_cases]
+    card.data["ood"] = section
+    card.data.setdefault("domain", dict(STS_DOMAIN, n_cases=len(names)))
+    return str(card.save())
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fit-ood", help="fit a model's out-of-distribution statistics on its training scans")
+    p.add_argument("--model", default=None)
+    p.add_argument("--cases", nargs="*", default=None, help="training cases (default STS_001-033)")
+    p.add_argument("--cluster-cases", type=int, default=12, help="cases whose clusters form the lesion reference")
+    p.set_defaults(func=lambda a: print(fit_card(a.model, a.cases, a.cluster_cases)) or 0)

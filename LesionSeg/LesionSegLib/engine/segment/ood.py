@@ -1,0 +1,144 @@
+"""Out-of-distribution scores: how unlike the model's training data a scan, and a lesion, is.
+
+* **Scan level**: a 10-number descriptor of the scan inside its body box (fractions of voxels
+  in six HU bands: air/lung, low-density lung, fat, soft tissue, enhanced tissue, bone; and the
+  body box's log extent in mm along z, y, x; and the log voxel volume), scored by its Mahalanobis
+  distance (covariance shrunk towards its diagonal) to the training scans' descriptors.
+* **Lesion level**: the classifier's embedding of a cluster (the patch encoder's output
+  concatenated with the standardised tabular features), scored either by the mean Euclidean
+  distance to its ``K`` nearest training clusters (``knn``) or by the shrunk Mahalanobis distance
+  to them (``mahalanobis``).  Both are computed; the card says which one is used.
+
+Every distance is divided by the 95th percentile of the training data's own leave-one-out
+distances, so **a score above 1 means "further out than 95 % of the training data"**.  A scan
+whose score is above ``scan_threshold`` gets a warning, and its lesions' confidences are capped
+below the default threshold (``cap``), so that nothing on it is shown as a confident lesion.
+
+The fitted statistics live in ``ood.safetensors`` beside the model card (checksum-verified like
+every weight file); the card's ``ood`` section holds the thresholds and the ``domain`` section
+says what the training data was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..io.preprocess import body_box
+
+HU_BANDS = (-1100.0, -600.0, -200.0, -50.0, 100.0, 300.0, 5000.0)
+K = 5
+SHRINK = 0.2
+REF_QUANTILE = 95.0
+SCAN_THRESHOLD = 1.5
+CAP = 0.49
+WARNING = ("this scan looks unlike the model's training data ({domain}); confidences are not reliable here "
+           "(OOD score {score:.2f})")
+
+
+def scan_descriptor(hu: np.ndarray, spacing_zyx) -> np.ndarray:
+    """The scan-level descriptor of a canonical HU array (z, y, x) with its spacing."""
+    box = body_box(hu, spacing_zyx)
+    crop = np.asarray(hu[box.slices])
+    step = max(1, int(round((crop.size / 2_000_000) ** (1 / 3))))  # subsample big scans
+    v = crop[::step, ::step, ::step].ravel()
+    hist = np.histogram(np.clip(v, HU_BANDS[0], HU_BANDS[-1] - 1), bins=HU_BANDS)[0] / max(v.size, 1)
+    ext = np.log(np.asarray(box.shape, float) * np.asarray(spacing_zyx, float))
+    return np.concatenate([hist, ext, [np.log(float(np.prod(spacing_zyx)))]]).astype(np.float64)
+
+
+def lesion_embedding(classifier, patches, feats) -> np.ndarray:
+    """(N, E) embedding of clusters in the classifier's space: encoder output + standardised features
+    (any confidence model with ``logits_and_embedding``: PyTorch or ONNX)."""
+    return classifier.logits_and_embedding(patches, feats)[1]
+
+
+def _precision(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mu = x.mean(0)
+    sd = x.std(0) + 1e-6
+    z = (x - mu) / sd
+    cov = np.cov(z, rowvar=False) if len(z) > 1 else np.eye(z.shape[1])
+    cov = (1 - SHRINK) * np.atleast_2d(cov) + SHRINK * np.eye(z.shape[1])
+    return mu, sd, np.linalg.pinv(cov)
+
+
+def _maha(x, mu, sd, prec) -> np.ndarray:
+    z = (np.atleast_2d(x) - mu) / sd
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, prec, z), 0.0))
+
+
+def _knn(x, ref, sd, k=K, exclude_self=False) -> np.ndarray:
+    a = np.atleast_2d(x) / sd
+    b = ref / sd
+    d = np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0))
+    if exclude_self:
+        d = d + np.where(np.eye(len(a), len(b)) > 0, np.inf, 0.0)
+    k = max(1, min(k, b.shape[0] - int(exclude_self)))
+    return np.sort(d, axis=1)[:, :k].mean(1)
+
+
+@dataclass
+class OODModel:
+    scans: np.ndarray  # (N, D) training scan descriptors
+    lesions: np.ndarray  # (M, E) training cluster embeddings
+    lesion_method: str = "knn"
+    scan_threshold: float = SCAN_THRESHOLD
+    cap: float = CAP
+    domain: str = ""
+
+    def __post_init__(self):
+        self._s = _precision(self.scans)
+        self._l = _precision(self.lesions) if len(self.lesions) > 1 else None
+        loo = np.array([_maha(self.scans[i], *_precision(np.delete(self.scans, i, 0)))[0] for i in range(len(self.scans))]) \
+            if len(self.scans) > 2 else np.ones(1)
+        self.scan_ref = float(np.percentile(loo, REF_QUANTILE)) or 1.0
+        self.lesion_ref = {"knn": 1.0, "mahalanobis": 1.0}
+        if self._l is not None:
+            self.lesion_ref["knn"] = float(np.percentile(_knn(self.lesions, self.lesions, self._l[1], exclude_self=True), REF_QUANTILE)) or 1.0
+            self.lesion_ref["mahalanobis"] = float(np.percentile(_maha(self.lesions, *self._l), REF_QUANTILE)) or 1.0
+
+    def scan_score(self, descriptor: np.ndarray) -> float:
+        return float(_maha(descriptor, *self._s)[0] / self.scan_ref)
+
+    def lesion_scores(self, emb: np.ndarray, method: str | None = None) -> np.ndarray:
+        method = method or self.lesion_method
+        if self._l is None or len(emb) == 0:
+            return np.zeros(len(emb))
+        if method == "knn":
+            return _knn(emb, self.lesions, self._l[1]) / self.lesion_ref["knn"]
+        return _maha(emb, *self._l) / self.lesion_ref["mahalanobis"]
+
+    def warning(self, score: float) -> str | None:
+        return WARNING.format(domain=self.domain or "its training data", score=score) if score > self.scan_threshold else None
+
+    def apply(self, confidences: np.ndarray, scan_score: float) -> np.ndarray:
+        """Confidences capped at ``cap`` on a scan outside the training domain."""
+        conf = np.asarray(confidences, float)
+        return np.minimum(conf, self.cap) if scan_score > self.scan_threshold else conf
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, folder: str | Path, filename: str = "ood.safetensors") -> dict:
+        from ..models import save_weights
+        import torch
+
+        sha = save_weights({"scans": torch.as_tensor(self.scans, dtype=torch.float64),
+                            "lesions": torch.as_tensor(self.lesions, dtype=torch.float64)}, Path(folder) / filename)
+        return {"file": filename, "sha256": sha, "lesion_method": self.lesion_method, "scan_threshold": self.scan_threshold,
+                "cap": self.cap, "reference_quantile": REF_QUANTILE, "n_scans": int(len(self.scans)),
+                "n_clusters": int(len(self.lesions)), "domain": self.domain}
+
+    @classmethod
+    def from_card(cls, card) -> "OODModel | None":
+        part = card.data.get("ood")
+        if not part:
+            return None
+        t = card.load_state("ood")
+        return cls(t["scans"].numpy(), t["lesions"].numpy(), part.get("lesion_method", "knn"),
+                   float(part.get("scan_threshold", SCAN_THRESHOLD)), float(part.get("cap", CAP)), part.get("domain", ""))
+
+
+def domain_text(domain: dict | None) -> str:
+    if not domain:
+        return ""
+    return f"{domain.get('lesion_type', '?')}, {domain.get('body_region', '?')}"

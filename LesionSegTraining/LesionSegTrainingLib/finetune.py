@@ -1,0 +1,51 @@
+"""The LesionSegTraining "Fine-tune segmenter" entry point (MRML, no Qt).
+
+    job = start_finetune(logic, base_model="sts-clcs", steps=150)   # background process
+    ...poll job.fraction / job.status / job.state, job.cancel()...
+    result, table = finish_finetune(logic, job)                    # before/after table node
+
+``logic`` is the module's :class:`~LesionSegTrainingLib.logic.TrainingLogicCore` with an open
+feedback database (the one the LesionSeg module saves corrections into).
+"""
+from __future__ import annotations
+
+FINETUNE_TABLE = "LesionSeg fine-tuning metrics"
+
+
+def correction_counts(logic) -> dict:
+    """Corrections per kind and corrected cases in the open database (for the panel)."""
+    from LesionSegLib.engine.feedback.corrections import stats
+
+    if logic.store is None:
+        raise RuntimeError("open a feedback database first")
+    return stats(logic.store)
+
+
+def start_finetune(logic, base_model: str | None = None, output: str | None = None, steps: int | None = None,
+                   minutes: float | None = None, **kw):
+    """Start ``lesionseg finetune`` on the open database in a background process."""
+    from LesionSegLib.engine.learn.finetune_job import FinetuneJob
+
+    if logic.store is None:
+        raise RuntimeError("open a feedback database first")
+    return FinetuneJob(str(logic.database_path), base_model or None, output or None, steps, minutes, **kw).start()
+
+
+def finish_finetune(logic, job):
+    """After a finished job: a table node with the before/after figures on the held-apart corrected
+    cases; the versions table is refreshed.  Returns ``(result dict, table node)``."""
+    from .logic import PARAM_LAST_MODEL, fill_table
+
+    state = job.state
+    if state != "finished":
+        raise RuntimeError(f"fine-tuning {state}: {job.error or job.status}")
+    res = job.result
+    m = res.get("metrics", {})
+    rows = [[label, m.get(f"held_apart_{key}_before"), m.get(f"held_apart_{key}_after")]
+            for label, key in (("Sensitivity", "sensitivity"), ("FP per case", "fp_per_case"), ("Dice", "dice"))]
+    table = logic._table("finetune", FINETUNE_TABLE)
+    fill_table(table, ["Held-apart corrected cases", "Before", "After"], rows)
+    table.SetAttribute("LesionSegTraining.Model", res["model"])
+    logic._set_param(PARAM_LAST_MODEL, res["model"])
+    logic.update_versions_table()
+    return res, table
