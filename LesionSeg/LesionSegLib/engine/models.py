@@ -193,6 +193,16 @@ class ModelCard:
         except Exception as exc:  # safetensors raises its own error types
             raise ModelError(f"model {self.id}: cannot read {self.part(key)['file']} as safetensors: {exc}") from None
 
+    def load_arrays(self, key: str) -> dict:
+        """The checksum-verified tensors of ``key`` as numpy arrays (no torch import: the ONNX path uses it)."""
+        from safetensors.numpy import load
+
+        data = self.verified_bytes(key)
+        try:
+            return load(data)
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(f"model {self.id}: cannot read {self.part(key)['file']} as safetensors: {exc}") from None
+
     def load_into(self, key: str, module: torch.nn.Module) -> torch.nn.Module:
         """Load the checksum-verified weights of ``key`` into ``module`` (strict; tensors that the
         module shares between two names, stored once by ``save_model``, count as loaded)."""

@@ -333,12 +333,12 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     replay_names = list(replay_cases) if replay_cases is not None else dataset.STS_TRAIN
     by_name = {c.name: c for c in dataset.cases()} if replay_names else {}
     replay_data = [load_training_case(by_name[n], seg["spacing_zyx"], seg["hu_windows"]) for n in replay_names]
-    base = Engine(parent, device="cpu")
+    base = Engine(parent, device="cpu", runtime="torch")
     sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed)
     net = copy.deepcopy(base.segmenter)
     log = train_segmenter(net, sampler, steps, minutes, lr, batch, replay if replay_data else 0.0,
                           span(progress, 0.05, 0.7), cancel)
-    new = Engine(parent, device="cpu")
+    new = Engine(parent, device="cpu", runtime="torch")
     new.segmenter = net
     items = [(c.case_name, grid_image(c.hu, c.geometry), c.label) for c in train]
     replay_items = [(n, *_read_case(by_name[n])) for n in replay_names[:cls_replay_cases]]

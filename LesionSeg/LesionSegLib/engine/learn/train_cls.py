@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         "postprocess": {"prob_threshold": 0.5, "min_size_mm3": 100.0},
         "confidence_threshold": 0.5,
     }
-    engine = Engine(ModelCard(out, card), device="cpu")
+    engine = Engine(ModelCard(out, card), device="cpu", runtime="torch")
     by_name = {c.name: c for c in dataset.cases()}
     train_names = training.get("train_cases", dataset.STS_TRAIN)
     val_names = training.get("val_cases", dataset.STS_VAL)
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     card["classifier"] = save_classifier(cm, out)
     card["classifier"]["training"] = {**info, "views": args.views, "low_threshold": args.low_threshold,
                                       "samples": counts, "temperature_fit_on": fit_on, "temperature_fit": cal}
-    engine = Engine(ModelCard(out, card), device="cpu")
+    engine = Engine(ModelCard(out, card), device="cpu", runtime="torch")
     metrics = evaluate_cases(engine, val_names, by_name, card["confidence_threshold"])
     card["metrics"] = {
         "val_dice": _r(metrics["dice_mean"]),

@@ -133,8 +133,8 @@ class OODModel:
         part = card.data.get("ood")
         if not part:
             return None
-        t = card.load_state("ood")
-        return cls(t["scans"].numpy(), t["lesions"].numpy(), part.get("lesion_method", "knn"),
+        t = card.load_arrays("ood")
+        return cls(t["scans"], t["lesions"], part.get("lesion_method", "knn"),
                    float(part.get("scan_threshold", SCAN_THRESHOLD)), float(part.get("cap", CAP)), part.get("domain", ""))
 
 

@@ -76,6 +76,13 @@ class Engine:
         """The segmenter as a PyTorch module (built on first use; the ONNX runtimes do not need it)."""
         return self.runner.net
 
+    @segmenter.setter
+    def segmenter(self, net):
+        """Run an in-memory network (fine-tuning, retraining): PyTorch runtime only."""
+        if self.runtime != "torch":
+            raise ValueError("an in-memory segmenter needs runtime='torch'")
+        self.runner._net = net
+
     # ------------------------------------------------------------------------------------
     def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
         """Foreground probability on the canonical input grid, and stage timings."""
