@@ -58,6 +58,9 @@ def cmd_segment(args) -> int:
     from ..segment.pipeline import Engine, case_hash
 
     inputs, clash = unique_inputs(expand_inputs(args.inputs))
+    if not inputs:
+        print("error: no input images", file=sys.stderr)
+        return 2
     if clash:
         emit(args, {"event": "error", "input": None, "message": clash})
         print(f"error: {clash}", file=sys.stderr)
