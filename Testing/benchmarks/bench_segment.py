@@ -171,6 +171,7 @@ def run_lesionseg(image: Path, args, work: Path) -> dict:
         p.unlink()
     return {"total_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "ru_maxrss_mb": r["ru_maxrss_mb"],
             "stages_s": done[0].get("timings", {}), "lesions": done[0].get("lesions"), "device": done[0].get("device"),
+            "runtime": done[0].get("runtime"),  # the network runtime, when the command reports one
             "outputs": outputs, "notes": [ln for ln in r["stderr"] if ln.startswith("note:")]}
 
 
