@@ -195,7 +195,7 @@ class LesionSegLogicCore:
             return Path(path).expanduser()
         settings = getattr(getattr(slicer, "app", None), "slicerUserSettingsFilePath", None)
         if isinstance(settings, str) and settings and not os.environ.get("LESIONSEG_FEEDBACK"):
-            return feedback.slicer_default_path(settings)
+            return Path(settings).expanduser().parent / "LesionSeg" / "feedback.db"  # (was a removed engine helper)
         return feedback.default_path()
 
     def enable_feedback_store(self, path=None):

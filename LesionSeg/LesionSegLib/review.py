@@ -10,6 +10,7 @@ Pure Python (no Slicer, no Qt).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import getpass
 from dataclasses import dataclass, field
@@ -51,7 +52,13 @@ class DecisionSink(Protocol):
 
 
 class DecisionRecorder:
-    """Fan-out of decisions to sinks; keeps an in-memory log of this session's decisions."""
+    """Fan-out of decisions to sinks; keeps an in-memory log of this session's decisions.
+
+    The log holds the last :attr:`LOG_LIMIT` decisions without their patches (a patch is ~192 KiB;
+    the sinks get the full decision), so a long review session does not grow without bound.
+    """
+
+    LOG_LIMIT = 1000
 
     def __init__(self, reviewer: str | None = None):
         self.sinks: list[DecisionSink] = []
@@ -73,7 +80,8 @@ class DecisionRecorder:
     def record(self, decision: Decision) -> None:
         if not decision.reviewer:
             decision.reviewer = self.reviewer
-        self.log.append(decision)
+        self.log.append(dataclasses.replace(decision, patch=None))
+        del self.log[:-self.LOG_LIMIT]
         failures = []
         for sink in self.sinks:
             try:

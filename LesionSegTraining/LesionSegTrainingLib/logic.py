@@ -37,13 +37,10 @@ PARAM_SEG_OUTPUT = "LastSegmenterOutput"
 
 
 def default_database_path() -> Path:
-    """The Slicer settings folder's ``LesionSeg/feedback.db`` inside Slicer, else the CLI default."""
-    from LesionSegLib.engine import feedback
+    """The feedback database the LesionSeg module uses (one resolver for both modules, review R4)."""
+    from LesionSegLib.logic import LesionSegLogicCore
 
-    settings = getattr(getattr(slicer, "app", None), "slicerUserSettingsFilePath", None)
-    if isinstance(settings, str) and settings:
-        return feedback.slicer_default_path(settings)
-    return feedback.default_path()
+    return LesionSegLogicCore.feedback_database_path()
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -52,6 +49,19 @@ def _fmt(v, digits: int = 3) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def auc_text(metrics: dict | None) -> str:
+    """A model's own cluster AUC, named by what it was measured on: "0.938 (CV, 40 reviewed)" for a
+    retrained classifier, "1.000 (validation split)" for a model scored on held-out cases; "-"
+    when its card has none of its own."""
+    m = metrics or {}
+    if m.get("retrain_cv_auc") is not None:
+        n = m.get("n_labels")
+        return f"{m['retrain_cv_auc']:.3f} (CV, {n} labels)" if n is not None else f"{m['retrain_cv_auc']:.3f} (CV)"
+    if m.get("val_cluster_auc") is not None:
+        return f"{m['val_cluster_auc']:.3f} (validation split)"
+    return "-"
 
 
 def fill_table(table_node, columns: list[str], rows: list[list]) -> None:
@@ -193,9 +203,8 @@ class TrainingLogicCore:
     def update_versions_table(self):
         rows = []
         for v in self.model_versions():
-            m = v["metrics"] or {}
-            auc = m.get("retrain_cv_auc", m.get("val_cluster_auc"))
-            rows.append([v["id"], "yes" if v["active"] else "", v["parent"] or "", v["created"] or ("builtin" if v["builtin"] else ""), auc])
+            rows.append([v["id"], "yes" if v["active"] else "", v["parent"] or "", v["created"] or ("builtin" if v["builtin"] else ""),
+                         auc_text(v["metrics"])])
         table = self._table("versions", VERSIONS_TABLE)
         fill_table(table, ["Model", "Active", "Parent", "Created", "AUC"], rows)
         return table

@@ -125,6 +125,19 @@ def test_recorder_routes_accept_reject_into_the_store(tmp_path):
     assert store.count() == 1 and rec.sinks == []
 
 
+def test_recorder_log_is_bounded_and_keeps_no_patches(tmp_path, monkeypatch):
+    """R6: a long session's log does not grow without bound nor hold ~192 KiB patches; the
+    sinks still get the full decision."""
+    monkeypatch.setattr(DecisionRecorder, "LOG_LIMIT", 5)
+    rec = DecisionRecorder(reviewer="me")
+    store = FeedbackStore(tmp_path / "fb.db")
+    rec.add_sink(store)
+    for i in range(8):
+        rec.record(synthetic_decision(i))
+    assert [d.lesion_id for d in rec.log] == [3, 4, 5, 6, 7] and all(d.patch is None for d in rec.log)
+    assert store.count() == 8 and store.stats()["with_patch"] == 8
+
+
 def test_schema_migration_from_version_1(tmp_path):
     path = tmp_path / "old.db"
     con = sqlite3.connect(path, isolation_level=None)
@@ -234,7 +247,10 @@ def test_export_import_round_trip(tmp_path, fmt):
     assert a.export(out) == 10
 
     b = FeedbackStore(tmp_path / "site_b.db")
-    assert b.import_file(out) == {"inserted": 10, "updated": 0, "unchanged": 0, "rows": 10}
+    c = b.import_file(out)
+    assert {k: c[k] for k in ("inserted", "updated", "unchanged", "rows", "skipped")} == \
+        {"inserted": 10, "updated": 0, "unchanged": 0, "rows": 10, "skipped": 0}
+    assert c["skipped_by_reason"] == {} and c["errors"] == []
     key = lambda r: r["uid"]  # noqa: E731
     ra, rb = sorted(a.decisions(), key=key), sorted(b.decisions(), key=key)
     for x, y in zip(ra, rb):
@@ -249,8 +265,8 @@ def test_export_import_round_trip(tmp_path, fmt):
     # importing the same file again changes nothing
     assert b.import_file(out)["unchanged"] == 10
     # a newer decision at site A travels; an older one does not override a newer local one
-    newer = synthetic_decision(4, "accepted")
-    newer.timestamp = "2099-01-01T00:00:00+00:00"
+    newer = synthetic_decision(4, "accepted")  # later than site B's copy, not in the future
+    newer.timestamp = fb_schema._now()
     a.record(newer)
     older = synthetic_decision(6, "accepted")
     older.timestamp = "2000-01-01T00:00:00+00:00"

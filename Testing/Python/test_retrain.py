@@ -15,7 +15,7 @@ from LesionSegLib.engine import models
 from LesionSegLib.engine.learn import versions
 from LesionSegLib.engine.errors import ModelError
 from LesionSegLib.engine.feedback import FeedbackStore
-from LesionSegLib.engine.learn.labels import RetrainError, check_labels, from_store
+from LesionSegLib.engine.learn.labels import REVIEW_WINS, RetrainError, check_labels, from_store, patient_of
 from LesionSegLib.engine.learn.retrain import retrain
 
 
@@ -49,26 +49,26 @@ def review_db(tmp_path):
 
 
 # ----------------------------------------------------------------------------- guards
-def _store_with(tmp_path, labels, name="g.db"):
+def _store_with(tmp_path, labels, name="g.db", model_id="m@1"):
     store = FeedbackStore(tmp_path / name)
-    store.record_many([td.synthetic_decision(i, lab, case=f"c{i % 4}") for i, lab in enumerate(labels)])
+    store.record_many([td.synthetic_decision(i, lab, case=f"c{i % 4}", model_id=model_id) for i, lab in enumerate(labels)])
     return store
 
 
 def test_guard_too_few_labels(tmp_path, base_model):
-    store = _store_with(tmp_path, ["accepted", "rejected"] * 4 + ["unsure"] * 30)
+    store = _store_with(tmp_path, ["accepted", "rejected"] * 4 + ["unsure"] * 30, model_id=base_model.id)
     with pytest.raises(RetrainError, match=r"too few labels to retrain: 8 usable lesions \(4 accepted/true, 4 rejected/false\).*30 unsure"):
         retrain(store, base_model.id, output="x")
 
 
 def test_guard_one_class(tmp_path, base_model):
-    store = _store_with(tmp_path, ["rejected"] * 40)
+    store = _store_with(tmp_path, ["rejected"] * 40, model_id=base_model.id)
     with pytest.raises(RetrainError, match="only one class: all 40 labels are rejected"):
         retrain(store, base_model.id, output="x")
 
 
 def test_guard_too_few_of_one_class(tmp_path, base_model):
-    store = _store_with(tmp_path, ["accepted"] * 2 + ["rejected"] * 40)
+    store = _store_with(tmp_path, ["accepted"] * 2 + ["rejected"] * 40, model_id=base_model.id)
     with pytest.raises(RetrainError, match="too few labels of one class: 2 accepted/true and 40 rejected/false"):
         retrain(store, base_model.id, output="x")
 
@@ -79,7 +79,7 @@ def test_guard_empty_and_incompatible(tmp_path, base_model):
         retrain(empty, base_model.id)
     # decisions from a model with other features are counted as left out, not silently used
     store = FeedbackStore(tmp_path / "other.db")
-    ds = [td.synthetic_decision(i, "accepted" if i % 2 else "rejected") for i in range(30)]
+    ds = [td.synthetic_decision(i, "accepted" if i % 2 else "rejected", model_id=base_model.id) for i in range(30)]
     for d in ds:
         d.features = {"some_other_feature": 1.0}
     store.record_many(ds)
@@ -115,7 +115,8 @@ def test_retrain_on_real_features_writes_a_new_version(review_db, base_model, us
     counts = card.data["retraining"]["label_counts"]
     assert counts["total"] == len(labelled) and counts["positive"] == n_pos
     assert counts["skipped"]["unsure"] == len(decisions) - len(labelled)
-    assert counts["cases"] == len({d.case_hash for d in labelled})
+    assert counts["cases"] == len({patient_of(d.case_name) for d in labelled})  # patients, not scans
+    assert counts["cases"] < len({d.case_hash for d in labelled})  # the perturbed copies join their patient
     # sha256 of every weight file matches, the segmenter is the parent's
     for key in ("segmenter", "classifier"):
         assert models.sha256_file(card.weights_path(key)) == card.data[key]["sha256"]
@@ -129,7 +130,7 @@ def test_retrain_on_real_features_writes_a_new_version(review_db, base_model, us
     # validation: old and new on the same lesions
     v = card.data["retraining"]["validation"]
     assert v["old"]["n"] == v["new"]["n"] == v["evaluated"] > 0
-    assert "grouped by case" in v["validation"]
+    assert "grouped by patient" in v["validation"]
     for who in ("old", "new"):
         assert 0.0 <= v[who]["ece"] <= 1.0 and 0.0 <= v[who]["brier"] <= 1.0
         assert v[who]["auc"] is None or 0.0 <= v[who]["auc"] <= 1.0
@@ -205,7 +206,7 @@ def test_retrain_with_ground_truth_labels(tmp_path, base_model, user_models):
     assert counts["by_source"]["review"] == {"positive": len(reviewed), "negative": 0}
     gt_part = counts["by_source"]["gt"]
     assert gt_part["positive"] + gt_part["negative"] == expected - len(reviewed)
-    assert counts["skipped"]["duplicate of a reviewed lesion"] == len(reviewed)
+    assert counts["skipped"][REVIEW_WINS] == len(reviewed)
     assert gt_part["positive"] == expected_pos - int(cases[0][3].sum())
     assert res.card.id == "gt-retrained@1"
     assert res.card.data["retraining"]["gt_prob_thresholds"] == [td.PROB_THRESHOLD]

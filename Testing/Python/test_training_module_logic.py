@@ -119,6 +119,12 @@ def test_retrain_in_background_metrics_plot_versions(env, logic):
     # versions table, activate, roll back
     versions = {r["Model"]: r for r in table_rows(logic.update_versions_table())}
     assert "site-model@1" in versions and base.id in versions
+    # each version's AUC is its own, named by what it was measured on (review D5)
+    auc_new = card.data["metrics"]["retrain_cv_auc"]
+    assert versions["site-model@1"]["AUC"] == (f"{auc_new:.3f} (CV, {card.data['metrics']['n_labels']} labels)"
+                                               if auc_new is not None else "-")
+    assert versions[base.id]["AUC"] == f"{base.data['metrics']['val_cluster_auc']:.3f} (validation split)"
+    assert "val_cluster_auc" not in card.data["metrics"]
     assert logic.activate("site-model@1") == "site-model@1"
     assert {r["Model"]: r["Active"] for r in table_rows(logic.update_versions_table())}["site-model@1"] == "yes"
     assert logic.rollback() == models.DEFAULT_MODEL
@@ -130,7 +136,7 @@ def test_retrain_refusal_and_cancel(env, logic):
 
     tmp, base = env
     store = logic.open_database(tmp / "fb.db")
-    store.record_many([td.synthetic_decision(i, "rejected") for i in range(25)])
+    store.record_many([td.synthetic_decision(i, "rejected", model_id=base.id) for i in range(25)])
     job = logic.start_retrain(base_model=base.id, folds=2)
     assert wait(job) == "failed"
     assert "only one class" in job.error

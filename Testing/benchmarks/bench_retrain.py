@@ -1,6 +1,7 @@
 """Benchmark: retrain the confidence classifier from 500 reviewed lesions (target <= 30 s on 2 CPU cores).
 
-    python Testing/benchmarks/bench_retrain.py [--model NAME|FOLDER] [--n 500] [--threads 2]
+    python Testing/benchmarks/bench_retrain.py [--model NAME|FOLDER] [--n 500] [--threads 2] \
+        [--json Resources/evaluation/bench_retrain.json]
 
 1. Reviewed lesions: the model segments the shared cases with confidence threshold 0 (every
    candidate, with its features and adaptive patch; probability threshold ``--prob-threshold``,
@@ -13,10 +14,12 @@
    printout says how many.
 2. Timed: ``retrain()`` end to end, exactly what ``lesionseg retrain --feedback DB`` runs:
    reading and decompressing the decisions, patch embeddings, 5-fold cross-validation grouped by
-   case (old vs new AUC / ECE), the final fit, writing the new model version (card, sha256,
+   patient (a perturbed copy ``<case>~k`` is in its case's fold; old vs new AUC / ECE), the final fit, writing the new model version (card, sha256,
    weights, validation plot).
 
-Prints a table and a JSON line.  Not a timed test: the figure depends on the machine.
+Prints a table and a JSON line (with ``--json``, also written to that file, with the command
+line, the number of real candidates and of mirrored copies, and the load average of the machine).
+Not a timed test: the figure depends on the machine.
 """
 from __future__ import annotations
 
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=3, help="perturbed copies of each case to draw more candidates from")
     ap.add_argument("--workdir", default=None, help="keep the database and model here (default: a temporary folder)")
     ap.add_argument("--reuse-db", action="store_true", help="time retraining on <workdir>/feedback.db from an earlier run")
+    ap.add_argument("--json", default=None, help="also write the report to this JSON file")
     args = ap.parse_args(argv)
 
     import torch
@@ -166,6 +170,7 @@ def main(argv=None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "command": "python Testing/benchmarks/bench_retrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"retrain benchmark: {report['lesions']} reviewed lesions ({n_real} engine candidates, "
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
     print(f"  base model {report['base_model']} -> {report['model']}; {report['threads']} torch threads on "
           f"{report['cpu_count']} cores; load average {report['load_average']}")
     print(f"  {'stage':28s} {'seconds':>8s}")
-    for name, key in (("patch embeddings", "embeddings_s"), (f"{args.folds}-fold CV (by case)", "cross_validation_s"),
+    for name, key in (("patch embeddings", "embeddings_s"), (f"{args.folds}-fold CV (by patient)", "cross_validation_s"),
                       ("final fit", "final_fit_s")):
         print(f"  {name:28s} {tm[key]:8.2f}")
     print(f"  {'retrain() total':28s} {retrain_s:8.2f}   target <= 30 s: {'PASS' if report['within_target'] else 'MISS'}")
@@ -185,6 +190,10 @@ def main(argv=None) -> int:
     print(f"  AUC before {f(report['auc_before'])} after {f(report['auc_after'])}; "
           f"ECE before {f(report['ece_before'])} after {f(report['ece_after'])}")
     print(json.dumps(report))
+    if args.json:
+        from LesionSegLib.engine.atomic import write_text
+
+        write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -13,13 +13,21 @@ Registry roots, searched in order:
    versions are written here).
 
 A model is addressed as ``name`` (its active or newest version) or ``name@version``, or by
-the path of its folder or card.
+the path of its folder or card.  A text is a path only when it looks like one
+(:func:`is_explicit_path`: it starts with ``/``, ``~`` or ``.``, or holds a path separator and no
+``@``), so a folder in the current directory can never shadow a registered model name.
+
+Confinement: every file a card names must be a plain relative path inside the model's folder;
+absolute paths, ``..`` and symlinks leading out of the folder are refused with
+:class:`ModelError`.  Weights are read once into memory, their sha256 is checked on those bytes
+and the same bytes are handed to safetensors (no window between checking and loading).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +43,50 @@ if TYPE_CHECKING:
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = "sts-clcs"
 CARD_NAME = "card.json"
+#: a model name or version: letters, digits, '-', '_' and '.', not starting with '.'
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_WEIGHTS_BYTES = 2 * 1024**3  # a weight file larger than this is refused before reading it
+
+
+def is_explicit_path(text: str | os.PathLike) -> bool:
+    """Whether ``text`` names a folder/file rather than a registered model (``name[@version]``).
+
+    A path is a :class:`os.PathLike`, or a text starting with ``/``, ``~`` or ``.`` (``./m``,
+    ``../m``), or one holding a path separator and no ``@`` (``runs/m``).  Anything else
+    (``sts-clcs``, ``sts-clcs@1.0.0``, ``name@../x``) is a model id, looked up only in the registry.
+    """
+    if isinstance(text, os.PathLike):
+        return True
+    t = str(text)
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if t.startswith(("/", "~", ".")) or t.startswith(tuple(seps)) or re.match(r"^[A-Za-z]:[\\/]", t):
+        return True
+    return "@" not in t and any(c in t for c in seps)
+
+
+def check_model_id(name: str, version: str | None = None) -> None:
+    """Raise :class:`ModelError` unless ``name`` (and ``version``) are valid registry names."""
+    for what, v in (("name", name), ("version", version)):
+        if v is None:
+            continue
+        if not NAME_RE.match(v) or ".." in v:
+            raise ModelError(f"invalid model {what} {v!r} (letters, digits, '-', '_' and '.' only, not starting with '.')")
+
+
+def confined(folder: Path, name: str, what: str = "file") -> Path:
+    """``folder / name`` after checking that it stays inside ``folder`` (no absolute path, no '..',
+    no symlink leading out)."""
+    text = str(name)
+    p = Path(text)
+    if not text or p.is_absolute() or p.drive or ".." in p.parts or "\\" in text:
+        raise ModelError(f"{what} {text!r} in {folder / CARD_NAME} is not a plain file name inside the model folder")
+    full = folder / p
+    root = folder.resolve()
+    try:
+        full.resolve().relative_to(root)
+    except ValueError:
+        raise ModelError(f"{what} {text!r} in {folder / CARD_NAME} leads outside the model folder {root}") from None
+    return full
 
 
 def user_models_dir() -> Path:
@@ -96,44 +148,66 @@ class ModelCard:
         return self.data[key]
 
     def weights_path(self, key: str) -> Path:
-        return self.folder / self.part(key)["file"]
+        """The weight file of ``key``, confined to the model folder (not checked against its sha256)."""
+        return confined(self.folder, self.part(key).get("file", ""), f"'{key}' file")
 
-    def verified_path(self, key: str) -> Path:
-        """The weight file of ``key`` ('segmenter', 'classifier') after its sha256 matched the card."""
-        part = self.part(key)
-        path = self.folder / part["file"]
-        if not path.exists():
-            raise ModelError(f"model {self.id}: weight file {path} is missing")
-        expected = part.get("sha256")
+    def verified_bytes(self, key: str) -> bytes:
+        """The content of ``key``'s weight file, read once, after its sha256 matched the card."""
+        path = self.weights_path(key)
+        expected = self.part(key).get("sha256")
         if not expected:
             raise ModelError(f"model {self.id}: card gives no sha256 for {path.name}; refusing to load it")
-        actual = sha256_file(path)
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_WEIGHTS_BYTES:
+                    raise ModelError(f"model {self.id}: {path.name} is {size / 1e9:.1f} GB, larger than any LesionSeg weight file")
+                data = fh.read()
+        except FileNotFoundError:
+            raise ModelError(f"model {self.id}: weight file {path} is missing") from None
+        except IsADirectoryError:
+            raise ModelError(f"model {self.id}: {path} is a folder, not a weight file") from None
+        except OSError as exc:
+            raise ModelError(f"model {self.id}: cannot read {path}: {exc.strerror or exc}") from None
+        actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise ModelError(
                 f"model {self.id}: checksum mismatch for {path.name} (expected sha256 {expected[:12]}..., "
                 f"file has {actual[:12]}...); the file is corrupt or was modified"
             )
-        return path
+        return data
+
+    def verified_path(self, key: str) -> Path:
+        """The weight file of ``key`` after its sha256 matched the card (to check a file in place;
+        loading uses :meth:`verified_bytes`, which has no check-then-reopen window)."""
+        self.verified_bytes(key)
+        return self.weights_path(key)
 
     def load_state(self, key: str) -> dict[str, torch.Tensor]:
-        """The checksum-verified tensors of ``key`` as a dict."""
-        from safetensors.torch import load_file
+        """The checksum-verified tensors of ``key`` as a dict (parsed from the verified bytes)."""
+        from safetensors.torch import load
 
-        path = self.verified_path(key)
+        data = self.verified_bytes(key)
         try:
-            return load_file(str(path))
+            return load(data)
         except Exception as exc:  # safetensors raises its own error types
-            raise ModelError(f"model {self.id}: cannot read {path.name} as safetensors: {exc}") from None
+            raise ModelError(f"model {self.id}: cannot read {self.part(key)['file']} as safetensors: {exc}") from None
 
     def load_into(self, key: str, module: torch.nn.Module) -> torch.nn.Module:
-        """Load the checksum-verified weights of ``key`` into ``module`` (strict)."""
-        from safetensors.torch import load_model
-
-        path = self.verified_path(key)
+        """Load the checksum-verified weights of ``key`` into ``module`` (strict; tensors that the
+        module shares between two names, stored once by ``save_model``, count as loaded)."""
+        state = self.load_state(key)
+        own = module.state_dict()
+        storage = {k: (v.data_ptr(), tuple(v.shape)) for k, v in own.items()}
         try:
-            load_model(module, str(path), strict=True, device="cpu")
+            missing, unexpected = module.load_state_dict(state, strict=False)
         except Exception as exc:
-            raise ModelError(f"model {self.id}: cannot load {path.name} into the network: {exc}") from None
+            raise ModelError(f"model {self.id}: cannot load {self.part(key)['file']} into the network: {exc}") from None
+        loaded = {storage[k] for k in state if k in storage}
+        missing = [k for k in missing if storage.get(k) not in loaded]
+        if missing or unexpected:
+            raise ModelError(f"model {self.id}: {self.part(key)['file']} does not fit the network "
+                             f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
         return module
 
     def summary(self) -> str:
@@ -142,12 +216,10 @@ class ModelCard:
         return f"{self.id} [{self.architecture}] {self.data.get('description', '')} {figures}".strip()
 
     def save(self) -> Path:
+        from .atomic import write_text
+
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / CARD_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_text(self.folder / CARD_NAME, json.dumps(self.data, indent=2) + "\n")
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:
@@ -196,32 +268,54 @@ def active_file() -> Path:
     return user_models_dir() / "active.json"
 
 
-def active_model_id() -> str:
-    """The model id that ``segment`` uses when none is named (see :mod:`versions`)."""
+def read_active_state() -> dict:
+    """``active.json`` as ``{"active", "history", "log"}`` (empty when there is none); the one parser
+    of that file.  Raises :class:`ModelError` when it is not a JSON object."""
     f = active_file()
-    if f.exists():
-        try:
-            data = json.loads(f.read_text())
-            if data.get("active"):
-                return data["active"]
-        except (OSError, json.JSONDecodeError):
-            pass
-    return DEFAULT_MODEL
+    state = {"active": None, "history": [], "log": []}
+    if not f.exists():
+        return state
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{f} is not valid JSON ({exc}); fix or delete it to reset to the default model") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{f} does not hold a JSON object; fix or delete it")
+    state.update({k: data.get(k, state[k]) for k in state})
+    if not isinstance(state["active"], (str, type(None))) or not isinstance(state["history"], list) \
+            or not isinstance(state["log"], list):
+        raise ModelError(f"{f} has entries of the wrong type; fix or delete it")
+    if state["active"] and not state["history"]:
+        state["history"] = [state["active"]]
+    return state
+
+
+def active_model_id() -> str:
+    """The model id that ``segment`` uses when none is named (see :mod:`.learn.versions`); the
+    default model when ``active.json`` is absent or unreadable."""
+    try:
+        return read_active_state()["active"] or DEFAULT_MODEL
+    except ModelError:
+        return DEFAULT_MODEL
 
 
 def get_card(name: str | os.PathLike | None = None) -> ModelCard:
-    """Resolve a model name, ``name@version``, folder or card path to its card."""
+    """Resolve a model name, ``name@version`` (registry only) or an explicit folder / card path
+    (see :func:`is_explicit_path`) to its card."""
     if name is None or name == "":
         name = active_model_id()
-    p = Path(name)
-    if (p.is_dir() and (p / CARD_NAME).exists()) or (p.is_file() and p.name.endswith(".json")):
-        return read_card(p)
+    if is_explicit_path(name):
+        p = Path(name).expanduser()
+        if (p.is_dir() and (p / CARD_NAME).exists()) or (p.is_file() and p.name.endswith(".json")):
+            return read_card(p)
+        raise ModelError(f"no model card at {p}")
     name = str(name)
     base, _, version = name.partition("@")
     found = [c for c in list_models() if c.name == base and (not version or c.version == version)]
     if not found:
         known = sorted({c.id for c in list_models()})
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(known) or 'none'}")
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(known) or 'none'}"
+                         + ("" if not Path(name).exists() else f" (to use the folder {name!r}, write ./{name})"))
     if not version:
         active = active_model_id()
         for c in found:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from ..feedback import FeedbackStore, default_path
+from ..feedback import FeedbackStore, FeedbackStoreError, default_path
 
 
 def format_stats(s: dict) -> str:
@@ -20,6 +21,18 @@ def format_stats(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _guarded(fn):
+    """Run a feedback command; a bad database or file is one line on stderr and exit code 2."""
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (FeedbackStoreError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_guarded
 def _cmd_stats(args) -> int:
     with FeedbackStore(args.db, readonly=True) as store:
         s = store.stats()
@@ -27,6 +40,7 @@ def _cmd_stats(args) -> int:
     return 0
 
 
+@_guarded
 def _cmd_export(args) -> int:
     with FeedbackStore(args.db, readonly=True) as store:
         n = store.export(args.output, patches=not args.no_patches, model_ids=args.model or None)
@@ -34,20 +48,39 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def format_import(name, c: dict) -> list[str]:
+    """What one import did, with the skipped rows by reason and the first row errors."""
+    lines = [f"{name}: {c['rows']} rows, {c['inserted']} new, {c['updated']} updated, {c['unchanged']} unchanged, "
+             f"{c['skipped']} skipped"]
+    if c["skipped"]:
+        lines.append("  skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(c["skipped_by_reason"].items())))
+        lines += [f"  {e}" for e in c["errors"][:5]]
+    return lines
+
+
+@_guarded
 def _cmd_import(args) -> int:
     with FeedbackStore(args.db) as store:
-        total = {"inserted": 0, "updated": 0, "unchanged": 0, "rows": 0}
+        total = {"inserted": 0, "updated": 0, "unchanged": 0, "rows": 0, "skipped": 0}
+        failed = 0
         for f in args.files:
-            c = store.import_file(f)
-            print(f"{f}: {c['rows']} rows, {c['inserted']} new, {c['updated']} updated, {c['unchanged']} unchanged")
+            try:
+                c = store.import_file(f)
+            except FeedbackStoreError as exc:  # the other files are still imported
+                print(f"error: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            print("\n".join(format_import(f, c)))
             for k in total:
                 total[k] += c[k]
-        print(f"{store.path}: {total['inserted']} new, {total['updated']} updated; now {store.count()} decisions")
-    return 0
+        print(f"{store.path}: {total['inserted']} new, {total['updated']} updated, {total['skipped']} rows skipped; "
+              f"now {store.count()} decisions")
+    return 2 if failed else 0
 
 
+@_guarded
 def _cmd_check(args) -> int:
-    with FeedbackStore(args.db, readonly=True) as store:
+    with FeedbackStore(args.db, readonly=True, check=True) as store:
         res = store.verify()
     print(f"{args.db}: integrity {'; '.join(res)}")
     return 0 if res == ["ok"] else 1

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import CancelledError, ModelError
-from ..feedback import FeedbackStoreError
-from ..learn.labels import MIN_LABELS, MIN_PER_CLASS, RetrainError
+from ..errors import LesionSegError
+from ..learn.labels import MIN_LABELS, MIN_PER_CLASS
 from ..learn.retrain import retrain
 from ..learn.validation import DEFAULT_FOLDS
 from .common import Progress, emit
@@ -18,11 +17,11 @@ def _cmd_retrain(args) -> int:
         res = retrain(
             args.feedback, args.base_model, args.include_gt, args.output, gt_cases=args.gt_cases,
             gt_prob_thresholds=args.gt_prob_threshold,
-            model_ids=args.only_model, mode=args.mode, folds=args.folds, epochs=args.epochs, seed=args.seed,
+            model_ids=args.only_model, all_models=args.all_models, mode=args.mode, folds=args.folds, epochs=args.epochs, seed=args.seed,
             min_labels=args.min_labels, min_per_class=args.min_per_class, activate=args.activate,
             progress=bar if args.progress != "none" else None,
         )
-    except (RetrainError, FeedbackStoreError, ModelError, CancelledError) as exc:
+    except (LesionSegError, OSError) as exc:  # one line, never a traceback
         bar.close()
         emit(args, {"event": "error", "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
@@ -48,9 +47,11 @@ def register(subparsers) -> None:
                         "e.g. 0.5 0.3 adds low-probability false positives, as the original classifier training does)")
     p.add_argument("-o", "--output", default=None, metavar="NEW_MODEL",
                    help="name, name@version or folder of the new model (default: base name, next version)")
-    p.add_argument("--only-model", action="append", default=None, help="use only decisions made with this model id")
+    p.add_argument("--only-model", action="append", default=None, help="use only decisions made with this model id (repeatable)")
+    p.add_argument("--all-models", action="store_true",
+                   help="use decisions made with any model (default: only models sharing the base model's segmenter)")
     p.add_argument("--mode", choices=["head", "full"], default="head", help="head: frozen patch encoder (fast); full: whole network")
-    p.add_argument("--folds", type=int, default=DEFAULT_FOLDS, help="cross-validation folds (grouped by case)")
+    p.add_argument("--folds", type=int, default=DEFAULT_FOLDS, help="cross-validation folds (grouped by patient)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-labels", type=int, default=MIN_LABELS)

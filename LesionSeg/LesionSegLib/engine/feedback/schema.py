@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import random
@@ -94,13 +95,43 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+def parse_time(text) -> _dt.datetime | None:
+    """An ISO-8601 timestamp as an aware UTC datetime (a naive one is taken as UTC); None when
+    ``text`` is not one."""
+    if not isinstance(text, str) or not 10 <= len(text) <= 40:
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)).astimezone(_dt.timezone.utc)
+
+
+def is_newer(candidate: str, current: str) -> bool:
+    """Whether timestamp ``candidate`` is later than ``current`` (compared as times, not text;
+    an unreadable ``candidate`` is never newer, an unreadable ``current`` always older)."""
+    new, old = parse_time(candidate), parse_time(current)
+    if new is None:
+        return False
+    return old is None or new > old
+
+
+def rollback(con: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open; never raises (SQLite may already have rolled
+    back after an I/O or disk-full error, and that original error is the one to report)."""
+    if con.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")
+
+
 # ----------------------------------------------------------------------------- file checks
 def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
     """Read-only look at ``path``: ``{"exists", "schema_version", "empty"}``; raises on a bad file.
 
     Never writes to the file: a non-SQLite file, a foreign SQLite database, a newer schema or
     an unreadable/corrupt database raise :class:`FeedbackStoreError` naming the file.  With
-    ``check``, ``PRAGMA quick_check`` runs too (before anything could write to the file).
+    ``check``, ``PRAGMA quick_check`` runs too (before anything could write to the file); it reads
+    the whole file, so only an explicit check asks for it (``lesionseg feedback check``), not every open.
     """
     p = Path(path)
     if not p.exists():
@@ -111,7 +142,8 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
     if size == 0:
         return {"exists": True, "schema_version": 0, "empty": True}
     with open(p, "rb") as fh:
-        header = fh.read(len(SQLITE_HEADER))
+        head = fh.read(100)
+    header = head[: len(SQLITE_HEADER)]
     if header != SQLITE_HEADER:
         raise FeedbackStoreError(
             f"{p} is not a LesionSeg feedback database (not an SQLite file, or its header is corrupt); "
@@ -125,7 +157,12 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
         app_id = con.execute("PRAGMA application_id").fetchone()[0]
         version = con.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        problems = [r[0] for r in con.execute("PRAGMA quick_check(5)")] if check and app_id == APPLICATION_ID else ["ok"]
+        problems = ["ok"]
+        if app_id == APPLICATION_ID:
+            if check:
+                problems = [r[0] for r in con.execute("PRAGMA quick_check(5)")]
+            else:  # cheap: walks the tables' b-trees, not the patch pages
+                problems = _light_check(con, head, size, tables)
     except sqlite3.DatabaseError as exc:
         raise FeedbackStoreError(f"{p} is a corrupt SQLite database ({exc}); it was left untouched") from None
     finally:
@@ -148,6 +185,21 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
             f"({SCHEMA_VERSION}); update LesionSeg. The file was left untouched."
         )
     return {"exists": True, "schema_version": int(version), "empty": False}
+
+
+def _light_check(con: sqlite3.Connection, head: bytes, size: int, tables: set) -> list[str]:
+    """What can be checked on every open without reading the whole file: the page count in the
+    header against the file size (a truncated copy), and the row b-trees of the tables (damaged
+    pages there raise "malformed").  ``["ok"]`` when nothing is wrong."""
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    change, valid_for, n_pages = (int.from_bytes(head[i:i + 4], "big") for i in (24, 92, 28))
+    if n_pages and change == valid_for and n_pages * page_size > size:
+        return [f"the file is truncated ({size} bytes, the header says {n_pages * page_size})"]
+    for table in ("decisions", "history", "meta"):
+        if table in tables:
+            con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+    return ["ok"]
 
 
 def _retry_busy(fn, timeout_s: float = BUSY_TIMEOUT_MS / 1000):
@@ -180,6 +232,6 @@ def _migrate(con: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"migrated_to_{target}", _now()))
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback(con)
         raise
     return current

@@ -42,7 +42,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .codec import PATCH_CODEC, decode_patch, encode_patch, lesion_key
+from .codec import PATCH_CODEC, decision_row, decode_patch, lesion_key
 from .schema import (
     BUSY_TIMEOUT_MS,
     DECISION_VALUES,
@@ -53,7 +53,13 @@ from .schema import (
     _retry_busy,
     default_path,
     inspect_file,
+    is_newer,
+    rollback,
 )
+
+#: :meth:`FeedbackStore.labelled` holds every patch it returns in one float16 array; it refuses
+#: (with the count and a way out) to build one larger than this
+LABELLED_PATCH_BYTES_LIMIT = 4 * 1024**3
 
 
 # ----------------------------------------------------------------------------- records
@@ -71,6 +77,8 @@ class LabelledSet:
     uids: list[str]
     centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     skipped: dict = field(default_factory=dict)  # reason -> count
+    lesion_keys: list[str] = field(default_factory=list)  # the stored identity within (case, model)
+    decided_at: list[str] = field(default_factory=list)  # when each decision was made (ISO 8601)
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -90,7 +98,9 @@ class FeedbackStore:
     Safe to use from several threads (one connection per thread) and several processes.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False, check: bool = True):
+    def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False, check: bool = False):
+        """Open (and create or migrate, unless ``readonly``) the database at ``path``.  ``check``
+        runs ``PRAGMA quick_check`` first, which reads the whole file: ask for it explicitly."""
         self.path = Path(path).expanduser() if path else default_path()
         self.readonly = readonly
         self._local = threading.local()
@@ -202,17 +212,16 @@ class FeedbackStore:
         try:
             yield con
         except sqlite3.Error as exc:
-            con.execute("ROLLBACK")
+            rollback(con)  # never masks the original error
             raise FeedbackStoreError(f"cannot write to {self.path}: {exc}") from None
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback(con)
             raise
         else:
             try:
                 con.execute("COMMIT")
             except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    con.execute("ROLLBACK")
+                rollback(con)
                 raise FeedbackStoreError(f"cannot commit to {self.path}: {exc}") from None
 
     def _query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
@@ -232,11 +241,13 @@ class FeedbackStore:
         return self.record_many([decision], source=source)[0]
 
     def record_many(self, decisions: Iterable, source: str = "review") -> list[str]:
-        """Record decisions in a single transaction: all of them are committed, or none."""
+        """Record decisions in a single transaction: all of them are committed, or none.  Patches
+        are compressed before the write lock is taken, so other writers wait only for the inserts."""
+        rows = [decision_row(d) for d in decisions]
         out = []
         with self.transaction() as con:
-            for d in decisions:
-                out.append(self._upsert(con, _decision_row(d), source))
+            for row in rows:
+                out.append(self._upsert(con, row, source))
         return out
 
     def _upsert(self, con: sqlite3.Connection, row: dict, source: str, only_if_newer: bool = False) -> str:
@@ -250,6 +261,8 @@ class FeedbackStore:
         ).fetchone()
         if cur is None:
             uid = row.get("uid") or uuid.uuid4().hex
+            if row.get("uid") and con.execute("SELECT 1 FROM decisions WHERE uid = ?", (uid,)).fetchone():
+                uid = uuid.uuid4().hex  # an imported uid already names another lesion here
             con.execute(
                 "INSERT INTO decisions (uid, case_hash, case_name, model_id, lesion_key, lesion_id, decision, "
                 "confidence, centroid_x, centroid_y, centroid_z, volume_ml, diameter_mm, bbox, features, patch, "
@@ -270,7 +283,7 @@ class FeedbackStore:
                 con.execute("UPDATE decisions SET patch = ?, patch_shape = ?, patch_codec = ? WHERE id = ?",
                             (row["patch"], row["patch_shape"], row["patch_codec"], cur["id"]))
             return "unchanged"
-        if only_if_newer and row["decided_at"] <= cur["decided_at"]:
+        if only_if_newer and not is_newer(row["decided_at"], cur["decided_at"]):
             return "unchanged"
         rev = int(cur["revision"]) + 1
         con.execute(
@@ -356,63 +369,105 @@ class FeedbackStore:
         r = self._query("SELECT patch, patch_shape, patch_codec FROM decisions WHERE uid = ?", (uid,))
         return decode_patch(r[0][0], r[0][1], r[0][2]) if r else None
 
+    def model_ids(self) -> list[str]:
+        """The model ids that decisions were made with."""
+        return [r[0] for r in self._query("SELECT DISTINCT model_id FROM decisions ORDER BY model_id")]
+
     def labelled(self, model_ids: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
                  with_patches: bool = True) -> LabelledSet:
         """Accepted (1) and rejected (0) lesions as training data; unsure ones are left out.
 
-        With ``feature_names``, lesions lacking any of them are skipped (counted in ``skipped``);
-        with ``with_patches``, lesions without a patch are skipped.
+        With ``model_ids``, only decisions made with those models (and only their unsure ones are
+        counted); with ``feature_names``, lesions lacking any of them are skipped; with
+        ``with_patches``, lesions without a patch, or whose stored patch cannot be decoded (bad
+        blob, shape or codec), are skipped.  Skipped lesions are counted by reason in ``skipped``;
+        a bad row never stops the others.
+
+        Memory: the patches are decoded one row at a time straight into one float16 array of
+        ``N x patch size`` (N x 192 KiB for today's 3 x 32^3 patches: 500 lesions ~ 94 MiB); a
+        set needing more than :data:`LABELLED_PATCH_BYTES_LIMIT` is refused with the count.
         """
-        sql = ("SELECT uid, case_hash, case_name, model_id, decision, confidence, features, patch, patch_shape, "
-               "patch_codec, centroid_x, centroid_y, centroid_z FROM decisions WHERE decision != 'unsure'")
+        where = " WHERE decision != 'unsure'"
         params: list = []
+        model_sql = ""
         if model_ids:
-            sql += f" AND model_id IN ({','.join('?' * len(model_ids))})"
+            model_sql = f" AND model_id IN ({','.join('?' * len(model_ids))})"
             params = list(model_ids)
         skipped: dict[str, int] = {}
-        n_unsure = self._query("SELECT COUNT(*) FROM decisions WHERE decision = 'unsure'")[0][0]
+
+        def skip(reason: str) -> None:
+            skipped[reason] = skipped.get(reason, 0) + 1
+
+        n_unsure = self._query("SELECT COUNT(*) FROM decisions WHERE decision = 'unsure'" + model_sql, params)[0][0]
         if n_unsure:
             skipped["unsure"] = int(n_unsure)
-        labels, feats, patches, hashes, names, models, confs, uids, cents = [], [], [], [], [], [], [], [], []
+        n_rows = int(self._query("SELECT COUNT(*) FROM decisions" + where + model_sql, params)[0][0])
+        sql = ("SELECT uid, case_hash, case_name, model_id, lesion_key, decision, confidence, features, decided_at, "
+               "centroid_x, centroid_y, centroid_z" + (", patch, patch_shape, patch_codec" if with_patches else "")
+               + " FROM decisions" + where + model_sql + " ORDER BY id")
+        cols: dict[str, list] = {k: [] for k in ("labels", "feats", "hashes", "names", "models", "confs", "uids",
+                                                 "cents", "keys", "times")}
+        patches = None
+        n = 0
         con = self._conn()
         try:
-            cursor = con.execute(sql + " ORDER BY id", params)
-            for r in cursor:
-                f = json.loads(r["features"] or "{}")
-                if feature_names is not None and any(n not in f for n in feature_names):
-                    skipped["missing features"] = skipped.get("missing features", 0) + 1
+            for r in con.execute(sql, params):
+                try:
+                    f = json.loads(r["features"] or "{}")
+                    if not isinstance(f, dict):
+                        raise ValueError
+                except ValueError:
+                    skip("unreadable features")
                     continue
-                p = None
+                if feature_names is not None and any(k not in f for k in feature_names):
+                    skip("missing features")
+                    continue
                 if with_patches:
-                    p = decode_patch(r["patch"], r["patch_shape"], r["patch_codec"])
+                    try:
+                        p = decode_patch(r["patch"], r["patch_shape"], r["patch_codec"])
+                    except (FeedbackStoreError, ValueError):
+                        skip("unreadable patch")
+                        continue
                     if p is None:
-                        skipped["no patch"] = skipped.get("no patch", 0) + 1
+                        skip("no patch")
                         continue
-                    if patches and p.shape != patches[0].shape:
-                        skipped["patch shape"] = skipped.get("patch shape", 0) + 1
+                    if patches is None:
+                        need = n_rows * p.nbytes
+                        if need > LABELLED_PATCH_BYTES_LIMIT:
+                            raise FeedbackStoreError(
+                                f"{self.path}: {n_rows} labelled lesions need {need / 2**30:.1f} GiB of patches, more "
+                                f"than {LABELLED_PATCH_BYTES_LIMIT / 2**30:.0f} GiB; choose fewer models (--only-model)")
+                        patches = np.empty((n_rows, *p.shape), np.float16)
+                    elif p.shape != patches.shape[1:]:
+                        skip("patch shape")
                         continue
-                    patches.append(p)
-                labels.append(1 if r["decision"] == "accepted" else 0)
-                feats.append(f)
-                hashes.append(r["case_hash"])
-                names.append(r["case_name"])
-                models.append(r["model_id"])
-                confs.append(r["confidence"])
-                uids.append(r["uid"])
-                cents.append((r["centroid_x"] or 0.0, r["centroid_y"] or 0.0, r["centroid_z"] or 0.0))
+                    patches[n] = p
+                n += 1
+                cols["labels"].append(1 if r["decision"] == "accepted" else 0)
+                cols["feats"].append(f)
+                cols["hashes"].append(r["case_hash"])
+                cols["names"].append(r["case_name"])
+                cols["models"].append(r["model_id"])
+                cols["confs"].append(r["confidence"])
+                cols["uids"].append(r["uid"])
+                cols["cents"].append((r["centroid_x"] or 0.0, r["centroid_y"] or 0.0, r["centroid_z"] or 0.0))
+                cols["keys"].append(r["lesion_key"])
+                cols["times"].append(r["decided_at"])
         except sqlite3.DatabaseError as exc:
             raise FeedbackStoreError(f"cannot read {self.path}: {exc}") from None
         return LabelledSet(
-            labels=np.asarray(labels, dtype=np.int64),
-            features=feats,
-            patches=np.stack(patches) if patches else None,
-            case_hashes=hashes,
-            case_names=names,
-            model_ids=models,
-            confidences=np.asarray(confs, dtype=float),
-            uids=uids,
-            centroids=np.asarray(cents, dtype=float).reshape(-1, 3),
+            labels=np.asarray(cols["labels"], dtype=np.int64),
+            features=cols["feats"],
+            patches=patches[:n] if patches is not None and n else None,
+            case_hashes=cols["hashes"],
+            case_names=cols["names"],
+            model_ids=cols["models"],
+            confidences=np.asarray(cols["confs"], dtype=float),
+            uids=cols["uids"],
+            centroids=np.asarray(cols["cents"], dtype=float).reshape(-1, 3),
             skipped=skipped,
+            lesion_keys=cols["keys"],
+            decided_at=cols["times"],
         )
 
     def verify(self) -> list[str]:
@@ -431,41 +486,3 @@ class FeedbackStore:
         from .exchange import import_file
 
         return import_file(self, src, source)
-
-
-# ----------------------------------------------------------------------------- helpers
-def _decision_row(d) -> dict:
-    """A :class:`~LesionSegLib.review.Decision` (or a dict with its fields) as a DB row dict."""
-    get = (lambda k, default=None: d.get(k, default)) if isinstance(d, dict) else (lambda k, default=None: getattr(d, k, default))
-    centroid = tuple(float(v) for v in (get("centroid_lps") or (0.0, 0.0, 0.0)))
-    lesion_id = int(get("lesion_id", 0))
-    patch, shape = encode_patch(get("patch"))
-    feats = {str(k): float(v) for k, v in (get("features") or {}).items()}
-    bbox = get("bbox_ijk")
-    return {
-        "case_hash": str(get("case_hash") or ""),
-        "case_name": str(get("case_name") or ""),
-        "model_id": str(get("model_id") or ""),
-        "lesion_key": lesion_key(centroid, lesion_id),
-        "lesion_id": lesion_id,
-        "decision": str(get("decision")),
-        "confidence": float(get("confidence", 0.0)),
-        "centroid": centroid,
-        "volume_ml": float(get("volume_ml", 0.0) or 0.0),
-        "diameter_mm": float(get("diameter_mm", 0.0) or 0.0),
-        "bbox": json.dumps(_plain(bbox)) if bbox is not None else None,
-        "features": json.dumps(feats, sort_keys=True),
-        "patch": patch,
-        "patch_shape": shape,
-        "patch_codec": PATCH_CODEC if patch is not None else None,
-        "reviewer": str(get("reviewer") or ""),
-        "decided_at": str(get("timestamp") or _now()),
-    }
-
-
-def _plain(x):
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x

@@ -16,11 +16,9 @@ the process this job started and all its descendants (psutil), terminate then ki
 from __future__ import annotations
 
 import collections
-import copy
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -312,53 +310,53 @@ class RetrainJob(ChildProcessJob):
 
 def register_segmenter(seg_dir: str | os.PathLike, base_model: str | None, output: str | None) -> models.ModelCard:
     """A new model version: the segmenter trained in ``seg_dir`` plus ``base_model``'s classifier
-    (copied; retrain it on the new segmenter's clusters with ``lesionseg retrain --include-gt``)."""
-    from ..common import utc_now as _now
-    from .model_writer import resolve_output
+    (copied; retrain it on the new segmenter's clusters with ``lesionseg retrain --include-gt``).
+
+    The card holds the new segmenter's own training data and validation (Dice on the model grid
+    from its training run); the classifier is marked as inherited, and the parent is a link only."""
+    import hashlib
+
+    from ..common import utc_now
+    from .model_writer import inherited, parent_link, resolve_output, write_version
 
     seg_dir = Path(seg_dir)
     cfg_path = seg_dir / "segmenter.json"
     if not cfg_path.exists():
         raise TrainingJobError(f"{seg_dir} has no segmenter.json (did the training finish?)")
-    seg_cfg = json.loads(cfg_path.read_text())
-    weights = seg_dir / seg_cfg["file"]
-    if models.sha256_file(weights) != seg_cfg.get("sha256"):
+    try:
+        seg_cfg = json.loads(cfg_path.read_text())
+        weights = models.confined(seg_dir, seg_cfg["file"], "segmenter file")
+        blob = weights.read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingJobError(f"{cfg_path} is not a usable segmenter description: {exc}") from None
+    if hashlib.sha256(blob).hexdigest() != seg_cfg.get("sha256"):
         raise ModelError(f"{weights} does not match the sha256 in {cfg_path}")
     parent = models.get_card(base_model)
     name, version, folder = resolve_output(parent, output or parent.name)
-    if folder.exists():
-        raise TrainingJobError(f"{folder} already exists")
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        data = copy.deepcopy(parent.data)
-        training = seg_cfg.pop("training", {})
-        shutil.copy2(weights, tmp / "segmenter.safetensors")
-        seg_cfg["file"] = "segmenter.safetensors"
-        files = {"segmenter.safetensors": seg_cfg["sha256"]}
-        if "classifier" in parent.data:
-            src = parent.verified_path("classifier")
-            shutil.copy2(src, tmp / parent.data["classifier"]["file"])
-            files[parent.data["classifier"]["file"]] = parent.data["classifier"]["sha256"]
-        dice = training.get("final_val_dice_model_grid") or {}
-        data.update({
+    training = seg_cfg.pop("training", {})
+    dice = training.get("final_val_dice_model_grid") or {}
+
+    def build(tmp: Path) -> dict:
+        sections, files = inherited(parent, tmp, keys=("classifier",))
+        (tmp / "segmenter.safetensors").write_bytes(blob)
+        files["segmenter.safetensors"] = seg_cfg["sha256"]
+        return {
+            **sections,
             "name": name,
             "version": version,
-            "created": _now(),
+            "created": utc_now(),
             "description": f"segmenter retrained from {seg_dir}; classifier inherited from {parent.id} (retrain it)",
-            "segmenter": seg_cfg,
-            "parent": {"id": parent.id, "folder": str(parent.folder), "metrics": parent.data.get("metrics", {})},
+            "segmenter": {**seg_cfg, "file": "segmenter.safetensors"},
+            "parent": parent_link(parent),
+            "data": {k: training[k] for k in ("images", "train_cases", "val_cases") if k in training},
+            "validation": {
+                "segmenter_dice_model_grid": dice,
+                "what": "Dice of the segmenter alone on its validation cases, on the model grid, from its training run; "
+                        f"the confidence classifier was trained for {parent.id}'s segmenter and is not validated with this one",
+            },
             "metrics": {"val_dice_model_grid": sum(dice.values()) / len(dice)} if dice else {},
-            "training": {**data.get("training", {}), "segmenter": training},
+            "training": {"segmenter": training},
             "files": files,
-        })
-        models.ModelCard(tmp, data).verified_path("segmenter")
-        (tmp / "card.partial.json").write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp / "card.partial.json", tmp / models.CARD_NAME)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return models.read_card(folder)
+        }
+
+    return write_version(folder, build)

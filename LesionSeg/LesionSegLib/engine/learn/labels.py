@@ -1,12 +1,20 @@
 """Labelled lesions for the confidence classifier: from the feedback store and from ground truth.
 
 * **Review**: every *accepted* (1) and *rejected* (0) lesion in the feedback database whose
-  stored features match this engine's ``FEATURE_NAMES`` and that has a patch; *unsure* ones
-  are left out.
+  stored features match this engine's ``FEATURE_NAMES`` and that has a readable patch; *unsure*
+  ones are left out.  A lesion is identified by its case and stored lesion key: its centroid
+  (the same lesion whichever model found it, as long as the segmenter is the same) or, without
+  a centroid, its lesion id within that model's run.  When one lesion was reviewed more than
+  once (under two model versions), the **latest** decision is its label; the older ones are
+  counted as "superseded by a later review".  By default only decisions made with models that
+  share the base model's segmenter are used (:func:`compatible_models`).
 * **Ground truth** (folders ``DIR/<case>/image.nii.gz`` + ``label.nii.gz``): the model segments
   each image with threshold 0 (every candidate) and each candidate is labelled by the matching
   rule of :mod:`..evaluate.matching`.  When a lesion is both reviewed and in the ground truth,
   the human decision wins (pass the reviewed data first to :func:`merge`).
+
+Cross-validation groups are **patients**: the case name (:func:`patient_of`), so two scans or
+copies of one patient never sit on both sides of a fold.
 """
 from __future__ import annotations
 
@@ -33,10 +41,10 @@ class TrainingData:
     patches: np.ndarray  # (N, C, z, y, x) float16
     features: np.ndarray  # (N, F) float32, columns = FEATURE_NAMES
     labels: np.ndarray  # (N,) int 1 = true lesion, 0 = false positive
-    groups: list[str]  # case hash per lesion (cross-validation groups)
+    groups: list[str]  # patient (case name) per lesion: the cross-validation groups
     sources: list[str]  # "review" or "gt"
     case_names: list[str]
-    keys: list[str] = field(default_factory=list)  # case_hash|lesion_key, for de-duplication
+    keys: list[str] = field(default_factory=list)  # lesion identity (see :func:`review_key`), for de-duplication
     skipped: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -66,8 +74,34 @@ class TrainingData:
         return out
 
 
+#: why a ground-truth label was left out when merging
+REVIEW_WINS = "ground-truth label of a reviewed lesion (the review wins)"
+SUPERSEDED = "superseded by a later review"
+OTHER_SEGMENTER = "made with a model of another segmenter"
+
+
+def patient_of(case_name: str, case_hash: str = "") -> str:
+    """The cross-validation group of a case: its name, with a ``~k`` copy suffix removed (perturbed
+    copies ``<case>~1`` belong to ``<case>``); the case hash when there is no name."""
+    name = (case_name or "").strip()
+    base, sep, tail = name.rpartition("~")
+    if sep and base and tail.isdigit():
+        name = base
+    return name or case_hash
+
+
+def review_key(case_hash: str, model_id: str, stored_key: str) -> str:
+    """Identity of a reviewed lesion: ``case|c:<centroid>`` (any model of one segmenter finds the
+    same lesion at the same centroid), or ``case|model|id:<n>`` when no centroid was stored (lesion
+    ids are numbers within one model's run)."""
+    if stored_key.startswith("c:"):
+        return f"{case_hash}|{stored_key}"
+    return f"{case_hash}|{model_id}|{stored_key}"
+
+
 def merge(*parts: TrainingData) -> TrainingData:
-    """Concatenate, keeping the first occurrence of a lesion (pass the reviewed data first)."""
+    """Concatenate, keeping the first occurrence of a lesion (pass the reviewed data first: a
+    ground-truth label of a reviewed lesion is left out, counted as :data:`REVIEW_WINS`)."""
     parts = [p for p in parts if p is not None and len(p)]
     if not parts:
         raise RetrainError("no labelled lesions at all")
@@ -80,7 +114,7 @@ def merge(*parts: TrainingData) -> TrainingData:
         for i in range(len(p)):
             key = p.keys[i] if p.keys else None
             if key is not None and key in seen:
-                skipped["duplicate of a reviewed lesion"] = skipped.get("duplicate of a reviewed lesion", 0) + 1
+                skipped[REVIEW_WINS] = skipped.get(REVIEW_WINS, 0) + 1
                 continue
             if key is not None:
                 seen.add(key)
@@ -100,26 +134,69 @@ def merge(*parts: TrainingData) -> TrainingData:
     )
 
 
-def from_store(store, model_ids: Sequence[str] | None = None) -> TrainingData:
-    """Accepted / rejected lesions of a feedback store (path or :class:`FeedbackStore`)."""
-    from ..feedback import FeedbackStore, lesion_key
+def compatible_models(store, parent) -> tuple[list[str], dict[str, int]]:
+    """Model ids in ``store`` whose segmenter is ``parent``'s (same segmenter sha256), and the
+    number of decisions made with each other model (unknown ids count as other)."""
+    from .. import models
+
+    seg = (parent.data.get("segmenter") or {}).get("sha256")
+    registry = {c.id: c for c in models.list_models()}
+    keep, other = [], {}
+    for mid, counts in store.stats()["by_model"].items():
+        card = parent if mid == parent.id else registry.get(mid)
+        if card is not None and seg and (card.data.get("segmenter") or {}).get("sha256") == seg:
+            keep.append(mid)
+        else:
+            other[mid] = int(sum(counts.values()))
+    return keep, other
+
+
+def from_store(store, model_ids: Sequence[str] | None = None, parent=None) -> TrainingData:
+    """Accepted / rejected lesions of a feedback store (path or :class:`FeedbackStore`).
+
+    ``model_ids``: only decisions made with these models; else, with ``parent`` (a model card),
+    only those of models sharing its segmenter (the others are counted as left out); else all.
+    """
+    from ..feedback import FeedbackStore
+    from ..feedback.schema import parse_time
     from ..segment.features import FEATURE_NAMES, feature_matrix
 
     own = not isinstance(store, FeedbackStore)
     st = FeedbackStore(store, readonly=True) if own else store
+    skipped: dict[str, int] = {}
     try:
-        ls = st.labelled(model_ids=model_ids, feature_names=FEATURE_NAMES, with_patches=True)
+        if not model_ids and parent is not None:
+            model_ids, other = compatible_models(st, parent)
+            if other:
+                skipped[OTHER_SEGMENTER] = sum(other.values())
+        ls = st.labelled(model_ids=model_ids, feature_names=FEATURE_NAMES) if model_ids is None or model_ids else None
     finally:
         if own:
             st.close()
-    if len(ls) == 0:
+    if ls is not None:
+        skipped.update(ls.skipped)
+    if ls is None or len(ls) == 0:
         d = TrainingData.empty(len(FEATURE_NAMES))
-        d.skipped = dict(ls.skipped)
+        d.skipped = skipped
         return d
-    feats = np.nan_to_num(feature_matrix(ls.features), nan=0.0, posinf=0.0, neginf=0.0)
-    keys = [f"{h}|{lesion_key(c, 0)}" for h, c in zip(ls.case_hashes, ls.centroids)]
-    return TrainingData(ls.patches, feats, ls.labels, list(ls.case_hashes), ["review"] * len(ls),
-                        list(ls.case_names), keys, dict(ls.skipped))
+    keys = [review_key(h, m, k) for h, m, k in zip(ls.case_hashes, ls.model_ids, ls.lesion_keys)]
+    # one label per lesion: the latest decision (ties, or unreadable times: the later row)
+    times = [parse_time(t) for t in ls.decided_at]
+
+    def order(i: int):
+        return (times[i] is not None, times[i].timestamp() if times[i] else 0.0, i)
+
+    latest: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k not in latest or order(i) > order(latest[k]):
+            latest[k] = i
+    keep = sorted(latest.values())
+    if len(keep) < len(keys):
+        skipped[SUPERSEDED] = len(keys) - len(keep)
+    feats = np.nan_to_num(feature_matrix([ls.features[i] for i in keep]), nan=0.0, posinf=0.0, neginf=0.0)
+    return TrainingData(ls.patches[keep], feats, ls.labels[keep],
+                        [patient_of(ls.case_names[i], ls.case_hashes[i]) for i in keep], ["review"] * len(keep),
+                        [ls.case_names[i] for i in keep], [keys[i] for i in keep], skipped)
 
 
 def find_gt_cases(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]:
@@ -194,7 +271,7 @@ def from_ground_truth(folder, engine, cases: Sequence[str] | None = None, progre
                     patches.append(les.patch)
                     feats.append(les.features)
                     labels.append(int(tp))
-                    groups.append(h)
+                    groups.append(patient_of(name, h))
                     names.append(name)
                     keys.append(key)
                     n += 1

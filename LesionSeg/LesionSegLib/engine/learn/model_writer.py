@@ -1,86 +1,155 @@
-"""Writing a new model version into the user model folder (retraining, segmenter registration)."""
+"""Writing a new model version (retraining, segmenter registration): one helper for both.
+
+Rules
+-----
+* **Where**: ``None`` (the parent's name, next version), ``name`` or ``name@version`` go to
+  ``<user models>/<name>/<version>``; name and version are checked
+  (:func:`models.check_model_id`: no separator, no ``..``), so ``name@../../x`` is refused.  A
+  folder is used only when the user gives an explicit path (:func:`models.is_explicit_path`).
+* **How**: :func:`write_version` builds the folder under a temporary name
+  (:func:`..atomic.atomic_folder`), checks the sha256 of every weight file the card names,
+  writes the card last and renames the folder into place; a failed or cancelled job leaves
+  nothing that looks like a model.  Files keep fixed plain names (``segmenter.safetensors``,
+  ``classifier.safetensors``), never a name taken from another card, and inherited weights are
+  copied from the bytes whose checksum was verified.
+* **What**: a new card holds its *own* data, validation and metrics.  From the parent it keeps
+  what runs the model (architecture, the network configs, post-processing) and a ``parent``
+  link (id, sha256 of its weight files); never its ``validation``, ``metrics`` or ``data``.
+"""
 from __future__ import annotations
 
 import copy
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .. import models
+from ..atomic import atomic_folder, write_text
 from ..common import utc_now
+from ..errors import ModelError
 from .labels import RetrainError
+
+#: card sections that describe how to run the model (inherited); everything else is the model's own
+RUN_SECTIONS = ("architecture", "segmenter", "postprocess", "confidence_threshold")
+WEIGHT_FILES = {"segmenter": "segmenter.safetensors", "classifier": "classifier.safetensors"}
 
 
 def resolve_output(parent: models.ModelCard, output: str | os.PathLike | None) -> tuple[str, str, Path]:
-    """(name, version, folder) of the new model: ``None`` (parent's name, next version), ``name``,
-    ``name@version``, or a folder path (outside the registry unless under the user models folder)."""
+    """(name, version, folder) of the new model (see the module rules)."""
     from .versions import next_version
 
     text = "" if output is None else str(output)
-    if text and (os.sep in text or "/" in text or text.startswith(".")):
+    if text and models.is_explicit_path(output):
         folder = Path(text).expanduser().resolve()
+        try:
+            models.check_model_id(folder.name)
+        except ModelError:
+            raise RetrainError(f"output folder name {folder.name!r} is not a valid model name "
+                               "(letters, digits, '-', '_' and '.' only)") from None
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise RetrainError(f"output folder {folder} exists and is not empty")
         return folder.name, "1", folder
-    name, _, version = (text or parent.name).partition("@")
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise RetrainError(f"invalid model name {name!r} (letters, digits, '-', '_' and '.' only)")
+    name, at, version = (text or parent.name).partition("@")
+    try:
+        models.check_model_id(name, version if at else None)
+    except ModelError as exc:
+        raise RetrainError(f"{exc}; give a model name, name@version, or an explicit folder such as ./{name or 'model'}") from None
     version = version or next_version(name)
     if any(c.name == name and c.version == version for c in models.list_models()):
         raise RetrainError(f"model {name}@{version} already exists; choose another name or version")
-    return name, version, models.user_models_dir() / name / version
+    root = models.user_models_dir()
+    folder = root / name / version
+    try:  # belt and braces: the checked name and version cannot leave the user folder
+        folder.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise RetrainError(f"model {name}@{version} would be written outside {root}") from None
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise RetrainError(f"output folder {folder} exists and is not empty")
+    return name, version, folder
 
 
-def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics: dict, oof: dict | None = None) -> models.ModelCard:
-    """Write the new version atomically (temporary folder renamed into place) and return its card."""
+def write_version(folder: Path, build: Callable[[Path], dict]) -> models.ModelCard:
+    """Build a model folder atomically: ``build(tmp)`` writes the weight files into ``tmp`` and
+    returns the card; every weight file the card names is checked, the card is written last."""
+    try:
+        with atomic_folder(folder) as tmp:
+            data = build(tmp)
+            card = models.ModelCard(tmp, data)
+            for key in WEIGHT_FILES:
+                if key in data:
+                    card.verified_bytes(key)
+            write_text(tmp / models.CARD_NAME, json.dumps(data, indent=2) + "\n")
+    except FileExistsError as exc:
+        raise RetrainError(str(exc)) from None
+    return models.read_card(folder)
+
+
+def inherited(parent: models.ModelCard, tmp: Path, keys=("segmenter",)) -> tuple[dict, dict]:
+    """The parent's run sections, with the weight files of ``keys`` copied into ``tmp`` from their
+    verified bytes; returns ``(sections, files)`` (``files``: name -> sha256)."""
+    sections = {k: copy.deepcopy(parent.data[k]) for k in RUN_SECTIONS if k in parent.data}
+    files = {}
+    for key in keys:
+        if key not in parent.data:
+            continue
+        part = copy.deepcopy(parent.data[key])
+        name = WEIGHT_FILES[key]
+        (tmp / name).write_bytes(parent.verified_bytes(key))
+        part["file"] = name
+        part["inherited_from"] = parent.id
+        sections[key] = part
+        files[name] = part["sha256"]
+    return sections, files
+
+
+def parent_link(parent: models.ModelCard) -> dict:
+    """Which model this one came from: id and the sha256 of its weights (never its results)."""
+    link = {"id": parent.id, "folder": str(parent.folder)}
+    for key in WEIGHT_FILES:
+        if key in parent.data:
+            link[f"{key}_sha256"] = parent.data[key].get("sha256")
+    return link
+
+
+def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics: dict, oof: dict | None = None,
+                data: dict | None = None) -> models.ModelCard:
+    """Write a retrained classifier as a new version and return its card.
+
+    ``data``: what it was trained on (feedback database, ground-truth folder, cases, label
+    counts); ``metrics``: its own cross-validated figures (``fit_and_validate``)."""
     from ..segment.classifier import save_classifier
 
     name, version, folder = resolve_output(parent, output)
-    if folder.exists() and any(folder.iterdir()):
-        raise RetrainError(f"output folder {folder} exists and is not empty")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        data = copy.deepcopy(parent.data)
-        files = {}
-        for key, part in parent.data.items():
-            if key == "classifier" or not (isinstance(part, dict) and "file" in part):
-                continue
-            src = parent.verified_path(key)  # checksum verified before copying
-            shutil.copy2(src, tmp / part["file"])
-            files[part["file"]] = part["sha256"]
-        section = save_classifier(cm, tmp, "classifier.safetensors")
+
+    def build(tmp: Path) -> dict:
+        sections, files = inherited(parent, tmp, keys=("segmenter",))
+        section = save_classifier(cm, tmp, WEIGHT_FILES["classifier"])
         section["training"] = {k: v for k, v in retraining.items() if k in ("trainer", "timings", "seed")}
         files[section["file"]] = section["sha256"]
-        parent_cls = parent.data.get("classifier", {})
-        data.update(
-            {
-                "name": name,
-                "version": version,
-                "created": utc_now(),
-                "description": f"{parent.data.get('description', parent.id)} | confidence classifier retrained "
-                f"on {retraining['label_counts']['total']} labelled lesions",
-                "classifier": section,
-                "parent": {
-                    "id": parent.id,
-                    "classifier_sha256": parent_cls.get("sha256"),
-                    "folder": str(parent.folder),
-                    "metrics": parent.data.get("metrics", {}),
-                },
-                "retraining": retraining,
-                "metrics": {
-                    "retrain_cv_auc": metrics["new"]["auc"],
-                    "retrain_cv_ece": metrics["new"]["ece"],
-                    "parent_auc_same_labels": metrics["old"]["auc"],
-                    "parent_ece_same_labels": metrics["old"]["ece"],
-                    "n_labels": retraining["label_counts"]["total"],
-                },
-                "files": files,
-            }
-        )
+        card = {
+            **sections,
+            "name": name,
+            "version": version,
+            "created": utc_now(),
+            "description": f"{parent.data.get('description', parent.id)} | confidence classifier retrained "
+            f"on {retraining['label_counts']['total']} labelled lesions",
+            "classifier": section,
+            "parent": parent_link(parent),
+            "data": data if data is not None else {"label_counts": retraining["label_counts"]},
+            "validation": {**metrics, "what": "cross-validation of the retraining labels (see 'data'); "
+                                              "the parent's validation figures are in the parent's card"},
+            "metrics": {
+                "retrain_cv_auc": metrics["new"]["auc"],
+                "retrain_cv_ece": metrics["new"]["ece"],
+                "parent_auc_same_labels": metrics["old"]["auc"],
+                "parent_ece_same_labels": metrics["old"]["ece"],
+                "n_labels": retraining["label_counts"]["total"],
+            },
+            "retraining": retraining,
+            "files": files,
+        }
         if oof is not None:
             try:
                 from ..evaluate.plots import save_validation_plot
@@ -88,16 +157,6 @@ def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics:
                 save_validation_plot(oof, tmp / "validation.png", title=f"{name}@{version} vs {parent.id}")
             except Exception as exc:  # a plot must never fail the retraining
                 print(f"warning: no validation plot: {exc}", file=sys.stderr)
-        for key in ("segmenter", "classifier"):  # everything the card names is there and matches
-            if key in data:
-                models.ModelCard(tmp, data).verified_path(key)
-        # the card appears last, so a killed job never leaves a folder that looks like a model
-        (tmp / "card.partial.json").write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp / "card.partial.json", tmp / models.CARD_NAME)
-        if folder.exists():
-            folder.rmdir()
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return models.read_card(folder)
+        return card
+
+    return write_version(folder, build)

@@ -2,11 +2,14 @@
 
     lesionseg retrain --feedback DB [--base-model NAME] [--include-gt DIR] [-o NEW_MODEL] [--activate]
 
-Labels
+Labels (see :mod:`.labels`)
 ------
 * **Review**: every *accepted* (1) and *rejected* (0) lesion in the feedback database whose
-  stored features match this engine's ``FEATURE_NAMES`` and that has a patch; *unsure* ones
-  are left out.
+  stored features match this engine's ``FEATURE_NAMES`` and that has a readable patch; *unsure*
+  ones are left out; a lesion reviewed twice counts once, with its latest decision.  Only
+  decisions made with models sharing the base model's segmenter (same segmenter sha256) are
+  used, unless ``all_models`` (``--all-models``) or ``model_ids`` (``--only-model``) say
+  otherwise; how many were left out is in the label counts and the summary.
 * **Ground truth** (``--include-gt DIR``, folders ``DIR/<case>/image.nii.gz`` + ``label.nii.gz``):
   the base model segments each image with threshold 0 (every candidate) and each candidate is
   labelled by the matching rule of :mod:`.matching` (TP when IoU >= 0.1 or >= 50 % inside a
@@ -24,23 +27,27 @@ less than re-learning the CNN.  ``mode="full"`` retrains the whole network with
 
 Validation
 ----------
-K-fold cross-validation grouped by case (a case's lesions are never split between training and
-test; stratified by label), giving an out-of-fold confidence for every labelled lesion.  The
+K-fold cross-validation grouped by patient (the case name: a patient's lesions, from any of its
+scans or copies, are never split between training and test; stratified by label), giving an
+out-of-fold confidence for every labelled lesion.  The
 temperature of fold k is fitted on the out-of-fold logits of the other folds, so the reported
 ECE is honest too.  The base model is scored on exactly the same lesions: AUC (ROC, TP vs FP)
-and ECE (10 equal-width bins) for old and new, from :mod:`.evaluate`.  The final model is
-trained on all labels, with the temperature fitted on all out-of-fold logits.
+and ECE (10 equal-width bins) for old and new, from :mod:`..evaluate`.  In ``head`` mode the
+pull towards the base weights is chosen among :attr:`HeadTrainer.SETTINGS` by the best
+out-of-fold AUC, then the lowest log-loss, then the stronger pull (disclosed in the card as
+slightly optimistic).  The final model is trained on all labels, with the temperature fitted on
+all out-of-fold logits.
 
 Guards: fewer than ``min_labels`` labels, or fewer than ``min_per_class`` of either class,
 raise :class:`RetrainError` with the counts.
 
 Output
 ------
-A new model version in the user model folder: the parent's card with the new ``classifier``
-section, ``parent`` (id, classifier sha256, metrics), ``retraining`` (label counts, validation,
-timings), ``metrics`` (the new cross-validated figures) and the sha256 of every weight file; the
-segmenter weights are copied from the parent (checksum verified).  A ``validation.png`` (ROC
-and reliability diagram, old vs new) is written beside the card.
+A new model version in the user model folder (see :mod:`.model_writer`): the parent's run
+sections and segmenter weights (checksum verified), the new ``classifier``, a ``parent`` link
+(id, sha256), its own ``data`` (labels used), ``validation`` and ``metrics`` (cross-validated,
+never the parent's), ``retraining`` (trainer, timings) and the sha256 of every weight file.  A
+``validation.png`` (ROC and reliability diagram, old vs new) is written beside the card.
 """
 from __future__ import annotations
 
@@ -54,7 +61,7 @@ from .. import models
 from ..common import Progress, check_cancel, span, utc_now
 from ..errors import ModelError
 from .labels import MIN_LABELS, MIN_PER_CLASS, RetrainError, TrainingData, check_labels, find_gt_cases, from_ground_truth, from_store, merge
-from .model_writer import write_model
+from .model_writer import resolve_output, write_model
 from .validation import DEFAULT_FOLDS, fit_and_validate
 
 def _describe_setting(setting: dict | None) -> str:
@@ -79,9 +86,10 @@ class RetrainResult:
         o, n = self.metrics["old"], self.metrics["new"]
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         c = self.label_counts
+        left = "".join(f"; {v} {k}" for k, v in sorted(c.get("skipped", {}).items()))
         return (
             f"new model {self.card.id} ({self.card.folder})\n"
-            f"  labels: {c['total']} ({c['positive']} true, {c['negative']} false) from {c['cases']} cases\n"
+            f"  labels: {c['total']} ({c['positive']} true, {c['negative']} false) from {c['cases']} patients{left}\n"
             f"  {self.metrics['validation']}, {self.metrics['evaluated']} lesions scored\n"
             f"  {'':8s} {'AUC':>7s} {'ECE':>7s} {'Brier':>7s}\n"
             f"  {'before':8s} {f(o['auc']):>7s} {f(o['ece']):>7s} {f(o['brier']):>7s}   ({self.card.data['parent']['id']})\n"
@@ -99,6 +107,7 @@ def retrain(
     gt_cases: Sequence[str] | None = None,
     gt_prob_thresholds: Sequence[float] | None = None,
     model_ids: Sequence[str] | None = None,
+    all_models: bool = False,
     mode: str = "head",
     folds: int = DEFAULT_FOLDS,
     epochs: int | None = None,
@@ -111,13 +120,17 @@ def retrain(
     cancel=None,
 ) -> RetrainResult:
     """Retrain the confidence classifier of ``base_model`` (default: the active model) from the
-    feedback store ``feedback`` (path or store; None = no review labels) and/or ground truth."""
+    feedback store ``feedback`` (path or store; None = no review labels) and/or ground truth.
+
+    Review decisions: those of ``model_ids`` if given, all of them with ``all_models``, else those
+    made with models sharing the base model's segmenter."""
     from ..segment.classifier import ConfidenceModel
 
     t0 = time.perf_counter()
     parent = models.get_card(base_model)
     if "classifier" not in parent.data:
         raise RetrainError(f"model {parent.id} has no classifier to retrain")
+    resolve_output(parent, output)  # a bad or taken output name fails before any training (R2)
     try:
         base = ConfidenceModel.from_card(parent)
     except ModelError as exc:
@@ -129,7 +142,7 @@ def retrain(
     parts = []
     review = None
     if feedback is not None:
-        review = from_store(feedback, model_ids)
+        review = from_store(feedback, model_ids, parent=None if all_models else parent)
         parts.append(review)
     if include_gt is not None:
         from ..segment.pipeline import Engine
@@ -162,7 +175,15 @@ def retrain(
         "timings": {**fv["timings"], "total_s": round(seconds, 2)},
         "seed": seed,
     }
-    card = write_model(parent, fv["model"], output, retraining, fv["metrics"], fv["oof"])
+    data_section = {
+        "feedback_db": retraining["feedback_db"],
+        "decisions_from": list(model_ids) if model_ids else ("all models" if all_models else
+                                                              f"models sharing the segmenter of {parent.id}"),
+        "ground_truth": retraining["ground_truth"],
+        "cases": sorted(set(data.case_names)),
+        "label_counts": counts,
+    }
+    card = write_model(parent, fv["model"], output, retraining, fv["metrics"], fv["oof"], data_section)
     activated = False
     if activate:
         from .versions import activate as _activate

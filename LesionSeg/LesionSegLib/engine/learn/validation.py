@@ -30,7 +30,8 @@ def score_metrics(labels, probs) -> dict:
 
 
 def make_folds(labels: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) -> tuple[list[np.ndarray], str]:
-    """Test-index arrays of a stratified K-fold grouped by case (by lesion when there is one case)."""
+    """Test-index arrays of a stratified K-fold grouped by ``groups`` (patients; by lesion when
+    there is only one)."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     y = np.asarray(labels)
@@ -39,12 +40,12 @@ def make_folds(labels: np.ndarray, groups: Sequence[str], k: int, seed: int = 0)
         k = max(2, min(k, n_groups))
         cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         splits = cv.split(np.zeros(len(y)), y, groups=list(groups))
-        how = f"{k}-fold cross-validation grouped by case ({n_groups} cases)"
+        how = f"{k}-fold cross-validation grouped by patient ({n_groups} patients)"
     else:
         k = max(2, min(k, int(min(y.sum(), len(y) - y.sum()))))
         cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         splits = cv.split(np.zeros(len(y)), y)
-        how = f"{k}-fold cross-validation by lesion (all labels come from one case)"
+        how = f"{k}-fold cross-validation by lesion (all labels come from one patient)"
     return [test for _, test in splits], how
 
 
@@ -93,9 +94,9 @@ def fit_and_validate(data: TrainingData, base, mode: str = "head", folds: int = 
     """Cross-validate, select the setting, then train the final model on all labels.
 
     In ``head`` mode the strength of the pull towards the base weights is chosen by
-    cross-validation (lowest out-of-fold log-loss, ties to the stronger pull) from
-    :attr:`HeadTrainer.SETTINGS`; the strongest keeps the base weights and only refits the
-    temperature, so a handful of labels cannot make the ranking worse than the base model's
+    cross-validation from :attr:`HeadTrainer.SETTINGS`: the best out-of-fold AUC (rounded to 4
+    digits), then the lowest log-loss, then the stronger pull; the strongest keeps the base
+    weights and only refits the temperature, so a handful of labels cannot make the ranking worse than the base model's
     unless the held-out folds say so.  Returns the new :class:`ConfidenceModel`, old/new
     metrics on the same lesions, the out-of-fold scores and the selection table.
     """

@@ -14,19 +14,14 @@ the default.  Writes are atomic (temporary file + rename) under a lock file.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
-import os
-from pathlib import Path
 
 from .. import models
+from ..atomic import write_text
+from ..common import utc_now
 from ..errors import ModelError
 
 LOG_LIMIT = 200
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager
@@ -48,28 +43,14 @@ def _locked():
 
 
 def read_state() -> dict:
-    f = models.active_file()
-    state = {"active": None, "history": [], "log": []}
-    if f.exists():
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{f} is not valid JSON ({exc}); fix or delete it to reset to the default model") from None
-        if not isinstance(data, dict):
-            raise ModelError(f"{f} does not hold a JSON object; fix or delete it")
-        state.update({k: data.get(k, state[k]) for k in state})
-        if state["active"] and not state["history"]:
-            state["history"] = [state["active"]]
-    return state
+    """``active.json`` (see :func:`models.read_active_state`, its one parser)."""
+    return models.read_active_state()
 
 
 def _write_state(state: dict) -> None:
-    f = models.active_file()
-    f.parent.mkdir(parents=True, exist_ok=True)
     state["log"] = state.get("log", [])[-LOG_LIMIT:]
-    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, f)
+    models.active_file().parent.mkdir(parents=True, exist_ok=True)
+    write_text(models.active_file(), json.dumps(state, indent=2) + "\n")
 
 
 def active_id() -> str:
@@ -121,7 +102,7 @@ def list_versions(name: str | None = None) -> list[dict]:
 def _resolve(model: str) -> models.ModelCard:
     """``name@version``, a folder, or ``name`` = its newest version (not the active one)."""
     text = str(model)
-    if "@" not in text and not Path(text).exists():
+    if "@" not in text and not models.is_explicit_path(text):
         found = [c for c in models.list_models() if c.name == text]
         if found:
             return max(found, key=lambda c: models._version_key(c.version))
@@ -142,7 +123,7 @@ def activate(model: str, reason: str = "activate") -> str:
             return card.id
         state["history"].append(card.id)
         state["active"] = card.id
-        state["log"].append({"event": reason, "id": card.id, "previous": previous, "at": _now()})
+        state["log"].append({"event": reason, "id": card.id, "previous": previous, "at": utc_now()})
         _write_state(state)
     return card.id
 
@@ -164,7 +145,7 @@ def rollback() -> str:
                 state["history"].pop()
         state["active"] = state["history"][-1] if state["history"] else None
         now_active = state["active"] or models.DEFAULT_MODEL
-        state["log"].append({"event": "rollback", "id": now_active, "previous": current, "at": _now()})
+        state["log"].append({"event": "rollback", "id": now_active, "previous": current, "at": utc_now()})
         _write_state(state)
     return now_active
 
