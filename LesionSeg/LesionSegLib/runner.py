@@ -5,11 +5,12 @@ volume to a private temporary folder, starts
 
     <python> -m LesionSegLib.engine.cli segment <input> -o <tmp>/out --progress json --save-features ...
 
-in a new process group (a new session on POSIX), reads its JSON progress lines from a reader
-thread and hands them to the caller through :meth:`poll` (the widget calls it from a QTimer).
-:meth:`cancel` kills the whole process tree and removes the temporary folder, so a cancelled
-run leaves neither a child process nor files behind; nothing is added to the scene until the
-caller loads a finished result with :meth:`load_result`.
+through the engine's one child-process runner (:class:`engine.process.ChildProcess`: own
+session/process group, reader threads, psutil tree kill), and hands its JSON progress lines to
+the caller through :meth:`poll` (the widget calls it from a QTimer).  :meth:`cancel` kills the
+whole process tree and removes the temporary folder, so a cancelled run leaves neither a child
+process nor files behind; nothing is added to the scene until the caller loads a finished
+result with :meth:`load_result`.
 
 No Qt and no Slicer here: the same class is used in tests with ``sys.executable``.
 """
@@ -21,32 +22,15 @@ import json
 import os
 import queue
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-#: folder that holds the ``LesionSegLib`` package (put on the child's PYTHONPATH)
-LIB_PARENT = str(Path(__file__).resolve().parents[1])
+from .engine.process import ChildProcess, child_env, python_executable, tree_alive
 
-
-def python_executable() -> str:
-    """The Python to run the engine with: ``PythonSlicer`` inside Slicer, else this interpreter."""
-    try:
-        import slicer  # noqa: F401
-
-        if hasattr(slicer, "app"):
-            exe = shutil.which("PythonSlicer")
-            if exe:
-                return exe
-    except ImportError:
-        pass
-    return sys.executable
+__all__ = ["BackgroundSegmentation", "load_cli_outputs", "process_group_alive", "python_executable"]
 
 
 class BackgroundSegmentation:
@@ -71,11 +55,12 @@ class BackgroundSegmentation:
         self.done_event: dict | None = None
         self.workdir: Path | None = None
         self.outdir: Path | None = None
-        self.proc: subprocess.Popen | None = None
+        self.proc: ChildProcess | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=60)
+        self._unread: queue.Queue = queue.Queue()  # stderr lines not yet fetched by new_lines() (the log box)
         self.notes: list[str] = []
         self._events: queue.Queue = queue.Queue()
-        self._threads: list[threading.Thread] = []
+        self._pids: list[int] = []
         self.started_at = 0.0
 
     # ------------------------------------------------------------------------ lifecycle
@@ -102,44 +87,32 @@ class BackgroundSegmentation:
         try:
             input_path = self.workdir / f"{self.stem}.nrrd"  # NRRD keeps the geometry in double precision
             sitk.WriteImage(self.image, str(input_path), useCompression=False)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = LIB_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            env["PYTHONUNBUFFERED"] = "1"
-            env.update(self.extra_env)
-            kwargs = {}
-            if os.name == "nt":
-                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
-            else:
-                kwargs["start_new_session"] = True  # own process group: cancel kills the whole tree
-            self.proc = subprocess.Popen(
-                self.command(str(input_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                env=env, cwd=str(self.workdir), text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
-            )
+            self.proc = ChildProcess(self.command(str(input_path)), env=child_env(extra=self.extra_env),
+                                     cwd=self.workdir, on_line=self._on_line).start()
         except Exception:
             self._remove_workdir()
             raise
         self.state = "running"
         self.started_at = time.monotonic()
-        for target, stream in ((self._read_stdout, self.proc.stdout), (self._read_stderr, self.proc.stderr)):
-            t = threading.Thread(target=target, args=(stream,), daemon=True)
-            t.start()
-            self._threads.append(t)
 
-    def _read_stdout(self, stream) -> None:
-        for line in stream:
-            line = line.strip()
-            if not line.startswith("{"):
-                continue
+    def _on_line(self, stream: str, line: str) -> None:
+        line = line.strip()
+        if stream == "stderr":
+            if line:
+                self.stderr_tail.append(line)
+                self._unread.put(line)
+        elif line.startswith("{"):
             try:
                 self._events.put(json.loads(line))
             except json.JSONDecodeError:
-                continue
+                pass
 
-    def _read_stderr(self, stream) -> None:
-        for line in stream:
-            line = line.rstrip()
-            if line:
-                self.stderr_tail.append(line)
+    def new_lines(self) -> list[str]:
+        """stderr lines since the last call (as ``engine.learn.jobs`` jobs offer them)."""
+        out = []
+        while not self._unread.empty():
+            out.append(self._unread.get_nowait())
+        return out
 
     def poll(self) -> list[dict]:
         """New events since the last call; updates :attr:`state`, :attr:`fraction`, :attr:`stage`."""
@@ -159,9 +132,7 @@ class BackgroundSegmentation:
             elif kind == "error":
                 self.error = str(ev.get("message") or "the engine failed")
         if self.state == "running" and self.proc is not None and self.proc.poll() is not None:
-            for t in self._threads:
-                t.join(timeout=5)
-            events += self.poll_remaining()
+            events += self.poll_remaining()  # the reader threads have ended: every line is in
             rc = self.proc.returncode
             self.notes = [ln[len("note: "):] for ln in self.stderr_tail if ln.startswith("note: ")]
             if rc == 0 and self.done_event is not None:
@@ -206,10 +177,8 @@ class BackgroundSegmentation:
 
     def cancel(self) -> None:
         """Kill the child process tree, wait for it, and delete the temporary folder."""
-        if self.proc is not None and self.proc.poll() is None:
-            kill_process_tree(self.proc)
-        for t in self._threads:
-            t.join(timeout=5)
+        if self.proc is not None:
+            self.proc.terminate()
         if self.state in ("idle", "running"):
             self.state = "cancelled"
         self._remove_workdir()
@@ -238,40 +207,21 @@ def _safe_stem(stem: str) -> str:
     return keep[:80] or "input"
 
 
-def kill_process_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    """Terminate ``proc`` and every process in its group (children included)."""
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
-    else:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # anything left in the group (workers that ignored SIGTERM)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - would need an unkillable process
-        pass
+def process_group_alive(pid: int) -> bool:
+    """Whether the child ``pid`` (the leader of its own session/process group) or any process
+    still in its group runs.  POSIX; on Windows only ``pid`` itself is looked at."""
+    import psutil
 
-
-def process_group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` still exists (POSIX)."""
-    if os.name == "nt":  # pragma: no cover
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    if not hasattr(os, "getpgid"):  # pragma: no cover - Windows
+        return tree_alive([pid])
+    group = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pid:
+                group.append(p.pid)
+        except (ProcessLookupError, PermissionError, OSError):
+            continue
+    return tree_alive(group)
 
 
 def load_cli_outputs(outdir, stem: str, reference, threshold: float | None = None, device: str = "cpu",

@@ -45,7 +45,7 @@ def model_folder() -> Path:
     builtin = [c for c in models.list_models() if c.builtin and c.name == models.DEFAULT_MODEL]
     if builtin:
         return max(builtin, key=lambda c: models._version_key(c.version)).folder
-    pytest.skip(f"no model: {models.DEFAULT_MODEL} is not in LesionSegLib/models (set LESIONSEG_TEST_MODEL)")
+    pytest.fail(f"no model: {models.DEFAULT_MODEL} is not in LesionSegLib/models (set LESIONSEG_TEST_MODEL)")  # a failure, never a skip
 
 
 def user_models_with_base(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
-"""Smoke run of the performance benchmark (``--quick``: one small real case, one repeat).
+"""Smoke run of the speed benchmark (``--quick``: one small real case, one repeat).
 
-The benchmark is not a timed test: this only checks that it runs end to end and that its JSON
-holds the per-stage timings, peak RSS and the speed-up against the dense reference.
+The benchmark is not a timed test: this only checks that it runs the whole ``lesionseg
+segment`` command and the yardstick side by side and that its JSON holds what the README cites.
 """
 from __future__ import annotations
 
@@ -30,26 +30,22 @@ def test_benchmark_quick_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # stdout is exactly the JSON
     assert report == json.loads(out.read_text())
-    assert "speed-up" in proc.stderr and "peak RSS" in proc.stderr  # the table
+    assert "yardstick inference" in proc.stderr and "ratio" in proc.stderr  # the table
+    assert report["command"].endswith("bench_segment.py " + " ".join(cmd[2:]))
 
-    assert report["quick"] is True and report["repeats"] == 1 and len(report["cases"]) == 1
-    case = report["cases"][0]
-    assert case["case"] == "STS_035" and case["shape_zyx"] == [63, 77, 70]
-    ours, ref = case["configs"]["lesionseg"], case["configs"]["dense"]
-    assert ours["model"] == ref["model"] and ours["roi_size"] == ref["roi_size"] and ours["overlap"] == ref["overlap"]
-    assert set(ours["median"]) == {"read", "preprocess", "inference", "clusters", "confidence", "write", "total"}
-    assert set(ref["median"]) == {"read", "preprocess", "inference", "clusters", "write", "total"}
-    for r in (ours, ref):
-        assert len(r["runs"]) == 1
-        stages = sum(v for k, v in r["median"].items() if k != "total")
-        assert 0 < stages <= r["median"]["total"] * 1.001 + 1e-3
-        assert r["median"]["inference"] > 0
-        # peak RSS from wait4 in the parent, VmHWM from the child itself: the same process
+    assert report["repeats"] == 1 and len(report["volumes"]) == 1
+    vol = report["volumes"][0]
+    assert vol["volume"] == "STS_035" and vol["shape_zyx"] == [63, 77, 70]
+    (ours,) = vol["lesionseg"]["runs"]
+    (yard,) = vol["yardstick"]["runs"]
+    # the whole command ran and wrote its outputs; its own stage timings fit inside its wall time
+    assert ours["outputs"] == ["STS_035.seg.nrrd", "STS_035_lesions.csv", "STS_035_lesions.nii.gz"]
+    assert set(ours["stages_s"]) >= {"read", "preprocess", "inference", "write"}
+    assert 0 < sum(ours["stages_s"].values()) < ours["total_s"]
+    assert yard["output_shape"] == [1, 2, 63, 77, 70]  # the yardstick ran on the native grid
+    assert 0 < yard["inference_s"] < yard["process_wall_s"]
+    for r in (ours, yard):
         assert 100 < r["peak_rss_mb"] < 64 * 1024
-        if r["vm_hwm_mb"] is not None:
-            assert r["vm_hwm_mb"] == pytest.approx(r["peak_rss_mb"], rel=0.1)
-        assert r["windows"] >= 1 and len(r["network_grid_zyx"]) == 3
-    assert ref["network_grid_zyx"] == case["shape_zyx"]  # the reference runs at native resolution
-    assert case["speedup_total"] == pytest.approx(ref["median"]["total"] / ours["median"]["total"])
-    assert case["speedup_inference"] == pytest.approx(ref["median"]["inference"] / ours["median"]["inference"])
-    assert isinstance(case["meets_rss_target"], bool) and isinstance(case["meets_speedup_target"], bool)
+        if r["ru_maxrss_mb"] is not None:  # psutil sampling and the kernel's peak agree
+            assert r["peak_rss_mb"] == pytest.approx(r["ru_maxrss_mb"], rel=0.15)
+    assert vol["ratio"] == pytest.approx(yard["inference_s"] / ours["total_s"])

@@ -1,12 +1,14 @@
 """``lesionseg segment INPUT... -o OUTDIR``: segment CT volumes and write their lesions."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import AtomicWriter
 from ..errors import LesionSegError
 from ..io.images import expand_inputs, output_stem
 from .common import Progress, emit
@@ -29,14 +31,39 @@ def save_features(result, path: str, case_hash: str) -> None:
     )
 
 
+def unique_inputs(inputs: list[Path]) -> tuple[list[Path], str | None]:
+    """Inputs with exact repeats dropped, and an error text when two different inputs would
+    write the same output files (same case name, compared as a case-insensitive file system
+    would): they are refused rather than one silently overwriting the other."""
+    seen: dict[str, Path] = {}
+    out: list[Path] = []
+    by_stem: dict[str, Path] = {}
+    for path in inputs:
+        key = os.path.normcase(os.path.abspath(path))
+        if key in seen:
+            continue
+        seen[key] = path
+        stem = output_stem(path)
+        other = by_stem.get(stem.casefold())
+        if other is not None:
+            return out, (f"inputs {other} and {path} would both write {stem}_lesions.* (same case name); "
+                         "rename one or segment them into different output folders")
+        by_stem[stem.casefold()] = path
+        out.append(path)
+    return out, None
+
+
 def cmd_segment(args) -> int:
-    from ..atomic import AtomicWriter
     from ..io.images import read_image
     from ..segment.pipeline import Engine, case_hash
 
-    inputs = expand_inputs(args.inputs)
+    inputs, clash = unique_inputs(expand_inputs(args.inputs))
     if not inputs:
         print("error: no input images", file=sys.stderr)
+        return 2
+    if clash:
+        emit(args, {"event": "error", "input": None, "message": clash})
+        print(f"error: {clash}", file=sys.stderr)
         return 2
     try:
         engine = Engine(args.model, args.device, threads=args.threads, runtime=args.runtime)
@@ -44,19 +71,19 @@ def cmd_segment(args) -> int:
         emit(args, {"event": "error", "input": None, "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for msg in engine.messages:
-        print(f"note: {msg}", file=sys.stderr)
     failed = 0
     totals: dict[str, float] = {}
+    noted: set[str] = set()
     for path in inputs:
         stem = output_stem(path)
-        prog = Progress(args.progress, str(path))
         t0 = time.perf_counter()
         writer = AtomicWriter(args.output)
+        prog = None
         try:
             t = time.perf_counter()
-            image = read_image(path)
+            image = read_image(path, validate=False)  # Engine.segment validates it, once
             read_s = time.perf_counter() - t
+            prog = Progress(args.progress, str(path))
             res = engine.segment(image, threshold=args.threshold, progress=prog, keep_patches=args.save_features, source=str(path))
             t = time.perf_counter()
             names = res.write_outputs(writer, stem)
@@ -67,7 +94,8 @@ def cmd_segment(args) -> int:
             timings = {"read": read_s, **res.timings, "write": time.perf_counter() - t}
         except (LesionSegError, ValueError, RuntimeError, OSError, MemoryError) as exc:
             writer.abort()
-            prog.close()
+            if prog is not None:
+                prog.close()
             failed += 1
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if str(path) not in msg:
@@ -82,15 +110,15 @@ def cmd_segment(args) -> int:
         emit(args, {"event": "done", "input": str(path), "outputs": outputs, "lesions": len(res.lesions), "timings": timings, "device": res.device, "runtime": engine.runtime})
         stage_txt = "  ".join(f"{k} {v:.2f}s" for k, v in timings.items())
         print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / stem}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}, {engine.runtime}]", file=sys.stderr)
-        for m in res.messages:
-            if m not in engine.messages:
+        for m in res.messages:  # the engine's notes (CPU fallback, out-of-memory retry), each once
+            if m not in noted:
+                noted.add(m)
                 print(f"note: {m}", file=sys.stderr)
     if len(inputs) > 1 and totals:
         print("time per stage (all inputs): " + "  ".join(f"{k} {v:.2f}s" for k, v in totals.items()), file=sys.stderr)
-    if failed:
+    if failed and len(inputs) > 1:
         print(f"{failed} of {len(inputs)} input(s) failed", file=sys.stderr)
     return 1 if failed else 0
-
 
 
 def register(sub) -> None:

@@ -5,14 +5,17 @@ supported and the geometry (spacing, origin, direction) is kept exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from .integrity import check_series, verified
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Hounsfield-unit sanity limits.  Real CT holds air (-1000), padding down to -3024 and metal up
@@ -60,42 +63,89 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def read_image(path: str | os.PathLike) -> sitk.Image:
-    """Read an image file or a DICOM series folder; raise :class:`InputError` on any problem."""
+def read_image(path: str | os.PathLike, validate: bool = True) -> sitk.Image:
+    """Read an image file or a DICOM series folder; raise :class:`InputError` on any problem.
+
+    A truncated or corrupt file is refused (see :mod:`.integrity`), and nothing ITK, GDCM or
+    MetaIO would print reaches stderr: the one-line :class:`InputError` says what is wrong.
+    ``validate=False`` skips :func:`validate_ct` for callers that validate later themselves
+    (``Engine.segment`` does).
+    """
     p = Path(path)
     src = str(p)
     if not p.exists():
         raise InputError("file not found", src)
-    if p.is_dir():
-        reader = sitk.ImageSeriesReader()
-        try:
-            series = reader.GetGDCMSeriesIDs(src)
-        except RuntimeError as exc:  # pragma: no cover - GDCM error text varies
-            raise InputError(f"cannot scan folder for DICOM: {_first_line(exc)}", src) from None
-        if not series:
-            raise InputError("folder holds no image files and no DICOM series", src)
-        # Several series in one folder: take the one with most slices, as a viewer would.
-        files = max((reader.GetGDCMSeriesFileNames(src, s) for s in series), key=len)
-        reader.SetFileNames(files)
-        try:
-            image = reader.Execute()
-        except RuntimeError as exc:
-            raise InputError(f"cannot read DICOM series: {_first_line(exc)}", src) from None
-    else:
-        if p.stat().st_size == 0:
-            raise InputError("file is empty (0 bytes)", src)
-        try:
-            image = sitk.ReadImage(src)
-        except RuntimeError as exc:
-            raise InputError(f"cannot read image (corrupt or unsupported format): {_first_line(exc)}", src) from None
-    validate_ct(image, src)
+    with quiet_itk():
+        if p.is_dir():
+            image = _read_series(p)
+        else:
+            if p.stat().st_size == 0:
+                raise InputError("file is empty (0 bytes)", src)
+            with verified(p) as readable:
+                try:
+                    image = sitk.ReadImage(str(readable))
+                except RuntimeError as exc:
+                    raise InputError(f"cannot read image (corrupt or unsupported format): {_first_line(exc)}", src) from None
+    if validate:
+        validate_ct(image, src)
     return image
+
+
+def _read_series(folder: Path) -> sitk.Image:
+    src = str(folder)
+    reader = sitk.ImageSeriesReader()
+    try:
+        series = reader.GetGDCMSeriesIDs(src)
+    except RuntimeError as exc:  # pragma: no cover - GDCM error text varies
+        raise InputError(f"cannot scan folder for DICOM: {_first_line(exc)}", src) from None
+    if not series:
+        raise InputError("folder holds no image files and no DICOM series", src)
+    # Several series in one folder: take the one with most slices, as a viewer would.
+    files = {uid: reader.GetGDCMSeriesFileNames(src, uid) for uid in series}
+    uid = max(files, key=lambda u: len(files[u]))
+    reader.SetFileNames(files[uid])
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM series: {_first_line(exc)}", src) from None
+    check_series(folder, uid, {f for names in files.values() for f in names}, reader, image)
+    return image
+
+
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Silence ITK/GDCM/MetaIO during a read: ITK's warning display is switched off, and what
+    the C++ libraries print straight to stderr (file descriptor 2) goes to the null device."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    saved = None
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (e.g. a GUI process): warnings are off anyway
+        pass
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     # ITK messages start with a file/line banner; the useful part is the last line.
     return lines[-1][:200] if lines else type(exc).__name__
+
+
+def _num(values) -> str:
+    """Numbers as a user writes them: ``(0.001, 1, 1)``, never ``np.float64(0.001)``."""
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
 
 
 def validate_ct(image: sitk.Image, source: str | None = None) -> None:
@@ -108,13 +158,13 @@ def validate_ct(image: sitk.Image, source: str | None = None) -> None:
         raise InputError(f"{dim}D image; a 3D CT volume is required", source)
     size = image.GetSize()
     if min(size) < 2:
-        raise InputError(f"image of size {size} is 2D (a single slice); a 3D CT volume is required", source)
+        raise InputError(f"image of size {tuple(int(n) for n in size)} is 2D (a single slice); a 3D CT volume is required", source)
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise InputError(f"zero, negative or non-finite voxel spacing {tuple(spacing)}", source)
+        raise InputError(f"zero, negative or non-finite voxel spacing {_num(spacing)} mm", source)
     if np.any(spacing < SPACING_MIN_MM) or np.any(spacing > SPACING_MAX_MM):
         raise InputError(
-            f"absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm; expected {SPACING_MIN_MM}-{SPACING_MAX_MM} mm",
+            f"absurd voxel spacing {_num(spacing)} mm; expected {SPACING_MIN_MM:g}-{SPACING_MAX_MM:g} mm",
             source,
         )
     arr = sitk.GetArrayViewFromImage(image)
@@ -145,7 +195,8 @@ def read_label(path: str | os.PathLike, reference: sitk.Image | None = None) -> 
     if not Path(path).exists():
         raise InputError("label file not found", src)
     try:
-        label = sitk.ReadImage(src)
+        with quiet_itk(), verified(Path(path)) as readable:
+            label = sitk.ReadImage(str(readable))
     except RuntimeError as exc:
         raise InputError(f"cannot read label (corrupt or unsupported format): {_first_line(exc)}", src) from None
     if reference is not None and not same_grid(label, reference):

@@ -10,6 +10,8 @@ import SimpleITK as sitk
 if TYPE_CHECKING:  # torch is imported where used: the ONNX inference path runs without it
     import torch
 
+from .images import same_grid
+
 CANONICAL = "LPS"  # array axes (z, y, x) then run inferior->superior, anterior->posterior, right->left
 
 
@@ -25,14 +27,24 @@ def to_canonical(image: sitk.Image) -> sitk.Image:
 
 
 def from_canonical(array: np.ndarray, canonical: sitk.Image, original: sitk.Image) -> np.ndarray:
-    """Map an array on ``canonical``'s grid back onto ``original``'s grid (exact: permute/flip)."""
+    """Map an array on ``canonical``'s grid back onto ``original``'s grid (exact: permute/flip).
+
+    ``canonical`` must be :func:`to_canonical` of ``original``: the permuted/flipped grid has
+    to land on ``original``'s size, spacing, origin and direction, else a ``ValueError`` says
+    so (a wrong permutation of equal-sized axes would otherwise pass unnoticed).
+    """
+    if tuple(array.shape) != tuple(reversed(canonical.GetSize())):
+        raise ValueError(f"array of shape {tuple(array.shape)} is not on the canonical grid {tuple(reversed(canonical.GetSize()))}")
     if orientation_of(original) == CANONICAL:
-        return array
-    img = sitk.GetImageFromArray(array)
-    img.CopyInformation(canonical)
-    back = sitk.DICOMOrient(img, orientation_of(original))
-    out = sitk.GetArrayFromImage(back)
-    assert out.shape == sitk.GetArrayViewFromImage(original).shape
+        back, out = canonical, array
+    else:
+        bits = array.view(np.uint16) if array.dtype == np.float16 else array  # SimpleITK has no float16: move the bits
+        img = sitk.GetImageFromArray(bits)
+        img.CopyInformation(canonical)
+        back = sitk.DICOMOrient(img, orientation_of(original))
+        out = sitk.GetArrayFromImage(back).view(array.dtype)
+    if not same_grid(back, original):
+        raise ValueError("the canonical grid does not map back onto the input grid (size, spacing, origin or direction differ)")
     return out
 
 

@@ -9,8 +9,9 @@
   module, so that retraining never blocks Slicer's GUI and can be cancelled at any moment;
   the new model folder appears atomically, so a cancelled job leaves no half-written model).
 
-Callers poll (:meth:`ChildProcessJob.poll`) from a timer; nothing here uses Qt.  Cancel stops
-only the process this job started (its own process group): SIGTERM, then SIGKILL.
+Callers poll (:meth:`ChildProcessJob.poll`) from a timer; nothing here uses Qt.  The process
+itself is run by the engine's one runner (:class:`engine.process.ChildProcess`): cancel stops
+the process this job started and all its descendants (psutil), terminate then kill.
 """
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ import collections
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,8 +26,8 @@ from typing import Sequence
 
 from .. import models
 from ..errors import LesionSegError, ModelError
+from ..process import LIB_PARENT, ChildProcess, child_env, python_executable  # noqa: F401 (re-exported)
 
-LIB_PARENT = Path(__file__).resolve().parents[2]  # the folder holding LesionSegLib
 STEP_RE = re.compile(r"^step (\d+) t=([\d.]+)min loss=([\d.eE+-]+|nan)")
 LOADED_RE = re.compile(r"^loaded (\d+) training and (\d+) validation cases")
 DICE_RE = re.compile(r"val dice \(model grid\) ([\d.]+)")
@@ -37,15 +35,6 @@ DICE_RE = re.compile(r"val dice \(model grid\) ([\d.]+)")
 
 class TrainingJobError(LesionSegError):
     pass
-
-
-def python_executable() -> str:
-    """The interpreter to run children with (``PythonSlicer`` inside Slicer)."""
-    exe = Path(sys.executable)
-    for cand in (exe.with_name("PythonSlicer"), exe.with_name("PythonSlicer.exe")):
-        if cand.exists():
-            return str(cand)
-    return sys.executable
 
 
 def gt_case_dirs(images: str | os.PathLike) -> list[Path]:
@@ -62,12 +51,11 @@ class ChildProcessJob:
         self.python = python or python_executable()
         self.nice = nice
         self.env = env
-        self.proc: subprocess.Popen | None = None
+        self.proc: ChildProcess | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=2000)
         self.stderr_lines: collections.deque[str] = collections.deque(maxlen=200)
         self._unread: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
         self.fraction = 0.0
         self.status = "not started"
         self.cancelled = False
@@ -91,32 +79,19 @@ class ChildProcessJob:
         cmd = self.command()
         if self.nice:
             cmd = ["nice", "-n", str(int(self.nice)), *cmd]
-        env = dict(os.environ if self.env is None else self.env)
-        env["PYTHONPATH"] = os.pathsep.join([str(LIB_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env["PYTHONUNBUFFERED"] = "1"
-        kw = {"start_new_session": True} if os.name == "posix" else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
         self.started_at = time.time()
         self.status = "starting"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env, **kw)
-        for stream, sink, parse in ((self.proc.stdout, self.lines, True), (self.proc.stderr, self.stderr_lines, False)):
-            t = threading.Thread(target=self._read, args=(stream, sink, parse), daemon=True, name="job-reader")
-            t.start()
-            self._threads.append(t)
+        self.proc = ChildProcess(cmd, env=child_env(self.env), on_line=self._read).start()
         return self
 
-    def _read(self, stream, sink, parse: bool) -> None:
-        for raw in stream:
-            line = raw.rstrip("\n")
-            with self._lock:
-                sink.append(line)
-                if parse:
-                    self._unread.append(line)
+    def _read(self, stream: str, line: str) -> None:
+        parse = stream == "stdout"
+        with self._lock:
+            (self.lines if parse else self.stderr_lines).append(line)
             if parse:
-                try:
-                    self._parse(line)
-                except Exception:  # a malformed line must not kill the reader
-                    pass
-        stream.close()
+                self._unread.append(line)
+        if parse:
+            self._parse(line)  # an exception here is caught by the runner: a malformed line does not stop the reader
 
     def _finished(self, rc: int) -> None:
         """Set the final status once the process ended (override to add results)."""
@@ -138,9 +113,7 @@ class ChildProcessJob:
         if rc is None:
             self._tick()
             return None
-        if not self._final:
-            for t in self._threads:
-                t.join(timeout=5)
+        if not self._final:  # the runner has joined its reader threads: every line is in
             self._final = True
             self._finished(rc)
         return rc
@@ -187,26 +160,14 @@ class ChildProcessJob:
         self.proc.wait(timeout)
         return self.poll()
 
-    def cancel(self, grace: float = 10.0) -> None:
-        """Stop the process this job started (and its children): SIGTERM, then SIGKILL."""
+    def cancel(self, grace: float = 3.0) -> None:
+        """Stop the process this job started and all its descendants: terminate, then kill
+        after ``grace`` seconds (so a GUI thread waits a few seconds at most)."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.cancelled = True
         self.status = "cancelling"
-        try:
-            if os.name == "posix":
-                os.killpg(self.proc.pid, signal.SIGTERM)  # our own session (start_new_session)
-            else:  # pragma: no cover
-                self.proc.terminate()
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            if os.name == "posix":
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            else:  # pragma: no cover
-                self.proc.kill()
-            self.proc.wait(grace)
-        except ProcessLookupError:
-            pass
+        self.proc.terminate(grace)
         self.poll()
 
 

@@ -100,9 +100,9 @@ def sliding_window_probability(
                 progress(min(1.0, done[0] / total))
             return out
 
-        with torch.inference_mode():
+        with torch.inference_mode():  # the input stays where it is: MONAI moves each window to ``dev``
             logits = sliding_window_inference(
-                x[None].to(dev), tuple(roi), 1, predictor, overlap=overlap, mode="gaussian", sw_device=dev, device=dev
+                x[None], tuple(roi), 1, predictor, overlap=overlap, mode="gaussian", sw_device=dev, device=dev
             )
             prob = torch.softmax(logits.float(), 1)[0, 1]
         return prob.cpu()
