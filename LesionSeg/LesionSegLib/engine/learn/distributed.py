@@ -76,7 +76,9 @@ class Dist:
         return self.rank == 0
 
     def threads(self) -> int:
-        return max(1, (os.cpu_count() or 1) // self.local_world)
+        """Torch threads: ``OMP_NUM_THREADS`` when set, else this machine's cores over its ranks."""
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        return int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // self.local_world)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world == 1:
