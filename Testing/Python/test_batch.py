@@ -1,5 +1,6 @@
 """``lesionseg batch`` on a local Ray instance with real CT: same files as ``segment``, the report
-of a bad row, a worker killed mid-case (retried), a killed batch resumed, an unreachable cluster."""
+of a bad row, a worker killed mid-case (retried), a killed batch resumed, Ctrl-C leaving no
+half-written case, an unreachable cluster."""
 from __future__ import annotations
 
 import csv
@@ -96,8 +97,9 @@ def _read_events(proc, until, deadline_s=400):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
-def test_batch_worker_killed_is_retried_and_killed_batch_resumes(tmp_path):
-    man = _manifest(tmp_path, SMALL)
+def test_batch_worker_killed_retried_killed_batch_resumed_ctrl_c_clean(tmp_path):
+    names = [*SMALL, "STS_024"]
+    man = _manifest(tmp_path, names)
     out = tmp_path / "out"
     p = _batch(man, "-o", out, "--num-workers", "1", start_new_session=True)
     try:
@@ -114,22 +116,38 @@ def test_batch_worker_killed_is_retried_and_killed_batch_resumes(tmp_path):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
-    done = {first["case"], second["case"]}
-    third = (set(SMALL) - done).pop()
-    assert not (out / f"{third}.done.json").exists()
+    done = [first["case"], second["case"]]
+    rest = [n for n in names if n not in done]
+    assert not [n for n in rest if (out / f"{n}.done.json").exists()]
     rep = _report(out)  # the report of the killed run says what happened so far
     assert rep[second["case"]]["status"] == "done" and "died during attempt 1" in rep[second["case"]]["error"]
-    # rerun: the two complete cases are skipped, the third is done; no temporaries remain
+    # rerun, interrupted by Ctrl-C (SIGINT to its process group) once one more case is done
+    p = _batch(man, "-o", out, "--num-workers", "1", start_new_session=True)
+    try:
+        third = _read_events(p, lambda e: e["event"] == "case" and e["status"] == "done")[-1]
+        os.killpg(p.pid, signal.SIGINT)
+        _, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=60)
+    assert p.returncode == 130, stderr
+    last = [n for n in rest if n != third["case"]]
+    rep = _report(out)
+    assert {n: rep[n]["status"] for n in done} == dict.fromkeys(done, "skipped")
+    assert rep[third["case"]]["status"] == "done" and [rep[n]["status"] for n in last] == ["cancelled"]
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(f"{last[0]}*"))  # nothing half-written
+    # third run: only the cancelled case is left to do
     p = _batch(man, "-o", out, "--num-workers", "1")
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr
     rep = _report(out)
-    assert {n: rep[n]["status"] for n in SMALL} == {**dict.fromkeys(done, "skipped"), third: "done"}
+    assert {n: rep[n]["status"] for n in names} == {**dict.fromkeys([*done, third["case"]], "skipped"), last[0]: "done"}
     assert not list(out.glob(".tmp-*"))
-    # a third run has nothing to do; --force redoes every case
+    # a fourth run would have nothing to do; --force redoes every case
     key = _model_key(None)[1]
     assert plan(read_cases(man), str(out), key, None, force=False)[0] == []
-    assert [c.name for c in plan(read_cases(man), str(out), key, None, force=True)[0]] == SMALL
+    assert [c.name for c in plan(read_cases(man), str(out), key, None, force=True)[0]] == names
 
 
 def test_batch_unreachable_address_is_one_line_error(tmp_path):
