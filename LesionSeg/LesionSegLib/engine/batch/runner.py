@@ -34,6 +34,7 @@ from .task import run_case
 
 CONNECT_TIMEOUT_S = 25.0
 READY_TIMEOUT_S = 600.0
+REPORT_EVERY_S = 2.0  # the report is rewritten at most this often while cases finish (and at the end)
 MAX_ATTEMPTS = 2  # a case whose worker dies is retried once
 DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
 
@@ -132,6 +133,12 @@ class Batch:
         self.idle: list = []
         self.names: dict = {}  # actor -> worker name
         self.workers_started = 0
+        self._reported = 0.0
+
+    def report(self, now: bool = False) -> None:
+        if now or time.monotonic() - self._reported >= REPORT_EVERY_S:
+            write_report(self.outdir, self.cases)
+            self._reported = time.monotonic()
 
     def finish(self, case: Case, status: str, **info) -> None:
         case.status = status
@@ -140,16 +147,15 @@ class Batch:
                 setattr(case, key, info[key])
         if info.get("error"):
             case.error = info["error"]
-        write_report(self.outdir, self.cases)
+        self.report(now=status != "done" or bool(case.notes))  # failures and retries at once
         self.on_event(case, info)
 
     def start_workers(self, n: int, options: dict, args: tuple) -> None:
         actors = [SegmentWorker.options(**options).remote(*args) for _ in range(n)]
         try:
             infos = ray.get([a.info.remote() for a in actors], timeout=READY_TIMEOUT_S)
-        except ray.exceptions.RayTaskError as exc:  # the model could not be loaded
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            raise BatchError(f"a worker could not load the model: {str(cause).splitlines()[0]}") from None
+        except (ray.exceptions.RayTaskError, *DIED) as exc:  # e.g. the model cannot be loaded there
+            raise BatchError(f"a Ray worker failed to start: {_last_error_line(exc)}") from None
         except ray.exceptions.GetTimeoutError:
             raise BatchError(f"the Ray workers did not start within {READY_TIMEOUT_S:.0f} s "
                              "(not enough free CPUs/GPUs in the cluster for the request?)") from None
@@ -212,7 +218,14 @@ class Batch:
         for case in running + list(self.queue):
             if case.status != "done":
                 case.status, case.error = "cancelled", "cancelled (Ctrl-C)"
-        write_report(self.outdir, self.cases)
+        self.report(now=True)
+
+
+def _last_error_line(exc: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of a Ray error (whose text holds a traceback)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (errs or lines or [type(exc).__name__])[-1]
 
 
 def plan(cases: list[Case], outdir: str, model_key: str, threshold, force: bool) -> tuple[list[Case], list[Case]]:
@@ -265,6 +278,7 @@ def run_batch(cases: list[Case], outdir: str, *, model: str | None, model_key: s
             except KeyboardInterrupt:
                 batch.cancel()
                 raise
+            batch.report(now=True)
         finally:
             with contextlib.suppress(Exception):
                 ray.shutdown()

@@ -8,6 +8,7 @@ Needs Ray: ``pip install 'lesionseg[batch]'``.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 
@@ -62,6 +63,10 @@ class BatchProgress:
             self.bar.close()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_batch(args) -> int:
     from ..batch.cases import REPORT_NAME, read_cases
 
@@ -81,6 +86,7 @@ def cmd_batch(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prog = BatchProgress(args.progress, len(cases))
+    signal.signal(signal.SIGTERM, _interrupt)  # a terminated batch cleans up as on Ctrl-C
     try:
         batch = run_batch(cases, args.output, model=model, model_key=key, address=args.address,
                           num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
