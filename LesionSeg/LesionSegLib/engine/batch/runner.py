@@ -175,12 +175,14 @@ class Batch:
     def collect(self, options: dict, args: tuple, timeout: float = 1.0) -> None:
         done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
         for ref in done:
-            case, actor = self.inflight.pop(ref)
+            case, actor = self.inflight[ref]
             try:
-                res = ray.get(ref)
+                res = ray.get(ref)  # a worker's KeyboardInterrupt comes back as one: the case stays in flight
             except DIED as exc:
+                del self.inflight[ref]
                 self._worker_died(case, actor, exc, options, args)
                 continue
+            del self.inflight[ref]
             self.idle.append(actor)
             self.finish(case, res.pop("status"), **res)
 
@@ -201,22 +203,20 @@ class Batch:
 
     def cancel(self) -> None:
         """Kill every actor; mark what was running or queued as cancelled; leave no partial case."""
-        running = [c for c, _ in self.inflight.values()]
         for actor in list(self.names):
             with contextlib.suppress(Exception):
                 ray.kill(actor)
         time.sleep(0.5)
         remove_temporaries(self.outdir)
-        for case in running:
-            ok, _, _ = check_complete(self.outdir, case, self.model_key, self.threshold)
-            if ok:  # it committed before the kill
-                case.status = "done"
-                continue
-            for name in [case.name + s for s in OUTPUT_SUFFIXES] + [marker_name(case.name)]:
-                with contextlib.suppress(FileNotFoundError):
-                    (Path(self.outdir) / name).unlink()
-        for case in running + list(self.queue):
-            if case.status != "done":
+        for case in self.cases:
+            if case.status == "running":
+                if check_complete(self.outdir, case, self.model_key, self.threshold)[0]:
+                    case.status = "done"  # it committed before the kill
+                    continue
+                for name in [case.name + s for s in OUTPUT_SUFFIXES] + [marker_name(case.name)]:
+                    with contextlib.suppress(FileNotFoundError):
+                        (Path(self.outdir) / name).unlink()
+            if case.status in ("running", "pending"):
                 case.status, case.error = "cancelled", "cancelled (Ctrl-C)"
         self.report(now=True)
 
