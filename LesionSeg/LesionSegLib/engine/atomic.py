@@ -64,6 +64,11 @@ class AtomicWriter:
         self._pending.append((Path(tmp), final))
         return tmp
 
+    @property
+    def pending(self) -> dict[str, str]:
+        """Final name -> temporary path of each file collected and not yet committed."""
+        return {final.name: str(tmp) for tmp, final in self._pending}
+
     def commit(self) -> list[Path]:
         done = []
         for tmp, final in self._pending:

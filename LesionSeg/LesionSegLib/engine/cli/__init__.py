@@ -3,7 +3,8 @@
     lesionseg segment INPUT... -o OUTDIR [--model NAME] [--device auto|cpu|cuda] [--threshold T]
     lesionseg evaluate --pred OUTDIR --gt GTDIR [-o REPORTDIR]
     lesionseg retrain --feedback DB [--base-model NAME] [--include-gt DIR] [-o NEW_MODEL]
-    lesionseg train-seg --images DIR -o OUTDIR
+    lesionseg batch MANIFEST_OR_DIR -o OUTDIR [--address ray://HOST:PORT|auto|local] [--num-workers N]
+    lesionseg train-seg --images DIR -o OUTDIR [--nproc N]
     lesionseg feedback stats|export|import|check
     lesionseg models list|activate|rollback|history
     lesionseg finetune --feedback DB [--base-model NAME] [-o NEW_MODEL]
@@ -16,7 +17,7 @@ import importlib
 import sys
 
 #: the command modules of this package; each has ``register(subparsers)``
-COMMANDS = ("segment", "evaluate", "retrain", "train_seg", "feedback", "models", "finetune")
+COMMANDS = ("segment", "batch", "evaluate", "retrain", "train_seg", "feedback", "models", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

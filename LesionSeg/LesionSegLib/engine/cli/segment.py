@@ -53,9 +53,49 @@ def unique_inputs(inputs: list[Path]) -> tuple[list[Path], str | None]:
     return out, None
 
 
-def cmd_segment(args) -> int:
+def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, save_feats=False, extra=None):
+    """Read, segment and write one input into ``outdir``: all its files appear together, or none
+    (:class:`~..atomic.AtomicWriter`).  ``extra(writer, result, names, timings)`` may add files
+    (their names are returned and they are committed last: ``batch`` writes its done-marker so).
+    Returns ``(result, output names, stage timings)``; raises on a bad input, writing nothing."""
+    from ..atomic import AtomicWriter
     from ..io.images import read_image
-    from ..segment.pipeline import Engine, case_hash
+
+    stem = stem or output_stem(path)
+    writer = AtomicWriter(outdir)
+    try:
+        t = time.perf_counter()
+        image = read_image(path, validate=False)  # Engine.segment validates it, once
+        read_s = time.perf_counter() - t
+        kw = {"progress": progress} if progress is not None else {}
+        if save_feats:
+            kw["keep_patches"] = True
+        res = engine.segment(image, threshold=threshold, source=str(path), **kw)
+        t = time.perf_counter()
+        names = res.write_outputs(writer, stem)
+        if save_feats:
+            from ..segment.pipeline import case_hash
+
+            names.append(f"{stem}_features.npz")
+            save_features(res, writer.path(names[3]), case_hash(image))
+        timings = {"read": read_s, **res.timings, "write": time.perf_counter() - t}
+        if extra is not None:
+            names += extra(writer, res, names, timings)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return res, names, timings
+
+
+def error_line(exc: BaseException, path) -> str:
+    """The one-line error for a failed input, naming it."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return msg if str(path) in msg else f"{path}: {msg}"
+
+
+def cmd_segment(args) -> int:
+    from ..segment.pipeline import Engine
 
     inputs, clash = unique_inputs(expand_inputs(args.inputs))
     if not inputs:
@@ -75,31 +115,15 @@ def cmd_segment(args) -> int:
     totals: dict[str, float] = {}
     noted: set[str] = set()
     for path in inputs:
-        stem = output_stem(path)
+        prog = Progress(args.progress, str(path))
         t0 = time.perf_counter()
-        writer = AtomicWriter(args.output)
-        prog = None
         try:
-            t = time.perf_counter()
-            image = read_image(path, validate=False)  # Engine.segment validates it, once
-            read_s = time.perf_counter() - t
-            prog = Progress(args.progress, str(path))
-            res = engine.segment(image, threshold=args.threshold, progress=prog, keep_patches=args.save_features, source=str(path))
-            t = time.perf_counter()
-            names = res.write_outputs(writer, stem)
-            if args.save_features:
-                names.append(f"{stem}_features.npz")
-                save_features(res, writer.path(names[3]), case_hash(image))
-            writer.commit()
-            timings = {"read": read_s, **res.timings, "write": time.perf_counter() - t}
+            res, names, timings = write_case(engine, path, args.output, threshold=args.threshold, progress=prog,
+                                             save_feats=args.save_features)
         except (LesionSegError, ValueError, RuntimeError, OSError, MemoryError) as exc:
-            writer.abort()
-            if prog is not None:
-                prog.close()
+            prog.close()
             failed += 1
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if str(path) not in msg:
-                msg = f"{path}: {msg}"
+            msg = error_line(exc, path)
             print(f"error: {msg}", file=sys.stderr)
             emit(args, {"event": "error", "input": str(path), "message": msg})
             continue
@@ -109,7 +133,7 @@ def cmd_segment(args) -> int:
         outputs = [str(Path(args.output) / n) for n in names]
         emit(args, {"event": "done", "input": str(path), "outputs": outputs, "lesions": len(res.lesions), "timings": timings, "device": res.device, "runtime": engine.runtime})
         stage_txt = "  ".join(f"{k} {v:.2f}s" for k, v in timings.items())
-        print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / stem}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}, {engine.runtime}]", file=sys.stderr)
+        print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / output_stem(path)}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}, {engine.runtime}]", file=sys.stderr)
         for m in res.messages:  # the engine's notes (CPU fallback, out-of-memory retry), each once
             if m not in noted:
                 noted.add(m)

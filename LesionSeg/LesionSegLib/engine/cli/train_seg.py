@@ -11,7 +11,7 @@ from ..learn.jobs import SegmenterTrainingJob, register_segmenter
 
 def _cmd_train_seg(args) -> int:
     job = SegmenterTrainingJob(args.images, args.output, minutes=args.minutes, max_steps=args.max_steps,
-                               val=args.val, extra=args.extra or [])
+                               val=args.val, extra=[*(args.extra or []), *(["--nproc", str(args.nproc)] if args.nproc > 1 else [])])
     try:
         job.check_inputs()
     except LesionSegError as exc:
@@ -72,5 +72,7 @@ def register(subparsers) -> None:
                    help="register the result as a new model version NAME[@VERSION] (classifier copied from --base-model)")
     q.add_argument("--base-model", default=None)
     q.add_argument("--progress", choices=["bar", "json", "log"], default="log")
+    q.add_argument("--nproc", type=int, default=1, help="data-parallel training processes on this machine (torchrun: gloo on CPU, "
+                   "nccl on GPU); for several nodes run the trainer module under torchrun yourself (README)")
     q.add_argument("extra", nargs="*", help="further train_seg arguments after --, e.g. -- --loss dicefocal")
     q.set_defaults(func=_cmd_train_seg)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -27,8 +26,9 @@ import SimpleITK as sitk
 import torch
 
 from .. import data as dataset
+from ..atomic import write_text
+from . import distributed
 from ..io.images import read_image, read_label
-from ..models import save_weights
 from ..segment.networks import build_segmenter
 from ..io.preprocess import normalize, resample, spacing_zyx, target_shape, to_canonical
 
@@ -154,14 +154,24 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: only the time budget)")
+    ap.add_argument("--roi", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                    help="training patch size (multiples of 16; default the config's 48 96 96)")
+    ap.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; --batch is per process)")
     args = ap.parse_args(argv)
+    code = distributed.relaunch(__spec__.name,
+                                sys.argv[1:] if argv is None else list(argv), args.nproc)
+    if code is not None:
+        return code
 
     from monai.utils import set_determinism
 
     set_determinism(args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
-    device = torch.device("cuda" if (args.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
+    dist = distributed.setup(args.device)
+    torch.set_num_threads(dist.threads())
+    device = dist.device
     cfg = json.loads(json.dumps(DEFAULT_CONFIG))
+    if args.roi:
+        cfg["roi_size"] = list(args.roi)
     roi = tuple(cfg["roi_size"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,11 +197,13 @@ def main(argv=None) -> int:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    net = dist.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
     loss_fn = make_loss(args.loss)
     tf = make_transforms(roi)
+    dist.seed_transforms(tf, args.seed)
     names = list(train)
-    rng = np.random.default_rng(args.seed)
+    order = dist.indices(len(names), args.seed)
     budget = args.minutes * 60.0
     warmup = 30
     step = 0
@@ -207,7 +219,7 @@ def main(argv=None) -> int:
     def sample():
         xs, ys = [], []
         for _ in range(args.batch):
-            x, y = train[names[rng.integers(len(names))]]
+            x, y = train[names[next(order)]]
             d = tf({"image": x.float(), "label": y})
             d = d[0] if isinstance(d, list) else d
             xs.append(torch.as_tensor(d["image"]))
@@ -215,17 +227,17 @@ def main(argv=None) -> int:
         return torch.stack(xs).to(device), torch.stack(ys).to(device)
 
     model.train()
+    elapsed = 0.0
     while True:
-        elapsed = time.time() - start
         if elapsed >= budget or (args.max_steps and step >= args.max_steps):
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, elapsed / budget)
+            g["lr"] = lr_at(step, max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0))
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(args.accum):
             x, y = sample()
-            out_t = model(x)
+            out_t = net(x)
             preds = list(torch.unbind(out_t, dim=1)) if out_t.ndim == 6 else [out_t]
             loss = loss_fn(preds, y) / args.accum
             loss.backward()
@@ -235,20 +247,24 @@ def main(argv=None) -> int:
         if ema is not None:
             ema.update_parameters(model)
         step += 1
+        total, elapsed = dist.step_sync(total, time.time() - start)
         losses.append(total)
         if step % 25 == 0:
             print(f"step {step} t={elapsed / 60:.1f}min loss={np.mean(losses[-25:]):.4f} lr={opt.param_groups[0]['lr']:.2e}", flush=True)
-        if val and time.time() - last_val > args.val_every:
+        if val and dist.is_writer and time.time() - last_val > args.val_every:
             net = ema.module if ema is not None else model
             d = validate(net, val, roi, device)
             history.append({"step": step, "minutes": round((time.time() - start) / 60, 2), "val_dice_model_grid": float(np.mean(list(d.values())))})
             print(f"  val dice (model grid) {history[-1]['val_dice_model_grid']:.4f}", flush=True)
             last_val = time.time()
-            save_weights(ema.module if ema is not None else model, out / "segmenter.safetensors")
+            dist.save(ema.module if ema is not None else model, out / "segmenter.safetensors")
 
     train_minutes = (time.time() - start) / 60
     final = ema.module if ema is not None else model
-    sha = save_weights(final, out / "segmenter.safetensors")
+    sha = dist.save(final, out / "segmenter.safetensors")
+    dist.close()
+    if not dist.is_writer:
+        return 0
     d = validate(final, val, roi, device) if val else {}
     cfg.update(
         {
@@ -269,13 +285,16 @@ def main(argv=None) -> int:
                 "device": str(device),
                 "cpu": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(),
+                "processes": dist.world,
+                "backend": dist.backend,
+                "loss_per_step": [round(v, 5) for v in losses],
                 "seed": args.seed,
                 "history": history,
                 "final_val_dice_model_grid": {k: round(v, 4) for k, v in d.items()},
             },
         }
     )
-    (out / "segmenter.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_text(out / "segmenter.json", json.dumps(cfg, indent=2) + "\n")
     print(f"done: {step} steps in {train_minutes:.1f} min; val dice (model grid) {np.mean(list(d.values())) if d else float('nan'):.4f}")
     return 0
 

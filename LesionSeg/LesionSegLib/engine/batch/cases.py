@@ -1,0 +1,236 @@
+"""The cases of a batch, what "complete" means for one, and the batch report.
+
+* :func:`read_cases`: a manifest (CSV or a list of paths) or a folder -> :class:`Case` list.
+  Rows that cannot run (no path, a duplicate or invalid case name) become cases with an
+  ``error`` set: they are reported as failed, never raised.
+* A case is **complete** when its done-marker ``<case>.done.json`` exists, names the same
+  input (path, size, modification time), model and threshold as the request, and every output
+  it lists exists with the size and sha256 it recorded.  The marker is written last, in the
+  same :class:`~..atomic.AtomicWriter` commit as the outputs, so a case killed at any point is
+  either complete or redone.
+* :func:`write_report`: ``batch_report.csv`` (written atomically, rewritten as the batch goes).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..atomic import TMP_PREFIX, write_text
+from ..errors import InputError
+from ..io.images import GENERIC_STEMS, IMAGE_SUFFIXES, expand_inputs, image_stem, output_stem
+from ..models import sha256_file
+
+MARKER_SUFFIX = ".done.json"
+REPORT_NAME = "batch_report.csv"
+LOCK_NAME = ".batch.lock"
+REPORT_COLUMNS = ("case", "status", "error", "seconds", "lesions", "worker", "attempts", "input")
+#: manifest columns that may hold the image path, in order of preference
+PATH_COLUMNS = ("image", "path", "input", "file")
+
+
+@dataclass
+class Case:
+    name: str
+    input: str
+    row: int  # 1-based line of the manifest (0 for a folder listing)
+    error: str = ""  # set when the row cannot run at all
+    status: str = "pending"
+    seconds: float | None = None
+    lesions: int | None = None
+    worker: str = ""
+    attempts: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def report_row(self) -> dict:
+        return {
+            "case": self.name,
+            "status": self.status,
+            "error": "; ".join([*self.notes, self.error] if self.error else self.notes),
+            "seconds": "" if self.seconds is None else f"{self.seconds:.2f}",
+            "lesions": "" if self.lesions is None else self.lesions,
+            "worker": self.worker,
+            "attempts": self.attempts,
+            "input": self.input,
+        }
+
+
+# ------------------------------------------------------------------------------ reading cases
+def read_cases(source: str | os.PathLike) -> list[Case]:
+    """Cases of a manifest file or a folder; raises :class:`InputError` when ``source`` itself
+    is unusable (missing, empty, a CSV without a path column)."""
+    src = Path(source)
+    if not src.exists():
+        raise InputError("manifest or folder not found", str(src))
+    if src.is_dir():
+        cases = [Case(_name(p), str(p), 0) for p in _folder_inputs(src)]
+        if not cases:
+            raise InputError("folder holds no images, no <case>/image.* folders and no DICOM series", str(src))
+    else:
+        cases = _manifest_cases(src)
+    return _mark_duplicates(cases)
+
+
+def _name(path: Path) -> str:
+    return output_stem(path)
+
+
+def _folder_inputs(root: Path) -> list[Path]:
+    """Images directly in ``root``; else one per sub-folder (its ``image.*``, else the folder as a
+    DICOM series)."""
+    direct = [p for p in expand_inputs([root]) if p != root]
+    if direct:
+        return direct
+    out = []
+    for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        files = [f for f in sorted(sub.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        generic = [f for f in files if f.name.lower().endswith(IMAGE_SUFFIXES) and image_stem(f).lower() in GENERIC_STEMS]
+        if generic:
+            out.append(generic[0])
+        elif files and not any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in files):
+            out.append(sub)  # a DICOM series folder
+    return out
+
+
+def _manifest_cases(path: Path) -> list[Case]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read manifest: {exc}", str(path)) from None
+    lines = text.splitlines()
+    if not any(ln.strip() for ln in lines):
+        raise InputError("manifest is empty", str(path))
+    base = path.parent
+    if path.suffix.lower() != ".csv":  # a plain list: one path per line, '#' comments
+        return [Case(_name(base / ln.strip()), str(base / ln.strip()), i) for i, ln in enumerate(lines, 1)
+                if ln.strip() and not ln.lstrip().startswith("#")]
+    reader = csv.DictReader(io.StringIO(text))
+    rows = list(reader)
+    header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+    col = next((c for c in PATH_COLUMNS if c in header), None)
+    layout = col is None and {"case", "split_dir"} <= set(header)  # the shared data's manifest.csv
+    if col is None and not layout:
+        raise InputError(f"manifest has no image path column (one of {', '.join(PATH_COLUMNS)}; "
+                         f"or case + split_dir); its columns are {', '.join(header) or 'none'}", str(path))
+    cases = []
+    for i, raw in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+        if layout:
+            rel = str(Path(row["split_dir"]) / row["case"] / "image.nii.gz") if row["case"] and row["split_dir"] else ""
+        else:
+            rel = row.get(col, "")
+        img = str(base / rel) if rel else ""
+        name = row.get("case") or (_name(Path(img)) if img else f"row{i}")
+        case = Case(name, img, i)
+        if not rel:
+            case.error = f"manifest row {i} has no image path"
+        elif name in (".", "..") or "/" in name or "\\" in name or name.startswith(TMP_PREFIX):
+            case.error = f"manifest row {i}: invalid case name {name!r}"
+        cases.append(case)
+    return cases
+
+
+def _mark_duplicates(cases: list[Case]) -> list[Case]:
+    first: dict[str, Case] = {}
+    for c in cases:
+        if c.error:
+            continue
+        if c.name in first:
+            where = f"row {first[c.name].row}" if first[c.name].row else first[c.name].input
+            c.error = f"duplicate case name {c.name!r} (also {where}); outputs would collide"
+        else:
+            first[c.name] = c
+    return cases
+
+
+# ------------------------------------------------------------------------------ completeness
+def marker_name(case: str) -> str:
+    return case + MARKER_SUFFIX
+
+
+def input_signature(path: str | os.PathLike) -> dict:
+    """What identifies an input's content cheaply: its absolute path, size and modification time
+    (for a DICOM folder: the sum of its files' sizes and their latest modification time)."""
+    p = Path(path).absolute()
+    if p.is_dir():
+        files = [f.stat() for f in p.iterdir() if f.is_file()]
+        return {"path": str(p), "size": sum(s.st_size for s in files), "mtime_ns": max((s.st_mtime_ns for s in files), default=0)}
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def check_complete(outdir: str | os.PathLike, case: Case, model: str, threshold: float | None) -> tuple[bool, str, dict]:
+    """(complete?, why not, the marker) for ``case`` run with ``model`` and ``threshold``."""
+    path = Path(outdir) / marker_name(case.name)
+    if not path.is_file():
+        return False, "not done yet", {}
+    try:
+        marker = json.loads(path.read_text())
+        outputs = dict(marker["outputs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False, "its done-marker is unreadable", {}
+    try:
+        sig = input_signature(case.input)
+    except OSError:
+        return False, "its input is unreadable", marker
+    if marker.get("input") != sig:
+        return False, "its input changed", marker
+    if marker.get("model") != model:
+        return False, f"it was segmented with {marker.get('model')}", marker
+    if marker.get("threshold_arg") != threshold:
+        return False, "it was segmented with another threshold", marker
+    for name, rec in outputs.items():
+        f = Path(outdir) / name
+        if not f.is_file() or f.stat().st_size != rec.get("size") or sha256_file(f) != rec.get("sha256"):
+            return False, f"its output {name} is missing or changed", marker
+    return True, "", marker
+
+
+# ------------------------------------------------------------------------------ report and folder
+def write_report(outdir: str | os.PathLike, cases: list[Case]) -> Path:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for c in cases:
+        w.writerow(c.report_row())
+    return write_text(Path(outdir) / REPORT_NAME, buf.getvalue())
+
+
+def remove_temporaries(outdir: str | os.PathLike) -> int:
+    """Remove the ``.tmp-*`` files that killed writers left in ``outdir`` (call while holding
+    :func:`lock_outdir`); returns how many."""
+    n = 0
+    for f in Path(outdir).glob(TMP_PREFIX + "*"):
+        if f.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                n += 1
+    return n
+
+
+@contextlib.contextmanager
+def lock_outdir(outdir: str | os.PathLike):
+    """Hold ``OUTDIR/.batch.lock`` so that two batches never write into one folder."""
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    fh = open(Path(outdir) / LOCK_NAME, "a+")
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise InputError("another `lesionseg batch` is writing into this folder", str(outdir)) from None
+        yield
+    finally:
+        fh.close()
