@@ -37,13 +37,11 @@ PARAM_SEG_OUTPUT = "LastSegmenterOutput"
 
 
 def default_database_path() -> Path:
-    """The Slicer settings folder's ``LesionSeg/feedback.db`` inside Slicer, else the CLI default."""
-    from LesionSegLib.engine import feedback
+    """The feedback database both LesionSeg modules use (``LesionSegLib.settings.feedback_database_path``:
+    the user's choice, else ``$LESIONSEG_FEEDBACK``, else ``<Slicer settings folder>/LesionSeg/feedback.db``)."""
+    from LesionSegLib import settings
 
-    settings = getattr(getattr(slicer, "app", None), "slicerUserSettingsFilePath", None)
-    if isinstance(settings, str) and settings:
-        return feedback.slicer_default_path(settings)
-    return feedback.default_path()
+    return settings.feedback_database_path()
 
 
 def _fmt(v, digits: int = 3) -> str:

@@ -6,7 +6,9 @@ them together.  :class:`SlicerAppShim` does the wiring that Slicer's application
 (the same steps as trame-slicer's ``SlicerApp``): a scene with a crosshair and the default slice
 views, the application logic, the colours, volumes and segmentations module logics, then sets
 ``slicer.mrmlScene``, ``slicer.app`` (a minimal stand-in: testing mode on, so message boxes
-return at once) and ``slicer.modules.<name>.logic()``.
+return at once; in-memory user settings; no extensions manager unless a test sets a fake) and
+``slicer.modules.<name>.logic()`` (volumes, terminologies with Slicer's terminology files,
+segmentations, subject hierarchy, tables).
 
 Fixtures: ``slicer_app`` (one per test session; the scene is cleared for each test with
 ``mrml_scene``), ``data_dir`` and ``default_model`` (skip with a reason when absent).
@@ -43,6 +45,21 @@ class _AppStub:
     """The few ``slicer.app`` members that ``slicer.util`` and the module use headless."""
 
     applicationName = "Slicer (LesionSeg test shim)"
+    #: Slicer.ini of a real application; None here (tests set it to exercise the in-Slicer paths)
+    slicerUserSettingsFilePath = None
+
+    def __init__(self):
+        from LesionSegLib.settings import _MemorySettings
+
+        self.settings = _MemorySettings()
+        #: ``slicer.app.extensionsManagerModel()``: None (no extensions manager) unless a test sets a fake
+        self.extensionsManager = None
+
+    def userSettings(self):
+        return self.settings
+
+    def extensionsManagerModel(self):
+        return self.extensionsManager
 
     def testingEnabled(self) -> bool:
         return True
@@ -112,10 +129,16 @@ class SlicerAppShim:
         self.logics = {"colors": color_logic}
         for name, cls, module_name in (
             ("volumes", slicer.vtkSlicerVolumesLogic, "Volumes"),
+            ("terminologies", slicer.vtkSlicerTerminologiesModuleLogic, "Terminologies"),
             ("segmentations", slicer.vtkSlicerSegmentationsModuleLogic, "Segmentations"),
+            ("subjecthierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic, "SubjectHierarchy"),
             ("tables", slicer.vtkSlicerTablesLogic, "Tables"),
         ):
             logic = cls()
+            if name == "terminologies":  # Slicer's terminology files, as trame-slicer ships them
+                from trame_slicer.resources import resources_path
+
+                logic.SetModuleShareDirectory(str(resources_path() / "terminologies"))
             logic.SetMRMLScene(self.scene)
             logic.SetMRMLApplicationLogic(self.app_logic)
             self.app_logic.SetModuleLogic(module_name, logic)
@@ -128,7 +151,12 @@ class SlicerAppShim:
         self.reset()
 
     def reset(self) -> None:
-        """Clear the scene and recreate the singletons an application has: crosshair, slice views."""
+        """Clear the scene and recreate the singletons an application has: crosshair, slice views.
+        The application's settings start empty again (each test sets what it needs)."""
+        app = getattr(self.slicer, "app", None)
+        if isinstance(app, _AppStub):
+            app.__init__()
+            app.slicerUserSettingsFilePath = None
         self.scene.Clear(False)
         self.scene.SetUndoOff()
         crosshair = self.slicer.vtkMRMLCrosshairNode()
