@@ -73,6 +73,7 @@ class BackgroundSegmentation:
         self.outdir: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=60)
+        self._unread: queue.Queue = queue.Queue()  # stderr lines not yet fetched by new_lines() (the log box)
         self.notes: list[str] = []
         self._events: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -140,6 +141,14 @@ class BackgroundSegmentation:
             line = line.rstrip()
             if line:
                 self.stderr_tail.append(line)
+                self._unread.put(line)
+
+    def new_lines(self) -> list[str]:
+        """stderr lines since the last call (as ``engine.learn.jobs`` jobs offer them)."""
+        out = []
+        while not self._unread.empty():
+            out.append(self._unread.get_nowait())
+        return out
 
     def poll(self) -> list[dict]:
         """New events since the last call; updates :attr:`state`, :attr:`fraction`, :attr:`stage`."""
