@@ -128,8 +128,8 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.cancelSegmentation(quiet=True)
         self.shortcuts.remove()
-        self.removeObservers()
         self.setParameterNode(None)
+        self.removeObservers()
         if self.logic is not None:
             self.logic.disable_feedback_store()
 
