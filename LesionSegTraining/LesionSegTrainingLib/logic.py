@@ -112,7 +112,8 @@ class TrainingLogicCore:
         """The module's parameter node (Slicer's, when the Slicer logic class provides it)."""
         get = getattr(self, "getParameterNode", None)
         if get is not None:
-            return get()
+            node = get()
+            return getattr(node, "parameterNode", node)  # the raw node behind a typed wrapper
         scene = slicer.mrmlScene
         node = scene.GetSingletonNode("LesionSegTraining", "vtkMRMLScriptedModuleNode")
         if node is None:
