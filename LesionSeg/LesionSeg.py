@@ -31,7 +31,7 @@ from LesionSegLib import dependencies, mrml, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
 from LesionSegLib.parameters import LesionSegParameterNode
 from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
-from LesionSegLib.widget_support import DependencyInstaller, LogBox, Shortcuts, reload_package, style_color_bar
+from LesionSegLib.widget_support import DependencyInstaller, LogBox, Shortcuts, reload_package, style_color_bar, table_lesion_ids
 
 log = logging.getLogger("LesionSeg")
 
@@ -77,7 +77,6 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.cudaAvailable = False
         self.deviceMessage = ""
         self._selecting = False
-        self._dicomCache = {}
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     # ---------------------------------------------------------------------------- setup
@@ -294,17 +293,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.reviewCounterLabel.setText("")
 
     def dicomFiles(self):
-        volume = mrml.reference_volume(self.segmentationNode) if self.segmentationNode is not None else None
-        if volume is None:
-            return []
-        key = volume.GetID()
-        if key not in self._dicomCache:
-            try:
-                self._dicomCache[key] = self.logic.dicom_source_files(volume)
-            except Exception as exc:
-                log.warning("cannot list DICOM source files: %s", exc)
-                self._dicomCache[key] = []
-        return self._dicomCache[key]
+        return self.logic.result_dicom_files(self.segmentationNode)
 
     # ------------------------------------------------------------------------ segment
     def onSegmentButton(self, *args):
@@ -392,7 +381,6 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Show ``node`` (a LesionSeg result, e.g. from a reopened scene) in the panel."""
         self.segmentationNode = node
         self.currentLesion = None
-        self._dicomCache = {}
         table = None
         if node is not None:
             table = self.logic.reopen(node)
@@ -412,14 +400,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---------------------------------------------------------------------- selection
     def tableOrder(self):
         """Lesion ids in the order the table shows them (the review queue)."""
-        model = self.ui.lesionTableView.model()
-        out = []
-        for row in range(model.rowCount()):
-            try:
-                out.append(int(float(model.index(row, 0).data())))
-            except (TypeError, ValueError):
-                continue
-        return out
+        return table_lesion_ids(self.ui.lesionTableView)
 
     def onTableCurrentRowChanged(self, current, previous=None):
         if not self._selecting and current is not None and current.isValid():

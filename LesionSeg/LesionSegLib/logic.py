@@ -38,6 +38,7 @@ class LesionSegLogicCore:
         self.clock = ReviewClock()
         self._engines: dict = {}
         self.feedback_store = None
+        self._dicom_files: dict = {}
 
     # ------------------------------------------------------------------------ models
     @staticmethod
@@ -230,6 +231,22 @@ class LesionSegLogicCore:
     @staticmethod
     def dicom_source_files(volume_node) -> list[str]:
         return _export.dicom_source_files(volume_node)
+
+    def result_dicom_files(self, segmentation_node) -> list[str]:
+        """DICOM files of the result's input volume ([] when it did not come from DICOM); listed
+        once per volume (and again when the volume changed), never raising."""
+        volume = mrml.reference_volume(segmentation_node) if segmentation_node is not None else None
+        if volume is None:
+            return []
+        key = (volume.GetID(), volume.GetMTime())
+        if key not in self._dicom_files:
+            try:
+                files = self.dicom_source_files(volume)
+            except Exception as exc:
+                log.warning("cannot list DICOM source files: %s", exc)
+                files = []
+            self._dicom_files = {key: files}  # the last volume only
+        return self._dicom_files[key]
 
     @staticmethod
     def export(segmentation_node, outdir, formats=_export.FORMATS, stem: str | None = None, include_hidden: bool = False,

@@ -3,7 +3,8 @@ review state and the classifier patches kept in the scene.
 
 Everything here works on a ``vtkMRMLScene`` through ``slicer`` (MRML, VTK) and imports no Qt,
 so it runs headless: in Slicer, in ``PythonSlicer`` and on the PyPI ``slicer-core`` wheel.
-Volumes and their geometry are in :mod:`.volumes`, the lesion table in :mod:`.table`.
+Volumes and their geometry are in :mod:`.volumes`, the lesion table in :mod:`.table`, terminology
+and study placement in :mod:`.terminology`.
 
 Conventions
 -----------
@@ -34,6 +35,10 @@ from .engine.io.writers import SLICER_STATUS
 from .engine.segment.colors import ACCEPTED_COLOR, CONFIDENCE_STOPS, REJECTED_COLOR, confidence_color, status_color
 from .engine.segment.result import segment_tags
 from .review import REVIEW_ORDERS
+from .terminology import (  # noqa: F401 (re-exported: the module's historical API)
+    LESION_CATEGORY, LESION_TYPE, REGION_CONTEXT, TERMINOLOGY_CONTEXT, anatomic_region, place_beside, terminology_codes,
+    terminology_entry,
+)
 from .volumes import (  # noqa: F401 (re-exported: the module's historical API)
     _RAS_LPS, _scene, ijk_to_ras, load_volume, set_volume_geometry_from_sitk, volume_from_sitk,
     volume_geometry_lps, volume_to_sitk,
@@ -77,13 +82,6 @@ REF_PATCHES = "LesionSegPatches"
 
 REVIEW_STATES = ("unreviewed", "accepted", "rejected", "unsure")
 
-#: Terminology of every lesion segment (coding scheme, code value, code meaning).
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-REGION_CONTEXT = "Anatomic codes - DICOM master list"
-LESION_CATEGORY = ("SCT", "49755003", "Morphologically Altered Structure")
-LESION_TYPE = ("SCT", "4147007", "Mass")
-
-
 def segment_id(lesion_id: int) -> str:
     return f"lesion_{int(lesion_id)}"
 
@@ -110,52 +108,6 @@ def get_tag(segment, name: str, default: str = "") -> str:
     if segment.GetTag(name, value):
         return str(value)
     return default
-
-
-# ------------------------------------------------------------------------------ terminology
-def _code(code) -> str:
-    return "^".join(code) if code else "^^"
-
-
-def terminology_entry(region: tuple | None = None) -> str:
-    """Slicer's serialised terminology entry of a lesion segment (``region``: scheme, value, meaning)."""
-    return "~".join([TERMINOLOGY_CONTEXT, _code(LESION_CATEGORY), _code(LESION_TYPE), "^^", REGION_CONTEXT, _code(region), "^^"])
-
-
-def anatomic_region(card_data: dict | None) -> tuple | None:
-    """The model card's optional ``anatomic_region`` ({"scheme", "code", "meaning"}) as a code triple."""
-    region = (card_data or {}).get("anatomic_region")
-    if isinstance(region, dict) and all(region.get(k) for k in ("scheme", "code", "meaning")):
-        return (str(region["scheme"]), str(region["code"]), str(region["meaning"]))
-    return None
-
-
-def terminology_codes(segment) -> dict:
-    """{"category", "type", "region"} code triples (or None) of a segment's terminology tag."""
-    parts = get_tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName(), "").split("~")
-    codes = {}
-    for key, index in (("category", 1), ("type", 2), ("region", 5)):
-        fields = parts[index].split("^") if len(parts) > index else []
-        codes[key] = tuple(fields) if len(fields) == 3 and all(fields) else None
-    return codes
-
-
-# --------------------------------------------------------------------------- study placement
-def place_beside(node, volume_node) -> None:
-    """Put ``node`` under the same subject hierarchy parent (the study) as ``volume_node``."""
-    scene = volume_node.GetScene()
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene is not None else None
-    if sh is None:
-        return
-    volume_item = sh.GetItemByDataNode(volume_node)
-    if not volume_item:
-        return
-    parent = sh.GetItemParent(volume_item)
-    item = sh.GetItemByDataNode(node)
-    if not item:  # Slicer's subject hierarchy plugins create items for new nodes; without them, make one
-        sh.CreateItem(parent, node)
-    elif parent != sh.GetItemParent(item):
-        sh.SetItemParent(item, parent)
 
 
 # ---------------------------------------------------------------------- result -> segments

@@ -121,6 +121,18 @@ def reload_package(package: str = "LesionSegLib") -> list[str]:
     return order
 
 
+def table_lesion_ids(view) -> list[int]:
+    """Lesion ids in the order a lesion table view shows them (first column: the lesion id)."""
+    model = view.model()
+    out = []
+    for row in range(model.rowCount()):
+        try:
+            out.append(int(float(model.index(row, 0).data())))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
 def style_color_bar(bar_label, accepted_label, rejected_label) -> None:
     """Paint the confidence colormap legend and the accepted / rejected swatches."""
     from . import mrml

@@ -139,7 +139,9 @@ def test_widget_segment_review_export_screenshot(harness, widget, slicer_app, tm
     assert ui.segmentButton.isEnabled() and ui.segmentButton.text() == "Segment"
     assert not ui.acceptButton.isEnabled()
     assert "qlineargradient" in ui.colorBarLabel.styleSheet()
-    assert not ui.addLesionButton.isVisibleTo(w.parent) and not ui.oodWarningLabel.isVisibleTo(w.parent)  # reserved places
+    for button in (ui.addLesionButton, ui.saveCorrectionsButton):  # reserved: shown, disabled, the tooltip says why
+        assert button.isVisibleTo(w.parent) and not button.isEnabled() and button.toolTip().startswith("Not available yet")
+    assert not ui.oodWarningLabel.isVisibleTo(w.parent)  # reserved: shown when a result has an OOD warning
 
     seen = _segment(w, qt_harness)
     assert ui.segmentButton.text() == "Segment" and max(seen) > 0
