@@ -22,6 +22,7 @@ from pathlib import Path
 
 import slicer
 import vtk
+from LesionSegLib.table import table_rows  # noqa: F401 (the one reader of a table node's rows, re-exported)
 
 log = logging.getLogger("LesionSegTraining")
 
@@ -77,14 +78,6 @@ def fill_table(table_node, columns: list[str], rows: list[list]) -> None:
         table_node.Modified()
     finally:
         table_node.EndModify(was)
-
-
-def table_rows(table_node) -> list[dict]:
-    vtable = table_node.GetTable()
-    out = []
-    for r in range(vtable.GetNumberOfRows()):
-        out.append({vtable.GetColumn(c).GetName(): vtable.GetColumn(c).GetValue(r) for c in range(vtable.GetNumberOfColumns())})
-    return out
 
 
 class TrainingLogicCore:
