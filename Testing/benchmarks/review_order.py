@@ -1,7 +1,10 @@
 """Does the review order matter?  A simulated-reviewer experiment for LesionSeg's "Next" order.
 
-    python Testing/benchmarks/review_order.py --budgets 8 16 --seeds 0 1 2 3 4 \\
-        -o Resources/evaluation/review_order.json
+    python Testing/benchmarks/review_order.py --budgets 8 16 --seeds 0 1 2 3 4 -o review_order.json
+
+(the committed ``Resources/evaluation/review_order.json`` was made with a smaller run that fits a
+shared 2-core machine: ``--review-cases STS_001 ... STS_012 --held-cases STS_034 ... STS_041
+--pool-cases 9 --budgets 6 --seeds 0 1 2 3 4``; the exact arguments are in the JSON).
 
 For the same number of reviewed lesions, is a classifier retrained from the lesions reviewed
 *most uncertain first* better than one retrained from those reviewed *by confidence* (LesionSeg's
@@ -10,8 +13,8 @@ default order) or in *random* order?
 1. Candidates: the default model segments every case at threshold 0 (every cluster, with the
    features, patch and confidence it would show), and the matching rule labels each candidate
    true or false (:mod:`feedback_loop.collect`, the same code as the feedback-loop benchmark).
-2. Review pool: for each seed, a random ``--pool-cases`` of the training cases STS_001-033 (a
-   worklist of scans).  Their candidates are pooled into one queue and ordered by
+2. Review pool: for each seed, a random ``--pool-cases`` of the review cases (default: the
+   training cases STS_001-033; a worklist of scans).  Their candidates are pooled into one queue and ordered by
    :func:`LesionSegLib.review.review_queue` (``confidence``: highest first; ``uncertainty``:
    confidence nearest the model's threshold first) or shuffled with the seed (``random``).
 3. Simulated reviewer: the first B lesions of the queue get their true label (accepted = true
@@ -19,8 +22,8 @@ default order) or in *random* order?
 4. Retrain with ``retrain()`` (what the Retrain button runs), guards lowered to
    ``--min-labels`` / ``--min-per-class``.  A refused retraining (e.g. a queue that only showed
    true lesions) leaves the base classifier in use, and is counted as such.
-5. Score on held-apart cases, never reviewed: STS_034-041 (the validation split), lung1, lung2
-   and LIDC-IDRI-0001.  Cluster AUC (TP vs FP; the primary figure, unaffected by temperature),
+5. Score on held-apart cases, never reviewed (default: STS_034-041, the validation split, lung1,
+   lung2 and LIDC-IDRI-0001).  Cluster AUC (TP vs FP; the primary figure, unaffected by temperature),
    Brier score, ECE, and sensitivity / FP per case at the model's threshold.  Caveat: the base
    classifier's temperature was fitted on STS_034-041, so its own ECE there is optimistic; the
    retrained versions refit theirs on the reviewed lesions only.
@@ -96,7 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="base model (default: the shipped default model)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16], help="reviewed lesions per retraining")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--pool-cases", type=int, default=24, help="training cases in each seed's worklist")
+    ap.add_argument("--review-cases", nargs="*", default=None, help="cases the worklists are drawn from (default: STS_001-033)")
+    ap.add_argument("--held-cases", nargs="*", default=None,
+                    help="held-apart cases (default: STS_034-041, the fullscan and LIDC cases)")
+    ap.add_argument("--pool-cases", type=int, default=24, help="cases in each seed's worklist")
     ap.add_argument("--retrain-folds", type=int, default=3)
     ap.add_argument("--min-labels", type=int, default=4)
     ap.add_argument("--min-per-class", type=int, default=2)
@@ -122,10 +128,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     base = models.get_card(args.model or models.DEFAULT_MODEL)
     threshold = float(base.data.get("confidence_threshold", 0.5))
-    held_names = dataset.STS_VAL + [c.name for c in dataset.cases("fullscan")] + [c.name for c in dataset.cases("lidc")]
+    held_names = args.held_cases or (dataset.STS_VAL + [c.name for c in dataset.cases("fullscan")] + [c.name for c in dataset.cases("lidc")])
+    review_names = args.review_cases or dataset.STS_TRAIN
+    if set(held_names) & set(review_names):
+        ap.error(f"held-apart cases must never be reviewed: {sorted(set(held_names) & set(review_names))}")
     engine = Engine(base, device="cpu")
-    log(f"base model {base.id}; candidates of {len(dataset.STS_TRAIN)} review cases and {len(held_names)} held-apart cases...")
-    train = collect(engine, [dataset.case(n) for n in dataset.STS_TRAIN], log)
+    log(f"base model {base.id}; candidates of {len(review_names)} review cases and {len(held_names)} held-apart cases...")
+    train = collect(engine, [dataset.case(n) for n in review_names], log)
     held = collect(engine, [dataset.case(n) for n in held_names], log)
     collect_s = time.perf_counter() - t0
     gt, n_gt = [c.gt_of for c in held], [c.n_gt for c in held]
@@ -134,13 +143,15 @@ def main(argv=None) -> int:
 
     def write_report(runs: list, seeds: list) -> dict:
         report = {
+            "command": "python Testing/benchmarks/review_order.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "base_model": base.id,
-            "protocol": (f"per seed: {args.pool_cases} random training cases (STS_001-033) pooled into one review queue; "
+            "review_cases": review_names,
+            "protocol": (f"per seed: {args.pool_cases} random cases of review_cases pooled into one review queue; "
                          "the first B lesions get their true label; retrain(); scored on held-apart cases never reviewed"),
             "held_apart_cases": held_names,
             "held_apart_candidates": int(sum(len(c.old_conf) for c in held)),
             "held_apart_true_candidates": int(sum((c.gt_of > 0).sum() for c in held)),
-            "review_candidates_all_training_cases": int(sum(len(c.decisions) for c in train)),
+            "review_candidates_all_review_cases": int(sum(len(c.decisions) for c in train)),
             "threshold": threshold,
             "budgets": args.budgets,
             "seeds": seeds,
