@@ -30,7 +30,7 @@ default order) or in *random* order?
 
 The orders are compared per seed (same pool, same budget) and summarised as mean and standard
 deviation over the seeds; "wins" counts, per budget, the seeds where an order had the best AUC
-(ties shared).  Prints a table and the JSON report.
+(or Brier score; ties shared).  AUC is None when the held-apart candidates hold one class only.  Prints a table and the JSON report.
 """
 from __future__ import annotations
 
@@ -74,22 +74,34 @@ def score(conf, held) -> dict:
     return {"auc": m["auc"], "brier": m.get("brier"), "ece": m["ece"]}
 
 
+def _mean_sd(values) -> dict:
+    v = [x for x in values if x is not None]
+    return {"mean": float(np.mean(v)) if v else None, "sd": float(np.std(v)) if v else None}
+
+
+def _f(v, fmt=".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def summarise(runs: list, budgets, seeds) -> dict:
     """Per budget and order: mean and sd over the seeds, refusals and AUC wins (ties shared)."""
     summary = {}
     for budget in budgets:
         rows = {o: [r for r in runs if r["budget"] == budget and r["order"] == o] for o in ORDERS}
-        wins = dict.fromkeys(ORDERS, 0.0)
+        wins = {k: dict.fromkeys(ORDERS, 0.0) for k in ("auc", "brier")}
         for seed in seeds:
-            aucs = {o: next(r["auc"] for r in rows[o] if r["seed"] == seed) for o in ORDERS}
-            best = [o for o in ORDERS if aucs[o] >= max(aucs.values()) - 1e-9]
-            for o in best:
-                wins[o] += 1.0 / len(best)
+            for k, sign in (("auc", 1.0), ("brier", -1.0)):  # higher AUC, lower Brier is better
+                got = {o: next(r[k] for r in rows[o] if r["seed"] == seed) for o in ORDERS}
+                if any(v is None for v in got.values()):
+                    continue
+                best = [o for o in ORDERS if sign * got[o] >= max(sign * v for v in got.values()) - 1e-9]
+                for o in best:
+                    wins[k][o] += 1.0 / len(best)
         summary[str(budget)] = {
-            o: {**{k: {"mean": float(np.mean([r[k] for r in rows[o]])), "sd": float(np.std([r[k] for r in rows[o]]))}
-                   for k in ("auc", "brier", "ece", "sensitivity", "fp_per_case")},
+            o: {**{k: _mean_sd([r[k] for r in rows[o]]) for k in ("auc", "brier", "ece", "sensitivity", "fp_per_case")},
                 "reviewed_true_mean": float(np.mean([r["reviewed_true"] for r in rows[o]])),
-                "refused": sum(not r["retrained"] for r in rows[o]), "auc_wins": wins[o]}
+                "refused": sum(not r["retrained"] for r in rows[o]),
+                "auc_wins": wins["auc"][o], "brier_wins": wins["brier"][o]}
             for o in ORDERS}
     return summary
 
@@ -201,16 +213,18 @@ def main(argv=None) -> int:
                             "seconds": round(time.perf_counter() - t, 1)})
                 runs.append(run)
                 log(f"  seed {seed} budget {budget:3d} {order:11s}: {len(decisions)} reviewed ({n_true} true) -> "
-                    f"AUC {run['auc']:.3f} Brier {run['brier']:.3f}" + ("" if run["retrained"] else "  (refused: base kept)"))
+                    f"AUC {_f(run['auc'])} Brier {_f(run['brier'])}" + ("" if run["retrained"] else "  (refused: base kept)"))
         report = write_report(runs, args.seeds[: n + 1])
 
     print(f"review order on {report['held_apart_candidates']} held-apart candidates "
-          f"({report['held_apart_true_candidates']} true); base AUC {base_row['auc']:.3f}, Brier {base_row['brier']:.3f}")
-    print(f"  {'budget':>6s} {'order':11s} {'AUC mean+-sd':>16s} {'Brier':>7s} {'FP/case':>8s} {'true rev.':>9s} {'refused':>7s} {'AUC wins':>8s}")
+          f"({report['held_apart_true_candidates']} true); base AUC {_f(base_row['auc'])}, Brier {_f(base_row['brier'])}")
+    print(f"  {'budget':>6s} {'order':11s} {'AUC mean+-sd':>16s} {'Brier':>7s} {'FP/case':>8s} {'true rev.':>9s} {'refused':>7s} "
+          f"{'AUC wins':>8s} {'Brier wins':>10s}")
     for budget, by_order in report["summary"].items():
         for o, v in by_order.items():
-            print(f"  {budget:>6s} {o:11s} {v['auc']['mean']:8.3f}+-{v['auc']['sd']:.3f} {v['brier']['mean']:7.3f} "
-                  f"{v['fp_per_case']['mean']:8.2f} {v['reviewed_true_mean']:9.1f} {v['refused']:7d} {v['auc_wins']:8.1f}")
+            print(f"  {budget:>6s} {o:11s} {_f(v['auc']['mean']):>8s}+-{_f(v['auc']['sd'])} {_f(v['brier']['mean']):>7s} "
+                  f"{_f(v['fp_per_case']['mean'], '.2f'):>8s} {v['reviewed_true_mean']:9.1f} {v['refused']:7d} "
+                  f"{v['auc_wins']:8.1f} {v['brier_wins']:10.1f}")
     return 0
 
 
