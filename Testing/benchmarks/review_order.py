@@ -3,8 +3,10 @@
     python Testing/benchmarks/review_order.py --budgets 8 16 --seeds 0 1 2 3 4 -o review_order.json
 
 (the committed ``Resources/evaluation/review_order.json`` was made with a smaller run that fits a
-shared 2-core machine: ``--review-cases STS_001 ... STS_012 --held-cases STS_034 ... STS_041
---pool-cases 9 --budgets 6 --seeds 0 1 2 3 4``; the exact arguments are in the JSON).
+shared, overloaded 2-core machine: ``--review-cases STS_001 ... STS_008 --held-cases
+LIDC-IDRI-0001 lung1 STS_034 STS_035 --pool-cases 6 --budgets 5 --seeds 0 1 2 3 4``.  The
+held-apart side needs the chest scans: every STS validation case gives exactly one, true,
+candidate, so an STS-only held-apart set has no false positive to rank.)
 
 For the same number of reviewed lesions, is a classifier retrained from the lesions reviewed
 *most uncertain first* better than one retrained from those reviewed *by confidence* (LesionSeg's
