@@ -119,6 +119,8 @@ def test_versions_not_only_presence(deps):
 def test_install_with_pytorchutils_and_pip_install(deps):
     _fake_pytorch_utils(deps)
     deps.installed.update({"torch": "1.13.1", "monai": "1.4.0", "connected-components-3d": None})
+    # a fresh Slicer process: none of them imported yet (in the test process, other tests import torch)
+    deps.monkeypatch.setattr(deps.d, "_imported", lambda names: [])
     result = deps.d.install(deps.d.check())
     assert not result.restart_required and result.message.startswith("installed")
     assert ("uninstallTorch",) in deps.calls  # the old torch is replaced, not kept

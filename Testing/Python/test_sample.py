@@ -36,14 +36,14 @@ def test_segment_sample_from_a_fresh_checkout(tmp_path):
     env["LESIONSEG_DATA"] = str(tmp_path / "no-data-here")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "LesionSegLib.engine.cli", "segment", "--sample", "-o", str(out), "--device", "cpu"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["STS_041.seg.nrrd", "STS_041_lesions.csv", "STS_041_lesions.nii.gz"]
     with open(out / "STS_041_lesions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert rows and float(rows[0]["confidence"]) >= 0.5  # the tumour is found at the default threshold
     proc = subprocess.run([sys.executable, "-m", "LesionSegLib.engine.cli", "segment", "-o", str(out)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "--sample" in proc.stderr  # no input at all: a one-line hint
 
 
