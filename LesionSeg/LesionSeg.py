@@ -1,7 +1,9 @@
 """LesionSeg: find CT lesions, colour them by confidence, review them, export them.
 
-Thin Slicer module: the widget binds the UI (``Resources/UI/LesionSeg.ui``) to the logic in
-``LesionSegLib`` (MRML, no Qt) and runs the engine in a background process.
+Thin Slicer module: the widget binds the UI (``Resources/UI/LesionSeg.ui``) to the typed parameter
+node (``LesionSegLib/parameters.py``) and to the logic in ``LesionSegLib`` (MRML, no Qt), and runs
+the engine in a background process.  Shared widget helpers (log box, shortcuts, reload) are in
+``LesionSegLib/widget_support.py``.
 
 Qt code here sticks to what PythonQt (Slicer) and PySide6 (the offscreen test harness) both
 accept: Q_PROPERTY values are read with ``widget.property(name)``, signals are connected with
@@ -15,21 +17,23 @@ import time
 
 import qt
 import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
 
-from LesionSegLib import dependencies, mrml
+from LesionSegLib import dependencies, mrml, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
+from LesionSegLib.parameters import LesionSegParameterNode
+from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
+from LesionSegLib.widget_support import DependencyInstaller, LogBox, Shortcuts, reload_package, style_color_bar, table_lesion_ids
 
 log = logging.getLogger("LesionSeg")
-
-#: QSettings key of the feedback database path, shared with the LesionSegTraining module
-FEEDBACK_SETTINGS_KEY = "LesionSeg/FeedbackDatabase"
 
 
 #
@@ -38,41 +42,41 @@ FEEDBACK_SETTINGS_KEY = "LesionSeg/FeedbackDatabase"
 class LesionSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "LesionSeg"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("LesionSeg")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["LesionSeg developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Finds lesions in a CT volume and gives each a confidence that it is a true lesion. "
             "Each lesion becomes a segment coloured by confidence; review them in the lesion table "
-            "(A accept, R reject, U unsure, N/P next/previous) and export them as .seg.nrrd, NIfTI, CSV "
-            "or DICOM SEG. " + mrml.colormap_description()
-        )
-        self.parent.acknowledgementText = (
+            "(A accept, R reject, U unsure, N/P next/previous, in the chosen review order) and export them "
+            "as .seg.nrrd, NIfTI, CSV or DICOM SEG. A saved scene reopens with its review. ") + mrml.colormap_description()
+        self.parent.acknowledgementText = _(
             "LesionSeg developers. Built on 3D Slicer, MONAI, PyTorch, connected-components-3d, "
-            "SimpleITK, slicerio and highdicom."
-        )
+            "SimpleITK, slicerio and highdicom. Sample CT: IBSI soft-tissue sarcoma set (TCIA, CC BY 3.0).")
+        app = getattr(slicer, "app", None)
+        if hasattr(app, "connect"):  # in Slicer: register the sample once the application is up
+            app.connect("startupCompleted()", sampledata.register)
 
 
 #
 # LesionSegWidget
 #
 class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    SHORTCUTS = (("A", "accepted"), ("R", "rejected"), ("U", "unsure"), ("N", +1), ("P", -1))
-
     def __init__(self, parent=None):
         # state first: without a parent, the base class calls setup() from its constructor
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self._parameterNode = None
+        self._guiTag = None
         self.runner = None
         self.runVolume = None
         self.runStarted = 0.0
         self.segmentationNode = None
         self.currentLesion = None
         self.cudaAvailable = False
-        self.shortcuts = []
+        self.deviceMessage = ""
         self._selecting = False
-        self._dicomCache = {}
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     # ---------------------------------------------------------------------------- setup
@@ -82,109 +86,117 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.ui.inputVolumeSelector.setMRMLScene(slicer.mrmlScene)
+        for selector in (self.ui.inputVolumeSelector, self.ui.resultSelector):
+            selector.setMRMLScene(slicer.mrmlScene)
+        self.ui.resultSelector.addAttribute("vtkMRMLSegmentationNode", mrml.ATTR_ROLE, "segmentation")
 
         self.logic = LesionSegLogic()
+        self.logBox = LogBox(self.ui.logTextEdit, self.ui.logCollapsibleButton)
+        self.shortcuts = Shortcuts([("A", lambda: self.onReview("accepted")), ("R", lambda: self.onReview("rejected")),
+                                    ("U", lambda: self.onReview("unsure")), ("N", lambda: self.onStep(+1)),
+                                    ("P", lambda: self.onStep(-1))], self.parent)
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(150)
         self.pollTimer.timeout.connect(self.onPoll)
 
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         self.ui.modelSelector.currentIndexChanged.connect(self.onModelChanged)
-        self.ui.deviceSelector.currentIndexChanged.connect(self.onDeviceChanged)
-        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.segmentButton.clicked.connect(self.onSegmentButton)
-        self.ui.lesionTableView.clicked.connect(self.onTableClicked)
+        self.ui.lesionTableView.clicked.connect(lambda index: self.selectLesionFromRow(index.row()) if index.isValid() else None)
         self.ui.lesionTableView.selectionModel().currentRowChanged.connect(self.onTableCurrentRowChanged)
-        self.ui.acceptButton.clicked.connect(lambda *a: self.onReview("accepted"))
-        self.ui.rejectButton.clicked.connect(lambda *a: self.onReview("rejected"))
-        self.ui.unsureButton.clicked.connect(lambda *a: self.onReview("unsure"))
+        for button, decision in ((self.ui.acceptButton, "accepted"), (self.ui.rejectButton, "rejected"), (self.ui.unsureButton, "unsure")):
+            button.clicked.connect(lambda *a, d=decision: self.onReview(d))
         self.ui.nextButton.clicked.connect(lambda *a: self.onStep(+1))
         self.ui.previousButton.clicked.connect(lambda *a: self.onStep(-1))
-        self.ui.exportSegNrrdButton.clicked.connect(lambda *a: self.onExport(("seg.nrrd",)))
-        self.ui.exportNiftiButton.clicked.connect(lambda *a: self.onExport(("nifti",)))
-        self.ui.exportCsvButton.clicked.connect(lambda *a: self.onExport(("csv",)))
-        self.ui.exportDicomSegButton.clicked.connect(lambda *a: self.onExport(("dicomseg",)))
-        self.ui.exportAllButton.clicked.connect(lambda *a: self.onExport(("seg.nrrd", "nifti", "csv", "dicomseg")))
+        for button, formats in ((self.ui.exportSegNrrdButton, ("seg.nrrd",)), (self.ui.exportNiftiButton, ("nifti",)),
+                                (self.ui.exportCsvButton, ("csv",)), (self.ui.exportDicomSegButton, ("dicomseg",)),
+                                (self.ui.exportAllButton, ("seg.nrrd", "nifti", "csv", "dicomseg"))):
+            button.clicked.connect(lambda *a, f=formats: self.onExport(f))
 
-        self.ui.lesionTableView.sortByColumn(1, qt.Qt.DescendingOrder)  # highest confidence first
-        self.ui.outputDirectoryButton.setProperty("directory", os.path.join(os.path.expanduser("~"), "LesionSeg"))
         self.ui.progressBar.setVisible(False)
-        self.setupColorBar()
+        style_color_bar(self.ui.colorBarLabel, self.ui.acceptedSwatchLabel, self.ui.rejectedSwatchLabel)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
         self.populateModels()
         self.updateDeviceStatus()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.installShortcuts()
-        self.onInputVolumeChanged(self.ui.inputVolumeSelector.currentNode())
-        self.updateButtons()
+        self.installer = DependencyInstaller(self.logBox, self.ui.statusLabel, self.onDependenciesInstalled)
+        if dependencies.resume_pending() is not None:  # an installation waited for this restart
+            qt.QTimer.singleShot(0, self.installer.resume)
+        self.updateGUI()
 
     def cleanup(self):
         self.cancelSegmentation(quiet=True)
-        self.removeShortcuts()
+        self.shortcuts.remove()
+        self.setParameterNode(None)
         self.removeObservers()
         if self.logic is not None:
             self.logic.disable_feedback_store()
 
     def enter(self):
-        self.installShortcuts()
-        if self.ui.inputVolumeSelector.currentNode() is None and self.runner is None:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first is not None and first.GetClassName() == "vtkMRMLScalarVolumeNode":
-                self.ui.inputVolumeSelector.setCurrentNode(first)
+        self.initializeParameterNode()
+        self.shortcuts.install()
 
     def exit(self):
-        self.removeShortcuts()
+        self.shortcuts.remove()
 
-    # ---------------------------------------------------------------------- shortcuts
-    def shortcutParent(self):
-        try:
-            mainWindow = slicer.util.mainWindow()
-        except Exception:
-            mainWindow = None
-        return mainWindow if mainWindow is not None else self.parent
+    def onReload(self):
+        """Developer mode: re-import LesionSegLib (engine included), then Slicer reloads this file."""
+        self.cleanup()
+        reload_package("LesionSegLib")
+        ScriptedLoadableModuleWidget.onReload(self)
 
-    def installShortcuts(self):
-        if self.shortcuts:
+    # -------------------------------------------------------------------- parameter node
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        p = self._parameterNode
+        if p.inputVolume is None:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None and first.GetClassName() == "vtkMRMLScalarVolumeNode":
+                p.inputVolume = first
+        if p.resultSegmentation is None:
+            results = mrml.lesion_segmentation_nodes()
+            if results:
+                p.resultSegmentation = results[-1]
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._guiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._guiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None):
+        p = self._parameterNode
+        if p is None:
             return
-        parent = self.shortcutParent()
-        for key, action in self.SHORTCUTS:
-            shortcut = qt.QShortcut(qt.QKeySequence(key), parent)
-            if isinstance(action, str):
-                shortcut.activated.connect(lambda decision=action: self.onReview(decision))
-            else:
-                shortcut.activated.connect(lambda step=action: self.onStep(step))
-            self.shortcuts.append(shortcut)
-
-    def removeShortcuts(self):
-        for shortcut in self.shortcuts:
-            shortcut.setParent(None)
-            shortcut.deleteLater()
-        self.shortcuts = []
-
-    # -------------------------------------------------------------------- colour bar
-    def setupColorBar(self):
-        from LesionSegLib.engine.segment.colors import ACCEPTED_COLOR, CONFIDENCE_STOPS, REJECTED_COLOR
-
-        def rgb(c):
-            return "rgb({}, {}, {})".format(*[int(round(255 * v)) for v in c])
-
-        stops = ", ".join(f"stop:{pos:.2f} {rgb(color)}" for pos, color in CONFIDENCE_STOPS)
-        self.ui.colorBarLabel.setStyleSheet(
-            f"background: qlineargradient(x1:0, y1:0, x2:1, y2:0, {stops}); border: 1px solid #555;")
-        self.ui.colorBarLabel.setToolTip(mrml.colormap_description())
-        for label, color in ((self.ui.acceptedSwatchLabel, ACCEPTED_COLOR), (self.ui.rejectedSwatchLabel, REJECTED_COLOR)):
-            label.setStyleSheet(f"background: {rgb(color)}; color: black; padding: 1px 4px;")
+        if p.resultSegmentation is not self.segmentationNode:
+            self.setSegmentationNode(p.resultSegmentation)
+        elif self.segmentationNode is not None:
+            node = self.segmentationNode
+            if abs(mrml.get_threshold(node) - p.threshold) > 1e-9:
+                self.logic.set_threshold(node, p.threshold)
+            if mrml.get_review_order(node) != p.reviewOrder:
+                self.logic.set_review_order(node, p.reviewOrder)
+        self.ui.oodWarningLabel.setText(p.oodWarning)
+        self.ui.oodWarningLabel.setVisible(bool(p.oodWarning))
+        self.updateGUI()
 
     # ------------------------------------------------------------------------- models
     def populateModels(self):
+        self.ui.modelSelector.blockSignals(True)
         self.ui.modelSelector.clear()
         cards = self.logic.available_models()
+        wanted = self._parameterNode.model if self._parameterNode is not None else ""
         active = self.logic.active_model_id()
         select = 0
         for i, card in enumerate(cards):
             self.ui.modelSelector.addItem(card.id, str(card.folder))
-            if card.id == active or (card.name == active and select == 0):
+            if str(card.folder) == wanted or (not wanted and card.id == active):
                 select = i
+        self.ui.modelSelector.blockSignals(False)
         if cards:
             self.ui.modelSelector.setCurrentIndex(select)
         self.onModelChanged()
@@ -194,14 +206,13 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             card = self.logic.model_card(model)
         except Exception as exc:
-            slicer.util.errorDisplay(f"Cannot use model {model}: {exc}")
+            self.logBox.show_error(_("Cannot use model {model}: {error}").format(model=model, error=exc))
             return
-        for i in range(self.ui.modelSelector.property("count")):
-            if self.ui.modelSelector.itemData(i) == str(card.folder):
-                self.ui.modelSelector.setCurrentIndex(i)
-                return
-        self.ui.modelSelector.addItem(card.id, str(card.folder))
-        self.ui.modelSelector.setCurrentIndex(self.ui.modelSelector.property("count") - 1)
+        index = self.ui.modelSelector.findData(str(card.folder))
+        if index < 0:
+            self.ui.modelSelector.addItem(card.id, str(card.folder))
+            index = self.ui.modelSelector.property("count") - 1
+        self.ui.modelSelector.setCurrentIndex(index)
 
     def currentModel(self):
         index = self.ui.modelSelector.property("currentIndex")
@@ -210,45 +221,40 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, *args):
         model = self.currentModel()
         if model is None:
-            self.ui.modelCardLabel.setText("No model found: register one in the LesionSeg model folder.")
+            self.ui.modelCardLabel.setText(_("No model found: register one in the LesionSeg model folder."))
         else:
             try:
                 card = self.logic.model_card(model)
                 self.ui.modelCardLabel.setText(card.summary())
-                if self.segmentationNode is None:
-                    self.ui.thresholdSlider.setValue(float(card.data.get("confidence_threshold", 0.5)))
+                if self._parameterNode is not None:
+                    self._parameterNode.model = str(card.folder)
+                    if self.segmentationNode is None:
+                        self._parameterNode.threshold = float(card.data.get("confidence_threshold", 0.5))
             except Exception as exc:
-                self.ui.modelCardLabel.setText(f"Model cannot be used: {exc}")
-        self.updateButtons()
+                self.ui.modelCardLabel.setText(_("Model cannot be used: {error}").format(error=exc))
+        self.updateGUI()
+
+    def onDependenciesInstalled(self):
+        self.populateModels()
+        self.updateDeviceStatus()
 
     # ------------------------------------------------------------------------- device
     def currentDevice(self):
-        return self.ui.deviceSelector.property("currentText") or "auto"
+        return self._parameterNode.device if self._parameterNode is not None else "auto"
 
     def updateDeviceStatus(self):
-        self.cudaAvailable, message = dependencies.cuda_status()
-        self.deviceMessage = message
-        self.onDeviceChanged()
-
-    def onDeviceChanged(self, *args):
-        message = getattr(self, "deviceMessage", "")
-        if self.currentDevice() == "cuda" and not self.cudaAvailable:
-            self.ui.deviceStatusLabel.setText("CUDA was chosen but is not available on this computer. " + message)
-            self.ui.deviceStatusLabel.setStyleSheet("color: #c0392b;")
-        else:
-            self.ui.deviceStatusLabel.setText(message)
-            self.ui.deviceStatusLabel.setStyleSheet("")
-        self.updateButtons()
+        self.cudaAvailable, self.deviceMessage = dependencies.cuda_status()
+        self.updateGUI()
 
     # -------------------------------------------------------------------------- state
-    def onInputVolumeChanged(self, node=None):
-        self.updateButtons()
-
     def onSceneStartClose(self, caller=None, event=None):
         self.cancelSegmentation(quiet=True)
+        self.setParameterNode(None)
         self.setSegmentationNode(None)
-        if self.logic is not None:
-            self.logic.forget()
+
+    def onSceneEndClose(self, caller=None, event=None):
+        if self.parent.isVisible():
+            self.initializeParameterNode()
 
     def segmentationValid(self):
         node = self.segmentationNode
@@ -256,86 +262,65 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setSegmentationNode(None)
         return self.segmentationNode is not None
 
-    def updateButtons(self):
+    def updateGUI(self):
+        if not hasattr(self, "ui"):
+            return
         running = self.runner is not None
-        volume = self.ui.inputVolumeSelector.currentNode()
-        canRun = volume is not None and self.currentModel() is not None and not (self.currentDevice() == "cuda" and not self.cudaAvailable)
-        self.ui.segmentButton.setEnabled(running or canRun)
-        self.ui.segmentButton.setText("Cancel" if running else "Segment")
+        volume = self._parameterNode.inputVolume if self._parameterNode is not None else None
+        cudaMissing = self.currentDevice() == "cuda" and not self.cudaAvailable
+        self.ui.segmentButton.setEnabled(running or (volume is not None and self.currentModel() is not None and not cudaMissing))
+        self.ui.segmentButton.setText(_("Cancel") if running else _("Segment"))
+        if cudaMissing:
+            self.ui.deviceStatusLabel.setText(_("CUDA was chosen but is not available on this computer.") + " " + self.deviceMessage)
+            self.ui.deviceStatusLabel.setStyleSheet("color: #c0392b;")
+        else:
+            self.ui.deviceStatusLabel.setText(self.deviceMessage)
+            self.ui.deviceStatusLabel.setStyleSheet("")
         haveResult = self.segmentationValid()
         haveLesion = haveResult and self.currentLesion is not None
         for button in (self.ui.acceptButton, self.ui.rejectButton, self.ui.unsureButton):
             button.setEnabled(haveLesion)
-        for button in (self.ui.nextButton, self.ui.previousButton):
-            button.setEnabled(haveResult)
-        for button in (self.ui.exportSegNrrdButton, self.ui.exportNiftiButton, self.ui.exportCsvButton, self.ui.exportAllButton):
+        for button in (self.ui.nextButton, self.ui.previousButton, self.ui.exportSegNrrdButton, self.ui.exportNiftiButton,
+                       self.ui.exportCsvButton, self.ui.exportAllButton):
             button.setEnabled(haveResult)
         self.ui.exportDicomSegButton.setEnabled(haveResult and bool(self.dicomFiles()))
         for widget in (self.ui.inputVolumeSelector, self.ui.modelSelector, self.ui.deviceSelector):
             widget.setEnabled(not running)
+        if haveResult:
+            reviewed, total = mrml.review_progress(self.segmentationNode)
+            self.ui.reviewCounterLabel.setText(_("{reviewed} of {total} reviewed").format(reviewed=reviewed, total=total))
+        else:
+            self.ui.reviewCounterLabel.setText("")
 
     def dicomFiles(self):
-        if not self.segmentationValid():
-            return []
-        volume = mrml.reference_volume(self.segmentationNode)
-        if volume is None:
-            return []
-        key = volume.GetID()
-        if key not in self._dicomCache:
-            try:
-                self._dicomCache[key] = self.logic.dicom_source_files(volume)
-            except Exception as exc:
-                log.warning("cannot list DICOM source files: %s", exc)
-                self._dicomCache[key] = []
-        return self._dicomCache[key]
+        return self.logic.result_dicom_files(self.segmentationNode)
 
     # ------------------------------------------------------------------------ segment
-    def checkDependencies(self):
-        missing = dependencies.missing()
-        if not missing:
-            return True
-        text = (f"LesionSeg needs these Python packages, which are not installed in Slicer: {dependencies.describe(missing)}.\n\n"
-                "Install them now? This downloads several hundred MB and can take a few minutes.")
-        if not slicer.util.confirmOkCancelDisplay(text, windowTitle="LesionSeg: install dependencies"):
-            self.ui.statusLabel.setText("Segmentation needs " + dependencies.describe(missing) + ".")
-            return False
-        self.ui.statusLabel.setText("Installing " + dependencies.describe(missing) + "...")
-        slicer.app.processEvents()
-        try:
-            dependencies.install(missing)
-        except Exception as exc:
-            slicer.util.errorDisplay(f"Installing the LesionSeg dependencies failed: {exc}")
-            self.ui.statusLabel.setText("Dependencies are missing.")
-            return False
-        self.populateModels()
-        self.updateDeviceStatus()
-        return True
-
     def onSegmentButton(self, *args):
         if self.runner is not None:
             self.cancelSegmentation()
             return
-        volume = self.ui.inputVolumeSelector.currentNode()
-        if volume is None:
-            return
-        if not self.checkDependencies():
+        volume = self._parameterNode.inputVolume
+        if volume is None or not self.installer.ensure():
             return
         if self.currentDevice() == "cuda" and not self.cudaAvailable:
-            slicer.util.errorDisplay("CUDA is not available on this computer: choose 'auto' or 'cpu'.")
+            self.logBox.show_error(_("CUDA is not available on this computer: choose 'auto' or 'cpu'."))
             return
         try:
             self.runner = self.logic.start_background(volume, model=self.currentModel(), device=self.currentDevice())
         except Exception as exc:
             self.runner = None
-            slicer.util.errorDisplay(f"Cannot start the segmentation: {exc}")
+            self.logBox.show_error(_("Cannot start the segmentation: {error}").format(error=exc))
             return
         self.runVolume = volume
         self.runStarted = time.monotonic()
+        self._lastStage = ""
+        self.logBox.append(f"segmenting '{volume.GetName()}' with {os.path.basename(str(self.currentModel()))} on {self.currentDevice()}", stamp=True)
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setVisible(True)
-        self.ui.statusLabel.setText(f"Segmenting '{volume.GetName()}'...")
+        self.ui.statusLabel.setText(_("Segmenting '{name}'...").format(name=volume.GetName()))
         self.pollTimer.start()
-        self.updateButtons()
+        self.updateGUI()
 
     def onPoll(self):
         runner = self.runner
@@ -343,35 +328,40 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.pollTimer.stop()
             return
         runner.poll()
-        self.ui.progressBar.setValue(int(round(100 * runner.fraction)))
+        self.logBox.append(runner.new_lines())
+        percent = int(round(100 * runner.fraction))
+        self.ui.progressBar.setValue(percent)
         if runner.state == "running":
             stage = runner.stage or "starting"
-            self.ui.statusLabel.setText(f"{stage.capitalize()}... {int(round(100 * runner.fraction))}%  ({time.monotonic() - self.runStarted:.0f} s)")
+            if stage != self._lastStage:
+                self.logBox.append(f"stage: {stage}", stamp=True)
+                self._lastStage = stage
+            self.ui.statusLabel.setText(f"{stage.capitalize()}... {percent}%  ({time.monotonic() - self.runStarted:.0f} s)")
             return
         self.pollTimer.stop()
         self.runner = None
         self.ui.progressBar.setVisible(False)
         if runner.state == "finished":
             try:
-                segNode, _ = self.logic.finish_background(runner, self.runVolume, threshold=self.thresholdValue())
+                segNode, _table = self.logic.finish_background(runner, self.runVolume, threshold=self._parameterNode.threshold)
             except Exception as exc:
                 runner.cleanup()
-                slicer.util.errorDisplay(f"Cannot load the segmentation result: {exc}")
-                self.ui.statusLabel.setText("Segmentation failed.")
+                self.ui.statusLabel.setText(_("Segmentation failed."))
+                self.logBox.show_error(_("Cannot load the segmentation result: {error}").format(error=exc))
             else:
-                self.setSegmentationNode(segNode)
-                total = len(mrml.lesions(segNode))
-                shown = len(mrml.visible_lesions(segNode))
+                self._parameterNode.resultSegmentation = segNode
+                total, shown = len(mrml.lesions(segNode)), len(mrml.visible_lesions(segNode))
                 device = (runner.done_event or {}).get("device", runner.device)
-                notes = " ".join(runner.notes)
-                self.ui.statusLabel.setText(
-                    f"{total} lesion candidate(s), {shown} at or above the threshold; {time.monotonic() - self.runStarted:.0f} s on {device}. {notes}".strip())
+                message = _("{total} lesion candidate(s), {shown} at or above the threshold; {seconds:.0f} s on {device}.").format(
+                    total=total, shown=shown, seconds=time.monotonic() - self.runStarted, device=device)
+                self.ui.statusLabel.setText((message + " " + " ".join(runner.notes)).strip())
+                self.logBox.append(message, stamp=True)
         else:
             runner.cleanup()
-            self.ui.statusLabel.setText(f"Segmentation failed: {runner.error}")
-            slicer.util.errorDisplay(f"Segmentation failed: {runner.error}")
+            self.ui.statusLabel.setText(_("Segmentation failed: {error}").format(error=runner.error))
+            self.logBox.show_error(_("Segmentation failed: {error}").format(error=runner.error))
         self.runVolume = None
-        self.updateButtons()
+        self.updateGUI()
 
     def cancelSegmentation(self, quiet=False):
         if self.runner is None:
@@ -382,120 +372,80 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runVolume = None
         self.ui.progressBar.setVisible(False)
         if not quiet:
-            self.ui.statusLabel.setText("Segmentation cancelled.")
-        self.updateButtons()
+            self.ui.statusLabel.setText(_("Segmentation cancelled."))
+            self.logBox.append("segmentation cancelled", stamp=True)
+        self.updateGUI()
 
     # ------------------------------------------------------------------------- result
     def setSegmentationNode(self, node):
+        """Show ``node`` (a LesionSeg result, e.g. from a reopened scene) in the panel."""
         self.segmentationNode = node
         self.currentLesion = None
-        self._dicomCache = {}
-        table = mrml.get_table_node(node) if node is not None else None
-        self.ui.lesionTableView.setMRMLTableNode(table)
-        self.ui.currentLesionLabel.setText("No lesion selected.")
+        table = None
         if node is not None:
-            self.showInViews(node)
-        self.updateButtons()
-
-    def showInViews(self, node):
-        volume = mrml.reference_volume(node)
-        layoutManager = getattr(slicer.app, "layoutManager", lambda: None)()
-        if volume is not None and layoutManager is not None:
-            slicer.util.setSliceViewerLayers(background=volume, fit=True)
-
-    def thresholdValue(self):
-        return float(self.ui.thresholdSlider.property("value"))
-
-    def onThresholdChanged(self, value=None):
-        if not self.segmentationValid():
-            return
-        value = self.thresholdValue() if value is None else float(value)
-        shown = self.logic.set_threshold(self.segmentationNode, value)
-        total = len(mrml.lesions(self.segmentationNode))
-        self.ui.statusLabel.setText(f"{shown} of {total} lesion(s) at or above confidence {value:.2f}.")
-        if self.currentLesion is not None and self.currentLesion not in self.tableOrder():
-            self.currentLesion = None
-            self.ui.currentLesionLabel.setText("No lesion selected.")
-        self.updateButtons()
+            table = self.logic.reopen(node)
+            p = self._parameterNode
+            if p is not None:  # the panel follows the result's own threshold and order
+                was = p.StartModify()
+                p.threshold = mrml.get_threshold(node)
+                p.reviewOrder = mrml.get_review_order(node)
+                p.EndModify(was)
+            volume = mrml.reference_volume(node)
+            if volume is not None and getattr(slicer.app, "layoutManager", lambda: None)() is not None:
+                slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        self.ui.lesionTableView.setMRMLTableNode(table)
+        self.ui.currentLesionLabel.setText(_("No lesion selected."))
+        self.updateGUI()
 
     # ---------------------------------------------------------------------- selection
     def tableOrder(self):
-        """Lesion ids in the order the table shows them (respects sorting)."""
-        model = self.ui.lesionTableView.model()
-        out = []
-        for row in range(model.rowCount()):
-            value = model.index(row, 0).data()
-            try:
-                out.append(int(float(value)))
-            except (TypeError, ValueError):
-                continue
-        return out
-
-    def onTableClicked(self, index):
-        if index is None or not index.isValid():
-            return
-        self.selectLesionFromRow(index.row())
+        """Lesion ids in the order the table shows them (the review queue)."""
+        return table_lesion_ids(self.ui.lesionTableView)
 
     def onTableCurrentRowChanged(self, current, previous=None):
-        if self._selecting or current is None or not current.isValid():
-            return
-        self.selectLesionFromRow(current.row())
+        if not self._selecting and current is not None and current.isValid():
+            self.selectLesionFromRow(current.row())
 
     def selectLesionFromRow(self, row):
-        value = self.ui.lesionTableView.model().index(row, 0).data()
-        try:
-            lesionId = int(float(value))
-        except (TypeError, ValueError):
-            return
-        self.selectLesion(lesionId, updateTable=False)
+        order = self.tableOrder()
+        if 0 <= row < len(order):
+            self.selectLesion(order[row], updateTable=False)
 
     def selectLesion(self, lesionId, updateTable=True):
-        if not self.segmentationValid():
+        if not self.segmentationValid() or lesionId is None:
             return
         self.currentLesion = int(lesionId)
-        if updateTable:
-            order = self.tableOrder()
-            if self.currentLesion in order:
-                self._selecting = True
-                try:
-                    self.ui.lesionTableView.selectRow(order.index(self.currentLesion))
-                finally:
-                    self._selecting = False
+        order = self.tableOrder()
+        if updateTable and self.currentLesion in order:
+            self._selecting = True
+            try:
+                self.ui.lesionTableView.selectRow(order.index(self.currentLesion))
+            finally:
+                self._selecting = False
         try:
             self.logic.jump_to_lesion(self.segmentationNode, self.currentLesion)
         except Exception as exc:
             log.warning("cannot centre the views on lesion %s: %s", lesionId, exc)
-        self.updateCurrentLesionLabel()
-        self.updateButtons()
-
-    def updateCurrentLesionLabel(self):
-        if self.currentLesion is None or not self.segmentationValid():
-            self.ui.currentLesionLabel.setText("No lesion selected.")
-            return
-        _, segment = mrml.find_segment(self.segmentationNode, self.currentLesion)
-        info = mrml.lesion_info(segment)
-        self.ui.currentLesionLabel.setText(
-            f"{info['name']}: {info['volume_ml']:.2f} ml, {info['diameter_mm']:.1f} mm, {info['review']}")
+        info = mrml.lesion_info(mrml.find_segment(self.segmentationNode, self.currentLesion)[1])
+        self.ui.currentLesionLabel.setText(f"{info['name']}: {info['volume_ml']:.2f} ml, {info['diameter_mm']:.1f} mm, {info['review']}")
+        self.updateGUI()
 
     def onStep(self, step):
-        if not self.segmentationValid():
-            return
-        nxt = mrml.neighbour_lesion(self.tableOrder(), self.currentLesion, step)
-        if nxt is not None:
-            self.selectLesion(nxt)
+        if self.segmentationValid():
+            self.selectLesion(mrml.neighbour_lesion(self.tableOrder(), self.currentLesion, step))
 
     # ------------------------------------------------------------------------- review
     def onReview(self, decision):
         if not self.segmentationValid() or self.currentLesion is None:
-            self.ui.statusLabel.setText("Select a lesion in the table first.")
+            self.ui.statusLabel.setText(_("Select a lesion in the table first."))
             return
-        if self.ui.feedbackCheckBox.property("checked"):
+        if self._parameterNode.recordFeedback:
             try:
-                store = self.logic.enable_feedback_store(self.feedbackDatabasePath())
-                self.ui.feedbackCheckBox.setToolTip(f"Decisions are also recorded in {store.path}")
+                store = self.logic.enable_feedback_store()
+                self.ui.feedbackCheckBox.setToolTip(_("Decisions are also recorded in {path}").format(path=store.path))
             except Exception as exc:
-                self.ui.feedbackCheckBox.setChecked(False)
-                slicer.util.warningDisplay(f"The feedback store cannot be opened; decisions stay in the scene and exports: {exc}")
+                self._parameterNode.recordFeedback = False
+                slicer.util.warningDisplay(_("The feedback store cannot be opened; decisions stay in the scene and exports: {error}").format(error=exc))
         elif self.logic.feedback_store is not None:
             self.logic.disable_feedback_store()
         lesionId = self.currentLesion
@@ -503,31 +453,30 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.review(self.segmentationNode, lesionId, decision)
         except RuntimeError as exc:  # a sink failed; the scene has the decision
             slicer.util.warningDisplay(str(exc))
-        self.ui.statusLabel.setText(f"Lesion {lesionId}: {decision}.")
-        order = self.tableOrder()
-        if self.ui.autoAdvanceCheckBox.property("checked") and len(order) > 1:
-            self.selectLesion(mrml.neighbour_lesion(order, lesionId, +1))
-        else:
-            self.selectLesion(lesionId)
-
-    @staticmethod
-    def feedbackDatabasePath():
-        """The database chosen in LesionSeg Training (QSettings), or None for the default."""
-        value = qt.QSettings().value(FEEDBACK_SETTINGS_KEY)
-        return str(value) if value else None
+        self.ui.statusLabel.setText(_("Lesion {id}: {decision}.").format(id=lesionId, decision=decision))
+        reviewed = {d["lesion_id"] for d in mrml.lesions(self.segmentationNode) if d["review"] != "unreviewed"}
+        nextLesion = review.next_unreviewed(self.tableOrder(), reviewed, lesionId) if self._parameterNode.autoAdvance else None
+        if self._parameterNode.autoAdvance and nextLesion is None:
+            self.ui.statusLabel.setText(_("Lesion {id}: {decision}. Every lesion is reviewed.").format(id=lesionId, decision=decision))
+        self.selectLesion(nextLesion if nextLesion is not None else lesionId)
 
     # ------------------------------------------------------------------------- export
     def onExport(self, formats):
         if not self.segmentationValid():
             return
-        outdir = self.ui.outputDirectoryButton.property("directory")
+        outdir = str(self._parameterNode.outputDirectory)
         formats = [f for f in formats if f != "dicomseg" or self.dicomFiles()]
         try:
             paths = self.logic.export(self.segmentationNode, outdir, formats=formats, dicom_files=self.dicomFiles() or None)
         except Exception as exc:
-            slicer.util.errorDisplay(f"Export failed: {exc}")
+            self.logBox.show_error(_("Export failed: {error}").format(error=exc))
             return
-        self.ui.statusLabel.setText("Exported " + ", ".join(os.path.basename(str(p)) for p in paths.values()) + f" to {outdir}")
+        names = sorted({os.path.basename(str(p)) for p in paths.values()})
+        text = _("Exported {files} to {folder}").format(files=", ".join(names), folder=outdir)
+        if "dicom_database" in paths:
+            text += " " + _("(DICOM SEG added to the DICOM database)")
+        self.ui.statusLabel.setText(text)
+        self.logBox.append(text, stamp=True)
         return paths
 
 
@@ -541,81 +490,5 @@ class LesionSegLogic(ScriptedLoadableModuleLogic, LesionSegLogicCore):
         ScriptedLoadableModuleLogic.__init__(self)
         LesionSegLogicCore.__init__(self)
 
-
-#
-# LesionSegTest
-#
-class LesionSegTest(ScriptedLoadableModuleTest):
-    """Segment a real CT, review, threshold and export.
-
-    Data: ``$LESIONSEG_DATA/sts/STS_035/image.nii.gz`` (default ``<repo>/../shared/data``); in a
-    real Slicer without that folder the CTChest sample is downloaded.  Model: the default one, or
-    ``$LESIONSEG_TEST_MODEL``.
-    """
-
-    def setUp(self):
-        slicer.mrmlScene.Clear(0)
-
-    def runTest(self):
-        self.setUp()
-        self.test_LesionSeg_segment_review_export()
-
-    def loadCT(self):
-        here = os.path.dirname(os.path.abspath(__file__))
-        root = os.environ.get("LESIONSEG_DATA", os.path.join(here, "..", "..", "shared", "data"))
-        path = os.path.join(root, "sts", "STS_035", "image.nii.gz")
-        if os.path.exists(path):
-            return mrml.load_volume(path, "STS_035")
-        try:
-            import SampleData
-        except ImportError:
-            self.skipTest(f"no CT found at {path} and no SampleData module to download one")
-        return SampleData.SampleDataLogic().downloadCTChest()
-
-    def test_LesionSeg_segment_review_export(self):
-        import tempfile
-
-        import slicerio
-
-        missing = dependencies.missing()
-        if missing:  # a fresh Slicer: install the engine's packages first (no prompt in testing mode)
-            self.delayDisplay("Installing " + dependencies.describe(missing))
-            dependencies.install(missing)
-        self.delayDisplay("Loading a CT")
-        volume = self.loadCT()
-        logic = LesionSegLogic()
-        self.delayDisplay("Segmenting")
-        segNode, table = logic.segment(volume, model=os.environ.get("LESIONSEG_TEST_MODEL") or None)
-        records = mrml.lesions(segNode)
-        self.assertEqual(segNode.GetSegmentation().GetNumberOfSegments(), len(records))
-        self.assertIs(mrml.reference_volume(segNode), volume)
-        self.assertIs(mrml.get_table_node(segNode), table)
-        confidences = [d["confidence"] for d in records]
-        self.assertEqual(confidences, sorted(confidences, reverse=True))
-
-        mrml.set_threshold(segNode, 0.0)
-        self.assertEqual(table.GetNumberOfRows(), len(records))
-        mrml.set_threshold(segNode, 1.01)
-        self.assertEqual(table.GetNumberOfRows(), 0)
-        mrml.set_threshold(segNode, 0.0)
-        if records:
-            decision = logic.review(segNode, records[0]["lesion_id"], "accepted")
-            self.assertEqual(decision.decision, "accepted")
-            self.assertEqual(mrml.segment_status(segNode, records[0]["lesion_id"]), "completed")
-            self.assertEqual(len(logic.recorder.log), 1)
-        if len(records) > 1:
-            logic.review(segNode, records[1]["lesion_id"], "rejected")
-            self.assertEqual(mrml.segment_status(segNode, records[1]["lesion_id"]), "flagged")
-
-        self.delayDisplay("Exporting")
-        with tempfile.TemporaryDirectory() as outdir:
-            paths = logic.export(segNode, outdir, formats=("seg.nrrd", "nifti", "csv"))
-            seg = slicerio.read_segmentation(str(paths["seg.nrrd"]))
-            self.assertEqual(len(seg["segments"]), len(records))
-            if records:
-                first = next(s for s in seg["segments"] if s["id"] == mrml.segment_id(records[0]["lesion_id"]))
-                self.assertEqual(first["tags"]["LesionSeg.Review"], "accepted")
-                self.assertEqual(first["status"], "completed")
-            for p in paths.values():
-                self.assertTrue(os.path.getsize(p) > 0)
-        self.delayDisplay("Test passed")
+    def getParameterNode(self):
+        return LesionSegParameterNode(super().getParameterNode())

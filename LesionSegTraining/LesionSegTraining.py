@@ -1,8 +1,9 @@
 """LesionSegTraining: the feedback database, classifier retraining, model versions, segmenter training.
 
-Thin Slicer module: the widget binds the UI (``Resources/UI/LesionSegTraining.ui``) to the logic in
-``LesionSegTrainingLib`` (MRML, no Qt); retraining and segmenter training run in background
-processes polled by a timer, so the GUI never blocks and both can be cancelled.
+Thin Slicer module: the widget binds the UI (``Resources/UI/LesionSegTraining.ui``) to its typed
+parameter node (``LesionSegTrainingLib/parameters.py``) and to the logic in ``LesionSegTrainingLib``
+(MRML, no Qt); retraining and segmenter training run in background processes polled by a timer,
+so the GUI never blocks and both can be cancelled.  Their messages go to the log box.
 
 Qt code here sticks to what PythonQt (Slicer) and PySide6 (the offscreen test harness) both
 accept: Q_PROPERTY values are read with ``widget.property(name)``, signals are connected with
@@ -13,21 +14,27 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import qt
 import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
+from LesionSegLib import settings
+from LesionSegLib.widget_support import LogBox, reload_package
 from LesionSegTrainingLib.logic import TrainingLogicCore, default_database_path
+from LesionSegTrainingLib.parameters import LesionSegTrainingParameterNode
 
 log = logging.getLogger("LesionSegTraining")
-
-SETTINGS_KEY = "LesionSeg/FeedbackDatabase"  # same key as LesionSegLib.engine.feedback.SETTINGS_KEY
 
 
 #
@@ -36,32 +43,35 @@ SETTINGS_KEY = "LesionSeg/FeedbackDatabase"  # same key as LesionSegLib.engine.f
 class LesionSegTraining(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "LesionSeg Training"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("LesionSeg Training")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["LesionSeg"]
         self.parent.contributors = ["LesionSeg developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Closes the review loop of LesionSeg: every accept / reject / unsure decision is stored in a "
             "feedback database; retrain the per-lesion confidence classifier from them (optionally with "
             "ground-truth labels), compare the new version with the old one on the same lesions "
             "(cross-validated AUC and calibration), activate it or roll back, and train a new segmenter "
-            "from a folder of images and corrected masks."
-        )
-        self.parent.acknowledgementText = "LesionSeg developers. Built on 3D Slicer, PyTorch, MONAI, scikit-learn and SQLite."
+            "from a folder of images and corrected masks.")
+        self.parent.acknowledgementText = _("LesionSeg developers. Built on 3D Slicer, PyTorch, MONAI, scikit-learn and SQLite.")
 
 
 #
 # LesionSegTrainingWidget
 #
-class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
+class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         # state first: without a parent, the base class calls setup() from its constructor
+        VTKObservationMixin.__init__(self)
         self.logic = None
+        self._parameterNode = None
+        self._guiTag = None
         self.retrainJob = None
         self.segJob = None
         self.segJobRegister = ""
         self.lastResult = None
         self.jobStarted = 0.0
+        self._stderrSeen = {}
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     # ---------------------------------------------------------------------------- setup
@@ -72,6 +82,7 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LesionSegTrainingLogic()
+        self.logBox = LogBox(self.ui.logTextEdit, self.ui.logCollapsibleButton)
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(200)
@@ -85,16 +96,14 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         self.ui.activateButton.clicked.connect(self.onActivate)
         self.ui.rollbackButton.clicked.connect(self.onRollback)
         self.ui.trainSegmenterButton.clicked.connect(self.onTrainSegmenterButton)
-        self.ui.includeGtCheckBox.toggled.connect(lambda *a: self.updateButtons())
-        self.ui.useFeedbackCheckBox.toggled.connect(lambda *a: self.updateButtons())
+        self.ui.baseModelSelector.currentIndexChanged.connect(self.onBaseModelChanged)
 
         self.ui.retrainProgressBar.setVisible(False)
         self.ui.segProgressBar.setVisible(False)
-        self.ui.segOutputEdit.setText(os.path.join(os.path.expanduser("~"), "LesionSeg", "segmenter"))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
+        self.initializeParameterNode()
         self.refreshModels()
-        path = self.settingsDatabasePath()
-        self.ui.databasePathEdit.setText(path)
-        self.openDatabase(path, quiet=True)
+        self.showDatabase(default_database_path())
         self.updateButtons()
 
     def cleanup(self):
@@ -103,22 +112,59 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
             if job is not None:
                 job.cancel()
         self.retrainJob = self.segJob = None
+        self.setParameterNode(None)
+        self.removeObservers()
         if self.logic is not None:
             self.logic.close_database()
 
     def enter(self):
+        self.initializeParameterNode()
+        if self.logic.store is None:
+            self.showDatabase(default_database_path())
         self.refreshStatistics()
         self.refreshModels()
 
+    def onReload(self):
+        self.cleanup()
+        reload_package("LesionSegTrainingLib")
+        reload_package("LesionSegLib")
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    # -------------------------------------------------------------------- parameter node
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._guiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._guiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+
+    def onBaseModelChanged(self, *args):
+        if self._parameterNode is not None:
+            self._parameterNode.baseModel = self.ui.baseModelSelector.property("currentText") or ""
+
     # ------------------------------------------------------------------------ database
-    @staticmethod
-    def settingsDatabasePath():
-        value = qt.QSettings().value(SETTINGS_KEY)
-        return str(value) if value else str(default_database_path())
+    def showDatabase(self, path):
+        """Show the database at ``path``: opened when the file exists, never created just by looking."""
+        path = Path(str(path)).expanduser()
+        self.ui.databasePathEdit.setText(str(path))
+        if path.exists():
+            self.openDatabase(path, quiet=True, remember=False)
+            return
+        self.logic.close_database()
+        self.ui.statsTableView.setMRMLTableNode(None)
+        self.ui.statsSummaryLabel.setStyleSheet("")
+        self.ui.statsSummaryLabel.setText(_("No decisions recorded yet: {path} is created with the first decision LesionSeg records, "
+                                            "or when you press Open.").format(path=path))
+        self.updateButtons()
 
     def onBrowseDatabase(self, *args):
         # a "save" dialog, so that a new file can be named; an existing one is opened, never replaced
-        dialog = qt.QFileDialog(self.parent, "Feedback database", self.ui.databasePathEdit.property("text"),
+        dialog = qt.QFileDialog(self.parent, _("Feedback database"), self.ui.databasePathEdit.property("text"),
                                 "SQLite database (*.db *.sqlite);;All files (*)")
         dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
         dialog.setOption(qt.QFileDialog.DontConfirmOverwrite, True)
@@ -126,12 +172,11 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         if not run():
             return
         files = dialog.selectedFiles()
-        path = files[0] if files else ""
-        if path:
-            self.ui.databasePathEdit.setText(path)
-            self.openDatabase(path)
+        if files and files[0]:
+            self.ui.databasePathEdit.setText(files[0])
+            self.openDatabase(files[0])
 
-    def openDatabase(self, path, quiet=False):
+    def openDatabase(self, path, quiet=False, remember=True):
         path = str(path).strip()
         if not path:
             return False
@@ -139,14 +184,16 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
             self.logic.open_database(path)
         except Exception as exc:
             self.logic.close_database()
-            self.ui.statsSummaryLabel.setText(f"Cannot use this file: {exc}")
+            self.ui.statsSummaryLabel.setText(_("Cannot use this file: {error}").format(error=exc))
             self.ui.statsSummaryLabel.setStyleSheet("color: #c0392b;")
             self.ui.statsTableView.setMRMLTableNode(None)
             if not quiet:
-                slicer.util.errorDisplay(f"Cannot open the feedback database:\n{exc}")
+                self.logBox.show_error(_("Cannot open the feedback database: {error}").format(error=exc))
             self.updateButtons()
             return False
-        qt.QSettings().setValue(SETTINGS_KEY, path)
+        if remember:  # LesionSeg records its decisions here from now on
+            settings.set_feedback_database_path(path)
+        self.logBox.append(f"feedback database: {path}", stamp=True)
         self.ui.statsSummaryLabel.setStyleSheet("")
         self.refreshStatistics()
         self.updateButtons()
@@ -159,7 +206,7 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
             stats = self.logic.statistics()
             table = self.logic.update_statistics_table()
         except Exception as exc:
-            self.ui.statsSummaryLabel.setText(f"Cannot read the feedback database: {exc}")
+            self.ui.statsSummaryLabel.setText(_("Cannot read the feedback database: {error}").format(error=exc))
             return
         self.ui.statsTableView.setMRMLTableNode(table)
         self.ui.statsSummaryLabel.setText(self.logic.statistics_text(stats))
@@ -171,25 +218,26 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
             active = self.logic.active_model_id()
             table = self.logic.update_versions_table()
         except Exception as exc:
-            self.ui.activeModelLabel.setText(f"Models cannot be listed: {exc}")
+            self.ui.activeModelLabel.setText(_("Models cannot be listed: {error}").format(error=exc))
             return
         self.ui.versionsTableView.setMRMLTableNode(table)
-        current_base = self.ui.baseModelSelector.property("currentText")
+        wanted = self._parameterNode.baseModel if self._parameterNode is not None else ""
         current_version = self.ui.versionSelector.property("currentText")
-        for combo in (self.ui.baseModelSelector, self.ui.versionSelector):
-            combo.clear()
-            for r in rows:
-                combo.addItem(r["id"])
         ids = [r["id"] for r in rows]
-        base = current_base if current_base in ids else (active if active in ids else None)
-        if base is None:
-            base = next((r["id"] for r in rows if r["name"] == active), ids[0] if ids else None)
+        for combo in (self.ui.baseModelSelector, self.ui.versionSelector):
+            combo.blockSignals(True)
+            combo.clear()
+            for i in ids:
+                combo.addItem(i)
+            combo.blockSignals(False)
+        base = wanted if wanted in ids else (active if active in ids else next((r["id"] for r in rows if r["name"] == active), ids[0] if ids else None))
         if base is not None:
             self.ui.baseModelSelector.setCurrentIndex(ids.index(base))
+            self.onBaseModelChanged()
         pick = current_version if current_version in ids else base
         if pick is not None:
             self.ui.versionSelector.setCurrentIndex(ids.index(pick))
-        self.ui.activeModelLabel.setText(f"Active model: {active}")
+        self.ui.activeModelLabel.setText(_("Active model: {model}").format(model=active))
         self.updateButtons()
 
     def onActivate(self, *args):
@@ -199,43 +247,51 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         try:
             active = self.logic.activate(model)
         except Exception as exc:
-            slicer.util.errorDisplay(f"Cannot activate {model}: {exc}")
+            self.logBox.show_error(_("Cannot activate {model}: {error}").format(model=model, error=exc))
             return
         self.refreshModels()
-        self.ui.activeModelLabel.setText(f"Active model: {active}")
+        self.ui.activeModelLabel.setText(_("Active model: {model}").format(model=active))
+        self.logBox.append(f"activated {active}", stamp=True)
 
     def onRollback(self, *args):
         try:
             active = self.logic.rollback()
         except Exception as exc:
-            slicer.util.errorDisplay(f"Cannot roll back: {exc}")
+            self.logBox.show_error(_("Cannot roll back: {error}").format(error=exc))
             return
         self.refreshModels()
-        self.ui.activeModelLabel.setText(f"Active model: {active} (rolled back)")
+        self.ui.activeModelLabel.setText(_("Active model: {model} (rolled back)").format(model=active))
+        self.logBox.append(f"rolled back to {active}", stamp=True)
 
-    # ------------------------------------------------------------------------ retrain
+    # ------------------------------------------------------------------------ jobs
+    def logJob(self, job, key):
+        """New output of a background job: its non-JSON stdout lines and its stderr lines."""
+        self.logBox.append([ln for ln in job.new_lines() if not ln.startswith("{")])
+        lines = list(job.stderr_lines)
+        seen = self._stderrSeen.get(key, 0)
+        self.logBox.append(lines[seen:] if len(lines) >= seen else lines)
+        self._stderrSeen[key] = len(lines)
+
     def onRetrainButton(self, *args):
         if self.retrainJob is not None:
             self.cancelRetrain()
             return
-        includeGt = bool(self.ui.includeGtCheckBox.property("checked"))
-        gtDir = self.ui.gtDirectoryButton.property("directory") if includeGt else None
+        p = self._parameterNode
+        gtDir = str(p.groundTruthDirectory) if p.includeGroundTruth else None
         try:
-            self.retrainJob = self.logic.start_retrain(
-                base_model=self.ui.baseModelSelector.property("currentText") or None,
-                include_gt=gtDir or None,
-                output=self.ui.outputNameEdit.property("text").strip() or None,
-                folds=int(self.ui.foldsSpinBox.property("value")),
-                use_feedback=bool(self.ui.useFeedbackCheckBox.property("checked")),
-            )
+            self.retrainJob = self.logic.start_retrain(base_model=p.baseModel or None, include_gt=gtDir or None,
+                                                       output=p.outputName.strip() or None, folds=int(p.folds),
+                                                       use_feedback=bool(p.useFeedback))
         except Exception as exc:
             self.retrainJob = None
-            slicer.util.errorDisplay(f"Cannot start retraining: {exc}")
+            self.logBox.show_error(_("Cannot start retraining: {error}").format(error=exc))
             return
+        self._stderrSeen["retrain"] = 0
         self.jobStarted = time.monotonic()
+        self.logBox.append(f"retraining {p.baseModel} (folds {p.folds})", stamp=True)
         self.ui.retrainProgressBar.setValue(0)
         self.ui.retrainProgressBar.setVisible(True)
-        self.ui.retrainStatusLabel.setText("Retraining: starting...")
+        self.ui.retrainStatusLabel.setText(_("Retraining: starting..."))
         self.pollTimer.start()
         self.updateButtons()
 
@@ -244,12 +300,14 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         if job is not None:
             job.cancel()
         self.ui.retrainProgressBar.setVisible(False)
-        self.ui.retrainStatusLabel.setText("Retraining cancelled; no model was written.")
+        self.ui.retrainStatusLabel.setText(_("Retraining cancelled; no model was written."))
+        self.logBox.append("retraining cancelled", stamp=True)
         self.updateButtons()
 
     def pollRetrain(self):
         job = self.retrainJob
         state = job.state
+        self.logJob(job, "retrain")
         self.ui.retrainProgressBar.setValue(int(round(100 * job.fraction)))
         if state == "running":
             self.ui.retrainStatusLabel.setText(f"{job.status}  ({time.monotonic() - self.jobStarted:.0f} s)")
@@ -259,45 +317,48 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         try:
             result, table, plot = self.logic.finish_retrain(job)
         except Exception as exc:
-            self.ui.retrainStatusLabel.setText(f"Retraining failed: {exc}")
-            slicer.util.errorDisplay(f"Retraining failed:\n{exc}")
+            self.ui.retrainStatusLabel.setText(_("Retraining failed: {error}").format(error=exc))
+            self.logBox.show_error(_("Retraining failed: {error}").format(error=str(exc).splitlines()[0] if str(exc) else exc))
             self.updateButtons()
             return
         self.lastResult = result
         self.ui.metricsTableView.setMRMLTableNode(table)
         if plot is not None:
-            pixmap = qt.QPixmap(str(plot))
-            self.ui.plotLabel.setPixmap(pixmap.scaledToWidth(400, qt.Qt.SmoothTransformation))
+            pixmap = qt.QPixmap(str(plot)).scaledToWidth(400, qt.Qt.SmoothTransformation)
+            self.ui.plotLabel.setPixmap(pixmap)
+            self.ui.plotLabel.setMinimumHeight(pixmap.height())  # the whole ROC / reliability plot, not a strip
         self.refreshModels()
         ids = [self.ui.versionSelector.itemText(i) for i in range(self.ui.versionSelector.property("count"))]
         if result["model"] in ids:
             self.ui.versionSelector.setCurrentIndex(ids.index(result["model"]))
         labels = result["labels"]
-        self.ui.retrainStatusLabel.setText(
-            f"New version {result['model']} from {labels['total']} labels ({labels['positive']} true, {labels['negative']} false) "
-            f"in {result['seconds']:.0f} s; {result['metrics']['validation']}. Press Activate to use it.")
+        text = _("New version {model} from {total} labels ({positive} true, {negative} false) in {seconds:.0f} s; {validation}. "
+                 "Press Activate to use it.").format(model=result["model"], total=labels["total"], positive=labels["positive"],
+                                                     negative=labels["negative"], seconds=result["seconds"],
+                                                     validation=result["metrics"]["validation"])
+        self.ui.retrainStatusLabel.setText(text)
+        self.logBox.append(text, stamp=True)
         self.updateButtons()
 
-    # ---------------------------------------------------------------------- segmenter
     def onTrainSegmenterButton(self, *args):
         if self.segJob is not None:
             self.cancelSegmenterTraining()
             return
-        images = self.ui.trainImagesButton.property("directory")
-        output = self.ui.segOutputEdit.property("text").strip()
+        p = self._parameterNode
         try:
-            self.segJob = self.logic.start_segmenter_training(
-                images, output, minutes=float(self.ui.minutesSpinBox.property("value")))
+            self.segJob = self.logic.start_segmenter_training(str(p.segmenterImages), p.segmenterOutput.strip(),
+                                                              minutes=float(p.segmenterMinutes))
         except Exception as exc:
             self.segJob = None
-            slicer.util.errorDisplay(f"Cannot start segmenter training: {exc}")
+            self.logBox.show_error(_("Cannot start segmenter training: {error}").format(error=exc))
             return
-        self.segJobRegister = self.ui.registerNameEdit.property("text").strip()
+        self.segJobRegister = p.registerName.strip()
+        self._stderrSeen["segmenter"] = 0
         self.jobStarted = time.monotonic()
         self.ui.segLogText.clear()
         self.ui.segProgressBar.setValue(0)
         self.ui.segProgressBar.setVisible(True)
-        self.ui.segStatusLabel.setText("Segmenter training: loading cases...")
+        self.ui.segStatusLabel.setText(_("Segmenter training: loading cases..."))
         self.pollTimer.start()
         self.updateButtons()
 
@@ -306,14 +367,20 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         if job is not None:
             job.cancel()
         self.ui.segProgressBar.setVisible(False)
-        self.ui.segStatusLabel.setText("Segmenter training cancelled.")
+        self.ui.segStatusLabel.setText(_("Segmenter training cancelled."))
+        self.logBox.append("segmenter training cancelled", stamp=True)
         self.updateButtons()
 
     def pollSegmenter(self):
         job = self.segJob
         state = job.state
-        for line in job.new_lines():
+        lines = job.new_lines()
+        for line in lines:
             self.ui.segLogText.appendPlainText(line)
+        self.logBox.append(lines)
+        stderr = list(job.stderr_lines)
+        self.logBox.append(stderr[self._stderrSeen.get("segmenter", 0):])
+        self._stderrSeen["segmenter"] = len(stderr)
         self.ui.segProgressBar.setValue(int(round(100 * job.fraction)))
         if state == "running":
             self.ui.segStatusLabel.setText(f"{job.status}  ({(time.monotonic() - self.jobStarted) / 60:.1f} min)")
@@ -322,17 +389,18 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         self.ui.segProgressBar.setVisible(False)
         try:
             card = self.logic.finish_segmenter_training(job, register=self.segJobRegister or None,
-                                                         base_model=self.ui.baseModelSelector.property("currentText") or None)
+                                                         base_model=self._parameterNode.baseModel or None)
         except Exception as exc:
-            self.ui.segStatusLabel.setText(f"Segmenter training failed: {exc}")
-            slicer.util.errorDisplay(f"Segmenter training failed:\n{exc}")
+            self.ui.segStatusLabel.setText(_("Segmenter training failed: {error}").format(error=exc))
+            self.logBox.show_error(_("Segmenter training failed: {error}").format(error=exc))
             self.updateButtons()
             return
-        text = f"Segmenter written to {job.output}."
+        text = _("Segmenter written to {folder}.").format(folder=job.output)
         if card is not None:
-            text += f" Registered as {card.id}: retrain its classifier (Add ground truth) before activating it."
+            text += " " + _("Registered as {model}: retrain its classifier (Add ground truth) before activating it.").format(model=card.id)
             self.refreshModels()
         self.ui.segStatusLabel.setText(text)
+        self.logBox.append(text, stamp=True)
         self.updateButtons()
 
     # --------------------------------------------------------------------------- poll
@@ -344,21 +412,22 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget):
         if self.retrainJob is None and self.segJob is None:
             self.pollTimer.stop()
 
-    def updateButtons(self):
+    def updateButtons(self, *args):
+        if not hasattr(self, "ui") or self._parameterNode is None:
+            return
+        p = self._parameterNode
         retraining = self.retrainJob is not None
         training = self.segJob is not None
-        useFeedback = bool(self.ui.useFeedbackCheckBox.property("checked"))
-        includeGt = bool(self.ui.includeGtCheckBox.property("checked"))
-        haveLabels = (useFeedback and self.logic is not None and self.logic.store is not None) or includeGt
-        self.ui.retrainButton.setText("Cancel" if retraining else "Retrain")
+        haveLabels = (p.useFeedback and self.logic is not None and self.logic.store is not None) or p.includeGroundTruth
+        self.ui.retrainButton.setText(_("Cancel") if retraining else _("Retrain"))
         self.ui.retrainButton.setEnabled(retraining or (haveLabels and self.ui.baseModelSelector.property("count") > 0))
-        self.ui.gtDirectoryButton.setEnabled(includeGt and not retraining)
+        self.ui.gtDirectoryButton.setEnabled(p.includeGroundTruth and not retraining)
         for widget in (self.ui.baseModelSelector, self.ui.outputNameEdit, self.ui.foldsSpinBox, self.ui.useFeedbackCheckBox,
                        self.ui.includeGtCheckBox, self.ui.databasePathEdit, self.ui.openDatabaseButton, self.ui.browseDatabaseButton):
             widget.setEnabled(not retraining)
         self.ui.activateButton.setEnabled(not retraining and self.ui.versionSelector.property("count") > 0)
         self.ui.rollbackButton.setEnabled(not retraining)
-        self.ui.trainSegmenterButton.setText("Cancel" if training else "Train segmenter")
+        self.ui.trainSegmenterButton.setText(_("Cancel") if training else _("Train segmenter"))
         for widget in (self.ui.trainImagesButton, self.ui.segOutputEdit, self.ui.minutesSpinBox, self.ui.registerNameEdit):
             widget.setEnabled(not training)
 
@@ -372,6 +441,9 @@ class LesionSegTrainingLogic(ScriptedLoadableModuleLogic, TrainingLogicCore):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         TrainingLogicCore.__init__(self)
+
+    def getParameterNode(self):
+        return LesionSegTrainingParameterNode(super().getParameterNode())
 
 
 #

@@ -4,7 +4,11 @@ Which lesions: the ones the clinician sees, i.e. confidence at or above the node
 (``include_hidden=True`` exports every candidate).  Lesion ids are never renumbered, so the
 files and the lesion table agree.  Rejected lesions stay in ``.seg.nrrd`` (status flagged, tag
 ``LesionSeg.Review=rejected``), in the NIfTI labelmap and in the CSV, with their status; the
-DICOM SEG, a clinical object, leaves them out (``include_rejected=True`` keeps them).
+DICOM SEG, a clinical object, leaves them out (``include_rejected=True`` keeps them).  Its segments
+carry each segment's terminology codes (SNOMED CT category, type and anatomic region), and when
+the CT came from Slicer's DICOM database the DICOM SEG is added to that database too.
+
+Every file is written through the engine's atomic-write helper (``engine.atomic``).
 
 No Qt; MRML through ``slicer``.  DICOM SEG needs ``highdicom`` and ``pydicom``.
 """
@@ -19,10 +23,12 @@ import slicer
 import vtk
 
 from . import mrml
+from .engine.atomic import atomic_file
 
 CSV_COLUMNS = (
     "lesion_id", "name", "confidence", "status", "volume_ml", "diameter_mm", "mean_hu", "n_voxels",
     "centroid_x", "centroid_y", "centroid_z", "mean_probability", "max_probability", "model_id", "case_hash",
+    "queue_position", "review_order", "review_seconds",
 )
 
 
@@ -31,16 +37,6 @@ def _selected(segmentation_node, include_hidden: bool = False, include_rejected:
     if not include_rejected:
         rows = [d for d in rows if d["review"] != "rejected"]
     return rows
-
-
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
-def _commit(tmp: Path, final: Path) -> Path:
-    os.replace(tmp, final)
-    return final
 
 
 # ------------------------------------------------------------------------------ .seg.nrrd
@@ -63,16 +59,12 @@ def export_seg_nrrd(segmentation_node, path, include_hidden: bool = False) -> Pa
     storage = slicer.vtkMRMLSegmentationStorageNode()
     if scene is not None:
         storage.SetScene(scene)
-    tmp = _atomic_target(path)
-    storage.SetFileName(str(tmp))
     storage.SetUseCompression(True)
-    try:
+    with atomic_file(path) as tmp:
+        storage.SetFileName(tmp)
         if not storage.WriteData(node):
             raise RuntimeError(f"cannot write {path}")
-        return _commit(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return path
 
 
 # ----------------------------------------------------------------------- instance labelmap
@@ -129,14 +121,9 @@ def export_nifti(segmentation_node, path, include_hidden: bool = False) -> Path:
     img.SetSpacing(spacing)
     img.SetOrigin(origin)
     img.SetDirection(direction)
-    tmp = _atomic_target(path)
-    tmp = tmp.with_name(tmp.name if tmp.name.endswith((".nii", ".nii.gz")) else tmp.name + ".nii.gz")
-    try:
-        sitk.WriteImage(img, str(tmp), useCompression=True)
-        return _commit(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as tmp:
+        sitk.WriteImage(img, tmp, useCompression=True)
+    return path
 
 
 # ---------------------------------------------------------------------------------- CSV
@@ -151,6 +138,8 @@ def csv_rows(segmentation_node, include_hidden: bool = False) -> list[dict]:
             "n_voxels": d["n_voxels"], "centroid_x": f"{x:.3f}", "centroid_y": f"{y:.3f}", "centroid_z": f"{z:.3f}",
             "mean_probability": f"{d['mean_probability']:.6f}", "max_probability": f"{d['max_probability']:.6f}",
             "model_id": d["model_id"], "case_hash": d["case_hash"] or case_hash,
+            "queue_position": d["queue_position"] or "", "review_order": d["review_order"],
+            "review_seconds": f"{d['review_seconds']:.1f}" if d["queue_position"] else "",
         })
     return out
 
@@ -158,16 +147,12 @@ def csv_rows(segmentation_node, include_hidden: bool = False) -> list[dict]:
 def export_csv(segmentation_node, path, include_hidden: bool = False) -> Path:
     """The lesion table (plus centroid, probabilities, model and case) as CSV; centroids in LPS mm."""
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_file(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
             writer.writeheader()
             writer.writerows(csv_rows(segmentation_node, include_hidden))
-        return _commit(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return path
 
 
 # ---------------------------------------------------------------------------- DICOM SEG
@@ -233,7 +218,8 @@ def export_dicom_seg(segmentation_node, path, source_files=None, include_hidden:
     """A DICOM Segmentation (binary, one segment per lesion) referencing the source CT series.
 
     Each segment: label ``Lesion <id> (<confidence>)``, tracking id ``LesionSeg lesion <id>``,
-    property Morphologically Abnormal Structure / Lesion, algorithm LesionSeg ``<model id>``,
+    property category / type / anatomic region from the segment's terminology (SNOMED CT
+    Morphologically Altered Structure / Mass by default), algorithm LesionSeg ``<model id>``,
     display colour = the segment's colour.  The mask of every source slice is sampled from the
     instance labelmap through the slice's own ImagePositionPatient / ImageOrientationPatient, so
     any slice order or orientation is handled.
@@ -241,6 +227,9 @@ def export_dicom_seg(segmentation_node, path, source_files=None, include_hidden:
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
+
+    def coded(code):
+        return hd.sr.CodedConcept(value=code[1], scheme_designator=code[0], meaning=code[2])
 
     path = Path(path)
     volume = mrml.reference_volume(segmentation_node)
@@ -272,11 +261,14 @@ def export_dicom_seg(segmentation_node, path, source_files=None, include_hidden:
         color = _rgb_to_cielab(d["color"])
         if color is not None:
             kwargs["display_color"] = color
+        terms = mrml.terminology_codes(mrml.find_segment(segmentation_node, d["lesion_id"])[1])
+        if terms["region"]:
+            kwargs["anatomic_regions"] = [coded(terms["region"])]
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=f"Lesion {d['lesion_id']} ({d['confidence']:.2f}) {d['review']}"[:64],
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Lesion,
+            segmented_property_category=coded(terms["category"] or mrml.LESION_CATEGORY),
+            segmented_property_type=coded(terms["type"] or mrml.LESION_TYPE),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if reviewed else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             tracking_uid=hd.UID(),
@@ -301,13 +293,9 @@ def export_dicom_seg(segmentation_node, path, source_files=None, include_hidden:
         content_description=f"LesionSeg lesions, model {model_id}"[:64],
         omit_empty_frames=True,
     )
-    tmp = _atomic_target(path)
-    try:
-        seg.save_as(str(tmp))
-        return _commit(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as tmp:
+        seg.save_as(tmp)
+    return path
 
 
 def _sample_slice(labelmap: np.ndarray, ds, ras_to_ijk: np.ndarray) -> np.ndarray:
@@ -352,12 +340,30 @@ def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMA
         elif fmt == "csv":
             out[fmt] = export_csv(segmentation_node, outdir / f"{stem}_lesions.csv", include_hidden)
         elif fmt == "dicomseg":
-            files = dicom_files or dicom_source_files(mrml.reference_volume(segmentation_node))
+            volume = mrml.reference_volume(segmentation_node)
+            files = dicom_files or dicom_source_files(volume)
             if files:
                 out[fmt] = export_dicom_seg(segmentation_node, outdir / f"{stem}_lesions.dcm", files, include_hidden)
+                if add_to_dicom_database(out[fmt], volume):
+                    out["dicom_database"] = out[fmt]
         else:
             raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
     return out
+
+
+def from_dicom_database(volume_node) -> bool:
+    """Whether the volume was loaded from Slicer's DICOM database (its instance UIDs resolve there)."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split() if volume_node is not None else []
+    db = getattr(slicer, "dicomDatabase", None)
+    return bool(uids) and db is not None and all(db.fileForInstance(uid) for uid in uids[:1])
+
+
+def add_to_dicom_database(path, volume_node) -> bool:
+    """Add an exported DICOM SEG to Slicer's DICOM database when the CT came from it."""
+    if not from_dicom_database(volume_node):
+        return False
+    slicer.dicomDatabase.insert(str(path))
+    return True
 
 
 def _stem(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The LesionSeg module logic (no Qt): segment, review, navigate, export.
+"""The LesionSeg module logic (no Qt): segment, review, navigate, export, reopen saved reviews.
 
 ``LesionSeg.py``'s ``LesionSegLogic`` is this class plus Slicer's ScriptedLoadableModuleLogic;
 it works headless on any ``vtkMRMLScene`` reachable as ``slicer.mrmlScene``::
@@ -6,11 +6,17 @@ it works headless on any ``vtkMRMLScene`` reachable as ``slicer.mrmlScene``::
     logic = LesionSegLogicCore()
     seg_node, table_node = logic.segment(volume_node)          # engine in this process
     logic.set_threshold(seg_node, 0.7)                          # hide lesions below 0.7
+    logic.set_review_order(seg_node, "uncertainty")             # queue: most uncertain first
     logic.review(seg_node, 1, "accepted")                       # status, colour, tags, recorder
     logic.export(seg_node, "/tmp/out")                          # .seg.nrrd, NIfTI, CSV, DICOM SEG
+    logic.reopen(seg_node)                                      # a result from a saved scene
 
 The GUI runs the engine in a child process instead (:meth:`start_background`), then turns the
 finished run into nodes with :meth:`add_result`; both paths create the nodes the same way.
+
+Everything a review needs lives in the scene (segment tags, the table, the classifier patches
+in a text node), so a scene saved with a LesionSeg result and opened again can be reviewed
+further and feeds the same feedback store (:meth:`reopen`).
 """
 from __future__ import annotations
 
@@ -20,8 +26,8 @@ import os
 import slicer
 
 from . import export as _export
-from . import mrml
-from .review import Decision, DecisionRecorder
+from . import mrml, settings
+from .review import Decision, DecisionRecorder, ReviewClock
 
 log = logging.getLogger("LesionSeg")
 
@@ -29,40 +35,29 @@ log = logging.getLogger("LesionSeg")
 class LesionSegLogicCore:
     def __init__(self, recorder: DecisionRecorder | None = None):
         self.recorder = recorder or DecisionRecorder()
+        self.clock = ReviewClock()
         self._engines: dict = {}
-        #: segmentation node id -> {lesion id: engine Lesion} (keeps the classifier patches)
-        self._lesion_data: dict[str, dict] = {}
         self.feedback_store = None
+        self._dicom_files: dict = {}
 
     # ------------------------------------------------------------------------ models
     @staticmethod
     def available_models() -> list:
-        """Model cards in the registry.
+        """Model cards in the registry (reading them needs no torch)."""
+        from .engine.models import list_models
 
-        Before torch is installed (the engine's ``models`` module imports it) the cards are read
-        as plain JSON, so the widget can show them and offer the installation.
-        """
-        try:
-            from .engine.models import list_models
-        except ImportError as exc:
-            log.info("engine not importable (%s): reading model cards as JSON", exc)
-            return _lite_cards()
         return list_models()
 
     @staticmethod
     def model_card(model=None):
-        try:
-            from .engine.models import get_card
-        except ImportError:
-            return _lite_card(model)
+        from .engine.models import get_card
+
         return get_card(model)
 
     @staticmethod
     def active_model_id() -> str:
-        try:
-            from .engine.models import active_model_id
-        except ImportError:
-            return "sts-clcs"
+        from .engine.models import active_model_id
+
         return active_model_id()
 
     def engine(self, model=None, device: str = "auto"):
@@ -90,22 +85,30 @@ class LesionSegLogicCore:
         result = engine.segment(image, threshold=keep_threshold, progress=progress, cancel=cancel,
                                 keep_patches=True, source=volume_node.GetName())
         shown = engine.default_threshold if threshold is None else float(threshold)
-        return self.add_result(volume_node, result, case_hash(image), threshold=shown, name=name)
+        return self.add_result(volume_node, result, case_hash(image), threshold=shown, name=name,
+                               region=mrml.anatomic_region(engine.card.data))
 
-    def add_result(self, volume_node, result, case_hash: str = "", threshold: float | None = None, name: str | None = None):
-        """Turn an engine result into a segmentation node and its lesion table.
-
-        Both nodes appear together or not at all: on any error the partial nodes are removed.
-        """
+    def add_result(self, volume_node, result, case_hash: str = "", threshold: float | None = None, name: str | None = None,
+                   region: tuple | None = None):
+        """Turn an engine result into a segmentation node and its lesion table (beside the volume
+        in the subject hierarchy).  Both appear together or not at all."""
         scene = volume_node.GetScene() or slicer.mrmlScene
-        seg_node = mrml.create_segmentation_node(volume_node, result, case_hash, name=name, threshold=threshold, scene=scene)
+        seg_node = mrml.create_segmentation_node(volume_node, result, case_hash, name=name, threshold=threshold,
+                                                 scene=scene, region=region)
         try:
             table = mrml.create_table_node(seg_node, scene=scene)
         except Exception:
-            scene.RemoveNode(seg_node)
+            mrml.remove_result_nodes(seg_node, scene)
             raise
-        self._lesion_data[seg_node.GetID()] = {les.lesion_id: les for les in result.lesions}
         return seg_node, table
+
+    def reopen(self, segmentation_node):
+        """Make a result from a reopened scene (or from a module reload) reviewable: the lesion
+        table is rebuilt from the segments' tags, decisions included; returns the table node."""
+        if segmentation_node.GetAttribute(mrml.ATTR_ROLE) != "segmentation":
+            raise ValueError(f"'{segmentation_node.GetName()}' is not a LesionSeg result")
+        mrml.set_threshold(segmentation_node, mrml.get_threshold(segmentation_node), update_table=False)
+        return mrml.ensure_table_node(segmentation_node)
 
     # -------------------------------------------------------------------- background
     def start_background(self, volume_node, model=None, device: str = "auto", python: str | None = None, **kw):
@@ -126,19 +129,20 @@ class LesionSegLogicCore:
         """Nodes for a finished background run (temporary files are removed afterwards)."""
         try:
             result, case_hash = runner.load_result()
+            card = self._card_data(runner.model)
             if threshold is None:
-                threshold = self._default_threshold(runner.model)
-            return self.add_result(volume_node, result, case_hash, threshold=threshold, name=name)
+                threshold = float(card.get("confidence_threshold", 0.5))
+            return self.add_result(volume_node, result, case_hash, threshold=threshold, name=name,
+                                   region=mrml.anatomic_region(card))
         finally:
             runner.cleanup()
 
     @staticmethod
-    def _default_threshold(model) -> float:
+    def _card_data(model) -> dict:
         try:
-            card = LesionSegLogicCore.model_card(model)
-            return float(card.data.get("confidence_threshold", 0.5))
-        except Exception:
-            return 0.5
+            return dict(LesionSegLogicCore.model_card(model).data)
+        except Exception:  # the card only adds the default threshold and the anatomic region
+            return {}
 
     # ---------------------------------------------------------------------- display
     @staticmethod
@@ -146,25 +150,37 @@ class LesionSegLogicCore:
         return mrml.set_threshold(segmentation_node, threshold)
 
     @staticmethod
+    def set_review_order(segmentation_node, order: str) -> list[int]:
+        """Order the review queue and the table rows; returns the queue (lesion ids)."""
+        mrml.set_review_order(segmentation_node, order)
+        return mrml.review_queue(segmentation_node)
+
+    @staticmethod
     def table_node(segmentation_node):
         return mrml.get_table_node(segmentation_node)
 
-    @staticmethod
-    def jump_to_lesion(segmentation_node, lesion_id: int):
-        return mrml.jump_to_lesion(segmentation_node, lesion_id)
+    def jump_to_lesion(self, segmentation_node, lesion_id: int):
+        """Centre the slice views on a lesion; its review time starts now."""
+        ras = mrml.jump_to_lesion(segmentation_node, lesion_id)
+        self.clock.shown(segmentation_node.GetID(), lesion_id)
+        return ras
 
     # ----------------------------------------------------------------------- review
     def review(self, segmentation_node, lesion_id: int, decision: str) -> Decision:
         """Record a decision ('accepted', 'rejected', 'unsure') for one lesion.
 
-        The scene is updated first (tag, segment status, colour, table); then the decision goes
-        to :attr:`recorder` and its sinks.  If a sink fails, the scene keeps the decision and the
-        sink's error is raised.
+        The scene is updated first (tags, segment status, colour, table; the lesion's queue
+        position, the order and the seconds it was shown go to its tags too); then the decision
+        goes to :attr:`recorder` and its sinks.  If a sink fails, the scene keeps the decision
+        and the sink's error is raised.
         """
         if decision not in ("accepted", "rejected", "unsure"):
             raise ValueError(f"decision must be accepted, rejected or unsure, not {decision!r}")
-        info = mrml.set_review(segmentation_node, lesion_id, decision)
-        les = self._lesion_data.get(segmentation_node.GetID(), {}).get(int(lesion_id))
+        queue = mrml.review_queue(segmentation_node)
+        order = mrml.get_review_order(segmentation_node)
+        position = queue.index(int(lesion_id)) + 1 if int(lesion_id) in queue else 0
+        seconds = self.clock.seconds(segmentation_node.GetID(), lesion_id)
+        info = mrml.set_review(segmentation_node, lesion_id, decision, queue_position=position, order=order, seconds=seconds)
         d = Decision(
             case_name=segmentation_node.GetAttribute(mrml.ATTR_CASE_NAME) or segmentation_node.GetName(),
             case_hash=info["case_hash"] or segmentation_node.GetAttribute(mrml.ATTR_CASE_HASH) or "",
@@ -176,27 +192,20 @@ class LesionSegLogicCore:
             volume_ml=info["volume_ml"],
             diameter_mm=info["diameter_mm"],
             bbox_ijk=info["bbox_ijk"],
-            features=dict(les.features) if les is not None and les.features else dict(info["features"]),
-            patch=les.patch if les is not None else None,
+            features=dict(info["features"]),
+            patch=mrml.lesion_patch(segmentation_node, lesion_id),
+            queue_position=position,
+            queue_length=len(queue),
+            review_order=order,
+            seconds=seconds,
         )
         self.recorder.record(d)
         return d
 
     @staticmethod
     def feedback_database_path(path=None):
-        """``path``, else the default feedback database: ``<Slicer settings folder>/LesionSeg/feedback.db``
-        inside Slicer (the LesionSegTraining module's default too), else ``$LESIONSEG_FEEDBACK`` or
-        ``~/.lesionseg/feedback.db``."""
-        from pathlib import Path
-
-        from .engine import feedback
-
-        if path:
-            return Path(path).expanduser()
-        settings = getattr(getattr(slicer, "app", None), "slicerUserSettingsFilePath", None)
-        if isinstance(settings, str) and settings and not os.environ.get("LESIONSEG_FEEDBACK"):
-            return Path(settings).expanduser().parent / "LesionSeg" / "feedback.db"  # (was a removed engine helper)
-        return feedback.default_path()
+        """``path``, else the database both LesionSeg modules use (see ``settings.feedback_database_path``)."""
+        return settings.feedback_database_path(path)
 
     def enable_feedback_store(self, path=None):
         """Add the SQLite feedback store as a decision sink (``path``: see :meth:`feedback_database_path`)."""
@@ -223,68 +232,24 @@ class LesionSegLogicCore:
     def dicom_source_files(volume_node) -> list[str]:
         return _export.dicom_source_files(volume_node)
 
+    def result_dicom_files(self, segmentation_node) -> list[str]:
+        """DICOM files of the result's input volume ([] when it did not come from DICOM); listed
+        once per volume (and again when the volume changed), never raising."""
+        volume = mrml.reference_volume(segmentation_node) if segmentation_node is not None else None
+        if volume is None:
+            return []
+        key = (volume.GetID(), volume.GetMTime())
+        if key not in self._dicom_files:
+            try:
+                files = self.dicom_source_files(volume)
+            except Exception as exc:
+                log.warning("cannot list DICOM source files: %s", exc)
+                files = []
+            self._dicom_files = {key: files}  # the last volume only
+        return self._dicom_files[key]
+
     @staticmethod
     def export(segmentation_node, outdir, formats=_export.FORMATS, stem: str | None = None, include_hidden: bool = False,
                dicom_files=None) -> dict:
         return _export.export_all(segmentation_node, os.fspath(outdir), stem=stem, formats=formats,
                                   include_hidden=include_hidden, dicom_files=dicom_files)
-
-    # ------------------------------------------------------------------------ scene
-    def forget(self, segmentation_node=None) -> None:
-        """Drop the in-memory lesion data (patches) of one segmentation node, or of all."""
-        if segmentation_node is None:
-            self._lesion_data.clear()
-        else:
-            self._lesion_data.pop(segmentation_node.GetID(), None)
-
-
-# ---------------------------------------------------------------------- torch-free cards
-class _LiteCard:
-    """The bits of ``engine.models.ModelCard`` the widget shows, without importing torch."""
-
-    def __init__(self, folder, data):
-        self.folder = folder
-        self.data = data
-        self.name = data.get("name", os.path.basename(str(folder)))
-        self.version = str(data.get("version", "1"))
-        self.id = f"{self.name}@{self.version}"
-
-    def summary(self) -> str:
-        return f"{self.id} {self.data.get('description', '')}".strip()
-
-
-def _card_roots() -> list:
-    from pathlib import Path
-
-    builtin = Path(__file__).resolve().parent / "models"
-    user = Path(os.environ.get("LESIONSEG_MODELS", Path.home() / ".lesionseg" / "models")).expanduser()
-    return [builtin, user]
-
-
-def _lite_cards() -> list:
-    import json
-
-    cards = []
-    for root in _card_roots():
-        if not root.exists():
-            continue
-        for path in sorted(root.glob("**/card.json")):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if "name" in data:
-                cards.append(_LiteCard(path.parent, data))
-    return cards
-
-
-def _lite_card(model=None):
-    import json
-    from pathlib import Path
-
-    if model and Path(str(model), "card.json").exists():
-        return _LiteCard(Path(str(model)), json.loads(Path(str(model), "card.json").read_text()))
-    for card in _lite_cards():
-        if model in (None, "", card.id, card.name) or card.name == "sts-clcs" and not model:
-            return card
-    raise LookupError(f"unknown model {model!r}")

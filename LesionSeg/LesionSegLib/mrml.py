@@ -1,32 +1,48 @@
-"""MRML side of the LesionSeg module: volumes, lesion segments, the lesion table, review state.
+"""MRML side of the LesionSeg module: lesion segments, their tags, terminology, study placement,
+review state and the classifier patches kept in the scene.
 
 Everything here works on a ``vtkMRMLScene`` through ``slicer`` (MRML, VTK) and imports no Qt,
 so it runs headless: in Slicer, in ``PythonSlicer`` and on the PyPI ``slicer-core`` wheel.
+Volumes and their geometry are in :mod:`.volumes`, the lesion table in :mod:`.table`, terminology
+and study placement in :mod:`.terminology`.
 
 Conventions
 -----------
-* Slicer works in RAS, files and the engine in LPS: ``LPS = diag(-1, -1, 1) @ RAS``.  Voxel
-  arrays are (k, j, i) = (z, y, x) in both ``slicer.util.arrayFromVolume`` and SimpleITK.
 * One segmentation node per run.  Segment ``lesion_<k>`` holds lesion ``k`` (ids 1..n in
   order of decreasing confidence); all segments share one labelmap layer whose value ``k`` is
-  lesion ``k``.  The node's reference geometry is the input volume.
+  lesion ``k``.  The node's reference geometry is the input volume, and it sits beside that
+  volume in the subject hierarchy (under its study).
 * Per-lesion data lives in segment tags (``LesionSeg.*``, see :data:`TAG`), so it survives
   scene save/load and ``.seg.nrrd`` export; the review state is both the ``LesionSeg.Review``
   tag and Slicer's own segment status (``Segmentation.Status``: completed = accepted,
   flagged = rejected, inprogress = unsure, notstarted = unreviewed).
-* The lesion table (``vtkMRMLTableNode``) lists the lesions at or above the current confidence
-  threshold; the threshold only toggles segment visibility and table rows, nothing is
-  recomputed.
+* Each segment carries a standard terminology entry: SNOMED CT category *Morphologically Altered
+  Structure* (49755003), type *Mass* (4147007) from Slicer's General Anatomy list, and the
+  anatomic region when the model card names one (``anatomic_region``).
+* The classifier's adaptive patches (its image inputs, needed to learn from a decision) are kept
+  in a text node referenced by the segmentation node (:data:`REF_PATCHES`), so a review continued
+  in a reopened scene still feeds the feedback store with everything retraining needs.
 """
 from __future__ import annotations
 
+import base64
 import json
 
-import numpy as np
 import slicer
 import vtk
 
+from .engine.io.writers import SLICER_STATUS
 from .engine.segment.colors import ACCEPTED_COLOR, CONFIDENCE_STOPS, REJECTED_COLOR, confidence_color, status_color
+from .engine.segment.result import segment_tags
+from .review import REVIEW_ORDERS
+from .terminology import (  # noqa: F401 (re-exported: the module's historical API)
+    LESION_CATEGORY, LESION_TYPE, REGION_CONTEXT, TERMINOLOGY_CONTEXT, anatomic_region, place_beside, terminology_codes,
+    terminology_entry,
+)
+from .volumes import (  # noqa: F401 (re-exported: the module's historical API)
+    _RAS_LPS, _scene, ijk_to_ras, load_volume, set_volume_geometry_from_sitk, volume_from_sitk,
+    volume_geometry_lps, volume_to_sitk,
+)
 
 #: Segment tag names.
 TAG = {
@@ -44,6 +60,12 @@ TAG = {
     "bbox_ijk": "LesionSeg.BBoxIJK",
     "features": "LesionSeg.Features",
     "case_hash": "LesionSeg.CaseHash",
+    # the review queue when the decision was made (see review.review_queue)
+    "queue_position": "LesionSeg.QueuePosition",
+    "review_order": "LesionSeg.ReviewOrder",
+    "review_seconds": "LesionSeg.ReviewSeconds",
+    # reserved: an out-of-distribution score per lesion; 'uncertainty' order uses it when present
+    "ood_score": "LesionSeg.OODScore",
 }
 #: Node attributes of a LesionSeg segmentation node.
 ATTR_THRESHOLD = "LesionSeg.Threshold"
@@ -51,34 +73,14 @@ ATTR_MODEL = "LesionSeg.Model"
 ATTR_CASE_HASH = "LesionSeg.CaseHash"
 ATTR_CASE_NAME = "LesionSeg.CaseName"
 ATTR_DEVICE = "LesionSeg.Device"
-ATTR_ROLE = "LesionSeg.Role"  # "segmentation" / "table"
-#: Node reference roles (segmentation -> table, table -> segmentation).
+ATTR_ORDER = "LesionSeg.ReviewOrder"
+ATTR_ROLE = "LesionSeg.Role"  # "segmentation" / "table" / "patches"
+#: Node reference roles (segmentation -> table / patches, table -> segmentation).
 REF_TABLE = "LesionSegTable"
 REF_SEGMENTATION = "LesionSegSegmentation"
+REF_PATCHES = "LesionSegPatches"
 
 REVIEW_STATES = ("unreviewed", "accepted", "rejected", "unsure")
-#: review state -> Slicer segment status (machine-readable value of ``Segmentation.Status``)
-SLICER_STATUS = {"accepted": "completed", "rejected": "flagged", "unsure": "inprogress", "unreviewed": "notstarted"}
-
-#: Lesion table columns: (name, vtk array class, value getter from a lesion info dict)
-TABLE_COLUMNS = (
-    ("ID", "vtkIntArray", lambda d: d["lesion_id"], "lesion id (segment lesion_<id>)"),
-    ("Confidence", "vtkDoubleArray", lambda d: round(d["confidence"], 3), "TP/FP confidence, 0..1"),
-    ("Volume (ml)", "vtkDoubleArray", lambda d: round(d["volume_ml"], 2), "lesion volume in millilitres"),
-    ("Diameter (mm)", "vtkDoubleArray", lambda d: round(d["diameter_mm"], 1), "largest diameter in millimetres"),
-    ("Mean HU", "vtkDoubleArray", lambda d: round(d["mean_hu"], 1), "mean CT value inside the lesion"),
-    ("Status", "vtkStringArray", lambda d: d["review"], "review decision"),
-)
-
-#: DICOM / Slicer terminology of every lesion segment: Morphologically Abnormal Structure / Lesion.
-LESION_TERMINOLOGY = (
-    "Segmentation category and type - 3D Slicer General Anatomy list"
-    "~SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion~^^"
-    "~Anatomic codes - DICOM master list~^^~^^"
-)
-
-_RAS_LPS = np.diag([-1.0, -1.0, 1.0])
-
 
 def segment_id(lesion_id: int) -> str:
     return f"lesion_{int(lesion_id)}"
@@ -93,31 +95,12 @@ def colormap_description() -> str:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _scene(scene=None):
-    scene = scene or getattr(slicer, "mrmlScene", None)
-    if scene is None:
-        raise RuntimeError("no MRML scene: set slicer.mrmlScene or pass scene=")
-    return scene
-
-
 def _segmentations_logic():
     mods = getattr(slicer, "modules", None)
     seg = getattr(mods, "segmentations", None) if mods is not None else None
     if seg is not None:
         return seg.logic()
     return slicer.vtkSlicerSegmentationsModuleLogic
-
-
-def _vtk_matrix(m: np.ndarray) -> vtk.vtkMatrix4x4:
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, float(m[r, c]))
-    return out
-
-
-def _np_matrix(m: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 def get_tag(segment, name: str, default: str = "") -> str:
@@ -127,107 +110,20 @@ def get_tag(segment, name: str, default: str = "") -> str:
     return default
 
 
-# ------------------------------------------------------------------------- volumes <-> ITK
-def ijk_to_ras(volume_node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(m)
-    return _np_matrix(m)
-
-
-def volume_geometry_lps(volume_node) -> tuple[tuple, tuple, tuple]:
-    """(spacing, origin, direction) of ``volume_node`` in LPS, as SimpleITK wants them."""
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASDirectionMatrix(m)  # columns: unit RAS directions of i, j, k
-    direction = _RAS_LPS @ _np_matrix(m)[:3, :3]
-    origin = _RAS_LPS @ np.asarray(volume_node.GetOrigin(), dtype=float)
-    spacing = tuple(float(s) for s in volume_node.GetSpacing())
-    return spacing, tuple(float(v) for v in origin), tuple(float(v) for v in direction.ravel())
-
-
-def volume_to_sitk(volume_node):
-    """The voxels and geometry of a scalar volume node as a SimpleITK image (LPS).
-
-    The node's own IJK-to-RAS geometry is used; a parent transform is not applied (the result
-    nodes are placed under the same transform, so they line up with the volume).
-    """
-    import SimpleITK as sitk
-
-    if volume_node is None or volume_node.GetImageData() is None:
-        raise ValueError("the input volume has no image data")
-    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise ValueError(f"volume '{volume_node.GetName()}' has several components per voxel; a single-channel CT is required")
-    arr = slicer.util.arrayFromVolume(volume_node)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(arr))  # copies
-    spacing, origin, direction = volume_geometry_lps(volume_node)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
-    return image
-
-
-def set_volume_geometry_from_sitk(volume_node, image) -> None:
-    """Copy a SimpleITK image's geometry (LPS) onto a volume node (RAS)."""
-    d = np.eye(4)
-    d[:3, :3] = _RAS_LPS @ np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    volume_node.SetIJKToRASDirectionMatrix(_vtk_matrix(d))
-    volume_node.SetOrigin(*(_RAS_LPS @ np.asarray(image.GetOrigin(), dtype=float)))
-    volume_node.SetSpacing(*image.GetSpacing())
-
-
-def volume_from_sitk(image, name: str, labelmap: bool = False, scene=None):
-    """A new scalar (or labelmap) volume node holding ``image``'s voxels and geometry."""
-    import SimpleITK as sitk
-
-    scene = _scene(scene)
-    cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
-    node = scene.AddNewNodeByClass(cls, name)
-    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
-    set_volume_geometry_from_sitk(node, image)
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
-def load_volume(path: str, name: str | None = None, scene=None):
-    """Load an image file (or the series of a DICOM file) as a scalar volume node.
-
-    Uses the Volumes module logic (``slicer.modules.volumes.logic()``), which exists in Slicer
-    and in the headless test application.
-    """
-    import os
-
-    logic = slicer.modules.volumes.logic()
-    if name is None:
-        base = os.path.basename(str(path))
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
-            if base.lower().endswith(suffix):
-                base = base[: -len(suffix)]
-        name = base
-    node = logic.AddArchetypeScalarVolume(str(path), name, 0, None)
-    if node is None:
-        raise RuntimeError(f"cannot load volume {path}")
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
 # ---------------------------------------------------------------------- result -> segments
 def lesion_tags(lesion, model_id: str, review: str = "unreviewed", case_hash: str = "") -> dict[str, str]:
-    """Every ``LesionSeg.*`` tag of a lesion segment."""
+    """Every ``LesionSeg.*`` tag of a lesion segment (the engine's tags plus geometry and features)."""
     x, y, z = lesion.centroid_lps
     (i0, j0, k0), (i1, j1, k1) = lesion.bbox_ijk
-    tags = {
-        TAG["confidence"]: f"{lesion.confidence:.6f}",
-        TAG["lesion_id"]: str(int(lesion.lesion_id)),
-        TAG["model"]: model_id,
-        TAG["review"]: review,
-        TAG["volume_ml"]: f"{lesion.volume_ml:.4f}",
-        TAG["diameter_mm"]: f"{lesion.diameter_mm:.2f}",
+    tags = segment_tags(lesion, model_id, review)
+    tags.update({
         TAG["mean_hu"]: f"{lesion.mean_hu:.2f}",
         TAG["n_voxels"]: str(int(lesion.n_voxels)),
         TAG["centroid_lps"]: f"{x:.3f},{y:.3f},{z:.3f}",
         TAG["mean_probability"]: f"{lesion.mean_probability:.6f}",
         TAG["max_probability"]: f"{lesion.max_probability:.6f}",
         TAG["bbox_ijk"]: f"{i0},{j0},{k0},{i1},{j1},{k1}",
-    }
+    })
     if lesion.features:
         tags[TAG["features"]] = json.dumps({k: round(float(v), 6) for k, v in lesion.features.items()}, sort_keys=True)
     if case_hash:
@@ -235,9 +131,12 @@ def lesion_tags(lesion, model_id: str, review: str = "unreviewed", case_hash: st
     return tags
 
 
-def _oriented_labelmap(labelmap: np.ndarray, volume_node):
+def _oriented_labelmap(labelmap, volume_node):
     """A vtkOrientedImageData holding ``labelmap`` (k, j, i) on the volume's voxel grid."""
+    import numpy as np
     from vtkmodules.util import numpy_support
+
+    from .volumes import _vtk_matrix
 
     n_max = int(labelmap.max()) if labelmap.size else 0
     dtype, vtk_type = (np.uint8, vtk.VTK_UNSIGNED_CHAR) if n_max < 256 else (np.uint16, vtk.VTK_UNSIGNED_SHORT)
@@ -252,11 +151,22 @@ def _oriented_labelmap(labelmap: np.ndarray, volume_node):
     return img
 
 
-def create_segmentation_node(volume_node, result, case_hash: str = "", name: str | None = None, threshold: float | None = None, scene=None):
+def _new_node(scene, cls: str, name: str, role: str):
+    """A node with its LesionSeg role set *before* it enters the scene (so filtered selectors see it)."""
+    node = scene.CreateNodeByClass(cls)
+    node.UnRegister(None)
+    node.SetName(name)
+    node.SetAttribute(ATTR_ROLE, role)
+    return scene.AddNode(node)
+
+
+def create_segmentation_node(volume_node, result, case_hash: str = "", name: str | None = None, threshold: float | None = None,
+                             scene=None, region: tuple | None = None):
     """One segmentation node with one segment per lesion of an engine ``SegmentationResult``.
 
     ``result.labelmap`` must be on ``volume_node``'s voxel grid.  Segments below ``threshold``
-    (default: the result's threshold) are created but hidden.
+    (default: the result's threshold) are created but hidden.  The node goes beside the volume in
+    the subject hierarchy; the lesions' patches go to a text node it references.
     """
     scene = _scene(scene)
     shape = tuple(int(v) for v in reversed(volume_node.GetImageData().GetDimensions()))
@@ -264,13 +174,14 @@ def create_segmentation_node(volume_node, result, case_hash: str = "", name: str
         raise ValueError(f"result labelmap shape {result.labelmap.shape} does not match the volume's voxel grid {shape}")
     seg_logic = slicer.vtkSlicerSegmentationsModuleLogic
     name = name or scene.GenerateUniqueName(f"{volume_node.GetName()} lesions")
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node = scene.CreateNodeByClass("vtkMRMLSegmentationNode")
+    node.UnRegister(None)
+    node.SetName(name)
+    for key, value in ((ATTR_ROLE, "segmentation"), (ATTR_MODEL, result.model_id), (ATTR_CASE_HASH, case_hash),
+                       (ATTR_CASE_NAME, volume_node.GetName()), (ATTR_DEVICE, str(result.device)), (ATTR_ORDER, REVIEW_ORDERS[0])):
+        node.SetAttribute(key, value)
+    node = scene.AddNode(node)
     try:
-        node.SetAttribute(ATTR_ROLE, "segmentation")
-        node.SetAttribute(ATTR_MODEL, result.model_id)
-        node.SetAttribute(ATTR_CASE_HASH, case_hash)
-        node.SetAttribute(ATTR_CASE_NAME, volume_node.GetName())
-        node.SetAttribute(ATTR_DEVICE, str(result.device))
         node.CreateDefaultDisplayNodes()
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         if volume_node.GetParentTransformNode() is not None:
@@ -282,6 +193,7 @@ def create_segmentation_node(volume_node, result, case_hash: str = "", name: str
         else:  # Slicer < 5.4
             segmentation.SetMasterRepresentationName(binary)
         layer = _oriented_labelmap(result.labelmap, volume_node)
+        entry = terminology_entry(region)
         was = node.StartModify()
         try:
             for les in result.lesions:
@@ -292,7 +204,7 @@ def create_segmentation_node(volume_node, result, case_hash: str = "", name: str
                 seg.SetColorAutoGenerated(False)
                 seg.SetLabelValue(int(les.lesion_id))
                 seg.AddRepresentation(binary, layer)
-                seg.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), LESION_TERMINOLOGY)
+                seg.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
                 for k, v in lesion_tags(les, result.model_id, "unreviewed", case_hash).items():
                     seg.SetTag(k, v)
                 seg_logic.SetSegmentStatus(seg, seg_logic.NotStarted)
@@ -303,11 +215,50 @@ def create_segmentation_node(volume_node, result, case_hash: str = "", name: str
         display = node.GetDisplayNode()
         display.SetOpacity2DFill(0.45)
         display.SetOpacity2DOutline(1.0)
+        store_patches(node, {les.lesion_id: les.patch for les in result.lesions if les.patch is not None})
         set_threshold(node, result.threshold if threshold is None else threshold, update_table=False)
+        place_beside(node, volume_node)
     except Exception:
-        scene.RemoveNode(node)
+        remove_result_nodes(node, scene)
         raise
     return node
+
+
+# ---------------------------------------------------------------------------- patches
+def store_patches(segmentation_node, patches: dict) -> None:
+    """Keep the classifier patches ({lesion id: (C, z, y, x) array}) in the scene."""
+    if not patches:
+        return
+    from .engine.feedback.codec import PATCH_CODEC, encode_patch
+
+    lesions = {}
+    for lesion_id, patch in patches.items():
+        blob, shape = encode_patch(patch)
+        lesions[str(int(lesion_id))] = {"shape": shape, "data": base64.b64encode(blob).decode("ascii")}
+    node = segmentation_node.GetNodeReference(REF_PATCHES)
+    if node is None:
+        node = _new_node(segmentation_node.GetScene(), "vtkMRMLTextNode", f"{segmentation_node.GetName()} patches", "patches")
+        node.SetHideFromEditors(True)
+        node.SetForceCreateStorageNode(slicer.vtkMRMLTextNode.CreateStorageNodeAlways)
+        segmentation_node.SetNodeReferenceID(REF_PATCHES, node.GetID())
+    node.SetText(json.dumps({"codec": PATCH_CODEC, "lesions": lesions}))
+
+
+def lesion_patch(segmentation_node, lesion_id: int):
+    """The classifier patch of a lesion kept in the scene, or None."""
+    node = segmentation_node.GetNodeReference(REF_PATCHES)
+    if node is None or not node.GetText():
+        return None
+    from .engine.feedback.codec import decode_patch
+
+    try:
+        data = json.loads(node.GetText())
+        entry = data["lesions"].get(str(int(lesion_id)))
+        if entry is None:
+            return None
+        return decode_patch(base64.b64decode(entry["data"]), entry["shape"], data.get("codec"))
+    except (ValueError, KeyError, TypeError):  # an edited or foreign text node: no patch, not a crash
+        return None
 
 
 # --------------------------------------------------------------------------- lesion records
@@ -340,6 +291,10 @@ def lesion_info(segment, segment_id_: str = "") -> dict:
         "model_id": get_tag(segment, TAG["model"], ""),
         "case_hash": get_tag(segment, TAG["case_hash"], ""),
         "review": review,
+        "queue_position": int(f("queue_position", 0)),
+        "review_order": get_tag(segment, TAG["review_order"], ""),
+        "review_seconds": f("review_seconds"),
+        "ood_score": f("ood_score") if segment.HasTag(TAG["ood_score"]) else None,
         "color": tuple(segment.GetColor()),
     }
 
@@ -407,77 +362,42 @@ def set_threshold(segmentation_node, threshold: float, update_table: bool = True
     return shown
 
 
-# --------------------------------------------------------------------------------- table
-def get_table_node(segmentation_node):
-    return segmentation_node.GetNodeReference(REF_TABLE)
+# ---------------------------------------------------------------------------- review order
+def get_review_order(segmentation_node) -> str:
+    order = segmentation_node.GetAttribute(ATTR_ORDER) or REVIEW_ORDERS[0]
+    return order if order in REVIEW_ORDERS else REVIEW_ORDERS[0]
 
 
-def create_table_node(segmentation_node, name: str | None = None, scene=None):
-    """The lesion table of a segmentation node (columns: :data:`TABLE_COLUMNS`)."""
-    scene = _scene(scene)
-    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name or f"{segmentation_node.GetName()} table")
-    try:
-        table.SetAttribute(ATTR_ROLE, "table")
-        if hasattr(table, "SetUseColumnTitleAsColumnHeader"):  # Slicer >= 5.4
-            table.SetUseColumnTitleAsColumnHeader(True)
-        else:
-            table.SetUseColumnNameAsColumnHeader(True)
-        for col_name, cls, _, description in TABLE_COLUMNS:
-            arr = getattr(vtk, cls)()
-            arr.SetName(col_name)
-            table.AddColumn(arr)
-            table.SetColumnDescription(col_name, description)
-            if hasattr(table, "SetColumnTitle"):
-                table.SetColumnTitle(col_name, col_name)
-        table.SetColumnUnitLabel("Volume (ml)", "ml")
-        table.SetColumnUnitLabel("Diameter (mm)", "mm")
-        table.SetColumnUnitLabel("Mean HU", "HU")
-        table.SetLocked(True)
-        table.SetNodeReferenceID(REF_SEGMENTATION, segmentation_node.GetID())
-        segmentation_node.SetNodeReferenceID(REF_TABLE, table.GetID())
+def set_review_order(segmentation_node, order: str) -> None:
+    """Order of the review queue and of the table rows (see ``review.review_queue``)."""
+    if order not in REVIEW_ORDERS:
+        raise ValueError(f"review order must be one of {REVIEW_ORDERS}, not {order!r}")
+    segmentation_node.SetAttribute(ATTR_ORDER, order)
+    table = get_table_node(segmentation_node)
+    if table is not None:
         update_table_node(table, segmentation_node)
-    except Exception:
-        scene.RemoveNode(table)
-        raise
-    return table
 
 
-def update_table_node(table_node, segmentation_node) -> None:
-    """Refill the table with the visible lesions (one row each, by decreasing confidence)."""
-    rows = sorted(visible_lesions(segmentation_node), key=lambda d: (-d["confidence"], d["lesion_id"]))
-    vtable = table_node.GetTable()
-    was = table_node.StartModify()
-    vtable.SetNumberOfRows(len(rows))
-    for c, (col_name, cls, getter, _) in enumerate(TABLE_COLUMNS):
-        arr = vtable.GetColumnByName(col_name)
-        arr.SetNumberOfTuples(len(rows))
-        for r, d in enumerate(rows):
-            arr.SetValue(r, getter(d))
-        arr.Modified()
-    vtable.Modified()
-    table_node.Modified()
-    table_node.EndModify(was)
+def review_queue(segmentation_node) -> list[int]:
+    """Ids of the visible lesions in the node's review order."""
+    from .review import review_queue as order_lesions
+
+    return order_lesions(visible_lesions(segmentation_node), get_review_order(segmentation_node), get_threshold(segmentation_node))
 
 
-def table_rows(table_node) -> list[dict]:
-    """The table's content as dicts (column name -> value), in row order."""
-    vtable = table_node.GetTable()
-    out = []
-    for r in range(vtable.GetNumberOfRows()):
-        row = {}
-        for c in range(vtable.GetNumberOfColumns()):
-            arr = vtable.GetColumn(c)
-            v = arr.GetValue(r)
-            row[arr.GetName()] = v
-        out.append(row)
-    return out
+def review_progress(segmentation_node) -> tuple[int, int]:
+    """(reviewed, total) among the visible lesions: the panel's "12 of 31 reviewed"."""
+    shown = visible_lesions(segmentation_node)
+    return sum(d["review"] != "unreviewed" for d in shown), len(shown)
 
 
 # -------------------------------------------------------------------------------- review
-def set_review(segmentation_node, lesion_id: int, decision: str) -> dict:
-    """Set a lesion's review state: tag, Slicer segment status, colour; refresh the table row.
+def set_review(segmentation_node, lesion_id: int, decision: str, queue_position: int = 0, order: str = "",
+               seconds: float = 0.0) -> dict:
+    """Set a lesion's review state: tags, Slicer segment status, colour; refresh its table row.
 
-    ``decision``: 'accepted', 'rejected', 'unsure' or 'unreviewed'.  Returns the lesion record.
+    ``decision``: 'accepted', 'rejected', 'unsure' or 'unreviewed'.  The queue position, order and
+    seconds of the decision are kept in tags too.  Returns the lesion record.
     """
     if decision not in REVIEW_STATES:
         raise ValueError(f"review decision must be one of {REVIEW_STATES}, not {decision!r}")
@@ -487,27 +407,18 @@ def set_review(segmentation_node, lesion_id: int, decision: str) -> dict:
     was = segmentation_node.StartModify()
     try:
         segment.SetTag(TAG["review"], decision)
+        if decision != "unreviewed" and queue_position:
+            segment.SetTag(TAG["queue_position"], str(int(queue_position)))
+            segment.SetTag(TAG["review_order"], order)
+            segment.SetTag(TAG["review_seconds"], f"{float(seconds):.1f}")
         seg_logic.SetSegmentStatus(segment, seg_logic.GetSegmentStatusFromMachineReadableString(SLICER_STATUS[decision]))
         segment.SetColor(*status_color(decision, confidence))
     finally:
         segmentation_node.EndModify(was)
     table = get_table_node(segmentation_node)
     if table is not None:
-        _update_status_cell(table, lesion_id, decision)
+        update_table_node(table, segmentation_node)
     return lesion_info(segment, sid)
-
-
-def _update_status_cell(table_node, lesion_id: int, decision: str) -> None:
-    vtable = table_node.GetTable()
-    ids = vtable.GetColumnByName("ID")
-    status = vtable.GetColumnByName("Status")
-    for r in range(vtable.GetNumberOfRows()):
-        if int(ids.GetValue(r)) == int(lesion_id):
-            status.SetValue(r, decision)
-            status.Modified()
-            vtable.Modified()
-            table_node.Modified()
-            return
 
 
 def review_state(segmentation_node, lesion_id: int) -> str:
@@ -521,51 +432,9 @@ def segment_status(segmentation_node, lesion_id: int) -> str:
     return seg_logic.GetSegmentStatusAsMachineReadableString(seg_logic.GetSegmentStatus(segment))
 
 
-# ------------------------------------------------------------------------------ navigation
-def lesion_center_ras(segmentation_node, lesion_id: int) -> tuple[float, float, float]:
-    """World RAS position of a lesion's centroid (parent transforms applied)."""
-    sid, segment = find_segment(segmentation_node, lesion_id)
-    if segment.HasTag(TAG["centroid_lps"]):
-        x, y, z = (float(v) for v in get_tag(segment, TAG["centroid_lps"]).split(","))
-        ras = [-x, -y, z]
-    else:  # segments without engine tags: Slicer's own estimate
-        ras = list(segmentation_node.GetSegmentCenterRAS(sid))
-    parent = segmentation_node.GetParentTransformNode()
-    if parent is not None:
-        transform = vtk.vtkGeneralTransform()
-        parent.GetTransformToWorld(transform)
-        ras = list(transform.TransformPoint(ras))
-    return (float(ras[0]), float(ras[1]), float(ras[2]))
-
-
-def jump_slices_to(ras, scene=None, view_group: int = -1) -> None:
-    """Centre every slice view on ``ras``: the Markups module's jump in Slicer, else MRML's."""
-    scene = _scene(scene)
-    x, y, z = (float(v) for v in ras)
-    markups = getattr(getattr(slicer, "modules", None), "markups", None)
-    if markups is not None and hasattr(markups, "logic"):
-        markups.logic().JumpSlicesToLocation(x, y, z, True, view_group)
-        return
-    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, x, y, z, slicer.vtkMRMLSliceNode.CenteredJumpSlice, view_group, None)
-
-
-def jump_to_lesion(segmentation_node, lesion_id: int, scene=None) -> tuple[float, float, float]:
-    ras = lesion_center_ras(segmentation_node, lesion_id)
-    jump_slices_to(ras, scene or segmentation_node.GetScene())
-    return ras
-
-
-def neighbour_lesion(order: list[int], current: int | None, step: int) -> int | None:
-    """The lesion ``step`` places after ``current`` in ``order`` (wraps around)."""
-    if not order:
-        return None
-    if current not in order:
-        return order[0] if step >= 0 else order[-1]
-    return order[(order.index(current) + step) % len(order)]
-
-
 # ------------------------------------------------------------------------------ discovery
 def lesion_segmentation_nodes(scene=None) -> list:
+    """Every LesionSeg result in the scene (the result selector lists the same nodes)."""
     scene = _scene(scene)
     out = []
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
@@ -580,9 +449,15 @@ def reference_volume(segmentation_node):
 
 
 def remove_result_nodes(segmentation_node, scene=None) -> None:
-    """Remove a LesionSeg segmentation node and its table."""
-    scene = _scene(scene)
-    table = get_table_node(segmentation_node)
-    if table is not None:
-        scene.RemoveNode(table)
+    """Remove a LesionSeg segmentation node, its table and its patches."""
+    scene = scene or segmentation_node.GetScene() or _scene()
+    for role in (REF_TABLE, REF_PATCHES):
+        other = segmentation_node.GetNodeReference(role)
+        if other is not None:
+            scene.RemoveNode(other)
     scene.RemoveNode(segmentation_node)
+
+
+# the lesion table (.table) and navigation (.navigation) use this module; imported last, re-exported here
+from .table import TABLE_COLUMNS, create_table_node, ensure_table_node, get_table_node, table_rows, update_table_node  # noqa: E402,F401
+from .navigation import jump_slices_to, jump_to_lesion, lesion_center_ras, neighbour_lesion  # noqa: E402,F401

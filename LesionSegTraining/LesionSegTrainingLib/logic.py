@@ -22,6 +22,7 @@ from pathlib import Path
 
 import slicer
 import vtk
+from LesionSegLib.table import table_rows  # noqa: F401 (the one reader of a table node's rows, re-exported)
 
 log = logging.getLogger("LesionSegTraining")
 
@@ -37,10 +38,11 @@ PARAM_SEG_OUTPUT = "LastSegmenterOutput"
 
 
 def default_database_path() -> Path:
-    """The feedback database the LesionSeg module uses (one resolver for both modules, review R4)."""
-    from LesionSegLib.logic import LesionSegLogicCore
+    """The feedback database both LesionSeg modules use (``LesionSegLib.settings.feedback_database_path``:
+    the user's choice, else ``$LESIONSEG_FEEDBACK``, else ``<Slicer settings folder>/LesionSeg/feedback.db``)."""
+    from LesionSegLib import settings
 
-    return LesionSegLogicCore.feedback_database_path()
+    return settings.feedback_database_path()
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -91,14 +93,6 @@ def fill_table(table_node, columns: list[str], rows: list[list]) -> None:
         table_node.EndModify(was)
 
 
-def table_rows(table_node) -> list[dict]:
-    vtable = table_node.GetTable()
-    out = []
-    for r in range(vtable.GetNumberOfRows()):
-        out.append({vtable.GetColumn(c).GetName(): vtable.GetColumn(c).GetValue(r) for c in range(vtable.GetNumberOfColumns())})
-    return out
-
-
 class TrainingLogicCore:
     def __init__(self):
         self.store = None
@@ -124,7 +118,8 @@ class TrainingLogicCore:
         """The module's parameter node (Slicer's, when the Slicer logic class provides it)."""
         get = getattr(self, "getParameterNode", None)
         if get is not None:
-            return get()
+            node = get()
+            return getattr(node, "parameterNode", node)  # the raw node behind a typed wrapper
         scene = slicer.mrmlScene
         node = scene.GetSingletonNode("LesionSegTraining", "vtkMRMLScriptedModuleNode")
         if node is None:

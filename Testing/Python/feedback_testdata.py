@@ -9,8 +9,8 @@ formed at a low probability threshold (``PROB_THRESHOLD``) and also on one pertu
 case (flips, noise, HU shift: ``train_cls.perturbed``; case name ``<case>~1``), until both classes
 have enough examples.  Computed once per test session (cached).
 
-The model is the shipped default (``$LESIONSEG_TEST_MODEL`` overrides it); tests skip with the
-reason when there is none, or when the data folder is absent.
+The model is the shipped default (``$LESIONSEG_TEST_MODEL`` overrides it); a missing model fails;
+tests skip (with the reason) only when the data folder is absent.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def model_folder() -> Path:
     builtin = [c for c in models.list_models() if c.builtin and c.name == models.DEFAULT_MODEL]
     if builtin:
         return max(builtin, key=lambda c: models._version_key(c.version)).folder
-    pytest.fail(f"no model: {models.DEFAULT_MODEL} is not in LesionSegLib/models (set LESIONSEG_TEST_MODEL)")  # a failure, never a skip
+    pytest.fail(f"no model: {models.DEFAULT_MODEL} is not in LesionSegLib/models (it ships there; set LESIONSEG_TEST_MODEL)")
 
 
 def user_models_with_base(tmp_path, monkeypatch):

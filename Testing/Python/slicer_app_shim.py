@@ -6,10 +6,12 @@ them together.  :class:`SlicerAppShim` does the wiring that Slicer's application
 (the same steps as trame-slicer's ``SlicerApp``): a scene with a crosshair and the default slice
 views, the application logic, the colours, volumes and segmentations module logics, then sets
 ``slicer.mrmlScene``, ``slicer.app`` (a minimal stand-in: testing mode on, so message boxes
-return at once) and ``slicer.modules.<name>.logic()``.
+return at once; in-memory user settings; no extensions manager unless a test sets a fake) and
+``slicer.modules.<name>.logic()`` (volumes, terminologies with Slicer's terminology files,
+segmentations, subject hierarchy, tables).
 
 Fixtures: ``slicer_app`` (one per test session; the scene is cleared for each test with
-``mrml_scene``), ``data_dir`` and ``default_model`` (skip with a reason when absent).
+``mrml_scene``), ``data_dir`` (skips with a reason when the data folder is absent) and ``default_model``.
 """
 from __future__ import annotations
 
@@ -43,6 +45,21 @@ class _AppStub:
     """The few ``slicer.app`` members that ``slicer.util`` and the module use headless."""
 
     applicationName = "Slicer (LesionSeg test shim)"
+    #: Slicer.ini of a real application; None here (tests set it to exercise the in-Slicer paths)
+    slicerUserSettingsFilePath = None
+
+    def __init__(self):
+        from LesionSegLib.settings import _MemorySettings
+
+        self.settings = _MemorySettings()
+        #: ``slicer.app.extensionsManagerModel()``: None (no extensions manager) unless a test sets a fake
+        self.extensionsManager = None
+
+    def userSettings(self):
+        return self.settings
+
+    def extensionsManagerModel(self):
+        return self.extensionsManager
 
     def testingEnabled(self) -> bool:
         return True
@@ -112,10 +129,16 @@ class SlicerAppShim:
         self.logics = {"colors": color_logic}
         for name, cls, module_name in (
             ("volumes", slicer.vtkSlicerVolumesLogic, "Volumes"),
+            ("terminologies", slicer.vtkSlicerTerminologiesModuleLogic, "Terminologies"),
             ("segmentations", slicer.vtkSlicerSegmentationsModuleLogic, "Segmentations"),
+            ("subjecthierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic, "SubjectHierarchy"),
             ("tables", slicer.vtkSlicerTablesLogic, "Tables"),
         ):
             logic = cls()
+            if name == "terminologies":  # Slicer's terminology files, as trame-slicer ships them
+                from trame_slicer.resources import resources_path
+
+                logic.SetModuleShareDirectory(str(resources_path() / "terminologies"))
             logic.SetMRMLScene(self.scene)
             logic.SetMRMLApplicationLogic(self.app_logic)
             self.app_logic.SetModuleLogic(module_name, logic)
@@ -128,7 +151,12 @@ class SlicerAppShim:
         self.reset()
 
     def reset(self) -> None:
-        """Clear the scene and recreate the singletons an application has: crosshair, slice views."""
+        """Clear the scene and recreate the singletons an application has: crosshair, slice views.
+        The application's settings start empty again (each test sets what it needs)."""
+        app = getattr(self.slicer, "app", None)
+        if isinstance(app, _AppStub):
+            app.__init__()
+            app.slicerUserSettingsFilePath = None
         self.scene.Clear(False)
         self.scene.SetUndoOff()
         crosshair = self.slicer.vtkMRMLCrosshairNode()
@@ -175,8 +203,7 @@ def ensure_module_path() -> None:
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def slicer_app():
-    pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core==5.11.0.6) is needed for MRML tests")
-    return get_app()
+    return get_app()  # slicer-core is a test dependency (pip install -e '.[test]'): never skipped
 
 
 @pytest.fixture
@@ -196,14 +223,8 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def default_model():
-    """The registry's default (active) model card; skip with the reason when there is none."""
-    try:
-        from LesionSegLib.engine.models import get_card
-        from LesionSegLib.engine.errors import ModelError
-    except ImportError as exc:
-        pytest.skip(f"engine dependencies missing: {exc}")
-    override = os.environ.get("LESIONSEG_TEST_MODEL")
-    try:
-        return get_card(override or None)
-    except ModelError as exc:
-        pytest.skip(f"no default model registered yet ({exc}); set LESIONSEG_TEST_MODEL to a model folder to run this test")
+    """The registry's default (active) model card: the shipped model (``$LESIONSEG_TEST_MODEL`` overrides
+    it).  A missing model or dependency fails the test: it ships with the repository, so it is never skipped."""
+    from LesionSegLib.engine.models import get_card
+
+    return get_card(os.environ.get("LESIONSEG_TEST_MODEL") or None)

@@ -1,9 +1,11 @@
 """The LesionSegTraining widget, offscreen (PySide6 harness), driven like a user would.
 
-The unmodified ``LesionSegTraining.py`` and its ``.ui`` run on the Qt harness with real MRML:
-open a database (and a foreign file), see the statistics, retrain in the background with
-progress, see before/after metrics and the plot, activate and roll back, and start + cancel a
-segmenter training.
+The unmodified ``LesionSegTraining.py`` and its ``.ui`` run on the Qt harness with real MRML and
+the typed parameter node: open a database (and a foreign file), see the statistics, retrain in
+the background with progress, see before/after metrics and the plot (screenshot of the panel
+after a real retrain: ``Testing/artifacts/LesionSegTraining_panel.png``), follow the log box,
+activate and roll back, and start + cancel a segmenter training.  Opening the panel never
+creates a database file.
 """
 from __future__ import annotations
 
@@ -17,27 +19,31 @@ import pytest
 import feedback_testdata as td
 from slicer_app_shim import REPO, ensure_module_path, slicer_app  # noqa: F401 (fixture)
 
+ARTIFACTS = REPO / "Testing" / "artifacts"
+
 MIN_LABELS, MIN_PER_CLASS = 20, 5  # the CLI defaults the widget uses
 
 
-@pytest.fixture
-def widget(tmp_path, monkeypatch, slicer_app):
-    pytest.importorskip("PySide6")
+def _module():
     from qt_harness import install
 
     install()
-    import qt
-
-    qt.QSettings.setPath(qt.QSettings.IniFormat, qt.QSettings.UserScope, str(tmp_path / "settings"))
-    qt.QSettings.setDefaultFormat(qt.QSettings.IniFormat)
-    qt.QSettings().setValue("LesionSeg/FeedbackDatabase", str(tmp_path / "feedback.db"))
-    base = td.user_models_with_base(tmp_path, monkeypatch)
-    slicer_app.reset()
     ensure_module_path()
     sys.path.insert(0, str(REPO / "LesionSegTraining"))
     import LesionSegTraining
 
-    w = LesionSegTraining.LesionSegTrainingWidget()
+    return LesionSegTraining
+
+
+@pytest.fixture
+def widget(tmp_path, monkeypatch, slicer_app):
+    from LesionSegLib import settings
+
+    _module()
+    base = td.user_models_with_base(tmp_path, monkeypatch)
+    slicer_app.reset()
+    settings.set_feedback_database_path(tmp_path / "feedback.db")  # chosen earlier in this panel
+    w = _module().LesionSegTrainingWidget()
     w.tmp = tmp_path
     w.base = base
     yield w
@@ -69,10 +75,23 @@ def test_module_metadata_and_ui(widget):
     for name in ("databasePathEdit", "statsTableView", "retrainButton", "retrainProgressBar", "metricsTableView",
                  "plotLabel", "versionSelector", "activateButton", "rollbackButton", "trainSegmenterButton", "segProgressBar"):
         assert hasattr(ui, name), name
-    # the database from the settings was opened (created) at start-up
+    # the database from the settings is shown, and not created just by opening the panel
     assert ui.databasePathEdit.property("text") == str(widget.tmp / "feedback.db")
+    assert not (widget.tmp / "feedback.db").exists()
+    assert "No decisions recorded yet" in ui.statsSummaryLabel.property("text")
+    widget.enter()
+    assert not (widget.tmp / "feedback.db").exists()
+    ui.openDatabaseButton.click()  # an explicit Open creates it
     assert (widget.tmp / "feedback.db").exists()
     assert "0 decisions" in ui.statsSummaryLabel.property("text")
+    # the panel's inputs are the parameter node's
+    p = widget._parameterNode
+    ui.foldsSpinBox.setValue(3)
+    ui.outputNameEdit.setText("x")
+    assert (p.folds, p.outputName) == (3, "x")
+    p.folds = 7
+    assert ui.foldsSpinBox.value() == 7
+    assert p.baseModel == ui.baseModelSelector.currentText()
     assert widget.base.id in [ui.baseModelSelector.itemText(i) for i in range(ui.baseModelSelector.count())]
     assert (REPO / "LesionSegTraining" / "Resources" / "Icons" / "LesionSegTraining.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -93,15 +112,23 @@ def test_foreign_database_is_refused_in_the_panel(widget):
 
 
 def test_review_statistics_retrain_activate_rollback(widget):
+    from PySide6.QtGui import QImage
+    from PySide6.QtTest import QTest
+
     from LesionSegLib.engine import models
     from LesionSegLib.engine.feedback import FeedbackStore
 
     ui = widget.ui
     decisions = td.real_decisions(unsure_every=6)
-    # a LesionSeg session writes to the same file while the panel is open
-    other_session = FeedbackStore(widget.tmp / "feedback.db")
-    other_session.record_many(decisions)
-    ui.refreshStatsButton.click()
+    labelled = [d for d in decisions if d.decision != "unsure"]
+    n_pos = sum(d.decision == "accepted" for d in labelled)
+    assert len(labelled) >= MIN_LABELS and min(n_pos, len(labelled) - n_pos) >= MIN_PER_CLASS, (
+        f"the test decisions must pass the retraining guards: {len(labelled)} labels, {n_pos} true")
+    # a LesionSeg session writes to the database while the panel is open
+    with FeedbackStore(widget.tmp / "feedback.db") as other_session:
+        other_session.record_many(decisions)
+    ui.refreshStatsButton.click()  # nothing open yet: the file appeared after the panel opened
+    ui.openDatabaseButton.click()
     table = rows(ui.statsTableView)
     assert table[-1][0] == "all models" and table[-1][4] == str(len(decisions))
     assert f"{len(decisions)} decisions" in ui.statsSummaryLabel.property("text")
@@ -115,21 +142,33 @@ def test_review_statistics_retrain_activate_rollback(widget):
     seen = []
     wait_for(lambda: seen.append(ui.retrainProgressBar.value()) or widget.retrainJob is None)
     assert ui.retrainButton.text() == "Retrain"
-    labelled = [d for d in decisions if d.decision != "unsure"]
-    n_pos = sum(d.decision == "accepted" for d in labelled)
-    enough = len(labelled) >= MIN_LABELS and min(n_pos, len(labelled) - n_pos) >= MIN_PER_CLASS
     status = ui.retrainStatusLabel.property("text")
-    if not enough:  # the guard, shown in the panel
-        assert "Retraining failed" in status and "too few" in status
-        return
-    assert status.startswith("New version panel-model@1"), status
+    assert status.startswith("New version panel-model@1"), status + "\n" + ui.logTextEdit.toPlainText()
     assert seen == sorted(seen)
+    assert "retraining " + widget.base.id in ui.logTextEdit.toPlainText() and status in ui.logTextEdit.toPlainText()
     metrics = {r[0]: r for r in rows(ui.metricsTableView)}
     assert set(metrics) == {"AUC (TP vs FP)", "ECE (10 bins)", "Brier score", "Lesions scored"}
     assert metrics["Lesions scored"][1] == metrics["Lesions scored"][2]
     pixmap = ui.plotLabel.pixmap()
-    assert pixmap is not None and not pixmap.isNull() and pixmap.width() == 400
+    assert pixmap is not None and not pixmap.isNull() and pixmap.width() == 400  # the ROC / reliability plot
     assert ui.versionSelector.currentText() == "panel-model@1"
+    assert widget.logic.parameter_node().GetParameter("LastRetrainedModel") == "panel-model@1"
+
+    # screenshot of the panel after the retrain: statistics, metrics, plot, versions, log
+    ui.logCollapsibleButton.setProperty("collapsed", False)
+    QTest.qWait(50)
+    panel = widget.parent  # tall enough for every group at this width (word-wrapped labels need heightForWidth)
+    panel.resize(660, max(1500, panel.minimumSizeHint().height(), panel.heightForWidth(660)))
+    widget.parent.show()
+    widget.parent.layout().activate()
+    QTest.qWait(200)
+    box = ui.plotLabel.parentWidget()
+    assert ui.plotLabel.isVisible() and ui.plotLabel.height() >= pixmap.height()
+    assert ui.plotLabel.geometry().bottom() <= box.contentsRect().bottom(), "the plot is cut off in the panel"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "LesionSegTraining_panel.png"
+    assert widget.parent.grab().save(str(shot))
+    assert QImage(str(shot)).height() >= 1000
 
     ui.activateButton.click()
     assert models.active_model_id() == "panel-model@1"
@@ -141,12 +180,32 @@ def test_review_statistics_retrain_activate_rollback(widget):
     assert "rolled back" in ui.activeModelLabel.property("text")
 
 
+def test_failed_retrain_shows_summary_and_log(widget, monkeypatch):
+    import slicer
+
+    from LesionSegLib.engine.feedback import FeedbackStore
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append((text, kw)))
+    with FeedbackStore(widget.tmp / "feedback.db") as store:
+        store.record_many([td.synthetic_decision(i, "rejected") for i in range(25)])  # one class only
+    widget.ui.openDatabaseButton.click()
+    widget.ui.retrainButton.click()
+    wait_for(lambda: widget.retrainJob is None)
+    assert len(shown) == 1
+    text, kw = shown[0]
+    assert text.startswith("Retraining failed:") and "only one class" in text and "\n" not in text
+    assert kw["detailedText"] == widget.ui.logTextEdit.toPlainText() and "only one class" in kw["detailedText"]
+
+
 def test_retrain_cancel_and_segmenter_training_cancel(widget):
     from LesionSegLib.engine import models
     from LesionSegLib.engine.feedback import FeedbackStore
 
     ui = widget.ui
-    FeedbackStore(widget.tmp / "feedback.db").record_many(td.real_decisions())
+    with FeedbackStore(widget.tmp / "feedback.db") as store:
+        store.record_many(td.real_decisions())
+    ui.openDatabaseButton.click()
     ui.outputNameEdit.setText("cancelled-model")
     ui.retrainButton.click()
     job = widget.retrainJob

@@ -51,3 +51,9 @@ def case(name: str, root: Path | None = None) -> Case:
         if c.name == name:
             return c
     raise KeyError(f"case {name!r} not in manifest under {root or data_root()}")
+
+
+#: The bundled sample CT (a CC BY 3.0 validation case, see ``LesionSegLib/sample/ATTRIBUTION.md``):
+#: ``lesionseg segment --sample`` and Slicer's Sample Data module use it.
+SAMPLE_NAME = "STS_041"
+SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "sample" / SAMPLE_NAME / "image.nii.gz"

@@ -65,6 +65,10 @@ class ScriptedLoadableModuleWidget:
     def cleanup(self):
         pass
 
+    def onReload(self):
+        """Slicer re-imports the module file and rebuilds the widget; the harness counts the calls."""
+        self.reloadCount = getattr(self, "reloadCount", 0) + 1
+
 
 class ScriptedLoadableModuleLogic:
     def __init__(self, parent=None):

@@ -9,7 +9,9 @@ modules.  :func:`install` provides thin stand-ins so that the *unmodified* modul
   ``slicer.util.loadUI`` and ``slicer.util.childWidgetVariables`` work unchanged);
 * ``ctk``: ctkCollapsibleButton, ctkSliderWidget, ctkDirectoryButton;
 * ``slicer.qMRMLWidget``, ``slicer.qMRMLNodeComboBox``, ``slicer.qMRMLTableView``;
-* ``slicer.ScriptedLoadableModule``: the four base classes.
+* ``slicer.ScriptedLoadableModule``: the four base classes;
+* ``slicer.parameterNodeWrapper`` (typed parameter nodes bound to the GUI) and ``slicer.i18n``
+  (``tr``/``translate``), which the ``slicer-core`` wheel does not ship.
 
 The MRML side is real (``slicer-core``); call it after the application shim
 (``slicer_app_shim.get_app()``) set ``slicer.mrmlScene`` and ``slicer.app``.
@@ -33,12 +35,14 @@ def install():
         return app
     import slicer
 
-    from . import ScriptedLoadableModule, ctk, custom_widgets, qt
+    from . import ScriptedLoadableModule, ctk, custom_widgets, i18n, parameterNodeWrapper, qt
 
     sys.modules["qt"] = qt
     sys.modules["ctk"] = ctk
-    sys.modules["slicer.ScriptedLoadableModule"] = ScriptedLoadableModule
-    slicer.ScriptedLoadableModule = ScriptedLoadableModule
+    for name, module in (("ScriptedLoadableModule", ScriptedLoadableModule), ("parameterNodeWrapper", parameterNodeWrapper),
+                         ("i18n", i18n)):
+        sys.modules[f"slicer.{name}"] = module
+        setattr(slicer, name, module)
     for cls in custom_widgets.CUSTOM_WIDGETS:
         if cls.__name__.startswith("qMRML"):
             setattr(slicer, cls.__name__, cls)

@@ -57,7 +57,13 @@ class qMRMLNodeComboBox(QWidget):
         self._scene = None
         self._tags: list[int] = []
         self._current = None
+        self._attributes: list[tuple[str, str, str]] = []
         self._combo.currentIndexChanged.connect(self._onIndexChanged)
+
+    def addAttribute(self, nodeType, attributeName, attributeValue=""):
+        """Only list nodes of ``nodeType`` whose attribute ``attributeName`` is ``attributeValue``."""
+        self._attributes.append((str(nodeType), str(attributeName), str(attributeValue)))
+        self._refresh()
 
     def _get_types(self):
         return list(self._types)
@@ -120,9 +126,12 @@ class qMRMLNodeComboBox(QWidget):
         for cls in self._types:
             for i in range(self._scene.GetNumberOfNodesByClass(cls)):
                 node = self._scene.GetNthNodeByClass(i, cls)
-                if (self._children or node.GetClassName() == cls) and not node.GetHideFromEditors():
+                if (self._children or node.GetClassName() == cls) and not node.GetHideFromEditors() and self._attributesMatch(node):
                     out.append(node)
         return out
+
+    def _attributesMatch(self, node) -> bool:
+        return all(node.GetAttribute(name) == value for cls, name, value in self._attributes if node.IsA(cls))
 
     def _refresh(self):
         current_id = self._current

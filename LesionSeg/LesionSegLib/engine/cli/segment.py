@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import AtomicWriter
 from ..errors import LesionSegError
 from ..io.images import expand_inputs, output_stem
 from .common import Progress, emit
@@ -97,9 +96,17 @@ def error_line(exc: BaseException, path) -> str:
 def cmd_segment(args) -> int:
     from ..segment.pipeline import Engine
 
-    inputs, clash = unique_inputs(expand_inputs(args.inputs))
+    names = list(args.inputs)
+    if args.sample:
+        from ..data import SAMPLE_IMAGE
+
+        if not SAMPLE_IMAGE.exists():
+            print(f"error: the bundled sample {SAMPLE_IMAGE} is missing from this installation", file=sys.stderr)
+            return 2
+        names.append(str(SAMPLE_IMAGE))
+    inputs, clash = unique_inputs(expand_inputs(names))
     if not inputs:
-        print("error: no input images", file=sys.stderr)
+        print("error: no input images (give INPUT paths or --sample)", file=sys.stderr)
         return 2
     if clash:
         emit(args, {"event": "error", "input": None, "message": clash})
@@ -147,7 +154,9 @@ def cmd_segment(args) -> int:
 
 def register(sub) -> None:
     sp = sub.add_parser("segment", help="segment CT volumes (files, folders, DICOM series folders)")
-    sp.add_argument("inputs", nargs="+", metavar="INPUT")
+    sp.add_argument("inputs", nargs="*", metavar="INPUT")
+    sp.add_argument("--sample", action="store_true",
+                    help="also segment the bundled sample CT (STS_041, a CC BY 3.0 sarcoma case; see LesionSegLib/sample)")
     sp.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     sp.add_argument("--model", default=None, help="model name, name@version or folder (default: the active model)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

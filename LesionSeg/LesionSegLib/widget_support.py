@@ -1,0 +1,209 @@
+"""Qt helpers shared by the LesionSeg and LesionSegTraining widgets (the widget side: this file
+uses ``qt``; the MRML logic never imports it).
+
+* :class:`LogBox`: the collapsible log of a panel (engine stderr, progress, errors) and the error
+  dialog that shows a one-line summary with the full log as its detailed text.
+* :class:`Shortcuts`: application-wide single-letter shortcuts, installed only while the module
+  is shown (``enter``/``exit``), so they never shadow Slicer's view keys in other modules.
+* :func:`reload_package`: ``onReload`` support, re-imports ``LesionSegLib`` (engine subpackages
+  included) in dependency order with ``importlib.reload``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+
+import qt
+import slicer
+
+log = logging.getLogger("LesionSeg")
+
+
+class LogBox:
+    """A read-only ``QPlainTextEdit`` holding a panel's log, bounded to ``max_lines`` lines."""
+
+    def __init__(self, text_edit, collapsible=None, max_lines: int = 5000):
+        self.edit = text_edit
+        self.collapsible = collapsible
+        self.edit.setReadOnly(True)
+        self.edit.setMaximumBlockCount(max_lines)
+
+    def append(self, lines, stamp: bool = False) -> None:
+        if isinstance(lines, str):
+            lines = [lines]
+        for line in lines:
+            line = str(line).rstrip()
+            if line:
+                self.edit.appendPlainText((time.strftime("%H:%M:%S ") if stamp else "") + line)
+
+    def text(self) -> str:
+        return self.edit.toPlainText()
+
+    def clear(self) -> None:
+        self.edit.clear()
+
+    def show_error(self, summary: str, details: str | None = None, title: str = "LesionSeg") -> None:
+        """Error dialog: the one-line ``summary``, the full log (or ``details``) as detailed text."""
+        self.append("error: " + summary, stamp=True)
+        if self.collapsible is not None:
+            self.collapsible.setProperty("collapsed", False)
+        slicer.util.errorDisplay(summary, windowTitle=title, detailedText=details if details is not None else self.text())
+
+
+class Shortcuts:
+    """Single-letter shortcuts on Slicer's main window, present only between :meth:`install` and :meth:`remove`."""
+
+    def __init__(self, bindings, fallback_parent=None):
+        self.bindings = list(bindings)  # (key, callable)
+        self.fallback_parent = fallback_parent
+        self.active: list = []
+
+    def _parent(self):
+        try:
+            main = slicer.util.mainWindow()
+        except Exception:
+            main = None
+        return main if main is not None else self.fallback_parent
+
+    def install(self) -> None:
+        if self.active:
+            return
+        parent = self._parent()
+        for key, callback in self.bindings:
+            shortcut = qt.QShortcut(qt.QKeySequence(key), parent)
+            shortcut.activated.connect(callback)
+            self.active.append(shortcut)
+
+    def remove(self) -> None:
+        for shortcut in self.active:
+            shortcut.setParent(None)
+            shortcut.deleteLater()
+        self.active = []
+
+
+def _dependencies(module, names: set[str]) -> set[str]:
+    """The modules among ``names`` whose objects ``module`` holds (its ``import``/``from`` imports)."""
+    out = set()
+    for value in vars(module).values():
+        owner = value.__name__ if isinstance(value, type(sys)) else getattr(value, "__module__", None)
+        if owner in names and owner != module.__name__:
+            out.add(owner)
+    return out
+
+
+def reload_package(package: str = "LesionSegLib") -> list[str]:
+    """``importlib.reload`` every loaded module of ``package``, each after the modules whose
+    functions and classes it holds; returns the names in the order they were reloaded.
+
+    Constants imported by name (``from .review import REVIEW_ORDERS``) do not tell where they
+    came from, so the ordered pass runs twice: the second pass re-imports them from modules
+    that are all fresh already.
+    """
+    names = {n for n in sys.modules if (n == package or n.startswith(package + ".")) and sys.modules[n] is not None}
+    deps = {n: _dependencies(sys.modules[n], names) for n in names}
+    order, done = [], set()
+
+    def visit(name, stack=()):
+        if name in done or name in stack:
+            return
+        for dep in sorted(deps[name]):
+            visit(dep, stack + (name,))
+        done.add(name)
+        order.append(name)
+
+    for name in sorted(names, key=lambda n: (-n.count("."), n)):
+        visit(name)
+    for _ in range(2):
+        for name in order:
+            importlib.reload(sys.modules[name])
+    return order
+
+
+def table_lesion_ids(view) -> list[int]:
+    """Lesion ids in the order a lesion table view shows them (first column: the lesion id)."""
+    model = view.model()
+    out = []
+    for row in range(model.rowCount()):
+        try:
+            out.append(int(float(model.index(row, 0).data())))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def style_color_bar(bar_label, accepted_label, rejected_label) -> None:
+    """Paint the confidence colormap legend and the accepted / rejected swatches."""
+    from . import mrml
+    from .engine.segment.colors import ACCEPTED_COLOR, CONFIDENCE_STOPS, REJECTED_COLOR
+
+    def rgb(c):
+        return "rgb({}, {}, {})".format(*[int(round(255 * v)) for v in c])
+
+    stops = ", ".join(f"stop:{pos:.2f} {rgb(color)}" for pos, color in CONFIDENCE_STOPS)
+    bar_label.setStyleSheet(f"background: qlineargradient(x1:0, y1:0, x2:1, y2:0, {stops}); border: 1px solid #555;")
+    bar_label.setToolTip(mrml.colormap_description())
+    for label, color in ((accepted_label, ACCEPTED_COLOR), (rejected_label, REJECTED_COLOR)):
+        label.setStyleSheet(f"background: {rgb(color)}; color: black; padding: 1px 4px;")
+
+
+class DependencyInstaller:
+    """The panel's side of ``dependencies``: ask, install (torch through PyTorchUtils), report in the
+    log box, offer the restart the PyTorch extension or an upgraded imported package needs, and
+    finish an installation that waited for that restart."""
+
+    def __init__(self, log_box: LogBox, status_label, on_installed=None):
+        self.log_box = log_box
+        self.status_label = status_label
+        self.on_installed = on_installed
+
+    def ensure(self) -> bool:
+        """True when every requirement is met (after installing, if the user agrees)."""
+        from . import dependencies
+
+        problems = dependencies.check()
+        if not problems:
+            return True
+        text = ("LesionSeg needs these Python packages, which are missing or at an unsuitable version in Slicer: "
+                f"{dependencies.describe(problems)}.\n\nInstall them now? This downloads several hundred MB and can take a few minutes.")
+        if not slicer.util.confirmOkCancelDisplay(text, windowTitle="LesionSeg: install dependencies"):
+            self.status_label.setText(f"Segmentation needs {dependencies.describe(problems)}.")
+            return False
+        return self.install(problems)
+
+    def install(self, problems) -> bool:
+        from . import dependencies
+
+        self.status_label.setText(f"Installing {dependencies.describe(problems)}...")
+        self.log_box.append("installing: " + dependencies.describe(problems), stamp=True)
+        slicer.app.processEvents()
+        try:
+            result = dependencies.install(problems)
+        except Exception as exc:
+            self.status_label.setText("Dependencies are missing.")
+            self.log_box.show_error(f"Installing the LesionSeg dependencies failed: {exc}")
+            return False
+        self.log_box.append(result.message, stamp=True)
+        if result.restart_required:
+            self.status_label.setText(f"Restart Slicer to finish: {result.message}.")
+            if slicer.util.confirmOkCancelDisplay(f"Slicer must restart: {result.message}. Restart now?"):
+                slicer.util.restart()
+            return False
+        if self.on_installed is not None:
+            self.on_installed()
+        return True
+
+    def resume(self) -> bool:
+        """Continue the installation started before the restart (the pending-install marker)."""
+        from . import dependencies, settings
+
+        pending = dependencies.resume_pending()
+        if pending is None:
+            return False
+        self.log_box.append(f"continuing the installation started before the restart ({pending.get('reason', '')})", stamp=True)
+        problems = dependencies.check()
+        if not problems:
+            settings.clear_pending_install()
+            return True
+        return self.install(problems)
