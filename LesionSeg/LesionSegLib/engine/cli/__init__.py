@@ -14,7 +14,7 @@ import importlib
 import sys
 
 #: the command modules of this package; each has ``register(subparsers)``
-COMMANDS = ("segment", "evaluate", "retrain", "train_seg", "feedback", "models")
+COMMANDS = ("segment", "evaluate", "retrain", "train_seg", "train_gate", "feedback", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

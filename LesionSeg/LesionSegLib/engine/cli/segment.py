@@ -39,7 +39,7 @@ def cmd_segment(args) -> int:
         print("error: no input images", file=sys.stderr)
         return 2
     try:
-        engine = Engine(args.model, args.device, threads=args.threads)
+        engine = Engine(args.model, args.device, threads=args.threads, gate=args.gate)
     except LesionSegError as exc:
         emit(args, {"event": "error", "input": None, "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
@@ -103,4 +103,6 @@ def register(sub) -> None:
     sp.add_argument("--progress", default="bar", choices=["bar", "json", "none"])
     sp.add_argument("--save-features", action="store_true", help="also write <stem>_features.npz (classifier inputs, for review/retraining)")
     sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    sp.add_argument("--gate", default=None, metavar="DIR|off",
+                    help="cascade gate: a gate folder from `lesionseg train-gate`, or 'off' (default: the model card's gate, if any)")
     sp.set_defaults(func=cmd_segment)

@@ -54,7 +54,8 @@ def case_hash(image: sitk.Image) -> str:
 class Engine:
     """A loaded model, ready to segment images."""
 
-    def __init__(self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None):
+    def __init__(self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None,
+                 gate: str | os.PathLike | None = None):
         self.card = model if isinstance(model, ModelCard) else get_card(model)
         if self.card.architecture != "clcs":
             raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which this engine cannot run")
@@ -71,6 +72,10 @@ class Engine:
         self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
         self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
         self.default_threshold = float(self.card.data.get("confidence_threshold", DEFAULT_CONFIDENCE_THRESHOLD))
+        from ..gate.model import load_gate  # cascade gate: the card's, a gate folder, or 'off'
+
+        self.gate = load_gate(gate, self.card)
+        self.gate_info: dict | None = None
 
     # ------------------------------------------------------------------------------------
     def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
@@ -84,15 +89,23 @@ class Engine:
         timings["preprocess"] = time.perf_counter() - t
         _report(progress, "preprocess", 1.0)
         t = time.perf_counter()
-        prob_model, used, msgs = sliding_window_probability(
-            self.segmenter,
-            x,
-            self.seg_cfg["roi_size"],
-            float(self.seg_cfg.get("overlap", 0.25)),
-            self.device,
-            progress=(lambda f: _report(progress, "inference", f)) if progress else None,
-            cancel=cancel,
-        )
+        def infer(xx):
+            return sliding_window_probability(
+                self.segmenter,
+                xx,
+                self.seg_cfg["roi_size"],
+                float(self.seg_cfg.get("overlap", 0.25)),
+                self.device,
+                progress=(lambda f: _report(progress, "inference", f)) if progress else None,
+                cancel=cancel,
+            )
+
+        if self.gate is None:
+            prob_model, used, msgs = infer(x)
+        else:
+            runs: list = []
+            prob_model, self.gate_info = self.gate.apply(x, lambda xx: (runs.append(infer(xx)) or runs[-1][0]))
+            used, msgs = (runs[-1][1], runs[-1][2]) if runs else (self.device, [])
         self.messages.extend(m for m in msgs if m not in self.messages)
         self.used_device = used
         prob = np.zeros(canonical_hu.shape, dtype=np.float32)
@@ -124,9 +137,13 @@ class Engine:
         canonical, hu, sp = self.prepare(image)
         prob, timings = self.probability(hu, sp, progress, cancel)
         _check(cancel)
-        return self.lesions_from_probability(
+        res = self.lesions_from_probability(
             image, canonical, hu, sp, prob, timings, threshold, progress, cancel, keep_patches, keep_probability
         )
+        if self.gate is not None and self.gate_info:
+            g = self.gate_info
+            res.messages.append(f"cascade gate: segmenter ran on {g['open']} of {g['slabs']} slabs ({g['skipped_fraction']:.0%} skipped)")
+        return res
 
     @staticmethod
     def prepare(image: sitk.Image) -> tuple[sitk.Image, np.ndarray, tuple[float, float, float]]:
