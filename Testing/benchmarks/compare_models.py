@@ -41,7 +41,8 @@ from LesionSegLib.engine.errors import ModelError  # noqa: E402
 from LesionSegLib.engine.evaluate.report import evaluate  # noqa: E402
 from LesionSegLib.engine.models import get_card  # noqa: E402
 
-DEFAULT_MODELS = ("sts-clcs", "sts-attention-unet", "sts-clcs-gated", "sts-unimatch-8", "sts-supervised-8", "sts-detseg")
+GATE_DIR = REPO / "LesionSeg" / "LesionSegLib" / "models" / "gates" / "sts-slab-gate"
+DEFAULT_MODELS = ("sts-clcs", "sts-attention-unet", f"sts-clcs+gate={GATE_DIR.relative_to(REPO)}", "sts-unimatch-8", "sts-supervised-8", "sts-detseg")
 CHEST = ("fullscan/lung1", "fullscan/lung2", "lidc/LIDC-IDRI-0001")
 PARTS = ("val", "chest", "timing")
 CONF = 0.5
@@ -86,8 +87,16 @@ def run_timed(cmd: list[str]) -> tuple[int, float, float, str]:
     return os.waitstatus_to_exitcode(status), wall, rusage.ru_maxrss / 1024.0, tail
 
 
-def segment_cmd(model: str, images: list[Path], out: Path, threads: int | None, threshold: float | None = 0.0) -> list[str]:
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``MODEL`` or ``MODEL+gate=GATE_DIR`` (any model run behind a cascade gate)."""
+    model, _, gate = spec.partition("+gate=")
+    return model, (gate or None)
+
+
+def segment_cmd(spec: str, images: list[Path], out: Path, threads: int | None, threshold: float | None = 0.0) -> list[str]:
+    model, gate = split_spec(spec)
     cmd = [sys.executable, "-m", "LesionSegLib.engine.cli", "segment", *map(str, images), "-o", str(out), "--model", model, "--progress", "none"]
+    cmd += ["--gate", gate] if gate else []
     if threshold is not None:
         cmd += ["--threshold", str(threshold)]
     return cmd + (["--threads", str(threads)] if threads else [])
@@ -116,14 +125,12 @@ def scored(model: str, images: list[Path], gt_dir: Path, cases: list[str], out: 
 
 
 def training_minutes(card) -> dict:
-    seg = card.data.get("segmenter", {}).get("training") or card.data.get("training", {}).get("segmenter", {})
-    out = {"segmenter": seg.get("minutes")} if seg else {}
-    cls = card.data.get("classifier", {}).get("training", {}) or {}
-    if "minutes" in cls:
-        out["classifier"] = cls["minutes"]
-    gate = card.data.get("gate", {}).get("training", {})
-    if gate:
-        out["gate"] = gate.get("minutes")
+    """Training minutes of each trained part, as the card records them."""
+    tr = card.data.get("training", {})
+    seg = tr.get("segmenter")
+    out = {"segmenter": seg.get("minutes")} if isinstance(seg, dict) else {}
+    if "classifier_minutes" in tr:
+        out["classifier"] = tr["classifier_minutes"]
     return out
 
 
@@ -185,11 +192,15 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(REPO / "runs" / "compare"), help="scratch folder for predictions (git-ignored)")
     ap.add_argument("--out", default=str(REPO / "Resources" / "evaluation"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads of each segment process")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only combine compare.json files of earlier runs (e.g. one per model, run side by side) into --out")
     ap.add_argument("--yardstick-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.yardstick_worker:
         print(json.dumps(yardstick_worker(args.yardstick_worker, args.threads)))
         return 0
+    if args.merge:
+        return merge(args.merge, Path(args.out), argv)
 
     work, out = Path(args.work), Path(args.out)
     root = data.data_root()
@@ -216,15 +227,21 @@ def main(argv=None) -> int:
     else:
         old = {}
     for model in args.models:
+        base, gate = split_spec(model)
         try:
-            card = get_card(model)
-        except ModelError as exc:
+            card = get_card(base)
+            gate_part = json.loads((Path(gate) / "gate.json").read_text()) if gate else card.data.get("gate")
+        except (ModelError, OSError) as exc:
             rep["models"].append({"model": model, "missing": str(exc).split(";")[0]})
             continue
-        m = {k: v for k, v in old.get(card.name, {}).items() if k in PARTS or k == "gate"}
-        m.update({"model": card.name, "id": card.id, "description": card.data.get("description", ""),
+        name = card.name + ("+gate" if gate else "")
+        m = {k: v for k, v in old.get(name, {}).items() if k in PARTS}
+        m.update({"model": name, "id": card.id, "description": card.data.get("description", ""), "spec": model,
                   "network": card.data.get("segmenter", {}).get("network", {}).get("type"), "training_minutes": training_minutes(card)})
-        safe = card.name.replace("/", "_")
+        if gate_part:
+            m["gate"] = {k: gate_part.get(k) for k in ("slab", "margin", "threshold", "calibration")}
+            m["training_minutes"]["gate"] = gate_part.get("training", {}).get("minutes")
+        safe = name.replace("/", "_").replace("+", "_")
         print(f"[compare] {card.id}", file=sys.stderr, flush=True)
         if "val" in args.parts:
             m["val"] = scored(model, val_imgs, root / "sts", data.STS_VAL, work / safe / "val", args.threads)
@@ -243,12 +260,35 @@ def main(argv=None) -> int:
             so.seek(0)
             rep["yardstick"] = {**json.loads(so.read().decode().strip().splitlines()[-1]), "peak_rss_mb": round(ru.ru_maxrss / 1024)}
     rep["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return write(rep, out)
+
+
+def write(rep: dict, out: Path) -> int:
+    from LesionSegLib.engine.atomic import write_text
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(rep, indent=2) + "\n")
-    md = f"Command: `{rep['command']}` ({rep['machine']['platform']}, {os.cpu_count()} CPUs, load average at start {rep['machine']['load_average_at_start'][0]:.1f}).\n\n" + table(rep) + "\n"
-    (out / "compare.md").write_text(md)
+    write_text(out / "compare.json", json.dumps(rep, indent=2) + "\n")
+    runs = rep.get("runs", [rep])
+    head = "\n".join(f"* `{r['command']}` ({r['machine']['platform']}, {os.cpu_count()} CPUs, {r['machine'].get('threads') or 'default'} torch threads, "
+                     f"load average {r['machine']['load_average_at_start'][0]:.1f} at start, {r['machine']['load_average_at_end'][0]:.1f} at end)" for r in runs)
+    md = f"Produced by:\n{head}\n\n" + table(rep) + "\n"
+    write_text(out / "compare.md", md)
     print(md)
     return 0
+
+
+def merge(paths, out: Path, argv) -> int:
+    """One report from several runs (models in the order given; the last run of a model wins)."""
+    reps = [json.loads(Path(p).read_text()) for p in paths]
+    models: dict[str, dict] = {}
+    for r in reps:
+        for m in r["models"]:
+            models[m["model"]] = m
+    runs = [{k: r[k] for k in ("command", "machine", "created")} for r in reps]
+    merged = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "merged_by": "python Testing/benchmarks/compare_models.py " + " ".join(argv or sys.argv[1:]),
+              "runs": runs, "splits": reps[0]["splits"], "confidence_threshold": CONF, "models": list(models.values()),
+              "yardstick": next((r["yardstick"] for r in reps if r.get("yardstick")), None)}
+    return write(merged, out)
 
 
 if __name__ == "__main__":

@@ -203,8 +203,8 @@ def argv_is_cli() -> bool:
 def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.PathLike, name: str | None = None):
     """A model card = ``model``'s card + the gate in ``gate_dir``.
 
-    The base weights are referenced by relative path (no copy) when both folders are on one
-    file system tree; the small gate weights are copied into ``card_out``.
+    Every weight file (the base's, checksum-verified, and the gate's) is copied into
+    ``card_out``, so the new model folder is self-contained like any other version.
     """
     import json
 
@@ -216,7 +216,7 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     data = json.loads(json.dumps(base.data))
     for key in ("segmenter", "classifier"):
         if key in data:
-            data[key]["file"] = os.path.relpath(base.folder / data[key]["file"], card_out)
+            shutil.copyfile(base.verified_path(key), card_out / data[key]["file"])
     part = json.loads((gate_dir / GATE_JSON).read_text())
     if (gate_dir / part["file"]).resolve() != (card_out / part["file"]).resolve():
         shutil.copyfile(gate_dir / part["file"], card_out / part["file"])

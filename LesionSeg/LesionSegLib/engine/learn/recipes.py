@@ -83,3 +83,46 @@ def extra_loss(name: str) -> nn.Module:
     if name == "balanced_focal_tversky":
         return BalancedFocalTversky()
     raise ValueError(f"unknown loss {name!r}")
+
+
+def segmenter_card(seg_dir, out_dir, name: str, description: str, version: str = "1.0.0"):
+    """A model card (no confidence classifier: the confidence is the mean probability) for a
+    segmenter trained by ``train_seg`` in ``seg_dir``; weights copied, sha256 checked."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from .. import data as dataset
+    from ..models import ModelCard, sha256_file
+
+    seg_dir, out_dir = Path(seg_dir), Path(out_dir)
+    seg = json.loads((seg_dir / "segmenter.json").read_text())
+    training = seg.pop("training", {})
+    if sha256_file(seg_dir / seg["file"]) != seg["sha256"]:
+        raise ValueError(f"{seg_dir / seg['file']} does not match the sha256 in segmenter.json")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(seg_dir / seg["file"], out_dir / "segmenter.safetensors")
+    seg["file"] = "segmenter.safetensors"
+    card = ModelCard(out_dir, {
+        "name": name,
+        "version": version,
+        "architecture": "clcs",
+        "description": description,
+        "segmenter": seg,
+        "postprocess": {"prob_threshold": 0.5, "min_size_mm3": 100.0},
+        "confidence_threshold": 0.5,
+        "data": {"source": "IBSI validation soft-tissue sarcoma CT (TCIA Soft-tissue-Sarcoma), CC BY 3.0",
+                 "train_cases": training.get("train_cases", []), "val_cases": dataset.STS_VAL,
+                 **({"unlabeled_cases": training["unimatch"]["unlabeled_cases"]} if "unimatch" in training else {})},
+        "training": {"segmenter": training},
+        "metrics": {"see": "Resources/evaluation/compare.json (Testing/benchmarks/compare_models.py)"},
+        "files": {"segmenter.safetensors": seg["sha256"]},
+    })
+    card.save()
+    return card
+
+
+if __name__ == "__main__":  # python -m LesionSegLib.engine.learn.recipes SEG_DIR OUT_DIR NAME DESCRIPTION
+    import sys
+
+    print(segmenter_card(*sys.argv[1:5]).folder)
