@@ -251,3 +251,40 @@ def test_unimatch_few_steps_on_real_crops():
     assert um.summary()["tau"] == 0.5
     with pytest.raises(Exception, match="not in"):
         unimatch.find_unlabeled(DATA / "sts", ["NOPE"])
+
+
+# ------------------------------------------------------------------------- engine contract
+@needs_data
+def test_attention_unet_model_passes_the_engine_contract(tmp_path):
+    """A model card with the Attention U-Net recipe's network runs through `lesionseg segment`
+    like CLCS: the three output files, the input's grid, the CSV columns; a bad input is a one-line error."""
+    import csv
+
+    import SimpleITK as sitk
+
+    from LesionSegLib.engine.segment.result import CSV_COLUMNS
+    from LesionSegLib.engine.models import ModelCard
+
+    cfg, _ = recipe_config("attention-unet", DEFAULT_CONFIG)
+    torch.manual_seed(0)
+    net = build_segmenter(cfg["network"]).eval()
+    folder = tmp_path / "attn-model"
+    folder.mkdir()
+    sha = save_weights(net, folder / "segmenter.safetensors")
+    ModelCard(folder, {"name": "attn-contract", "version": "1", "architecture": "clcs",
+                       "segmenter": {**cfg, "file": "segmenter.safetensors", "sha256": sha},
+                       "postprocess": {"prob_threshold": 0.3, "min_size_mm3": 0.0}}).save()
+    src = data.case("STS_035").image
+    out = tmp_path / "out"
+    rc = cli.main(["segment", str(src), "-o", str(out), "--model", str(folder), "--threshold", "0", "--progress", "none", "--threads", "1"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["STS_035.seg.nrrd", "STS_035_lesions.csv", "STS_035_lesions.nii.gz"]
+    lab, img = sitk.ReadImage(str(out / "STS_035_lesions.nii.gz")), sitk.ReadImage(str(src))
+    assert lab.GetSize() == img.GetSize() and lab.GetSpacing() == pytest.approx(img.GetSpacing())
+    assert lab.GetOrigin() == pytest.approx(img.GetOrigin()) and lab.GetDirection() == pytest.approx(img.GetDirection())
+    with open(out / "STS_035_lesions.csv", newline="") as fh:
+        assert tuple(csv.DictReader(fh).fieldnames) == tuple(CSV_COLUMNS)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    assert cli.main(["segment", str(bad), "-o", str(tmp_path / "o2"), "--model", str(folder), "--progress", "none"]) == 1
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())

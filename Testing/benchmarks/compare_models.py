@@ -114,14 +114,15 @@ def at_threshold(report: dict, conf: float = CONF) -> dict:
     return {"detected": det, "lost": report["summary"]["n_gt_lesions"] - det, "fp_per_case": fp / n}
 
 
-def scored(model: str, images: list[Path], gt_dir: Path, cases: list[str], out: Path, threads) -> dict:
-    rc, wall, rss, tail = run_timed(segment_cmd(model, images, out, threads))
+def scored(model: str, images: list[Path], gt_dir: Path, cases: list[str], out: Path, threads, reuse: bool = False) -> dict:
+    todo = [im for im, c in zip(images, cases) if not (reuse and (out / f"{c}_lesions.csv").exists())]
+    rc, wall, rss, tail = run_timed(segment_cmd(model, todo, out, threads)) if todo else (0, None, None, "")
     if rc != 0:
         return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {rc}"}
     rep = evaluate(out, gt_dir, cases=cases, dice_threshold=CONF)
     keys = ("n_cases", "n_gt_lesions", "dice_mean", "dice_global", "sensitivity_at_0.5fp", "cpm", "cluster_auc", "ece", "fp_per_case")
     return {**{k: rep["summary"][k] for k in keys}, f"at_confidence_{CONF}": at_threshold(rep), "dice_per_case": rep["dice"]["per_case"],
-            "segment_wall_s": round(wall, 1)}
+            "segment_wall_s": None if wall is None else round(wall, 1)}
 
 
 def training_minutes(card) -> dict:
@@ -192,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(REPO / "runs" / "compare"), help="scratch folder for predictions (git-ignored)")
     ap.add_argument("--out", default=str(REPO / "Resources" / "evaluation"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads of each segment process")
+    ap.add_argument("--reuse", action="store_true", help="score existing predictions in --work instead of segmenting again")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only combine compare.json files of earlier runs (e.g. one per model, run side by side) into --out")
     ap.add_argument("--yardstick-worker", default=None, help=argparse.SUPPRESS)
@@ -243,14 +245,17 @@ def main(argv=None) -> int:
             m["training_minutes"]["gate"] = gate_part.get("training", {}).get("minutes")
         safe = name.replace("/", "_").replace("+", "_")
         print(f"[compare] {card.id}", file=sys.stderr, flush=True)
+        rep["models"].append(m)
         if "val" in args.parts:
-            m["val"] = scored(model, val_imgs, root / "sts", data.STS_VAL, work / safe / "val", args.threads)
+            m["val"] = scored(model, val_imgs, root / "sts", data.STS_VAL, work / safe / "val", args.threads, args.reuse)
+            write(rep, out)  # each part is saved as soon as it is done
         if "chest" in args.parts:
-            m["chest"] = scored(model, [root / c / "image.nii.gz" for c in CHEST], chest_gt, chest_cases, work / safe / "chest", args.threads)
+            m["chest"] = scored(model, [root / c / "image.nii.gz" for c in CHEST], chest_gt, chest_cases, work / safe / "chest", args.threads, args.reuse)
+            write(rep, out)
         if "timing" in args.parts:
             rc, wall, rss, tail = run_timed(segment_cmd(model, [chest134], work / safe / "chest134", args.threads, None))
             m["timing"] = {"segment_wall_s": round(wall, 1), "peak_rss_mb": round(rss), **({"error": tail[-300:]} if rc else {})}
-        rep["models"].append(m)
+            write(rep, out)
         print(table({"models": [m]}), file=sys.stderr, flush=True)
     if args.yardstick:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--yardstick-worker", str(chest134)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -270,7 +275,7 @@ def write(rep: dict, out: Path) -> int:
     write_text(out / "compare.json", json.dumps(rep, indent=2) + "\n")
     runs = rep.get("runs", [rep])
     head = "\n".join(f"* `{r['command']}` ({r['machine']['platform']}, {os.cpu_count()} CPUs, {r['machine'].get('threads') or 'default'} torch threads, "
-                     f"load average {r['machine']['load_average_at_start'][0]:.1f} at start, {r['machine']['load_average_at_end'][0]:.1f} at end)" for r in runs)
+                     f"load average {r['machine']['load_average_at_start'][0]:.1f} at start)" for r in runs)
     md = f"Produced by:\n{head}\n\n" + table(rep) + "\n"
     write_text(out / "compare.md", md)
     print(md)
