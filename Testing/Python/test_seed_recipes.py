@@ -288,3 +288,19 @@ def test_attention_unet_model_passes_the_engine_contract(tmp_path):
     bad.write_bytes(b"not an image")
     assert cli.main(["segment", str(bad), "-o", str(tmp_path / "o2"), "--model", str(folder), "--progress", "none"]) == 1
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+
+
+def test_train_seg_cli_passes_unlabeled_and_recipe_to_the_trainer(tmp_path, monkeypatch):
+    from LesionSegLib.engine.learn import jobs
+
+    (tmp_path / "imgs" / "c1").mkdir(parents=True)
+    for f in ("image.nii.gz", "label.nii.gz"):
+        (tmp_path / "imgs" / "c1" / f).write_bytes(b"")
+    seen = {}
+    monkeypatch.setattr(jobs.SegmenterTrainingJob, "start", lambda self: seen.setdefault("cmd", self.command()) and None)
+    monkeypatch.setattr(jobs.SegmenterTrainingJob, "poll", lambda self: 1)
+    monkeypatch.setattr(jobs.SegmenterTrainingJob, "returncode", 1, raising=False)
+    cli.main(["train-seg", "--images", str(tmp_path / "imgs"), "-o", str(tmp_path / "out"), "--unlabeled", str(tmp_path / "u"),
+              "--recipe", "attention-unet", "--progress", "log"])
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--unlabeled") + 1] == str(tmp_path / "u") and cmd[cmd.index("--recipe") + 1] == "attention-unet"

@@ -44,7 +44,7 @@ from LesionSegLib.engine.models import get_card  # noqa: E402
 GATE_DIR = REPO / "LesionSeg" / "LesionSegLib" / "models" / "gates" / "sts-slab-gate"
 DEFAULT_MODELS = ("sts-clcs", "sts-attention-unet", f"sts-clcs+gate={GATE_DIR.relative_to(REPO)}", "sts-unimatch-8", "sts-supervised-8", "sts-detseg")
 CHEST = ("fullscan/lung1", "fullscan/lung2", "lidc/LIDC-IDRI-0001")
-PARTS = ("val", "chest", "timing")
+PARTS = ("val", "chest", "timing", "gate")
 CONF = 0.5
 
 
@@ -123,6 +123,24 @@ def scored(model: str, images: list[Path], gt_dir: Path, cases: list[str], out: 
     keys = ("n_cases", "n_gt_lesions", "dice_mean", "dice_global", "sensitivity_at_0.5fp", "cpm", "cluster_auc", "ece", "fp_per_case")
     return {**{k: rep["summary"][k] for k in keys}, f"at_confidence_{CONF}": at_threshold(rep), "dice_per_case": rep["dice"]["per_case"],
             "segment_wall_s": None if wall is None else round(wall, 1)}
+
+
+def gate_skipping(spec: str, images: dict[str, Path]) -> dict:
+    """Fraction of z-slabs the model's gate closes on each image (the gate alone, no segmenter)."""
+    from LesionSegLib.engine.gate.model import load_gate
+    from LesionSegLib.engine.gate.train import load_gate_case
+
+    model, gate_dir = split_spec(spec)
+    card = get_card(model)
+    gate = load_gate(gate_dir, card)
+    seg = card.part("segmenter")
+    out = {}
+    for name, img in images.items():
+        case = data.Case(name, "", img, img.parent / "label.nii.gz")
+        x, y = load_gate_case(case, seg["spacing_zyx"], seg["hu_windows"])
+        sc = gate.scores(x)
+        out[name] = {"slabs": len(sc), "open": int((sc >= gate.threshold).sum()), "skipped_fraction": round(float((sc < gate.threshold).mean()), 4)}
+    return out
 
 
 def training_minutes(card) -> dict:
@@ -255,6 +273,10 @@ def main(argv=None) -> int:
         if "timing" in args.parts:
             rc, wall, rss, tail = run_timed(segment_cmd(model, [chest134], work / safe / "chest134", args.threads, None))
             m["timing"] = {"segment_wall_s": round(wall, 1), "peak_rss_mb": round(rss), **({"error": tail[-300:]} if rc else {})}
+            write(rep, out)
+        if "gate" in args.parts and gate_part:
+            imgs = {**{c: root / "sts" / c / "image.nii.gz" for c in data.STS_VAL}, **{c.split("/")[1]: root / c / "image.nii.gz" for c in CHEST}, "chest134": chest134}
+            m["gate"]["skipping"] = gate_skipping(model, imgs)
             write(rep, out)
         print(table({"models": [m]}), file=sys.stderr, flush=True)
     if args.yardstick:
