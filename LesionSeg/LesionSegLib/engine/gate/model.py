@@ -140,13 +140,11 @@ def load_gate(spec, card=None) -> Gate | None:
         return None
     if spec is None:
         return Gate.from_part(card) if card is not None and "gate" in card.data else None
-    p = Path(spec)
-    if p.is_dir():
-        p = p / GATE_JSON
-    if not p.exists():
-        raise ModelError(f"no gate at {spec} (expected a folder with {GATE_JSON} or a gate.json file)")
+    p = Path(spec) / GATE_JSON if Path(spec).is_dir() else Path(spec)
     try:
         part = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"no gate at {spec} (expected a folder with {GATE_JSON} or a gate.json file)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"gate file {p} is not valid JSON: {exc}") from None
     return Gate.from_part(ModelCard(p.parent, {"name": f"gate:{p.parent.name}", "gate": part}))
