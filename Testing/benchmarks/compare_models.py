@@ -184,6 +184,9 @@ def table(rep: dict) -> str:
             continue
         tm = m.get("timing", {})
         train = sum(v for v in m.get("training_minutes", {}).values() if v)
+        if not m.get("val") and not m.get("chest"):
+            lines.append(f"| {m['model']} | – | | | | | | | {f(tm.get('segment_wall_s'), 1)} | "
+                         f"{f(tm.get('peak_rss_mb') and tm['peak_rss_mb'] / 1024, 2)} | {f(float(train), 1) if train else '–'} |")
         for split in ("val", "chest"):
             s = m.get(split)
             if not s:
@@ -309,8 +312,8 @@ def merge(paths, out: Path, argv) -> int:
     reps = [json.loads(Path(p).read_text()) for p in paths]
     models: dict[str, dict] = {}
     for r in reps:
-        for m in r["models"]:
-            models[m["model"]] = m
+        for m in r["models"]:  # parts measured in different runs are combined; a part measured twice: the later run
+            models[m["model"]] = {**models.get(m["model"], {}), **m}
     runs = [{k: r[k] for k in ("command", "machine", "created")} for r in reps]
     merged = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "merged_by": "python Testing/benchmarks/compare_models.py " + " ".join(argv or sys.argv[1:]),
               "runs": runs, "splits": reps[0]["splits"], "confidence_threshold": CONF, "models": list(models.values()),
