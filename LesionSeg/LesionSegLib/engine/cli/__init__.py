@@ -17,7 +17,7 @@ import importlib
 import sys
 
 #: the command modules of this package; each has ``register(subparsers)``
-COMMANDS = ("segment", "batch", "evaluate", "retrain", "train_seg", "feedback", "models", "finetune")
+COMMANDS = ("segment", "batch", "evaluate", "retrain", "train_seg", "train_gate", "feedback", "models", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

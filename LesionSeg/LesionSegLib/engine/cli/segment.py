@@ -113,7 +113,7 @@ def cmd_segment(args) -> int:
         print(f"error: {clash}", file=sys.stderr)
         return 2
     try:
-        engine = Engine(args.model, args.device, threads=args.threads, runtime=args.runtime)
+        engine = Engine(args.model, args.device, threads=args.threads, runtime=args.runtime, gate=args.gate)
     except LesionSegError as exc:
         emit(args, {"event": "error", "input": None, "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
@@ -170,4 +170,6 @@ def register(sub) -> None:
         help="network runtime (default: $LESIONSEG_RUNTIME or auto = OpenVINO, else ONNX Runtime, else PyTorch; PyTorch on CUDA)",
     )
     sp.add_argument("--threads", type=int, default=None, help="CPU threads for the network runtime")
+    sp.add_argument("--gate", default=None, metavar="DIR|off",
+                    help="cascade gate: a gate folder from `lesionseg train-gate`, or 'off' (default: the model card's gate, if any)")
     sp.set_defaults(func=cmd_segment)

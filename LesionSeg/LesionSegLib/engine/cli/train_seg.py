@@ -10,8 +10,13 @@ from ..learn.jobs import SegmenterTrainingJob, register_segmenter
 
 
 def _cmd_train_seg(args) -> int:
+    extra = list(args.extra or [])
+    if args.unlabeled:  # UniMatch semi-supervised training (learn/unimatch.py)
+        extra += ["--unlabeled", args.unlabeled]
+    if args.recipe:
+        extra += ["--recipe", args.recipe]
     job = SegmenterTrainingJob(args.images, args.output, minutes=args.minutes, max_steps=args.max_steps,
-                               val=args.val, extra=[*(args.extra or []), *(["--nproc", str(args.nproc)] if args.nproc > 1 else [])])
+                               val=args.val, extra=[*extra, *(["--nproc", str(args.nproc)] if args.nproc > 1 else [])])
     try:
         job.check_inputs()
     except LesionSegError as exc:
@@ -71,6 +76,9 @@ def register(subparsers) -> None:
     q.add_argument("--register", metavar="NAME", default=None,
                    help="register the result as a new model version NAME[@VERSION] (classifier copied from --base-model)")
     q.add_argument("--base-model", default=None)
+    q.add_argument("--unlabeled", metavar="DIR", default=None,
+                   help="also train on the images of DIR without their labels (UniMatch semi-supervised; any architecture)")
+    q.add_argument("--recipe", default=None, help="training recipe: clcs (default) or attention-unet")
     q.add_argument("--progress", choices=["bar", "json", "log"], default="log")
     q.add_argument("--nproc", type=int, default=1, help="data-parallel training processes on this machine (torchrun: gloo on CPU, "
                    "nccl on GPU); for several nodes run the trainer module under torchrun yourself (README)")

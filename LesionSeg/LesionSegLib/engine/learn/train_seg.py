@@ -30,6 +30,8 @@ from ..atomic import write_text
 from . import distributed
 from ..io.images import read_image, read_label
 from ..segment.networks import build_segmenter
+from . import unimatch
+from .recipes import recipe_config, recipe_names
 from ..io.preprocess import normalize, resample, spacing_zyx, target_shape, to_canonical
 
 DEFAULT_CONFIG = {
@@ -51,17 +53,35 @@ DEFAULT_CONFIG = {
 }
 
 
+def image_channels(img: sitk.Image, spacing, windows) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """HU-window channels of ``img`` at the model spacing in canonical (LPS) orientation, and that shape."""
+    hu = sitk.GetArrayFromImage(to_canonical(img)).astype(np.float32)
+    shape = target_shape(hu.shape, spacing_zyx(to_canonical(img)), spacing)
+    return normalize(resample(hu, shape), windows), shape
+
+
 def load_training_case(case: dataset.Case, spacing, windows):
     """Image channels and label at the model spacing, in canonical (LPS) orientation."""
     img = read_image(case.image)
     lab = read_label(case.label, img)
-    can = to_canonical(img)
     labc = to_canonical(lab)
-    hu = sitk.GetArrayFromImage(can).astype(np.float32)
-    shape = target_shape(hu.shape, spacing_zyx(can), spacing)
-    x = normalize(resample(hu, shape), windows)
+    x, shape = image_channels(img, spacing, windows)
     y = (resample(sitk.GetArrayFromImage(labc).astype(np.float32), shape) > 0.5).to(torch.uint8)
     return x.half(), y[None]
+
+
+def ema_avg_fn(decay: float):
+    """EMA with warm-up: the decay is min(decay, (1 + n) / (10 + n)) after n updates.
+
+    A fixed decay keeps most of the random initial weights in a short run (0.995 ** 100 = 0.61);
+    the warm-up lets the average follow the weights early on.
+    """
+
+    def avg(averaged, current, n):
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return d * averaged + (1.0 - d) * current
+
+    return avg
 
 
 def make_transforms(roi):
@@ -117,7 +137,9 @@ def make_loss(name: str):
 
         base = FocalTversky()
     else:
-        raise ValueError(f"unknown loss {name!r}")
+        from .recipes import extra_loss
+
+        base = extra_loss(name)
     return DeepSupervisionLoss(base, weight_mode="exp")
 
 
@@ -145,11 +167,13 @@ def main(argv=None) -> int:
     ap.add_argument("--train", nargs="*", default=None, help="training case names (default STS_001-033)")
     ap.add_argument("--val", nargs="*", default=None, help="validation case names (default STS_034-041)")
     ap.add_argument("--images", default=None, help="train from a folder of <case>/image.nii.gz + label.nii.gz instead")
-    ap.add_argument("--loss", default="dicece", choices=["dicece", "dicefocal", "focal_tversky"])
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
-    ap.add_argument("--ema", type=float, default=0.995, help="EMA decay of the weights (0 disables)")
+    ap.add_argument("--recipe", default="clcs", choices=recipe_names(), help="network + training defaults (learn/recipes.py)")
+    ap.add_argument("--unlabeled", default=None, metavar="DIR", help="UniMatch semi-supervised training with the images of DIR as unlabeled data")
+    ap.add_argument("--loss", default=None, choices=["dicece", "dicefocal", "focal_tversky", "balanced_focal_tversky"])
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--accum", type=int, default=None, help="gradient accumulation steps")
+    ap.add_argument("--ema", type=float, default=None, help="EMA decay of the weights (0 disables)")
     ap.add_argument("--val-every", type=float, default=300.0, help="seconds between validation passes")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -157,11 +181,16 @@ def main(argv=None) -> int:
     ap.add_argument("--roi", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                     help="training patch size (multiples of 16; default the config's 48 96 96)")
     ap.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; --batch is per process)")
+    unimatch.add_arguments(ap)
     args = ap.parse_args(argv)
     code = distributed.relaunch(__spec__.name,
                                 sys.argv[1:] if argv is None else list(argv), args.nproc)
     if code is not None:
         return code
+    cfg, defaults = recipe_config(args.recipe, DEFAULT_CONFIG)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     from monai.utils import set_determinism
 
@@ -169,7 +198,6 @@ def main(argv=None) -> int:
     dist = distributed.setup(args.device)
     torch.set_num_threads(dist.threads())
     device = dist.device
-    cfg = json.loads(json.dumps(DEFAULT_CONFIG))
     if args.roi:
         cfg["roi_size"] = list(args.roi)
     roi = tuple(cfg["roi_size"])
@@ -194,9 +222,9 @@ def main(argv=None) -> int:
     model = build_segmenter(cfg["network"]).to(device)
     ema = None
     if args.ema > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+        ema = AveragedModel(model, avg_fn=ema_avg_fn(args.ema), use_buffers=True)
     net = dist.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
     loss_fn = make_loss(args.loss)
@@ -204,6 +232,16 @@ def main(argv=None) -> int:
     dist.seed_transforms(tf, args.seed)
     names = list(train)
     order = dist.indices(len(names), args.seed)
+
+    def step_loss(net, x, y):
+        out_t = net(x)
+        preds = list(torch.unbind(out_t, dim=1)) if out_t.ndim == 6 else [out_t]
+        return loss_fn(preds, y)
+
+    semi = None
+    if args.unlabeled:
+        semi = unimatch.UniMatch.from_args(args, step_loss, roi, cfg, device)
+        step_loss = semi.loss
     budget = args.minutes * 60.0
     warmup = 30
     step = 0
@@ -237,9 +275,7 @@ def main(argv=None) -> int:
         total = 0.0
         for _ in range(args.accum):
             x, y = sample()
-            out_t = net(x)
-            preds = list(torch.unbind(out_t, dim=1)) if out_t.ndim == 6 else [out_t]
-            loss = loss_fn(preds, y) / args.accum
+            loss = step_loss(net, x, y) / args.accum
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
@@ -252,8 +288,8 @@ def main(argv=None) -> int:
         if step % 25 == 0:
             print(f"step {step} t={elapsed / 60:.1f}min loss={np.mean(losses[-25:]):.4f} lr={opt.param_groups[0]['lr']:.2e}", flush=True)
         if val and dist.is_writer and time.time() - last_val > args.val_every:
-            net = ema.module if ema is not None else model
-            d = validate(net, val, roi, device)
+            vnet = ema.module if ema is not None else model  # not `net`: that is the (DDP-wrapped) training network
+            d = validate(vnet, val, roi, device)
             history.append({"step": step, "minutes": round((time.time() - start) / 60, 2), "val_dice_model_grid": float(np.mean(list(d.values())))})
             print(f"  val dice (model grid) {history[-1]['val_dice_model_grid']:.4f}", flush=True)
             last_val = time.time()
@@ -291,6 +327,8 @@ def main(argv=None) -> int:
                 "seed": args.seed,
                 "history": history,
                 "final_val_dice_model_grid": {k: round(v, 4) for k, v in d.items()},
+                "recipe": args.recipe,
+                **({"unimatch": semi.summary()} if semi is not None else {}),
             },
         }
     )

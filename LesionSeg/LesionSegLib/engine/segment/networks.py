@@ -38,6 +38,11 @@ def build_segmenter(cfg: dict) -> nn.Module:
             strides=list(cfg["strides"]),
             dropout=float(cfg.get("dropout", 0.0)),
         )
+    if kind == "AttentionUnetDS":
+        from .attention_ds import AttentionUnetDS
+
+        return AttentionUnetDS(3, in_ch, out_ch, list(cfg["channels"]), list(cfg["strides"]),
+                               ds_heads=int(cfg.get("ds_heads", 3)), dropout=float(cfg.get("dropout", 0.0)))
     if kind == "UNet":
         from monai.networks.nets import UNet
 

@@ -54,7 +54,8 @@ class Engine:
     """A loaded model, ready to segment images."""
 
     def __init__(
-        self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None, runtime: str | None = None
+        self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None,
+        runtime: str | None = None, gate: str | os.PathLike | None = None,
     ):
         self.card = model if isinstance(model, ModelCard) else get_card(model)
         if self.card.architecture != "clcs":
@@ -70,6 +71,10 @@ class Engine:
         self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
         self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
         self.default_threshold = float(self.card.data.get("confidence_threshold", DEFAULT_CONFIDENCE_THRESHOLD))
+        from ..gate.model import load_gate  # cascade gate: the card's, a gate folder, or 'off'
+
+        self.gate = load_gate(gate, self.card)
+        self.gate_info: dict | None = None
 
     @property
     def segmenter(self):
@@ -95,7 +100,13 @@ class Engine:
         timings["preprocess"] = time.perf_counter() - t
         _report(progress, "preprocess", 1.0)
         t = time.perf_counter()
-        prob_model = self.runner.probability(x, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
+        def infer(xx):
+            return self.runner.probability(xx, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
+
+        if self.gate is None:
+            prob_model = infer(x)
+        else:  # cascade gate: the segmenter runs only on the slabs the gate lets through
+            prob_model, self.gate_info = self.gate.apply(x, infer)
         self.used_device = self.runner.used_device
         prob = np.zeros(canonical_hu.shape, dtype=np.float32)
         prob[box.slices] = resize_linear(prob_model, crop.shape)
@@ -126,9 +137,13 @@ class Engine:
         canonical, hu, sp = self.prepare(image)
         prob, timings = self.probability(hu, sp, progress, cancel)
         _check(cancel)
-        return self.lesions_from_probability(
+        res = self.lesions_from_probability(
             image, canonical, hu, sp, prob, timings, threshold, progress, cancel, keep_patches, keep_probability
         )
+        if self.gate is not None and self.gate_info:
+            g = self.gate_info
+            res.messages.append(f"cascade gate: segmenter ran on {g['open']} of {g['slabs']} slabs ({g['skipped_fraction']:.0%} skipped)")
+        return res
 
     @staticmethod
     def prepare(image: sitk.Image) -> tuple[sitk.Image, np.ndarray, tuple[float, float, float]]:

@@ -1,0 +1,233 @@
+"""Train and calibrate the cascade gate (``lesionseg train-gate``).
+
+    lesionseg train-gate -o runs/gate --minutes 4 [--extra-cases lung2] [--attach sts-clcs --card-out DIR --name NAME]
+
+Training data: the z-slabs of STS_001-033 (and ``--extra-cases``, e.g. the chest scan lung2) on
+the model grid, cropped to the body exactly as at inference.  A slab is positive when it holds
+lesion voxels; the lesion-free slabs are the real negatives.  Batches are balanced 50/50 and the
+loss is a focal loss (alpha 0.75, gamma 2).  The threshold is then calibrated on the slabs of
+the validation cases STS_034-041: among thresholds with slab recall >= ``--min-recall`` (0.95),
+the one with the best F2.  The gate never sees the validation labels during training.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import data as dataset
+from .model import DEFAULT_GATE_NETWORK, GATE_JSON, SlabGate, slab_labels, slabs_of, write_gate_json
+
+
+def load_gate_case(case: dataset.Case, spacing, windows) -> tuple[torch.Tensor, np.ndarray]:
+    """Model-grid channels of the body crop (as the pipeline makes them) and the label there."""
+    from ..io.images import read_image, read_label
+    from ..io.preprocess import body_box, normalize, resample, spacing_zyx, target_shape, to_canonical
+
+    img = read_image(case.image)
+    can = to_canonical(img)
+    hu = sitk.GetArrayFromImage(can).astype(np.float32)
+    lab = sitk.GetArrayFromImage(to_canonical(read_label(case.label, img))).astype(np.float32)
+    box = body_box(hu, spacing_zyx(can))
+    shape = target_shape(hu[box.slices].shape, spacing_zyx(can), spacing)
+    x = normalize(resample(hu[box.slices], shape), windows)
+    y = (resample(lab[box.slices], shape) > 0.5).numpy().astype(np.uint8)
+    return x.half(), y
+
+
+def calibrate_threshold(scores, labels, min_recall: float = 0.95, beta: float = 2.0) -> dict:
+    """Threshold with recall >= ``min_recall`` that maximises F-beta (ties: the higher threshold)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if labels.sum() == 0:
+        raise ValueError("calibration needs at least one positive region")
+    best = None
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp = int((pred & labels).sum())
+        fp = int((pred & ~labels).sum())
+        fn = int((~pred & labels).sum())
+        recall = tp / (tp + fn)
+        if recall < min_recall:
+            continue
+        precision = tp / max(tp + fp, 1)
+        fb = (1 + beta**2) * precision * recall / max(beta**2 * precision + recall, 1e-12)
+        cand = {"threshold": float(t), "recall": recall, "precision": precision, f"f{beta:g}": fb,
+                "skipped_fraction": float(1 - pred.mean())}
+        if best is None or fb >= best[f"f{beta:g}"]:
+            best = cand
+    return best
+
+
+def sample_batch(cases, slab, batch, rng, min_voxels):
+    """A balanced batch of randomly offset, randomly flipped slabs and their labels."""
+    xs, ys = [], []
+    for i in range(batch):
+        want = i % 2
+        for _ in range(50):
+            x, y = cases[int(rng.integers(len(cases)))]
+            z0 = int(rng.integers(-(slab // 2), max(1, x.shape[1] - slab // 2)))
+            lo, hi = max(0, z0), min(x.shape[1], z0 + slab)
+            lab = int(y[lo:hi].sum() >= min_voxels)
+            if lab == want:
+                break
+        s = torch.zeros((x.shape[0], slab, *x.shape[2:]))
+        s[:, lo - z0 : hi - z0] = x[:, lo:hi].float()
+        flips = [ax for ax in (2, 3) if rng.random() < 0.5]
+        xs.append(s.flip(flips) if flips else s)
+        ys.append(lab)
+    # slabs of one batch have different in-plane sizes: pad to the largest
+    h = max(s.shape[2] for s in xs)
+    w = max(s.shape[3] for s in xs)
+    xs = [torch.nn.functional.pad(s, (0, w - s.shape[3], 0, h - s.shape[2])) for s in xs]
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def case_scores(net, x, slab) -> np.ndarray:
+    s = slabs_of(x.float(), slab)
+    return torch.sigmoid(torch.cat([net(s[i : i + 8]) for i in range(0, s.shape[0], 8)])).numpy()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lesionseg train-gate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("-o", "--output", required=True, help="gate folder (gate.json + gate.safetensors)")
+    ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget")
+    ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--train", nargs="*", default=None, help="training cases (default STS_001-033)")
+    ap.add_argument("--val", nargs="*", default=None, help="calibration cases (default STS_034-041)")
+    ap.add_argument("--extra-cases", nargs="*", default=[], help="further training cases from the manifest, e.g. lung2")
+    ap.add_argument("--slab", type=int, default=8, help="slab thickness in model-grid voxels")
+    ap.add_argument("--margin", type=int, default=8, help="context voxels added on each side of an open run")
+    ap.add_argument("--min-recall", type=float, default=0.95)
+    ap.add_argument("--min-voxels", type=int, default=1, help="lesion voxels that make a slab positive")
+    ap.add_argument("--model", default="sts-clcs", help="the model whose preprocessing (spacing, HU windows) the gate uses")
+    ap.add_argument("--attach", default=None, metavar="MODEL", help="also write a model card: MODEL + this gate")
+    ap.add_argument("--card-out", default=None, metavar="DIR", help="folder of that card (with --attach)")
+    ap.add_argument("--name", default=None, help="name of that card (default MODEL-gated)")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    from monai.losses import FocalLoss
+    from monai.utils import set_determinism
+
+    from ..models import get_card, save_weights
+
+    set_determinism(args.seed)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count() or 1)
+    seg = get_card(args.model).part("segmenter")
+    spacing, windows = seg["spacing_zyx"], seg["hu_windows"]
+    train_names = (args.train or dataset.STS_TRAIN) + list(args.extra_cases)
+    val_names = args.val or dataset.STS_VAL
+    if set(train_names) & set(val_names):
+        print(f"error: cases {sorted(set(train_names) & set(val_names))} are both training and calibration cases", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    train = [load_gate_case(dataset.case(n), spacing, windows) for n in train_names]
+    val = {n: load_gate_case(dataset.case(n), spacing, windows) for n in val_names}
+    labels = np.concatenate([slab_labels(y, args.slab, args.min_voxels) for _, y in train])
+    print(f"loaded {len(train)} training cases ({int(labels.sum())} lesion / {int((labels == 0).sum())} lesion-free slabs) "
+          f"and {len(val)} calibration cases in {time.time() - t0:.1f}s", flush=True)
+
+    net = SlabGate(**{k: v for k, v in DEFAULT_GATE_NETWORK.items() if k != "type"})
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    loss_fn = FocalLoss(use_softmax=False, gamma=2.0, alpha=0.75)
+    rng = np.random.default_rng(args.seed)
+    start, step, losses = time.time(), 0, []
+    net.train()
+    while time.time() - start < args.minutes * 60 and not (args.max_steps and step >= args.max_steps):
+        x, y = sample_batch(train, args.slab, 16, rng, args.min_voxels)
+        loss = loss_fn(net(x)[:, None], y[:, None])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 25 == 0:
+            print(f"step {step} t={(time.time() - start) / 60:.1f}min loss={np.mean(losses[-25:]):.4f}", flush=True)
+    minutes = (time.time() - start) / 60
+    net.eval()
+    scores, labs, per_case = [], [], {}
+    for n, (x, y) in val.items():
+        s, lab = case_scores(net, x, args.slab), slab_labels(y, args.slab, args.min_voxels)
+        scores.append(s)
+        labs.append(lab)
+        per_case[n] = {"slabs": len(s), "lesion_slabs": int(lab.sum())}
+    cal = calibrate_threshold(np.concatenate(scores), np.concatenate(labs), args.min_recall)
+    for (n, info), s in zip(per_case.items(), scores):
+        info["open"] = int((s >= cal["threshold"]).sum())
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    sha = save_weights(net, out / "gate.safetensors")
+    part = {
+        "file": "gate.safetensors",
+        "sha256": sha,
+        "network": DEFAULT_GATE_NETWORK,
+        "slab": args.slab,
+        "margin": args.margin,
+        "threshold": cal["threshold"],
+        "spacing_zyx": spacing,
+        "hu_windows": windows,
+        "calibration": {"cases": list(val), "min_recall": args.min_recall, **{k: round(v, 4) for k, v in cal.items()}, "per_case": per_case},
+        "training": {"command": "lesionseg train-gate " + " ".join(sys.argv[2:] if argv_is_cli() else sys.argv[1:]),
+                     "cases": train_names, "slab_labels": {"lesion": int(labels.sum()), "lesion_free": int((labels == 0).sum())},
+                     "steps": step, "minutes": round(minutes, 2), "loss": "focal (alpha 0.75, gamma 2), balanced batches of 16",
+                     "threads": torch.get_num_threads()},
+    }
+    write_gate_json(out, part)
+    print(f"gate: {step} steps in {minutes:.1f} min; threshold {cal['threshold']:.4f} -> calibration recall "
+          f"{cal['recall']:.3f}, precision {cal['precision']:.3f}, F2 {cal['f2']:.3f}, skipped {cal['skipped_fraction']:.3f}")
+    if args.attach:
+        card = attach_gate(args.attach, out, Path(args.card_out or out / "card"), args.name)
+        print(f"model card {card.id} written to {card.folder}")
+    return 0
+
+
+def argv_is_cli() -> bool:
+    return len(sys.argv) > 1 and sys.argv[1] == "train-gate"
+
+
+def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.PathLike, name: str | None = None):
+    """A model card = ``model``'s card + the gate in ``gate_dir``.
+
+    Every weight file (the base's, checksum-verified, and the gate's) is copied into
+    ``card_out``, so the new model folder is self-contained like any other version.
+    """
+    import json
+
+    from ..models import ModelCard, get_card
+
+    base = get_card(model)
+    gate_dir, card_out = Path(gate_dir), Path(card_out)
+    card_out.mkdir(parents=True, exist_ok=True)
+    data = json.loads(json.dumps(base.data))
+    for key in ("segmenter", "classifier"):
+        if key in data:
+            shutil.copyfile(base.verified_path(key), card_out / data[key]["file"])
+    part = json.loads((gate_dir / GATE_JSON).read_text())
+    if (gate_dir / part["file"]).resolve() != (card_out / part["file"]).resolve():
+        shutil.copyfile(gate_dir / part["file"], card_out / part["file"])
+    data["gate"] = part
+    data["name"] = name or f"{base.name}-gated"
+    data["description"] = f"{base.data.get('description', base.name)}; cascade slab gate (threshold {part['threshold']:.3f}, calibrated for >= {part['calibration']['min_recall']:.0%} slab recall on {', '.join(part['calibration']['cases'])})"
+    data["base_model"] = base.id
+    card = ModelCard(card_out, data)
+    card.save()
+    return card
+
+
+if __name__ == "__main__":
+    sys.exit(main())
