@@ -33,7 +33,7 @@ from .result import Lesion, SegmentationResult
 
 STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
 #: fraction of the progress bar given to each stage
-_STAGE_SPAN = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.8), "clusters": (0.8, 0.85), "confidence": (0.85, 1.0)}
+_STAGE_SPAN = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.8), "detect": (0.1, 0.3), "roi_segmentation": (0.3, 0.8), "clusters": (0.8, 0.85), "confidence": (0.85, 1.0)}
 
 DEFAULT_PROB_THRESHOLD = 0.5
 DEFAULT_MIN_SIZE_MM3 = 100.0
@@ -51,54 +51,63 @@ def case_hash(image: sitk.Image) -> str:
     return h.hexdigest()
 
 
+#: architecture name -> "module:Class" (relative to this package), imported when first used
+ARCHITECTURES = {"clcs": ".pipeline:ClcsEngine", "detseg": "..detseg.engine:DetSegEngine"}
+
+
+def engine_class(architecture: str) -> type["Engine"]:
+    """The engine class registered for ``architecture`` (a model card's ``architecture``)."""
+    import importlib
+
+    where = ARCHITECTURES.get(architecture)
+    if where is None:
+        raise InputError(f"unknown model architecture {architecture!r}; this engine runs: {', '.join(sorted(ARCHITECTURES))}")
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module, __package__), name)
+
+
 class Engine:
-    """A loaded model, ready to segment images."""
+    """A loaded model, ready to segment images.
+
+    ``Engine(model, device, threads)`` returns the engine registered for the model card's
+    ``architecture`` (:data:`ARCHITECTURES`); the subclasses provide :meth:`load_networks` and
+    :meth:`probability` (foreground probability on the canonical input grid), everything from
+    clusters on (measurements, patches, confidence, result) is shared.
+    """
+
+    architecture: str | None = None
+
+    def __new__(cls, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None):
+        if cls is Engine:
+            cls = engine_class((model if isinstance(model, ModelCard) else get_card(model)).architecture)
+        return super().__new__(cls)
 
     def __init__(self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None):
         self.card = model if isinstance(model, ModelCard) else get_card(model)
-        if self.card.architecture != "clcs":
-            raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which this engine cannot run")
-        seg = self.card.part("segmenter")
-        self.seg_cfg = seg
-        self.segmenter = build_segmenter(seg["network"])
-        self.card.load_into("segmenter", self.segmenter)
-        self.segmenter.eval()
-        self.classifier = ConfidenceModel.from_card(self.card) if "classifier" in self.card.data else None
+        if self.card.architecture != self.architecture:
+            raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which {type(self).__name__} cannot run")
         self.device, self.messages = select_device(device)
         if threads:
             torch.set_num_threads(threads)
+        self.load_networks()
+        self.classifier = ConfidenceModel.from_card(self.card) if "classifier" in self.card.data else None
         post = self.card.data.get("postprocess", {})
         self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
         self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
         self.default_threshold = float(self.card.data.get("confidence_threshold", DEFAULT_CONFIDENCE_THRESHOLD))
 
-    # ------------------------------------------------------------------------------------
+    def load_networks(self) -> None:
+        raise NotImplementedError
+
     def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
         """Foreground probability on the canonical input grid, and stage timings."""
-        timings = {}
-        t = time.perf_counter()
-        box = body_box(canonical_hu, spacing)
-        crop = canonical_hu[box.slices]
-        shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
-        x = normalize(resample(crop, shape), self.seg_cfg["hu_windows"])
-        timings["preprocess"] = time.perf_counter() - t
-        _report(progress, "preprocess", 1.0)
-        t = time.perf_counter()
-        prob_model, used, msgs = sliding_window_probability(
-            self.segmenter,
-            x,
-            self.seg_cfg["roi_size"],
-            float(self.seg_cfg.get("overlap", 0.25)),
-            self.device,
-            progress=(lambda f: _report(progress, "inference", f)) if progress else None,
-            cancel=cancel,
-        )
-        self.messages.extend(m for m in msgs if m not in self.messages)
-        self.used_device = used
-        prob = np.zeros(canonical_hu.shape, dtype=np.float32)
-        prob[box.slices] = resample(prob_model, crop.shape).numpy()
-        timings["inference"] = time.perf_counter() - t
-        return prob, timings
+        raise NotImplementedError
+
+    def cluster_confidence(self, labels: np.ndarray, stats, measures, patches, feats) -> np.ndarray:
+        """Confidence per cluster: the patch classifier's, else the mean probability."""
+        if stats and self.classifier is not None:
+            return self.classifier.predict(np.stack(patches), feature_matrix(feats))
+        return np.array([m["mean_probability"] for m in measures])
 
     def segment(
         self,
@@ -169,10 +178,7 @@ class Engine:
             measures.append(m)
             patches.append(adaptive_patch(hu, prob, labels, c, sp))
             _report(progress, "confidence", (i + 1) / (len(stats) + 1))
-        if stats and self.classifier is not None:
-            conf = self.classifier.predict(np.stack(patches), feature_matrix(feats))
-        else:  # no classifier in this model: the mean probability is the confidence
-            conf = np.array([m["mean_probability"] for m in measures])
+        conf = self.cluster_confidence(labels, stats, measures, patches, feats)
 
         order = [i for i in np.argsort(-conf, kind="stable") if conf[i] >= threshold]
         lut = np.zeros(n + 1, dtype=np.uint16)
@@ -213,6 +219,45 @@ class Engine:
             device=str(getattr(self, "used_device", self.device)),
             messages=list(self.messages),
         )
+
+
+class ClcsEngine(Engine):
+    """CLCS: a dense MONAI segmenter over sliding windows at the model spacing."""
+
+    architecture = "clcs"
+
+    def load_networks(self) -> None:
+        seg = self.card.part("segmenter")
+        self.seg_cfg = seg
+        self.segmenter = build_segmenter(seg["network"])
+        self.card.load_into("segmenter", self.segmenter)
+        self.segmenter.eval()
+
+    def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
+        timings = {}
+        t = time.perf_counter()
+        box = body_box(canonical_hu, spacing)
+        crop = canonical_hu[box.slices]
+        shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
+        x = normalize(resample(crop, shape), self.seg_cfg["hu_windows"])
+        timings["preprocess"] = time.perf_counter() - t
+        _report(progress, "preprocess", 1.0)
+        t = time.perf_counter()
+        prob_model, used, msgs = sliding_window_probability(
+            self.segmenter,
+            x,
+            self.seg_cfg["roi_size"],
+            float(self.seg_cfg.get("overlap", 0.25)),
+            self.device,
+            progress=(lambda f: _report(progress, "inference", f)) if progress else None,
+            cancel=cancel,
+        )
+        self.messages.extend(m for m in msgs if m not in self.messages)
+        self.used_device = used
+        prob = np.zeros(canonical_hu.shape, dtype=np.float32)
+        prob[box.slices] = resample(prob_model, crop.shape).numpy()
+        timings["inference"] = time.perf_counter() - t
+        return prob, timings
 
 
 def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion]) -> None:
