@@ -1,9 +1,11 @@
 """``lesionseg`` command line: one module per command.
 
     lesionseg segment INPUT... -o OUTDIR [--model NAME] [--device auto|cpu|cuda] [--threshold T]
+    lesionseg click IMAGE --point X,Y,Z [--point ...] -o OUTDIR [--model NAME]
     lesionseg evaluate --pred OUTDIR --gt GTDIR [-o REPORTDIR]
     lesionseg retrain --feedback DB [--base-model NAME] [--include-gt DIR] [-o NEW_MODEL]
     lesionseg train-seg --images DIR -o OUTDIR
+    lesionseg train-detseg -o MODEL_DIR [--parallel]
     lesionseg feedback stats|export|import|check
     lesionseg models list|activate|rollback|history
 """
@@ -14,7 +16,7 @@ import importlib
 import sys
 
 #: the command modules of this package; each has ``register(subparsers)``
-COMMANDS = ("segment", "evaluate", "retrain", "train_seg", "feedback", "models")
+COMMANDS = ("segment", "click", "evaluate", "retrain", "train_seg", "train_detseg", "feedback", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

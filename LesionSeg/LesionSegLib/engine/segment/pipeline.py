@@ -158,12 +158,14 @@ class Engine:
         keep_patches: bool = False,
         keep_probability: bool = False,
         prob_threshold: float | None = None,
+        min_size_mm3: float | None = None,
     ) -> SegmentationResult:
         """Clusters, measurements, patches and confidences from a canonical probability map."""
         timings = dict(timings)
         prob_threshold = self.prob_threshold if prob_threshold is None else prob_threshold
         t = time.perf_counter()
-        labels, n = extract_clusters(prob, prob_threshold, sp, self.min_size_mm3)
+        min_size = self.min_size_mm3 if min_size_mm3 is None else min_size_mm3
+        labels, n = extract_clusters(prob, prob_threshold, sp, min_size)
         stats = cluster_stats(labels, n)
         timings["clusters"] = time.perf_counter() - t
         _report(progress, "clusters", 1.0)
