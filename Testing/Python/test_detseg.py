@@ -236,3 +236,42 @@ def test_click_cli_on_real_case_matches_the_label(tmp_path):
     rc = cli.main(["click", str(case.image), "--point", point, "--point", "9999,0,0", "-o", str(out2), "--model", DETSEG])
     assert rc == 2 and (not out2.exists() or not any(out2.iterdir()))
     assert cli.main(["click", str(case.image), "--point", "1,2", "-o", str(out2)]) == 2
+
+
+def test_retrain_from_review_works_for_a_detseg_model(tmp_path, monkeypatch):
+    """Accept/reject decisions on sts-detseg's own candidates retrain its classifier into a new
+    detseg version that loads and runs (stage weights copied, classifier new)."""
+    import feedback_testdata as td
+
+    from LesionSegLib.engine.detseg.engine import DetSegEngine
+    from LesionSegLib.engine.feedback import FeedbackStore
+    from LesionSegLib.engine.learn.retrain import retrain
+    from LesionSegLib.engine.segment.pipeline import Engine
+    from LesionSegLib.review import Decision
+
+    _needs_data()
+    base = _detseg_card()
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
+    decisions = []
+    for name, h, res, is_tp in td._candidates(str(base.folder), tuple(td.CASES)):
+        for les, tp in zip(res.lesions, is_tp):
+            decisions.append(Decision(case_name=name, case_hash=h, lesion_id=les.lesion_id,
+                                      decision="accepted" if tp else "rejected", confidence=les.confidence,
+                                      model_id=res.model_id, centroid_lps=les.centroid_lps, volume_ml=les.volume_ml,
+                                      diameter_mm=les.diameter_mm, bbox_ijk=les.bbox_ijk, features=dict(les.features),
+                                      patch=les.patch, reviewer="sim"))
+    n_pos = sum(d.decision == "accepted" for d in decisions)
+    assert n_pos >= 2 and len(decisions) - n_pos >= 2, f"{n_pos} TP / {len(decisions) - n_pos} FP candidates"
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.record_many(decisions)
+    res = retrain(store, base.id, folds=3, min_labels=10, min_per_class=2)
+    card = res.card
+    assert card.architecture == "detseg" and card.data["parent"]["id"] == base.id
+    for key in ("detector", "roi_segmenter"):
+        assert card.data[key]["sha256"] == base.data[key]["sha256"]
+        card.verified_path(key)
+    assert card.data["confidence_source"] == "classifier"  # the retrained classifier is what scores lesions
+    eng = Engine(card, device="cpu")
+    assert type(eng) is DetSegEngine
+    out = eng.segment(sitk.ReadImage(str(data.case("STS_041").image)), threshold=0.0)
+    assert out.model_id == card.id and all(0.0 <= les.confidence <= 1.0 for les in out.lesions)

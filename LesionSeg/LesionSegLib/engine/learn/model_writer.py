@@ -81,6 +81,8 @@ def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics:
                 "files": files,
             }
         )
+        if "confidence_source" in data:  # detseg: the retrained classifier now scores the lesions
+            data["confidence_source"] = "classifier"
         if oof is not None:
             try:
                 from ..evaluate.plots import save_validation_plot
