@@ -39,7 +39,7 @@ from ..models import save_weights
 
 HU_WINDOWS = [[-200.0, 300.0], [-1000.0, 1500.0]]
 DETECTOR_CONFIG = {"network": DEFAULT_DETECTOR, "grid_spacing_zyx": [6.0, 4.0, 4.0], "hu_windows": HU_WINDOWS,
-                   "crop_shape": [24, 40, 40], "threshold": 0.1, "max_detections": 32, "nms_iou": 0.25}
+                   "crop_shape": [16, 32, 32], "threshold": 0.1, "max_detections": 32, "nms_iou": 0.25}
 ROI_CONFIG = {"network": DEFAULT_ROI_SEGMENTER, "roi_shape": [32, 48, 48], "context": DEFAULT_CONTEXT, "hu_windows": HU_WINDOWS}
 SAVE_EVERY_S = 180.0
 
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--batch", type=int, default=None, help="default: 2 detector crops / 4 RoIs")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: 4e-3 detector / 2e-3 RoI segmenter")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", nargs="*", default=None, help="case names (default STS_001-033)")
     ap.add_argument("--threads", type=int, default=1)
@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cases = load_cases(args.train or dataset.STS_TRAIN)
     batch = args.batch or (2 if args.stage == "detector" else 4)
-    train_stage(args.stage, cases, Path(args.out), args.minutes, batch, args.lr, args.seed, args.max_steps)
+    lr = args.lr or (4e-3 if args.stage == "detector" else 2e-3)
+    train_stage(args.stage, cases, Path(args.out), args.minutes, batch, lr, args.seed, args.max_steps)
     return 0
 
 
