@@ -28,6 +28,7 @@ from .. import data as dataset
 from ..evaluate.matching import detections
 from ..evaluate.metrics import calibration, cluster_auc, dice_score, froc
 from ..io.images import read_image, read_label
+from ..io.preprocess import to_canonical
 from ..models import ModelCard, get_card, sha256_file
 from ..segment.classifier import fit_temperature
 
@@ -54,6 +55,31 @@ def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str
         card["classifier"] = {**parent.data["classifier"], "file": "classifier.safetensors",
                               "sha256": sha256_file(out / "classifier.safetensors"), "from_model": parent.id}
     return card
+
+
+def fit_detector_threshold(engine, names, by_name, recall: float = 0.9, lo: float = 0.01, hi: float = 0.1) -> tuple[float, dict]:
+    """The detector's low threshold: the highest value in [lo, hi] at which ``recall`` of the
+    lesions of ``names`` (training cases) still have a detection centred inside their box."""
+    from ..detseg.boxes import gt_boxes
+
+    best = []
+    cfg = engine.det_cfg
+    saved = cfg.get("threshold", hi)
+    cfg["threshold"] = 1e-3
+    try:
+        for n in names:
+            img = read_image(by_name[n].image)
+            canonical, hu, sp = engine.prepare(img)
+            lab = sitk.GetArrayFromImage(to_canonical(read_label(by_name[n].label, img)))
+            dets = engine.detect(hu, sp)
+            for b in gt_boxes(lab, sp):
+                inside = np.all(np.abs(dets[:, :3] - b[:3]) <= b[3:] / 2, axis=1) if len(dets) else np.zeros(0, bool)
+                best.append(float(dets[inside, 6].max()) if inside.any() else 0.0)
+    finally:
+        cfg["threshold"] = saved
+    t = float(np.clip(np.quantile(best, 1 - recall), lo, hi)) if best else hi
+    found = float(np.mean(np.asarray(best) >= t)) if best else 0.0
+    return round(t, 4), {"lesions": len(best), "recall_at_threshold": round(found, 4), "target_recall": recall, "range": [lo, hi]}
 
 
 def scored_cases(engine, names, by_name, sources=("classifier",)) -> dict[str, list[dict]]:
@@ -108,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--classifier-from", default="sts-clcs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train", nargs="*", default=None, help="cases for the temperature (default STS_001-033)")
+    ap.add_argument("--val", nargs="*", default=None, help="cases scored (default STS_034-041)")
     args = ap.parse_args(argv)
     import torch
 
@@ -116,14 +144,18 @@ def main(argv=None) -> int:
     run, out = Path(args.run), Path(args.out)
     card = assemble(run, out, args.name, args.version, args.classifier_from)
     by_name = {c.name: c for c in dataset.cases()}
-    train_names, val_names = dataset.STS_TRAIN, dataset.STS_VAL
+    train_names, val_names = args.train or dataset.STS_TRAIN, args.val or dataset.STS_VAL
+    engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
+    card["detector"]["threshold"], fit = fit_detector_threshold(engine, train_names, by_name)
+    card["detector"]["threshold_fit"] = {**fit, "cases": f"{train_names[0]}-{train_names[-1]} (training)"}
+    print(f"detector threshold {card['detector']['threshold']} ({fit})", flush=True)
     engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
     # detector-score temperature: fitted on the training cases' clusters
     tr = scored_cases(engine, train_names, by_name, ("detector",))["detector"]
     p = np.clip(np.concatenate([c["conf"] for c in tr]), 1e-6, 1 - 1e-6)
     y = np.concatenate([c["m"].is_tp for c in tr])
     card["detector"]["temperature"] = round(fit_temperature(np.log(p / (1 - p)), y), 4)
-    card["detector"]["temperature_fit_on"] = f"{len(y)} clusters ({int(y.sum())} TP) of the training cases STS_001-033"
+    card["detector"]["temperature_fit_on"] = f"{len(y)} clusters ({int(y.sum())} TP) of the training cases {train_names[0]}-{train_names[-1]}"
     print(f"detector temperature {card['detector']['temperature']} from {len(y)} training clusters", flush=True)
     engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
     measured = {}
@@ -137,7 +169,7 @@ def main(argv=None) -> int:
     card["metrics"] = {"val_dice": v["dice_mean"], "val_froc_sensitivity_at_0.5_fp": v["sensitivity_at_0.5_fp"],
                        "val_cpm": v["cpm"], "val_cluster_auc": v["cluster_auc"], "val_ece": v["ece"]}
     card["validation"] = {"cases": val_names, "confidence_sources": measured,
-                          "chosen": f"{best}: higher cluster AUC on STS_034-041 (ties: lower ECE)"}
+                          "chosen": f"{best}: higher cluster AUC on {val_names[0]}-{val_names[-1]} (ties: lower ECE)"}
     card["data"] = {"source": "IBSI validation soft-tissue sarcoma CT (TCIA Soft-tissue-Sarcoma), CC BY 3.0; stored at ~1.95x1.95x3.27 mm",
                     "train_cases": train_names, "val_cases": val_names,
                     "matching_rule": "TP if IoU >= 0.1 or >= 50% of the cluster inside a GT lesion (26-connected, cc3d)"}
