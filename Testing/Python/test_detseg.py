@@ -221,7 +221,7 @@ def test_click_cli_on_real_case_matches_the_label(tmp_path):
     centroid = img.TransformContinuousIndexToPhysicalPoint(np.argwhere(gt).mean(0)[::-1].tolist())
     out = tmp_path / "out"
     point = ",".join(f"{v:.3f}" for v in centroid)
-    assert cli.main(["click", str(case.image), "--point", point, "-o", str(out), "--model", DETSEG, "--device", "cpu"]) == 0
+    assert cli.main(["click", str(case.image), f"--point={point}", "-o", str(out), "--model", DETSEG, "--device", "cpu"]) == 0
     lab = sitk.ReadImage(str(out / "STS_041_click.nii.gz"))
     assert lab.GetSize() == img.GetSize() and lab.GetOrigin() == pytest.approx(img.GetOrigin())
     arr = sitk.GetArrayFromImage(lab)
@@ -233,7 +233,7 @@ def test_click_cli_on_real_case_matches_the_label(tmp_path):
     assert tuple(rows[0]) == CSV_COLUMNS and rows[0]["lesion_id"] == "1" and len(rows) == 1
     # a bad point: one-line error, exit 2, nothing written
     out2 = tmp_path / "out2"
-    rc = cli.main(["click", str(case.image), "--point", point, "--point", "9999,0,0", "-o", str(out2), "--model", DETSEG])
+    rc = cli.main(["click", str(case.image), f"--point={point}", "--point", "9999,0,0", "-o", str(out2), "--model", DETSEG])
     assert rc == 2 and (not out2.exists() or not any(out2.iterdir()))
     assert cli.main(["click", str(case.image), "--point", "1,2", "-o", str(out2)]) == 2
 

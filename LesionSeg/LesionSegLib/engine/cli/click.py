@@ -58,7 +58,7 @@ def cmd_click(args) -> int:
 def register(sub) -> None:
     sp = sub.add_parser("click", help="segment the lesion under each point (LPS mm) with a detseg model")
     sp.add_argument("image", metavar="IMAGE")
-    sp.add_argument("--point", action="append", required=True, metavar="X,Y,Z", help="a point in LPS mm (repeatable)")
+    sp.add_argument("--point", action="append", required=True, metavar="X,Y,Z", help="a point in LPS mm (repeatable); write --point=X,Y,Z when X is negative")
     sp.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     sp.add_argument("--model", default=None, help=f"a detseg model (default: {DEFAULT_CLICK_MODEL})")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
