@@ -252,9 +252,16 @@ def test_retrain_from_review_works_for_a_detseg_model(tmp_path, monkeypatch):
     _needs_data()
     base = _detseg_card()
     monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
+    from LesionSegLib.engine.learn.labels import candidates_with_labels
+    from LesionSegLib.engine.segment.pipeline import case_hash
+
+    engine = Engine(base, device="cpu")
     decisions = []
-    for name, h, res, is_tp in td._candidates(str(base.folder), tuple(td.CASES)):
-        for les, tp in zip(res.lesions, is_tp):
+    for name in td.CASES:  # every candidate (confidence threshold 0) at the model's own probability threshold
+        img = sitk.ReadImage(str(data.case(name).image))
+        res, m, _, _ = candidates_with_labels(engine, img, sitk.ReadImage(str(data.case(name).label)))
+        h = case_hash(img)
+        for les, tp in zip(res.lesions, m.is_tp):
             decisions.append(Decision(case_name=name, case_hash=h, lesion_id=les.lesion_id,
                                       decision="accepted" if tp else "rejected", confidence=les.confidence,
                                       model_id=res.model_id, centroid_lps=les.centroid_lps, volume_ml=les.volume_ml,
