@@ -1,10 +1,14 @@
 """``lesionseg`` command line: one module per command.
 
     lesionseg segment INPUT... -o OUTDIR [--model NAME] [--device auto|cpu|cuda] [--threshold T]
+    lesionseg click IMAGE --point X,Y,Z [--point ...] -o OUTDIR [--model NAME]
     lesionseg evaluate --pred OUTDIR --gt GTDIR [-o REPORTDIR]
     lesionseg retrain --feedback DB [--base-model NAME] [--include-gt DIR] [-o NEW_MODEL]
     lesionseg batch MANIFEST_OR_DIR -o OUTDIR [--address ray://HOST:PORT|auto|local] [--num-workers N]
     lesionseg train-seg --images DIR -o OUTDIR [--nproc N]
+    lesionseg click IMAGE --point=X,Y,Z [--point=...] -o OUTDIR [--model NAME]
+    lesionseg train-detseg -o MODEL_DIR [--parallel]
+    lesionseg train-gate -o GATE_DIR
     lesionseg feedback stats|export|import|check
     lesionseg models list|activate|rollback|history
     lesionseg finetune --feedback DB [--base-model NAME] [-o NEW_MODEL]
@@ -17,7 +21,7 @@ import importlib
 import sys
 
 #: the command modules of this package; each has ``register(subparsers)``
-COMMANDS = ("segment", "batch", "evaluate", "retrain", "train_seg", "train_gate", "feedback", "models", "finetune")
+COMMANDS = ("segment", "click", "batch", "evaluate", "retrain", "train_seg", "train_detseg", "train_gate", "feedback", "models", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

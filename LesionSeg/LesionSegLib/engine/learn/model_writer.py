@@ -32,8 +32,13 @@ from ..errors import ModelError
 from .labels import RetrainError
 
 #: card sections that describe how to run the model (inherited); everything else is the model's own
-RUN_SECTIONS = ("architecture", "segmenter", "postprocess", "confidence_threshold")
-WEIGHT_FILES = {"segmenter": "segmenter.safetensors", "classifier": "classifier.safetensors"}
+RUN_SECTIONS = ("architecture", "segmenter", "detector", "roi_segmenter", "gate", "postprocess", "confidence_threshold",
+                "confidence_source")
+#: the networks a card may name, and their file names in a written version
+WEIGHT_FILES = {"segmenter": "segmenter.safetensors", "classifier": "classifier.safetensors",
+                "detector": "detector.safetensors", "roi_segmenter": "roi_segmenter.safetensors", "gate": "gate.safetensors"}
+#: the networks a retrained classifier runs with (copied from the parent, checksum-verified)
+SEGMENTER_PARTS = ("segmenter", "detector", "roi_segmenter", "gate")
 
 
 def resolve_output(parent: models.ModelCard, output: str | os.PathLike | None) -> tuple[str, str, Path]:
@@ -124,7 +129,7 @@ def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics:
     name, version, folder = resolve_output(parent, output)
 
     def build(tmp: Path) -> dict:
-        sections, files = inherited(parent, tmp, keys=("segmenter",))
+        sections, files = inherited(parent, tmp, keys=SEGMENTER_PARTS)
         section = save_classifier(cm, tmp, WEIGHT_FILES["classifier"])
         section["training"] = {k: v for k, v in retraining.items() if k in ("trainer", "timings", "seed")}
         files[section["file"]] = section["sha256"]
@@ -150,6 +155,8 @@ def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics:
             "retraining": retraining,
             "files": files,
         }
+        if "confidence_source" in sections:  # detseg: the retrained classifier now scores the lesions
+            card["confidence_source"] = "classifier"
         if oof is not None:
             try:
                 from ..evaluate.plots import save_validation_plot

@@ -50,20 +50,46 @@ def case_hash(image: sitk.Image) -> str:
     return h.hexdigest()
 
 
+#: architecture name -> "module:Class" (relative to this package), imported when first used
+ARCHITECTURES = {"clcs": ".pipeline:ClcsEngine", "detseg": "..detseg.engine:DetSegEngine"}
+
+
+def engine_class(architecture: str) -> type["Engine"]:
+    """The engine class registered for ``architecture`` (a model card's ``architecture``)."""
+    import importlib
+
+    where = ARCHITECTURES.get(architecture)
+    if where is None:
+        raise InputError(f"unknown model architecture {architecture!r}; this engine runs: {', '.join(sorted(ARCHITECTURES))}")
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module, __package__), name)
+
+
 class Engine:
-    """A loaded model, ready to segment images."""
+    """A loaded model, ready to segment images.
+
+    ``Engine(model, device, threads, runtime, gate)`` returns the engine registered for the model
+    card's ``architecture`` (:data:`ARCHITECTURES`).  Subclasses provide :meth:`setup_networks`
+    (or just :meth:`load_networks` for PyTorch networks) and :meth:`probability` (foreground
+    probability on the canonical input grid); everything from clusters on (measurements,
+    patches, confidence, OOD, result) is shared.
+    """
+
+    architecture: str | None = None
+
+    def __new__(cls, model: str | os.PathLike | ModelCard | None = None, *args, **kwargs):
+        if cls is Engine:
+            cls = engine_class((model if isinstance(model, ModelCard) else get_card(model)).architecture)
+        return super().__new__(cls)
 
     def __init__(
         self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None,
         runtime: str | None = None, gate: str | os.PathLike | None = None,
     ):
         self.card = model if isinstance(model, ModelCard) else get_card(model)
-        if self.card.architecture != "clcs":
-            raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which this engine cannot run")
-        self.seg_cfg = self.card.part("segmenter")
-        # runtime: auto (OpenVINO > ONNX Runtime > torch), openvino, onnxruntime or torch; see engine/runtime
-        self.runner = Segmenter(self.card, device, runtime, threads)
-        self.runtime, self.device, self.messages = self.runner.runtime, self.runner.device, self.runner.messages
+        if self.card.architecture != self.architecture:
+            raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which {type(self).__name__} cannot run")
+        self.setup_networks(device, runtime, threads)
         self.classifier = _confidence_model(self.card, self.runtime, threads) if "classifier" in self.card.data else None
         self.messages.extend(getattr(self.classifier, "notes", []))
         self.ood = OODModel.from_card(self.card) if self.classifier is not None else None
@@ -76,42 +102,34 @@ class Engine:
         self.gate = load_gate(gate, self.card)
         self.gate_info: dict | None = None
 
-    @property
-    def segmenter(self):
-        """The segmenter as a PyTorch module (built on first use; the ONNX runtimes do not need it)."""
-        return self.runner.net
+    def setup_networks(self, device: str, runtime: str | None, threads: int | None) -> None:
+        """Default: PyTorch networks (:meth:`load_networks`) on the selected device."""
+        import torch
 
-    @segmenter.setter
-    def segmenter(self, net):
-        """Run an in-memory network (fine-tuning, retraining): PyTorch runtime only."""
-        if self.runtime != "torch":
-            raise ValueError("an in-memory segmenter needs runtime='torch'")
-        self.runner._net = net
+        from .inference import select_device
 
-    # ------------------------------------------------------------------------------------
+        if runtime not in (None, "auto", "torch"):
+            raise InputError(f"model {self.card.id} ({self.architecture}) runs on the torch runtime only, not {runtime!r}")
+        self.runtime = "torch"
+        self.device, self.messages = select_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.load_networks()
+
+    def load_networks(self) -> None:
+        raise NotImplementedError
+
     def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
         """Foreground probability on the canonical input grid, and stage timings."""
-        timings = {}
-        t = time.perf_counter()
-        box = body_box(canonical_hu, spacing)
-        crop = canonical_hu[box.slices]
-        shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
-        x = hu_windows(resize_linear(crop, shape), self.seg_cfg["hu_windows"])
-        timings["preprocess"] = time.perf_counter() - t
-        _report(progress, "preprocess", 1.0)
-        t = time.perf_counter()
-        def infer(xx):
-            return self.runner.probability(xx, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
+        raise NotImplementedError
 
-        if self.gate is None:
-            prob_model = infer(x)
-        else:  # cascade gate: the segmenter runs only on the slabs the gate lets through
-            prob_model, self.gate_info = self.gate.apply(x, infer)
-        self.used_device = self.runner.used_device
-        prob = np.zeros(canonical_hu.shape, dtype=np.float32)
-        prob[box.slices] = resize_linear(prob_model, crop.shape)
-        timings["inference"] = time.perf_counter() - t
-        return prob, timings
+    def cluster_scores(self, labels: np.ndarray, stats, measures, patches, feats) -> tuple[np.ndarray, np.ndarray | None]:
+        """Confidence per cluster (the patch classifier's, else the mean probability) and the
+        classifier embedding used for the lesion OOD score (one encoder pass gives both)."""
+        if stats and self.classifier is not None:
+            logit, embedding = self.classifier.logits_and_embedding(np.stack(patches), feature_matrix(feats))
+            return 1.0 / (1.0 + np.exp(-logit / self.classifier.temperature)), embedding
+        return np.array([m["mean_probability"] for m in measures]), None
 
     def segment(
         self,
@@ -166,12 +184,13 @@ class Engine:
         keep_patches: bool = False,
         keep_probability: bool = False,
         prob_threshold: float | None = None,
+        min_size_mm3: float | None = None,
     ) -> SegmentationResult:
         """Clusters, measurements, patches and confidences from a canonical probability map."""
         timings = dict(timings)
         prob_threshold = self.prob_threshold if prob_threshold is None else prob_threshold
         t = time.perf_counter()
-        labels, stats = find_clusters(prob, prob_threshold, sp, self.min_size_mm3)
+        labels, stats = find_clusters(prob, prob_threshold, sp, self.min_size_mm3 if min_size_mm3 is None else min_size_mm3)
         n = len(stats)
         timings["clusters"] = time.perf_counter() - t
         _report(progress, "clusters", 1.0)
@@ -186,12 +205,7 @@ class Engine:
             measures.append(m)
             patches.append(adaptive_patch(hu, prob, labels, c, sp))
             _report(progress, "confidence", (i + 1) / (len(stats) + 1))
-        embedding = None
-        if stats and self.classifier is not None:  # one encoder pass: confidence and OOD embedding
-            logit, embedding = self.classifier.logits_and_embedding(np.stack(patches), feature_matrix(feats))
-            conf = 1.0 / (1.0 + np.exp(-logit / self.classifier.temperature))
-        else:  # no classifier in this model: the mean probability is the confidence
-            conf = np.array([m["mean_probability"] for m in measures])
+        conf, embedding = self.cluster_scores(labels, stats, measures, patches, feats)
         ood, ood_lesion = self.ood_scores(hu, sp, embedding)
         if ood is not None:
             conf = self.ood.apply(conf, ood["scan_score"])
@@ -246,6 +260,54 @@ class Engine:
         score = self.ood.scan_score(scan_descriptor(hu, sp))
         per = self.ood.lesion_scores(embedding) if embedding is not None and len(embedding) else None
         return {"scan_score": score, "warning": self.ood.warning(score), "domain": self.ood.domain}, per
+
+
+class ClcsEngine(Engine):
+    """CLCS: a dense segmenter over sliding windows at the model spacing, on the fastest runtime."""
+
+    architecture = "clcs"
+
+    def setup_networks(self, device: str, runtime: str | None, threads: int | None) -> None:
+        self.seg_cfg = self.card.part("segmenter")
+        # runtime: auto (OpenVINO > ONNX Runtime > torch), openvino, onnxruntime or torch; see engine/runtime
+        self.runner = Segmenter(self.card, device, runtime, threads)
+        self.runtime, self.device, self.messages = self.runner.runtime, self.runner.device, self.runner.messages
+
+    @property
+    def segmenter(self):
+        """The segmenter as a PyTorch module (built on first use; the ONNX runtimes do not need it)."""
+        return self.runner.net
+
+    @segmenter.setter
+    def segmenter(self, net):
+        """Run an in-memory network (fine-tuning, retraining): PyTorch runtime only."""
+        if self.runtime != "torch":
+            raise ValueError("an in-memory segmenter needs runtime='torch'")
+        self.runner._net = net
+
+    def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
+        timings = {}
+        t = time.perf_counter()
+        box = body_box(canonical_hu, spacing)
+        crop = canonical_hu[box.slices]
+        shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
+        x = hu_windows(resize_linear(crop, shape), self.seg_cfg["hu_windows"])
+        timings["preprocess"] = time.perf_counter() - t
+        _report(progress, "preprocess", 1.0)
+        t = time.perf_counter()
+
+        def infer(xx):
+            return self.runner.probability(xx, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
+
+        if self.gate is None:
+            prob_model = infer(x)
+        else:  # cascade gate: the segmenter runs only on the slabs the gate lets through
+            prob_model, self.gate_info = self.gate.apply(x, infer)
+        self.used_device = self.runner.used_device
+        prob = np.zeros(canonical_hu.shape, dtype=np.float32)
+        prob[box.slices] = resize_linear(prob_model, crop.shape)
+        timings["inference"] = time.perf_counter() - t
+        return prob, timings
 
 
 def _confidence_model(card: ModelCard, runtime: str, threads: int | None):

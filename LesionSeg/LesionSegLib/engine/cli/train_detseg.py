@@ -1,0 +1,44 @@
+"""``lesionseg train-detseg -o MODEL_DIR``: train both DetSeg3D stages and write the model card.
+
+Runs :mod:`..learn.train_detseg` for the detector and the RoI segmenter (one after the other,
+or side by side as two processes with ``--parallel``), then :mod:`..learn.detseg_card`
+(detector-score temperature on the training cases, both confidence sources scored on
+STS_034-041, metrics and sha256 in the card).  Long-running: run it with ``nohup``.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cmd_train_detseg(args) -> int:
+    from ..learn.jobs import python_executable
+
+    run = Path(args.run or (Path(args.output).parent / (Path(args.output).name + "-run")))
+    base = [python_executable(), "-u", "-m"]
+    stage = lambda s, m: base + ["LesionSegLib.engine.learn.train_detseg", "--stage", s, "-o", str(run),  # noqa: E731
+                                 "--minutes", str(m), "--threads", str(args.threads)]
+    jobs = [stage("detector", args.detector_minutes), stage("roi", args.roi_minutes)]
+    if args.parallel:
+        procs = [subprocess.Popen(j) for j in jobs]
+        codes = [p.wait() for p in procs]
+    else:
+        codes = [subprocess.call(j) for j in jobs]
+    if any(codes):
+        print(f"error: stage training failed (exit codes {codes})", file=sys.stderr)
+        return 1
+    return subprocess.call(base + ["LesionSegLib.engine.learn.detseg_card", "--run", str(run), "-o", args.output,
+                                   "--name", args.name, "--threads", str(args.threads)])
+
+
+def register(sub) -> None:
+    sp = sub.add_parser("train-detseg", help="train a DetSeg3D model (detector + RoI segmenter) on STS_001-033 (long-running)")
+    sp.add_argument("-o", "--output", required=True, help="model folder to write (card.json + weights)")
+    sp.add_argument("--name", default="sts-detseg")
+    sp.add_argument("--run", default=None, help="folder for the stage weights and logs (default: OUTPUT-run)")
+    sp.add_argument("--detector-minutes", type=float, default=30.0)
+    sp.add_argument("--roi-minutes", type=float, default=34.0)
+    sp.add_argument("--parallel", action="store_true", help="train the two stages side by side (two processes)")
+    sp.add_argument("--threads", type=int, default=1)
+    sp.set_defaults(func=cmd_train_detseg)

@@ -1,0 +1,121 @@
+"""The DetSeg3D engine: coarse anchor-free detection, then one fixed-size RoI segmentation per box.
+
+    Engine("sts-detseg").segment(image)        # Engine dispatches on the card's architecture
+
+Stage 1 runs the detector once over the body box on the coarse grid, keeps heatmap peaks above
+a low threshold and removes duplicates with 3D NMS.  Stage 2 samples each box's RoI (with
+context, at the lesion's own scale), runs the RoI U-Net on batches of RoIs and pastes the
+probabilities back onto the canonical input grid (maximum where RoIs overlap).  From there the
+shared CLCS machinery makes clusters, measurements, patches and the confidence, so the CSV,
+segments, colours, review, feedback and retraining are the same as for ``clcs`` models.
+
+Confidence (``confidence_source`` in the card): ``classifier`` (the patch classifier on each
+stage-2 cluster, as CLCS) or ``detector`` (the best temperature-calibrated detector score of
+the boxes whose centre falls in the cluster, else of the nearest box).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..io.preprocess import body_box
+from ..segment.pipeline import Engine, _check, _report
+from .boxes import decode, nms
+from .inputs import grid_over, roi_input
+from .networks import build_detector, build_roi_segmenter, detector_divisor
+from .roi import paste_max, roi_for_box
+
+ROI_BATCH = 4
+
+
+class DetSegEngine(Engine):
+    architecture = "detseg"
+
+    def load_networks(self) -> None:
+        self.det_cfg = self.card.part("detector")
+        self.roi_cfg = self.card.part("roi_segmenter")
+        self.detector = self.card.load_into("detector", build_detector(self.det_cfg["network"])).eval()
+        self.roi_net = self.card.load_into("roi_segmenter", build_roi_segmenter(self.roi_cfg["network"])).eval()
+        self.confidence_source = self.card.data.get("confidence_source", "classifier")
+        self.last_detections = np.zeros((0, 8))
+
+    # ------------------------------------------------------------------------------ stage 1
+    @torch.inference_mode()
+    def detect(self, hu: np.ndarray, spacing, lo=None, hi=None) -> np.ndarray:
+        """Detections ``(N, 8)`` on the canonical array (box mm, calibrated score, raw logit),
+        best first, over array voxels ``[lo, hi)`` (default: the body box)."""
+        if lo is None:
+            box = body_box(hu, spacing)
+            lo, hi = box.lo, box.hi
+        cfg = self.det_cfg
+        grid = grid_over(lo, hi, spacing, cfg["grid_spacing_zyx"], detector_divisor(cfg["network"]))
+        x = torch.from_numpy(grid.sample(hu, spacing, cfg["hu_windows"]))[None]
+        out = self.detector(x.to(self.device))[0].float().cpu().numpy()
+        dets = decode(out, grid.origin, grid.spacing, float(cfg.get("threshold", 0.1)), int(cfg.get("max_detections", 32)))
+        dets = nms(dets, float(cfg.get("nms_iou", 0.25)))
+        if len(dets):
+            dets[:, 6] = 1.0 / (1.0 + np.exp(-dets[:, 7] / float(cfg.get("temperature", 1.0))))
+        return dets
+
+    # ------------------------------------------------------------------------------ stage 2
+    @torch.inference_mode()
+    def segment_boxes(self, hu: np.ndarray, spacing, boxes, target: np.ndarray, cancel=None, progress=None) -> list:
+        """Segment the RoI of each box and paste its probability into ``target`` (max); returns the RoIs."""
+        cfg = self.roi_cfg
+        rois = [roi_for_box(b, spacing, cfg["roi_shape"], cfg.get("context")) for b in boxes]
+        for i in range(0, len(rois), ROI_BATCH):
+            _check(cancel)
+            chunk = rois[i : i + ROI_BATCH]
+            x = torch.from_numpy(np.stack([roi_input(hu, r, cfg["hu_windows"]) for r in chunk]))
+            p = torch.sigmoid(self.roi_net(x.to(self.device)).float()).cpu().numpy()[:, 0]
+            for r, pr in zip(chunk, p):
+                paste_max(target, pr, r)
+            if progress is not None:
+                progress(min(1.0, (i + len(chunk)) / len(rois)))
+        return rois
+
+    def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
+        timings = {}
+        t = time.perf_counter()
+        dets = self.detect(canonical_hu, spacing)
+        self.last_detections = dets
+        timings["detect"] = time.perf_counter() - t
+        _report(progress, "detect", 1.0)
+        t = time.perf_counter()
+        prob = np.zeros(canonical_hu.shape, dtype=np.float32)
+        self.segment_boxes(canonical_hu, spacing, dets[:, :6], prob, cancel,
+                           (lambda f: _report(progress, "roi_segmentation", f)) if progress else None)
+        timings["roi_segmentation"] = time.perf_counter() - t
+        self.used_device = self.device
+        return prob, timings
+
+    # ------------------------------------------------------------------------------ confidence
+    def cluster_scores(self, labels: np.ndarray, stats, measures, patches, feats):
+        if self.confidence_source != "detector":
+            return super().cluster_scores(labels, stats, measures, patches, feats)
+        return detector_confidence(labels, stats, self.last_detections, self._spacing), None
+
+    def lesions_from_probability(self, image, canonical, hu, sp, *args, **kwargs):
+        self._spacing = sp
+        return super().lesions_from_probability(image, canonical, hu, sp, *args, **kwargs)
+
+
+def detector_confidence(labels: np.ndarray, stats, dets: np.ndarray, spacing) -> np.ndarray:
+    """Per cluster: the best score of the detections whose centre voxel lies in it, else the
+    score of the detection whose centre is nearest to the cluster's centroid (0 with none)."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    conf = np.zeros(len(stats))
+    if len(dets) == 0:
+        return conf
+    idx = np.clip(np.round(dets[:, :3] / sp).astype(int), 0, np.asarray(labels.shape) - 1)
+    hit = labels[tuple(idx.T)]
+    for i, c in enumerate(stats):
+        inside = dets[hit == c.label, 6]
+        if len(inside):
+            conf[i] = inside.max()
+        else:
+            d = np.linalg.norm(dets[:, :3] - np.asarray(c.centroid_zyx) * sp, axis=1)
+            conf[i] = dets[int(np.argmin(d)), 6]
+    return conf
