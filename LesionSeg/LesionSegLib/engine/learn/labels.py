@@ -134,17 +134,24 @@ def merge(*parts: TrainingData) -> TrainingData:
     )
 
 
+def segmenter_identity(card) -> tuple | None:
+    """The sha256s of the networks that propose a card's clusters (CLCS: the segmenter; DetSeg3D:
+    detector and RoI segmenter), or None when the card names none."""
+    shas = tuple((card.data.get(k) or {}).get("sha256") for k in ("segmenter", "detector", "roi_segmenter"))
+    return shas if any(shas) else None
+
+
 def compatible_models(store, parent) -> tuple[list[str], dict[str, int]]:
     """Model ids in ``store`` whose segmenter is ``parent``'s (same segmenter sha256), and the
     number of decisions made with each other model (unknown ids count as other)."""
     from .. import models
 
-    seg = (parent.data.get("segmenter") or {}).get("sha256")
+    seg = segmenter_identity(parent)
     registry = {c.id: c for c in models.list_models()}
     keep, other = [], {}
     for mid, counts in store.stats()["by_model"].items():
         card = parent if mid == parent.id else registry.get(mid)
-        if card is not None and seg and (card.data.get("segmenter") or {}).get("sha256") == seg:
+        if card is not None and seg and segmenter_identity(card) == seg:
             keep.append(mid)
         else:
             other[mid] = int(sum(counts.values()))
