@@ -26,7 +26,7 @@ import json
 import numpy as np
 import slicer
 
-from . import mrml
+from . import mrml, volumes
 
 PROPOSALS_ROLE = "LesionSeg.Proposals"
 ATTR_PROPOSALS = "LesionSeg.ProposalInfo"
@@ -51,7 +51,7 @@ def remember_proposals(segmentation_node):
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName(f"{segmentation_node.GetName()} proposals"))
     node.SetHideFromEditors(True)
     node.SetAttribute(ATTR_PROPOSALS, json.dumps(info))
-    node.SetIJKToRASMatrix(mrml._vtk_matrix(mrml.ijk_to_ras(volume)))
+    node.SetIJKToRASMatrix(volumes._vtk_matrix(mrml.ijk_to_ras(volume)))
     slicer.util.updateVolumeFromArray(node, arr.astype(np.uint16))
     segmentation_node.SetNodeReferenceID(PROPOSALS_ROLE, node.GetID())
     return node

@@ -75,7 +75,7 @@ def self_test():
 def load_requirements(path) -> list[Requirement]:
     """Requirements of a pip requirements file (comments, blank lines and ``-`` options skipped)."""
     out = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         line = line.split(" #", 1)[0].strip()
         if not line or line.startswith(("#", "-")):
             continue

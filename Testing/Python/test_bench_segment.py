@@ -29,7 +29,7 @@ def test_benchmark_quick_smoke(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=230)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # stdout is exactly the JSON
-    assert report == json.loads(out.read_text())
+    assert report == json.loads(out.read_text(encoding="utf-8"))
     assert "yardstick inference" in proc.stderr and "ratio" in proc.stderr  # the table
     assert report["command"].endswith("bench_segment.py " + " ".join(cmd[2:]))
 

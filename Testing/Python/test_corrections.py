@@ -175,7 +175,7 @@ def test_import_validates_every_row(tmp_path):
     save(src)
     out = tmp_path / "x.corrections.csv"
     cx.export(src, out)
-    text = out.read_text().splitlines()
+    text = out.read_text(encoding="utf-8").splitlines()
     header = text[0].split(",")
     dst = FeedbackStore(tmp_path / "b.db")
 

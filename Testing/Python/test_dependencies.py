@@ -50,7 +50,11 @@ def deps(slicer_app, monkeypatch):
     monkeypatch.setitem(sys.modules, "slicer.packaging", None)
     monkeypatch.setitem(sys.modules, "slicer.pydeps", None)
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # no PyTorch extension unless a test adds one
-    yield types.SimpleNamespace(d=dependencies, settings=settings, installed=installed, calls=calls, slicer=slicer, monkeypatch=monkeypatch)
+    # a fresh Slicer process: nothing of ours imported yet (this test process imports torch and
+    # MONAI in other tests); test_upgrade_of_an_imported_package_asks_for_a_restart sets its own
+    real_imported = dependencies._imported
+    monkeypatch.setattr(dependencies, "_imported", lambda names: [])
+    yield types.SimpleNamespace(real_imported=real_imported, d=dependencies, settings=settings, installed=installed, calls=calls, slicer=slicer, monkeypatch=monkeypatch)
     slicer_app.reset()
 
 
@@ -81,7 +85,7 @@ def _fake_pytorch_utils(deps):
 
 # ------------------------------------------------------------------------- the one list
 def test_requirements_come_from_the_one_list(deps, tmp_path):
-    lines = [ln.split("#")[0].strip() for ln in (REPO / "LesionSeg" / "LesionSegLib" / "requirements.txt").read_text().splitlines()]
+    lines = [ln.split("#")[0].strip() for ln in (REPO / "LesionSeg" / "LesionSegLib" / "requirements.txt").read_text(encoding="utf-8").splitlines()]
     listed = {str(deps.d.Requirement(ln)).split("[")[0] for ln in lines if ln}
     reqs = {r.name: r for r in deps.d.requirements()}
     assert {r.name for r in deps.d.requirements()} == {deps.d.Requirement(x).name for x in listed}
@@ -91,10 +95,14 @@ def test_requirements_come_from_the_one_list(deps, tmp_path):
     optional = {r.name for r in deps.d.requirements(optional=True)} - set(reqs)
     assert optional == {"highdicom", "pydicom"}
     # pyproject.toml reads the same files (dynamic dependencies and extras)
-    pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'dependencies = { file = ["LesionSeg/LesionSegLib/requirements.txt"] }' in pyproject
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert ('dependencies = { file = ["LesionSeg/LesionSegLib/requirements.txt", '
+            '"LesionSeg/LesionSegLib/requirements-runtime.txt"] }') in pyproject
+    # the fast runtimes are pip dependencies, but optional (best effort) in Slicer
+    runtimes = {r.name for r in deps.d.load_requirements(deps.d.RUNTIME_REQUIREMENTS_FILE)}
+    assert runtimes == {"openvino", "onnxruntime", "onnx"} and not runtimes & set(reqs)
     assert 'optional-dependencies.dicom = { file = ["LesionSeg/LesionSegLib/requirements-dicom.txt"] }' in pyproject
-    assert "trame-slicer[standalone]==2.0.0" in (REPO / "Testing" / "requirements-test.txt").read_text()
+    assert "trame-slicer[standalone]==2.0.0" in (REPO / "Testing" / "requirements-test.txt").read_text(encoding="utf-8")
     bad = tmp_path / "requirements.txt"
     bad.write_text("# comment\nmonai>=>1\n")
     with pytest.raises(ValueError, match=r"requirements.txt:2: bad requirement"):
@@ -196,6 +204,7 @@ def test_upgrade_of_an_imported_package_asks_for_a_restart(deps):
     deps.installed.update({"scipy": "1.10.0"})  # scipy is imported in this process already
     import scipy  # noqa: F401
 
+    deps.monkeypatch.setattr(deps.d, "_imported", deps.real_imported)
     result = deps.d.install(deps.d.check())
     assert result.restart_required and "scipy" in result.message
 

@@ -45,7 +45,7 @@ def test_two_process_gloo_training_writes_one_checkpoint(tmp_path, monkeypatch, 
                    "--minutes", "20", "--", "--batch", "1", "--ema", "0", "--roi", "32", "64", "64"])
     assert rc == 0, capsys.readouterr().err
     assert sorted(f.name for f in out.iterdir()) == ["segmenter.json", "segmenter.safetensors"]
-    training = json.loads((out / "segmenter.json").read_text())["training"]
+    training = json.loads((out / "segmenter.json").read_text(encoding="utf-8"))["training"]
     assert (training["processes"], training["backend"], training["steps"]) == (2, "gloo", 2)
     assert len(training["loss_per_step"]) == 2 and all(math.isfinite(v) and v > 0 for v in training["loss_per_step"])
     from safetensors import safe_open

@@ -285,7 +285,7 @@ def test_missing_or_mismatched_table(tmp_path):
     write_gt(tmp_path / "gt", "T", gt)
     write_pred(tmp_path / "pred", "T", gt, [0.9])
     table = tmp_path / "pred" / "T_lesions.csv"
-    rows = table.read_text()
+    rows = table.read_text(encoding="utf-8")
     table.unlink()
     with pytest.raises(InputError, match="T_lesions.csv is missing"):
         run_eval(tmp_path)
@@ -333,9 +333,9 @@ def test_cli_writes_report_files(tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = sitk.ReadImage(str(out / png))
         assert min(img.GetSize()[:2]) >= 400
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert rep["summary"]["cpm"] == pytest.approx(3.75 / 7)
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     assert "![FROC](froc.png)" in md and "| A |" in md and "0.536" in md
     # errors: exit code 2 and a message naming the file
     bad = _parser().parse_args(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "nowhere")])
@@ -373,7 +373,7 @@ def test_real_case_segment_then_evaluate(tmp_path, capsys):
     gt_dir = c.image.parent.parent  # the whole sts folder: other cases are listed as unpredicted
     rep_dir = tmp_path / "report"
     assert cli.main(["evaluate", "--pred", str(out), "--gt", str(gt_dir), "-o", str(rep_dir), "--cases", "STS_035"]) == 0, capsys.readouterr().err
-    rep = json.loads((rep_dir / "report.json").read_text())
+    rep = json.loads((rep_dir / "report.json").read_text(encoding="utf-8"))
     for name in report_mod.REPORT_FILES:
         assert (rep_dir / name).stat().st_size > 0
     s = rep["summary"]

@@ -150,7 +150,7 @@ def test_registered_segmenter_card_holds_its_own_data_and_validation(tmp_path, u
 def test_a_folder_in_the_working_directory_never_shadows_a_model_name(tmp_path, user_models, shipped, monkeypatch):
     fake = tmp_path / "cwd" / models.DEFAULT_MODEL
     shutil.copytree(shipped.folder, fake)
-    data = json.loads((fake / "card.json").read_text())
+    data = json.loads((fake / "card.json").read_text(encoding="utf-8"))
     data["version"] = "6.6.6"
     (fake / "card.json").write_text(json.dumps(data))
     monkeypatch.chdir(tmp_path / "cwd")
@@ -167,7 +167,7 @@ def test_card_file_paths_are_confined_to_the_model_folder(tmp_path, shipped, bad
     folder = tmp_path / "m"
     shutil.copytree(shipped.folder, folder)
     (folder / "link.safetensors").symlink_to(shipped.weights_path("classifier"))
-    data = json.loads((folder / "card.json").read_text())
+    data = json.loads((folder / "card.json").read_text(encoding="utf-8"))
     data["classifier"]["file"] = bad
     (folder / "card.json").write_text(json.dumps(data))
     card = models.read_card(folder)
@@ -203,4 +203,4 @@ def test_explicit_output_folder_and_default_name(tmp_path, user_models, shipped)
     (tmp_path / "full" / "x").write_text("keep")
     with pytest.raises(RetrainError, match="exists and is not empty"):
         resolve_output(shipped, str(tmp_path / "full"))
-    assert (tmp_path / "full" / "x").read_text() == "keep"
+    assert (tmp_path / "full" / "x").read_text(encoding="utf-8") == "keep"

@@ -138,7 +138,7 @@ def test_retrain_on_real_features_writes_a_new_version(review_db, base_model, us
     assert res.oof["labels"].shape == res.oof["new"].shape == res.oof["old"].shape
     assert (card.folder / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert steps[-1][0] == 1.0 and all(a[0] <= b[0] for a, b in zip(steps, steps[1:]))
-    json.loads((card.folder / "card.json").read_text())
+    json.loads((card.folder / "card.json").read_text(encoding="utf-8"))
 
     # the new model runs in the engine, with different confidences than its parent
     from LesionSegLib.engine.segment.classifier import ConfidenceModel

@@ -153,7 +153,7 @@ def test_cache_is_next_to_a_user_model_and_keyed_by_the_weights(user_model):
     _, notes = onnx_segmenter(user_model, "onnxruntime")
     sha = user_model.part("segmenter")["sha256"]
     onnx = user_model.folder / export.CACHE_DIR / f"segmenter-{sha[:16]}.onnx"
-    manifest = json.loads(onnx.with_suffix(".json").read_text())
+    manifest = json.loads(onnx.with_suffix(".json").read_text(encoding="utf-8"))
     assert notes == [] and manifest["source_sha256"] == sha
     assert manifest["onnx_sha256"] == export.sha256_file(onnx)
     # the shipped model is read-only in place: its cache goes to the user model folder
@@ -179,12 +179,12 @@ def test_cache_invalidated_when_the_weights_change(user_model):
     # a manifest that names other weights under the current key is refused too
     sha = card.part("classifier")["sha256"]
     manifest_path = card.folder / export.CACHE_DIR / f"classifier-{sha[:16]}.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     manifest["source_sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     model3 = OnnxConfidenceModel(card, "onnxruntime")
     assert any("made from other weights" in n for n in model3.notes)
-    assert json.loads(manifest_path.read_text())["source_sha256"] == sha
+    assert json.loads(manifest_path.read_text(encoding="utf-8"))["source_sha256"] == sha
 
 
 def test_tampered_onnx_cache_is_refused(user_model):

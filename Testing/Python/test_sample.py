@@ -23,7 +23,7 @@ def test_sample_files_licence_and_checksum():
     total = sum(p.stat().st_size for p in SAMPLE_DIR.rglob("*") if p.is_file())
     assert total < 1_000_000  # well under 1 MB, the one exception to "no data in the repository"
     assert sampledata.sha256(image) == sampledata.SAMPLE_SHA256
-    attribution = (SAMPLE_DIR / "ATTRIBUTION.md").read_text()
+    attribution = (SAMPLE_DIR / "ATTRIBUTION.md").read_text(encoding="utf-8")
     assert "CC BY 3.0" in attribution and "https://creativecommons.org/licenses/by/3.0/" in attribution
     assert "10.7937/K9/TCIA.2015.7GO2GSKS" in attribution and sampledata.SAMPLE_SHA256 in attribution
     assert "validation" in attribution  # not a case the model was trained on

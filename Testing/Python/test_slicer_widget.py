@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -272,9 +273,16 @@ def test_result_selector_and_saved_scene(harness, widget, slicer_app, tmp_path):
     w.parent.activateWindow()
     _key(w, Qt.Key_N)
     current = w.currentLesion
-    _key(w, Qt.Key_A)
+    got = []
+    sink = types.SimpleNamespace(record=got.append)  # the sinks (feedback store) get full decisions
+    w.logic.recorder.add_sink(sink)
+    try:
+        _key(w, Qt.Key_A)
+    finally:
+        w.logic.recorder.remove_sink(sink)
     assert mrml.review_state(seg, current) == "accepted"
-    assert w.logic.recorder.log[-1].patch is not None  # the patch came back with the scene
+    assert got and got[-1].patch is not None  # the patch came back with the scene
+    assert w.logic.recorder.log[-1].patch is None  # the session log keeps none (bounded memory, R6)
 
 
 def _result_of(seg, volume):
@@ -437,5 +445,5 @@ def test_module_metadata_and_i18n(harness):
     assert parent.title == "LesionSeg" and parent.categories == ["Segmentation"]
     assert parent.contributors == ["LesionSeg developers"]
     assert "confidence" in parent.helpText and "CC BY 3.0" in parent.acknowledgementText
-    source = (MODULE_DIR / "LesionSeg.py").read_text()
+    source = (MODULE_DIR / "LesionSeg.py").read_text(encoding="utf-8")
     assert "from slicer.i18n import tr as _" in source and 'translate("qSlicerAbstractCoreModule", "Segmentation")' in source

@@ -183,12 +183,14 @@ def test_review_statistics_retrain_activate_rollback(widget):
 def test_failed_retrain_shows_summary_and_log(widget, monkeypatch):
     import slicer
 
+    from LesionSegLib.engine import models
     from LesionSegLib.engine.feedback import FeedbackStore
 
     shown = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append((text, kw)))
+    base = models.get_card(None).id  # decisions of another segmenter are left out (R7)
     with FeedbackStore(widget.tmp / "feedback.db") as store:
-        store.record_many([td.synthetic_decision(i, "rejected") for i in range(25)])  # one class only
+        store.record_many([td.synthetic_decision(i, "rejected", model_id=base) for i in range(25)])  # one class only
     widget.ui.openDatabaseButton.click()
     widget.ui.retrainButton.click()
     wait_for(lambda: widget.retrainJob is None)

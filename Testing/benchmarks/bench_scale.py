@@ -130,7 +130,7 @@ def bench_train(work: Path, steps: int) -> dict:
     for nproc, batch in ((1, 2), (2, 1)):
         dest = work / f"train{nproc}"
         wall, _ = run([*mod, "-o", str(dest), "--batch", str(batch), "--nproc", str(nproc), *common], work / f"train{nproc}.log")
-        t = json.loads((dest / "segmenter.json").read_text())["training"]
+        t = json.loads((dest / "segmenter.json").read_text(encoding="utf-8"))["training"]
         out[f"nproc_{nproc}"] = {
             "command": f"python -m LesionSegLib.engine.learn.train_seg --nproc {nproc} --batch {batch} " + " ".join(common),
             "wall_s": round(wall, 1), "train_minutes": t["minutes"], "threads_per_process": t["threads"],
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="training steps per run")
     ap.add_argument("--json", default=None, help="write (merge into) this JSON file")
     args = ap.parse_args(argv)
-    result = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    result = json.loads(Path(args.json).read_text(encoding="utf-8")) if args.json and Path(args.json).exists() else {}
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "python": platform.python_version(), "gpu": None,
                          "note": "shared 2-core development machine: other helpers' jobs ran at the same time, "

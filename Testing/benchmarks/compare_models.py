@@ -245,15 +245,15 @@ def main(argv=None) -> int:
            "confidence_threshold": CONF, "models": []}
     prev = out / "compare.json"
     if prev.exists():  # parts not rerun keep their earlier figures
-        old = {m["model"]: m for m in json.loads(prev.read_text()).get("models", [])}
-        rep["yardstick"] = json.loads(prev.read_text()).get("yardstick")
+        old = {m["model"]: m for m in json.loads(prev.read_text(encoding="utf-8")).get("models", [])}
+        rep["yardstick"] = json.loads(prev.read_text(encoding="utf-8")).get("yardstick")
     else:
         old = {}
     for model in args.models:
         base, gate = split_spec(model)
         try:
             card = get_card(base)
-            gate_part = json.loads((Path(gate) / "gate.json").read_text()) if gate else card.data.get("gate")
+            gate_part = json.loads((Path(gate) / "gate.json").read_text(encoding="utf-8")) if gate else card.data.get("gate")
         except (ModelError, OSError) as exc:
             rep["models"].append({"model": model, "missing": str(exc).split(";")[0]})
             continue
@@ -309,7 +309,7 @@ def write(rep: dict, out: Path) -> int:
 
 def merge(paths, out: Path, argv) -> int:
     """One report from several runs (models in the order given; the last run of a model wins)."""
-    reps = [json.loads(Path(p).read_text()) for p in paths]
+    reps = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
     models: dict[str, dict] = {}
     for r in reps:
         for m in r["models"]:  # parts measured in different runs are combined; a part measured twice: the later run

@@ -239,7 +239,7 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     if not p.exists():
         raise ModelError(f"no model card at {p}")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"model card {p} is not valid JSON: {exc}") from None
     if "name" not in data:
@@ -286,7 +286,7 @@ def read_active_state() -> dict:
     if not f.exists():
         return state
     try:
-        data = json.loads(f.read_text())
+        data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{f} is not valid JSON ({exc}); fix or delete it to reset to the default model") from None
     if not isinstance(data, dict):

@@ -173,7 +173,7 @@ def check_complete(outdir: str | os.PathLike, case: Case, model: str, threshold:
     if not path.is_file():
         return False, "not done yet", {}
     try:
-        marker = json.loads(path.read_text())
+        marker = json.loads(path.read_text(encoding="utf-8"))
         outputs = dict(marker["outputs"])
     except (OSError, ValueError, KeyError, TypeError):
         return False, "its done-marker is unreadable", {}

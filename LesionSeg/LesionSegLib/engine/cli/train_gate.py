@@ -2,9 +2,31 @@
 from __future__ import annotations
 
 
-def register(sub) -> None:
-    from ..gate.train import add_arguments, run
+def add_arguments(ap) -> None:
+    ap.add_argument("-o", "--output", required=True, help="gate folder (gate.json + gate.safetensors)")
+    ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget")
+    ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--train", nargs="*", default=None, help="training cases (default STS_001-033)")
+    ap.add_argument("--val", nargs="*", default=None, help="calibration cases (default STS_034-041)")
+    ap.add_argument("--extra-cases", nargs="*", default=[], help="further training cases from the manifest, e.g. lung2")
+    ap.add_argument("--slab", type=int, default=8, help="slab thickness in model-grid voxels")
+    ap.add_argument("--margin", type=int, default=8, help="context voxels added on each side of an open run")
+    ap.add_argument("--min-recall", type=float, default=0.95)
+    ap.add_argument("--min-voxels", type=int, default=1, help="lesion voxels that make a slab positive")
+    ap.add_argument("--model", default="sts-clcs", help="the model whose preprocessing (spacing, HU windows) the gate uses")
+    ap.add_argument("--attach", default=None, metavar="MODEL", help="also write a model card: MODEL + this gate")
+    ap.add_argument("--card-out", default=None, metavar="DIR", help="folder of that card (with --attach)")
+    ap.add_argument("--name", default=None, help="name of that card (default MODEL-gated)")
+    ap.add_argument("--seed", type=int, default=0)
 
+
+def _run(args) -> int:
+    from ..gate.train import run  # torch and MONAI only when the command runs
+
+    return run(args)
+
+
+def register(sub) -> None:
     sp = sub.add_parser("train-gate", help="train the cascade gate (slab classifier) and calibrate it for >= 95%% recall")
     add_arguments(sp)
-    sp.set_defaults(func=run)
+    sp.set_defaults(func=_run)

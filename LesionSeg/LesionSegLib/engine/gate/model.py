@@ -144,7 +144,7 @@ def load_gate(spec, card=None) -> Gate | None:
         return Gate.from_part(card) if card is not None and "gate" in card.data else None
     p = Path(spec) / GATE_JSON if Path(spec).is_dir() else Path(spec)
     try:
-        part = json.loads(p.read_text())
+        part = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelError(f"no gate at {spec} (expected a folder with {GATE_JSON} or a gate.json file)") from None
     except (OSError, json.JSONDecodeError) as exc:

@@ -97,27 +97,11 @@ def case_scores(net, x, slab) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    from ..cli.train_gate import add_arguments
+
     ap = argparse.ArgumentParser(prog="lesionseg train-gate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     return run(ap.parse_args(argv))
-
-
-def add_arguments(ap) -> None:
-    ap.add_argument("-o", "--output", required=True, help="gate folder (gate.json + gate.safetensors)")
-    ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget")
-    ap.add_argument("--max-steps", type=int, default=0)
-    ap.add_argument("--train", nargs="*", default=None, help="training cases (default STS_001-033)")
-    ap.add_argument("--val", nargs="*", default=None, help="calibration cases (default STS_034-041)")
-    ap.add_argument("--extra-cases", nargs="*", default=[], help="further training cases from the manifest, e.g. lung2")
-    ap.add_argument("--slab", type=int, default=8, help="slab thickness in model-grid voxels")
-    ap.add_argument("--margin", type=int, default=8, help="context voxels added on each side of an open run")
-    ap.add_argument("--min-recall", type=float, default=0.95)
-    ap.add_argument("--min-voxels", type=int, default=1, help="lesion voxels that make a slab positive")
-    ap.add_argument("--model", default="sts-clcs", help="the model whose preprocessing (spacing, HU windows) the gate uses")
-    ap.add_argument("--attach", default=None, metavar="MODEL", help="also write a model card: MODEL + this gate")
-    ap.add_argument("--card-out", default=None, metavar="DIR", help="folder of that card (with --attach)")
-    ap.add_argument("--name", default=None, help="name of that card (default MODEL-gated)")
-    ap.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
@@ -217,7 +201,7 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     for key in ("segmenter", "classifier"):
         if key in data:
             shutil.copyfile(base.verified_path(key), card_out / data[key]["file"])
-    part = json.loads((gate_dir / GATE_JSON).read_text())
+    part = json.loads((gate_dir / GATE_JSON).read_text(encoding="utf-8"))
     if (gate_dir / part["file"]).resolve() != (card_out / part["file"]).resolve():
         shutil.copyfile(gate_dir / part["file"], card_out / part["file"])
     data["gate"] = part

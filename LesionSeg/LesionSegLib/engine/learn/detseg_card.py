@@ -43,7 +43,7 @@ def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str
             "postprocess": {"prob_threshold": 0.5, "min_size_mm3": 100.0}, "confidence_threshold": 0.5,
             "confidence_source": "classifier"}
     for stage, src in zip(STAGES, ("detector", "roi")):
-        part = json.loads((run / f"{src}.json").read_text())
+        part = json.loads((run / f"{src}.json").read_text(encoding="utf-8"))
         fname = f"{stage}.safetensors"
         shutil.copy(run / part["file"], out / fname)
         part["file"], part["sha256"] = fname, sha256_file(out / fname)

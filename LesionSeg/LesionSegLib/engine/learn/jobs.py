@@ -324,7 +324,7 @@ def register_segmenter(seg_dir: str | os.PathLike, base_model: str | None, outpu
     if not cfg_path.exists():
         raise TrainingJobError(f"{seg_dir} has no segmenter.json (did the training finish?)")
     try:
-        seg_cfg = json.loads(cfg_path.read_text())
+        seg_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         weights = models.confined(seg_dir, seg_cfg["file"], "segmenter file")
         blob = weights.read_bytes()
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -70,7 +70,7 @@ def fit_card(model: str | None = None, cases=None, cluster_cases: int = 12) -> s
     from ..segment.pipeline import Engine
 
     card = get_card(model)
-    engine = Engine(card, device="cpu", runtime="torch")
+    engine = Engine(card, device="cpu")
     names = cases or dataset.STS_TRAIN
     by_name = {c.name: c for c in dataset.cases()}
     images = [read_image(by_name[n].image) for n in names]

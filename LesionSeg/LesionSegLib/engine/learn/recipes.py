@@ -96,7 +96,7 @@ def segmenter_card(seg_dir, out_dir, name: str, description: str, version: str =
     from ..models import ModelCard, sha256_file
 
     seg_dir, out_dir = Path(seg_dir), Path(out_dir)
-    seg = json.loads((seg_dir / "segmenter.json").read_text())
+    seg = json.loads((seg_dir / "segmenter.json").read_text(encoding="utf-8"))
     training = seg.pop("training", {})
     if sha256_file(seg_dir / seg["file"]) != seg["sha256"]:
         raise ValueError(f"{seg_dir / seg['file']} does not match the sha256 in segmenter.json")

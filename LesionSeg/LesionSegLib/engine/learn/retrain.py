@@ -148,7 +148,7 @@ def retrain(
         from ..segment.pipeline import Engine
 
         find_gt_cases(include_gt)  # fail fast on a bad folder
-        engine = Engine(parent, device=device, runtime="torch")
+        engine = Engine(parent, device=device)
         parts.append(from_ground_truth(include_gt, engine, gt_cases, span(progress, 0.02, 0.4), cancel, gt_prob_thresholds))
     try:
         data = merge(*parts)

@@ -207,10 +207,10 @@ def _git_commit() -> dict:
 def read_segmenter(src: Path) -> tuple[dict, dict, Path]:
     """``(segmenter section, its training record, weights file)`` of a train_seg folder or a model folder."""
     if (src / "segmenter.json").exists():
-        cfg = json.loads((src / "segmenter.json").read_text())
+        cfg = json.loads((src / "segmenter.json").read_text(encoding="utf-8"))
         training = cfg.pop("training", {})
     elif (src / CARD_NAME).exists():
-        card = json.loads((src / CARD_NAME).read_text())
+        card = json.loads((src / CARD_NAME).read_text(encoding="utf-8"))
         cfg = dict(card["segmenter"])
         training = dict(card.get("training", {}).get("segmenter", {}))
     else:

@@ -66,7 +66,7 @@ def check_cache(onnx_path: Path, manifest_path: Path, source_sha: str, spec: dic
     if not onnx_path.exists() or not manifest_path.exists():
         return "missing"
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "unreadable manifest"
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:

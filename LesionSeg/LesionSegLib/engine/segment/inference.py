@@ -33,7 +33,7 @@ def torch_has_cuda_build() -> bool:
     if spec is None or not spec.submodule_search_locations:
         return False
     try:
-        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text(encoding="utf-8")
     except OSError:
         return True  # unknown: let torch answer
     m = re.search(r"^cuda\b[^=\n]*=\s*(\S+)", text, re.M)

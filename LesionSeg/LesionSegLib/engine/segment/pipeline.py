@@ -97,9 +97,11 @@ class Engine:
         self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
         self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
         self.default_threshold = float(self.card.data.get("confidence_threshold", DEFAULT_CONFIDENCE_THRESHOLD))
-        from ..gate.model import load_gate  # cascade gate: the card's, a gate folder, or 'off'
+        self.gate = None  # cascade gate: the card's, a gate folder, or 'off' (torch only when there is one)
+        if gate not in ("off", "none") and (gate is not None or "gate" in self.card.data):
+            from ..gate.model import load_gate
 
-        self.gate = load_gate(gate, self.card)
+            self.gate = load_gate(gate, self.card)
         self.gate_info: dict | None = None
 
     def setup_networks(self, device: str, runtime: str | None, threads: int | None) -> None:
