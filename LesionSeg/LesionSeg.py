@@ -31,7 +31,8 @@ from LesionSegLib import dependencies, mrml, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
 from LesionSegLib.parameters import LesionSegParameterNode
 from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
-from LesionSegLib.widget_support import DependencyInstaller, LogBox, Shortcuts, reload_package, style_color_bar, table_lesion_ids
+from LesionSegLib.widget_support import (DependencyInstaller, LogBox, Shortcuts, reload_package, save_corrections_from_panel,
+                                         style_color_bar, table_lesion_ids)
 
 log = logging.getLogger("LesionSeg")
 
@@ -107,6 +108,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.clicked.connect(lambda *a, d=decision: self.onReview(d))
         self.ui.nextButton.clicked.connect(lambda *a: self.onStep(+1))
         self.ui.previousButton.clicked.connect(lambda *a: self.onStep(-1))
+        self.ui.saveCorrectionsButton.clicked.connect(lambda *a: save_corrections_from_panel(self))
         for button, formats in ((self.ui.exportSegNrrdButton, ("seg.nrrd",)), (self.ui.exportNiftiButton, ("nifti",)),
                                 (self.ui.exportCsvButton, ("csv",)), (self.ui.exportDicomSegButton, ("dicomseg",)),
                                 (self.ui.exportAllButton, ("seg.nrrd", "nifti", "csv", "dicomseg"))):
@@ -281,7 +283,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button in (self.ui.acceptButton, self.ui.rejectButton, self.ui.unsureButton):
             button.setEnabled(haveLesion)
         for button in (self.ui.nextButton, self.ui.previousButton, self.ui.exportSegNrrdButton, self.ui.exportNiftiButton,
-                       self.ui.exportCsvButton, self.ui.exportAllButton):
+                       self.ui.exportCsvButton, self.ui.exportAllButton, self.ui.saveCorrectionsButton):
             button.setEnabled(haveResult)
         self.ui.exportDicomSegButton.setEnabled(haveResult and bool(self.dicomFiles()))
         for widget in (self.ui.inputVolumeSelector, self.ui.modelSelector, self.ui.deviceSelector):
@@ -389,6 +391,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 was = p.StartModify()
                 p.threshold = mrml.get_threshold(node)
                 p.reviewOrder = mrml.get_review_order(node)
+                p.oodWarning = node.GetAttribute(mrml.ATTR_OOD_WARNING) or ""
                 p.EndModify(was)
             volume = mrml.reference_volume(node)
             if volume is not None and getattr(slicer.app, "layoutManager", lambda: None)() is not None:

@@ -97,6 +97,12 @@ class LesionSegLogicCore:
                                                  scene=scene, region=region)
         try:
             table = mrml.create_table_node(seg_node, scene=scene)
+            ood = getattr(result, "ood", None) or {}
+            if ood.get("warning"):  # shown above the lesion table (issue 10: know the domain)
+                seg_node.SetAttribute(mrml.ATTR_OOD_WARNING, ood["warning"])
+            from . import corrections
+
+            corrections.remember_proposals(seg_node)  # what "Save corrections" diffs against
         except Exception:
             mrml.remove_result_nodes(seg_node, scene)
             raise

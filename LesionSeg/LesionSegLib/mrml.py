@@ -45,6 +45,8 @@ from .volumes import (  # noqa: F401 (re-exported: the module's historical API)
 )
 
 #: Segment tag names.
+#: the scan-level out-of-distribution warning of a result (empty: none)
+ATTR_OOD_WARNING = "LesionSeg.OODWarning"
 TAG = {
     "confidence": "LesionSeg.Confidence",
     "lesion_id": "LesionSeg.LesionId",
@@ -128,6 +130,8 @@ def lesion_tags(lesion, model_id: str, review: str = "unreviewed", case_hash: st
         tags[TAG["features"]] = json.dumps({k: round(float(v), 6) for k, v in lesion.features.items()}, sort_keys=True)
     if case_hash:
         tags[TAG["case_hash"]] = case_hash
+    if getattr(lesion, "ood_score", None) is not None:  # "most uncertain first" uses it too
+        tags[TAG["ood_score"]] = f"{lesion.ood_score:.4f}"
     return tags
 
 

@@ -207,3 +207,23 @@ class DependencyInstaller:
             settings.clear_pending_install()
             return True
         return self.install(problems)
+
+
+def save_corrections_from_panel(widget) -> dict | None:
+    """"Save corrections": diff the shown result against the model's proposals (edited, added,
+    deleted and kept lesions) and save them with the image on the model grid into the feedback
+    store, for ``lesionseg finetune``; returns the counts (None when nothing was saved)."""
+    from . import corrections
+
+    seg = widget.segmentationNode
+    if seg is None:
+        return None
+    try:
+        counts = corrections.save_corrections(seg, widget.logic.enable_feedback_store(), reviewer=widget.logic.recorder.reviewer)
+    except Exception as exc:  # a bad edit or a full disk must not crash the panel
+        widget.logBox.show_error(f"Saving corrections failed: {exc}", None)
+        return None
+    text = "corrections saved: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    widget.logBox.append(text, stamp=True)
+    widget.ui.statusLabel.setText(text)
+    return counts

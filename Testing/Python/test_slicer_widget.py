@@ -140,8 +140,9 @@ def test_widget_segment_review_export_screenshot(harness, widget, slicer_app, tm
     assert ui.segmentButton.isEnabled() and ui.segmentButton.text() == "Segment"
     assert not ui.acceptButton.isEnabled()
     assert "qlineargradient" in ui.colorBarLabel.styleSheet()
-    for button in (ui.addLesionButton, ui.saveCorrectionsButton):  # reserved: shown, disabled, the tooltip says why
-        assert button.isVisibleTo(w.parent) and not button.isEnabled() and button.toolTip().startswith("Not available yet")
+    button = ui.addLesionButton  # reserved: shown, disabled, the tooltip says why
+    assert button.isVisibleTo(w.parent) and not button.isEnabled() and button.toolTip().startswith("Not available yet")
+    assert not ui.saveCorrectionsButton.isEnabled()  # no result yet
     assert not ui.oodWarningLabel.isVisibleTo(w.parent)  # reserved: shown when a result has an OOD warning
 
     seen = _segment(w, qt_harness)
@@ -188,6 +189,12 @@ def test_widget_segment_review_export_screenshot(harness, widget, slicer_app, tm
     assert Path(w.logic.feedback_store.path) == tmp_path / "feedback.db"
     assert ui.reviewCounterLabel.text() == f"1 of {len(records)} reviewed"
     assert w.currentLesion == next(i for i in queue[2:] + queue[:1])  # the next unreviewed one after it, wrapping
+
+    # Save corrections: nothing was edited, so every shown proposal is saved as kept, with the image
+    assert ui.saveCorrectionsButton.isEnabled()
+    QTest.mouseClick(ui.saveCorrectionsButton, Qt.LeftButton)
+    assert ui.statusLabel.text().startswith("corrections saved:") and "kept" in ui.statusLabel.text()
+    assert "corrections saved:" in ui.logTextEdit.toPlainText()
 
     # keyboard (installed on enter): R rejects the current lesion, P goes back, U marks unsure
     w.parent.show()
