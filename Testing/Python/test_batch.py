@@ -100,9 +100,10 @@ def _read_events(proc, until, deadline_s=400):
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
 def test_batch_worker_killed_retried_killed_batch_resumed_ctrl_c_clean(tmp_path):
-    # the last case is a whole chest CT: long enough that Ctrl-C reliably lands while it runs
-    names = [*SMALL, "lung1"]
-    man = _manifest(tmp_path, SMALL, [f"lung1,{DATA / 'fullscan' / 'lung1' / 'image.nii.gz'}"])
+    # two small crops, then two whole chest CTs: long enough that the kill of the first run and the
+    # Ctrl-C of the second reliably land while a chest CT runs (a small crop takes about a second)
+    names = [*SMALL[:2], "lung1", "lung2"]
+    man = _manifest(tmp_path, SMALL[:2], [f"{n},{DATA / 'fullscan' / n / 'image.nii.gz'}" for n in ("lung1", "lung2")])
     out = tmp_path / "out"
     p = _batch(man, "-o", out, "--num-workers", "1", start_new_session=True)
     try:
