@@ -98,7 +98,6 @@ def _read_events(proc, until, deadline_s=400):
     raise AssertionError(f"batch ended before the awaited event: {seen}; {proc.stderr.read()}")
 
 
-@pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
 def test_batch_worker_killed_retried_killed_batch_resumed_ctrl_c_clean(tmp_path):
     # two small crops, then two whole chest CTs: long enough that the kill of the first run and the
     # Ctrl-C of the second reliably land while a chest CT runs (a small crop takes about a second)

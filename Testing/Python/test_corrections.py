@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import SimpleITK as sitk
 
@@ -246,7 +246,6 @@ def _writer(db, first, n, mode="run"):
                             stdout=subprocess.PIPE, text=True, env=env)
 
 
-@pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
 def test_sigkill_and_two_writers(tmp_path):
     db = tmp_path / "fb.db"
     FeedbackStore(db).close()
@@ -255,7 +254,7 @@ def test_sigkill_and_two_writers(tmp_path):
     for line in killed.stdout:
         if line.startswith("HANGING"):
             break
-    os.kill(killed.pid, signal.SIGKILL)
+    psutil.Process(killed.pid).kill()  # SIGKILL on POSIX, TerminateProcess on Windows
     killed.wait()
     assert other.wait(timeout=300) == 0
     store = FeedbackStore(db)
