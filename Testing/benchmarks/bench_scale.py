@@ -26,8 +26,8 @@ patches, no EMA, ``--max-steps S``: 1 process with ``--batch 2`` (2 torch thread
 same number of steps, so the same samples seen.  Reported: wall seconds of the whole command,
 training-loop minutes, and both per-step loss curves (mean over ranks).
 
-The machine is recorded; on the shared 2-core development machine other jobs run at the same
-time, so the timings are upper bounds.
+The machine and the load average at the start of each part are recorded: timings taken while
+other jobs share the cores are upper bounds.
 """
 from __future__ import annotations
 
@@ -156,8 +156,9 @@ def main(argv=None) -> int:
     result = json.loads(Path(args.json).read_text(encoding="utf-8")) if args.json and Path(args.json).exists() else {}
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "python": platform.python_version(), "gpu": None,
-                         "note": "shared 2-core development machine: other helpers' jobs ran at the same time, "
-                                 "so every timing is an upper bound"}
+                         "note": "each part records the 1-minute load average at its start; on this 2-core "
+                                 "machine a load well above 0.5 means other jobs shared the cores and the "
+                                 "timings are upper bounds"}
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         work = Path(tmp)
         if args.part in ("batch", "all"):
