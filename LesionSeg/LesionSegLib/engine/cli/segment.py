@@ -169,7 +169,7 @@ def register(sub) -> None:
         choices=["auto", "openvino", "onnxruntime", "torch"],
         help="network runtime (default: $LESIONSEG_RUNTIME or auto = OpenVINO, else ONNX Runtime, else PyTorch; PyTorch on CUDA)",
     )
-    sp.add_argument("--threads", type=int, default=None, help="CPU threads for the network runtime")
+    sp.add_argument("--threads", type=int, default=None, help="CPU threads for the whole command (network runtime and ITK filters)")
     sp.add_argument("--gate", default=None, metavar="DIR|off",
                     help="cascade gate: a gate folder from `lesionseg train-gate`, or 'off' (default: the model card's gate, if any)")
     sp.set_defaults(func=cmd_segment)

@@ -89,6 +89,10 @@ class Engine:
         self.card = model if isinstance(model, ModelCard) else get_card(model)
         if self.card.architecture != self.architecture:
             raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which {type(self).__name__} cannot run")
+        if threads:  # --threads bounds the whole pipeline: ITK's resampling and writing too, not only the network
+            import SimpleITK as sitk
+
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
         self.setup_networks(device, runtime, threads)
         self.classifier = _confidence_model(self.card, self.runtime, threads) if "classifier" in self.card.data else None
         self.messages.extend(getattr(self.classifier, "notes", []))
