@@ -1,9 +1,11 @@
-"""LesionSegTraining: the feedback database, classifier retraining, model versions, segmenter training.
+"""LesionSegTraining: the feedback database, classifier retraining, segmenter fine-tuning on corrections,
+model versions, segmenter training.
 
 Thin Slicer module: the widget binds the UI (``Resources/UI/LesionSegTraining.ui``) to its typed
 parameter node (``LesionSegTrainingLib/parameters.py``) and to the logic in ``LesionSegTrainingLib``
-(MRML, no Qt); retraining and segmenter training run in background processes polled by a timer,
-so the GUI never blocks and both can be cancelled.  Their messages go to the log box.
+(MRML, no Qt); retraining, fine-tuning and segmenter training run in background processes polled by
+a timer (``LesionSegTrainingLib.panel_job.PanelJob``: button, progress, Cancel, errors), so the GUI never
+blocks and each can be cancelled.  Their messages go to the log box.
 
 Qt code here sticks to what PythonQt (Slicer) and PySide6 (the offscreen test harness) both
 accept: Q_PROPERTY values are read with ``widget.property(name)``, signals are connected with
@@ -31,7 +33,9 @@ from slicer.util import VTKObservationMixin
 
 from LesionSegLib import settings
 from LesionSegLib.widget_support import LogBox, reload_package
+from LesionSegTrainingLib import finetune
 from LesionSegTrainingLib.logic import TrainingLogicCore, default_database_path
+from LesionSegTrainingLib.panel_job import PanelJob
 from LesionSegTrainingLib.parameters import LesionSegTrainingParameterNode
 
 log = logging.getLogger("LesionSegTraining")
@@ -51,8 +55,8 @@ class LesionSegTraining(ScriptedLoadableModule):
             "Closes the review loop of LesionSeg: every accept / reject / unsure decision is stored in a "
             "feedback database; retrain the per-lesion confidence classifier from them (optionally with "
             "ground-truth labels), compare the new version with the old one on the same lesions "
-            "(cross-validated AUC and calibration), activate it or roll back, and train a new segmenter "
-            "from a folder of images and corrected masks.")
+            "(cross-validated AUC and calibration), fine-tune the segmenter on the corrected cases, activate a "
+            "version or roll back, and train a new segmenter from a folder of images and corrected masks.")
         self.parent.acknowledgementText = _("LesionSeg developers. Built on 3D Slicer, PyTorch, MONAI, scikit-learn and SQLite.")
 
 
@@ -66,12 +70,9 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self._parameterNode = None
         self._guiTag = None
-        self.retrainJob = None
-        self.segJob = None
+        self.runners = {}  # "retrain" / "finetune" / "segmenter": PanelJob
         self.segJobRegister = ""
         self.lastResult = None
-        self.jobStarted = 0.0
-        self._stderrSeen = {}
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     # ---------------------------------------------------------------------------- setup
@@ -93,13 +94,21 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.browseDatabaseButton.clicked.connect(self.onBrowseDatabase)
         self.ui.refreshStatsButton.clicked.connect(lambda *a: self.refreshStatistics())
         self.ui.retrainButton.clicked.connect(self.onRetrainButton)
+        self.ui.finetuneButton.clicked.connect(self.onFinetuneButton)
         self.ui.activateButton.clicked.connect(self.onActivate)
         self.ui.rollbackButton.clicked.connect(self.onRollback)
         self.ui.trainSegmenterButton.clicked.connect(self.onTrainSegmenterButton)
         self.ui.baseModelSelector.currentIndexChanged.connect(self.onBaseModelChanged)
-
-        self.ui.retrainProgressBar.setVisible(False)
-        self.ui.segProgressBar.setVisible(False)
+        self.ui.finetuneBaseSelector.currentIndexChanged.connect(self.onBaseModelChanged)
+        ui, box = self.ui, self.logBox
+        self.runners = {
+            "retrain": PanelJob(_("Retraining"), _("Retrain"), ui.retrainButton, ui.retrainProgressBar, ui.retrainStatusLabel,
+                                box, self.updateButtons, cancel_note=_("No model was written.")),
+            "finetune": PanelJob(_("Fine-tuning"), _("Fine-tune segmenter"), ui.finetuneButton, ui.finetuneProgressBar,
+                                 ui.finetuneStatusLabel, box, self.updateButtons, cancel_note=_("No model was written.")),
+            "segmenter": PanelJob(_("Segmenter training"), _("Train segmenter"), ui.trainSegmenterButton, ui.segProgressBar,
+                                  ui.segStatusLabel, box, self.updateButtons, lines_to=ui.segLogText),
+        }
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
         self.initializeParameterNode()
         self.refreshModels()
@@ -108,10 +117,9 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def cleanup(self):
         self.pollTimer.stop()
-        for job in (self.retrainJob, self.segJob):
-            if job is not None:
-                job.cancel()
-        self.retrainJob = self.segJob = None
+        for runner in self.runners.values():
+            if runner.running:
+                runner.cancel()
         self.setParameterNode(None)
         self.removeObservers()
         if self.logic is not None:
@@ -146,6 +154,12 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onBaseModelChanged(self, *args):
         if self._parameterNode is not None:
             self._parameterNode.baseModel = self.ui.baseModelSelector.property("currentText") or ""
+            self._parameterNode.finetuneBaseModel = self.ui.finetuneBaseSelector.property("currentText") or ""
+
+    # the running job of each kind (None when idle)
+    retrainJob = property(lambda self: self.runners["retrain"].job if self.runners else None)
+    finetuneJob = property(lambda self: self.runners["finetune"].job if self.runners else None)
+    segJob = property(lambda self: self.runners["segmenter"].job if self.runners else None)
 
     # ------------------------------------------------------------------------ database
     def showDatabase(self, path):
@@ -157,6 +171,7 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self.logic.close_database()
         self.ui.statsTableView.setMRMLTableNode(None)
+        self.ui.finetuneCountsLabel.setText(_("No feedback database open."))
         self.ui.statsSummaryLabel.setStyleSheet("")
         self.ui.statsSummaryLabel.setText(_("No decisions recorded yet: {path} is created with the first decision LesionSeg records, "
                                             "or when you press Open.").format(path=path))
@@ -205,11 +220,13 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         try:
             stats = self.logic.statistics()
             table = self.logic.update_statistics_table()
+            corrections = finetune.corrections_text(finetune.correction_counts(self.logic))
         except Exception as exc:
             self.ui.statsSummaryLabel.setText(_("Cannot read the feedback database: {error}").format(error=exc))
             return
         self.ui.statsTableView.setMRMLTableNode(table)
         self.ui.statsSummaryLabel.setText(self.logic.statistics_text(stats))
+        self.ui.finetuneCountsLabel.setText(corrections)
 
     # -------------------------------------------------------------------------- models
     def refreshModels(self):
@@ -221,18 +238,22 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.activeModelLabel.setText(_("Models cannot be listed: {error}").format(error=exc))
             return
         self.ui.versionsTableView.setMRMLTableNode(table)
-        wanted = self._parameterNode.baseModel if self._parameterNode is not None else ""
+        p = self._parameterNode
+        wanted = p.baseModel if p is not None else ""
+        wanted_ft = p.finetuneBaseModel if p is not None else ""
         current_version = self.ui.versionSelector.property("currentText")
         ids = [r["id"] for r in rows]
-        for combo in (self.ui.baseModelSelector, self.ui.versionSelector):
+        for combo in (self.ui.baseModelSelector, self.ui.versionSelector, self.ui.finetuneBaseSelector):
             combo.blockSignals(True)
             combo.clear()
             for i in ids:
                 combo.addItem(i)
             combo.blockSignals(False)
-        base = wanted if wanted in ids else (active if active in ids else next((r["id"] for r in rows if r["name"] == active), ids[0] if ids else None))
+        default = active if active in ids else next((r["id"] for r in rows if r["name"] == active), ids[0] if ids else None)
+        base = wanted if wanted in ids else default
         if base is not None:
             self.ui.baseModelSelector.setCurrentIndex(ids.index(base))
+            self.ui.finetuneBaseSelector.setCurrentIndex(ids.index(wanted_ft if wanted_ft in ids else default))
             self.onBaseModelChanged()
         pick = current_version if current_version in ids else base
         if pick is not None:
@@ -264,171 +285,110 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logBox.append(f"rolled back to {active}", stamp=True)
 
     # ------------------------------------------------------------------------ jobs
-    def logJob(self, job, key):
-        """New output of a background job: its non-JSON stdout lines and its stderr lines."""
-        self.logBox.append([ln for ln in job.new_lines() if not ln.startswith("{")])
-        lines = list(job.stderr_lines)
-        seen = self._stderrSeen.get(key, 0)
-        self.logBox.append(lines[seen:] if len(lines) >= seen else lines)
-        self._stderrSeen[key] = len(lines)
+    def startJob(self, key, make, status_text, log_text=None):
+        runner = self.runners[key]
+        if runner.running:
+            runner.cancel()
+            return False
+        started = runner.start(make, status_text, log_text)
+        if started:
+            self.pollTimer.start()
+        return started
 
     def onRetrainButton(self, *args):
-        if self.retrainJob is not None:
-            self.cancelRetrain()
-            return
         p = self._parameterNode
         gtDir = str(p.groundTruthDirectory) if p.includeGroundTruth else None
-        try:
-            self.retrainJob = self.logic.start_retrain(base_model=p.baseModel or None, include_gt=gtDir or None,
-                                                       output=p.outputName.strip() or None, folds=int(p.folds),
-                                                       use_feedback=bool(p.useFeedback))
-        except Exception as exc:
-            self.retrainJob = None
-            self.logBox.show_error(_("Cannot start retraining: {error}").format(error=exc))
-            return
-        self._stderrSeen["retrain"] = 0
-        self.jobStarted = time.monotonic()
-        self.logBox.append(f"retraining {p.baseModel} (folds {p.folds})", stamp=True)
-        self.ui.retrainProgressBar.setValue(0)
-        self.ui.retrainProgressBar.setVisible(True)
-        self.ui.retrainStatusLabel.setText(_("Retraining: starting..."))
-        self.pollTimer.start()
-        self.updateButtons()
+        self.startJob("retrain", lambda: self.logic.start_retrain(
+            base_model=p.baseModel or None, include_gt=gtDir or None, output=p.outputName.strip() or None,
+            folds=int(p.folds), use_feedback=bool(p.useFeedback)),
+            _("Retraining: starting..."), f"retraining {p.baseModel} (folds {p.folds})")
 
-    def cancelRetrain(self):
-        job, self.retrainJob = self.retrainJob, None
-        if job is not None:
-            job.cancel()
-        self.ui.retrainProgressBar.setVisible(False)
-        self.ui.retrainStatusLabel.setText(_("Retraining cancelled; no model was written."))
-        self.logBox.append("retraining cancelled", stamp=True)
-        self.updateButtons()
-
-    def pollRetrain(self):
-        job = self.retrainJob
-        state = job.state
-        self.logJob(job, "retrain")
-        self.ui.retrainProgressBar.setValue(int(round(100 * job.fraction)))
-        if state == "running":
-            self.ui.retrainStatusLabel.setText(f"{job.status}  ({time.monotonic() - self.jobStarted:.0f} s)")
-            return
-        self.retrainJob = None
-        self.ui.retrainProgressBar.setVisible(False)
-        try:
-            result, table, plot = self.logic.finish_retrain(job)
-        except Exception as exc:
-            self.ui.retrainStatusLabel.setText(_("Retraining failed: {error}").format(error=exc))
-            self.logBox.show_error(_("Retraining failed: {error}").format(error=str(exc).splitlines()[0] if str(exc) else exc))
-            self.updateButtons()
-            return
+    def showRetrainResult(self, out):
+        result, table, plot = out
         self.lastResult = result
         self.ui.metricsTableView.setMRMLTableNode(table)
         if plot is not None:
             pixmap = qt.QPixmap(str(plot)).scaledToWidth(400, qt.Qt.SmoothTransformation)
             self.ui.plotLabel.setPixmap(pixmap)
             self.ui.plotLabel.setMinimumHeight(pixmap.height())  # the whole ROC / reliability plot, not a strip
-        self.refreshModels()
-        ids = [self.ui.versionSelector.itemText(i) for i in range(self.ui.versionSelector.property("count"))]
-        if result["model"] in ids:
-            self.ui.versionSelector.setCurrentIndex(ids.index(result["model"]))
         labels = result["labels"]
         text = _("New version {model} from {total} labels ({positive} true, {negative} false) in {seconds:.0f} s; {validation}. "
                  "Press Activate to use it.").format(model=result["model"], total=labels["total"], positive=labels["positive"],
                                                      negative=labels["negative"], seconds=result["seconds"],
                                                      validation=result["metrics"]["validation"])
-        self.ui.retrainStatusLabel.setText(text)
+        self.showNewVersion(result["model"], self.ui.retrainStatusLabel, text)
+
+    def showNewVersion(self, model, status_label, text):
+        """A job wrote a new model version: list it, select it for Activate, say so."""
+        self.refreshModels()
+        ids = [self.ui.versionSelector.itemText(i) for i in range(self.ui.versionSelector.property("count"))]
+        if model in ids:
+            self.ui.versionSelector.setCurrentIndex(ids.index(model))
+        status_label.setText(text)
         self.logBox.append(text, stamp=True)
-        self.updateButtons()
+
+    def onFinetuneButton(self, *args):
+        p = self._parameterNode
+        self.startJob("finetune", lambda: finetune.start_finetune(
+            self.logic, base_model=p.finetuneBaseModel or None, output=p.finetuneOutput.strip() or None,
+            steps=int(p.finetuneSteps), replay_cases=p.finetuneReplayCases),
+            _("Fine-tuning: starting..."), f"fine-tuning {p.finetuneBaseModel} ({p.finetuneSteps} steps)")
+
+    def showFinetuneResult(self, out):
+        result, table = out
+        self.ui.finetuneTableView.setMRMLTableNode(table)
+        self.showNewVersion(result["model"], self.ui.finetuneStatusLabel, finetune.result_text(result))
 
     def onTrainSegmenterButton(self, *args):
-        if self.segJob is not None:
-            self.cancelSegmenterTraining()
-            return
         p = self._parameterNode
-        try:
-            self.segJob = self.logic.start_segmenter_training(str(p.segmenterImages), p.segmenterOutput.strip(),
-                                                              minutes=float(p.segmenterMinutes))
-        except Exception as exc:
-            self.segJob = None
-            self.logBox.show_error(_("Cannot start segmenter training: {error}").format(error=exc))
-            return
-        self.segJobRegister = p.registerName.strip()
-        self._stderrSeen["segmenter"] = 0
-        self.jobStarted = time.monotonic()
-        self.ui.segLogText.clear()
-        self.ui.segProgressBar.setValue(0)
-        self.ui.segProgressBar.setVisible(True)
-        self.ui.segStatusLabel.setText(_("Segmenter training: loading cases..."))
-        self.pollTimer.start()
-        self.updateButtons()
+        if self.startJob("segmenter", lambda: self.logic.start_segmenter_training(
+                str(p.segmenterImages), p.segmenterOutput.strip(), minutes=float(p.segmenterMinutes)),
+                _("Segmenter training: loading cases...")):
+            self.segJobRegister = p.registerName.strip()
 
-    def cancelSegmenterTraining(self):
-        job, self.segJob = self.segJob, None
-        if job is not None:
-            job.cancel()
-        self.ui.segProgressBar.setVisible(False)
-        self.ui.segStatusLabel.setText(_("Segmenter training cancelled."))
-        self.logBox.append("segmenter training cancelled", stamp=True)
-        self.updateButtons()
-
-    def pollSegmenter(self):
-        job = self.segJob
-        state = job.state
-        lines = job.new_lines()
-        for line in lines:
-            self.ui.segLogText.appendPlainText(line)
-        self.logBox.append(lines)
-        stderr = list(job.stderr_lines)
-        self.logBox.append(stderr[self._stderrSeen.get("segmenter", 0):])
-        self._stderrSeen["segmenter"] = len(stderr)
-        self.ui.segProgressBar.setValue(int(round(100 * job.fraction)))
-        if state == "running":
-            self.ui.segStatusLabel.setText(f"{job.status}  ({(time.monotonic() - self.jobStarted) / 60:.1f} min)")
-            return
-        self.segJob = None
-        self.ui.segProgressBar.setVisible(False)
-        try:
-            card = self.logic.finish_segmenter_training(job, register=self.segJobRegister or None,
+    def finishSegmenter(self, job):
+        return job, self.logic.finish_segmenter_training(job, register=self.segJobRegister or None,
                                                          base_model=self._parameterNode.baseModel or None)
-        except Exception as exc:
-            self.ui.segStatusLabel.setText(_("Segmenter training failed: {error}").format(error=exc))
-            self.logBox.show_error(_("Segmenter training failed: {error}").format(error=exc))
-            self.updateButtons()
-            return
+
+    def showSegmenterResult(self, out):
+        job, card = out
         text = _("Segmenter written to {folder}.").format(folder=job.output)
         if card is not None:
             text += " " + _("Registered as {model}: retrain its classifier (Add ground truth) before activating it.").format(model=card.id)
             self.refreshModels()
         self.ui.segStatusLabel.setText(text)
         self.logBox.append(text, stamp=True)
-        self.updateButtons()
 
     # --------------------------------------------------------------------------- poll
     def onPoll(self):
-        if self.retrainJob is not None:
-            self.pollRetrain()
-        if self.segJob is not None:
-            self.pollSegmenter()
-        if self.retrainJob is None and self.segJob is None:
+        finishers = {"retrain": (self.logic.finish_retrain, self.showRetrainResult),
+                     "finetune": (lambda job: finetune.finish_finetune(self.logic, job), self.showFinetuneResult),
+                     "segmenter": (self.finishSegmenter, self.showSegmenterResult)}
+        for key, runner in self.runners.items():
+            if runner.running:
+                runner.poll(*finishers[key])
+        if not any(r.running for r in self.runners.values()):
             self.pollTimer.stop()
 
     def updateButtons(self, *args):
-        if not hasattr(self, "ui") or self._parameterNode is None:
+        if not hasattr(self, "ui") or self._parameterNode is None or not self.runners:
             return
-        p = self._parameterNode
-        retraining = self.retrainJob is not None
-        training = self.segJob is not None
-        haveLabels = (p.useFeedback and self.logic is not None and self.logic.store is not None) or p.includeGroundTruth
-        self.ui.retrainButton.setText(_("Cancel") if retraining else _("Retrain"))
-        self.ui.retrainButton.setEnabled(retraining or (haveLabels and self.ui.baseModelSelector.property("count") > 0))
-        self.ui.gtDirectoryButton.setEnabled(p.includeGroundTruth and not retraining)
-        for widget in (self.ui.baseModelSelector, self.ui.outputNameEdit, self.ui.foldsSpinBox, self.ui.useFeedbackCheckBox,
-                       self.ui.includeGtCheckBox, self.ui.databasePathEdit, self.ui.openDatabaseButton, self.ui.browseDatabaseButton):
+        p, ui = self._parameterNode, self.ui
+        retraining, finetuning, training = (self.runners[k].running for k in ("retrain", "finetune", "segmenter"))
+        haveDatabase = self.logic is not None and self.logic.store is not None
+        haveModels = ui.baseModelSelector.property("count") > 0
+        self.runners["retrain"].sync_button(((p.useFeedback and haveDatabase) or p.includeGroundTruth) and haveModels)
+        self.runners["finetune"].sync_button(haveDatabase and haveModels)
+        self.runners["segmenter"].sync_button(True)
+        ui.gtDirectoryButton.setEnabled(p.includeGroundTruth and not retraining)
+        for widget in (ui.baseModelSelector, ui.outputNameEdit, ui.foldsSpinBox, ui.useFeedbackCheckBox, ui.includeGtCheckBox):
             widget.setEnabled(not retraining)
-        self.ui.activateButton.setEnabled(not retraining and self.ui.versionSelector.property("count") > 0)
-        self.ui.rollbackButton.setEnabled(not retraining)
-        self.ui.trainSegmenterButton.setText(_("Cancel") if training else _("Train segmenter"))
-        for widget in (self.ui.trainImagesButton, self.ui.segOutputEdit, self.ui.minutesSpinBox, self.ui.registerNameEdit):
+        for widget in (ui.finetuneBaseSelector, ui.finetuneStepsSpinBox, ui.finetuneOutputEdit, ui.finetuneReplayEdit):
+            widget.setEnabled(not finetuning)
+        for widget in (ui.databasePathEdit, ui.openDatabaseButton, ui.browseDatabaseButton, ui.rollbackButton):
+            widget.setEnabled(not (retraining or finetuning))
+        ui.activateButton.setEnabled(not (retraining or finetuning) and ui.versionSelector.property("count") > 0)
+        for widget in (ui.trainImagesButton, ui.segOutputEdit, ui.minutesSpinBox, ui.registerNameEdit):
             widget.setEnabled(not training)
 
 

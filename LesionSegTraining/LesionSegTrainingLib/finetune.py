@@ -21,14 +21,35 @@ def correction_counts(logic) -> dict:
     return stats(logic.store)
 
 
+def corrections_text(counts: dict) -> str:
+    """One line for the panel: corrected cases and corrections per kind (from :func:`correction_counts`)."""
+    from LesionSegLib.engine.learn.finetune import MIN_CASES
+
+    return (f"{counts['cases']} corrected case(s): {counts['edited']} edited, {counts['added']} added, {counts['deleted']} "
+            f"deleted, {counts['kept']} kept segment(s). Fine-tuning needs at least {MIN_CASES} cases with an edited, "
+            "added or deleted segment.")
+
+
+def result_text(res: dict) -> str:
+    """One line for the panel after a finished fine-tuning (held-apart Dice before -> after when there is one)."""
+    m = res.get("metrics", {})
+    before, after = m.get("held_apart_dice_before"), m.get("held_apart_dice_after")
+    held = (f"held-apart Dice {before:.3f} -> {after:.3f}" if before is not None and after is not None
+            else "no corrected case held apart for before/after figures")
+    return f"New version {res['model']} in {res.get('seconds', 0):.0f} s; {held}. Press Activate to use it."
+
+
 def start_finetune(logic, base_model: str | None = None, output: str | None = None, steps: int | None = None,
-                   minutes: float | None = None, **kw):
-    """Start ``lesionseg finetune`` on the open database in a background process."""
+                   minutes: float | None = None, replay_cases: str | None = None, extra=(), **kw):
+    """Start ``lesionseg finetune`` on the open database in a background process (``replay_cases``:
+    ``--replay-cases``, comma-separated case names or "none"; blank: the base training split)."""
     from LesionSegLib.engine.learn.finetune_job import FinetuneJob
 
     if logic.store is None:
         raise RuntimeError("open a feedback database first")
-    return FinetuneJob(str(logic.database_path), base_model or None, output or None, steps, minutes, **kw).start()
+    if replay_cases and replay_cases.strip():
+        extra = ["--replay-cases", replay_cases.strip(), *extra]
+    return FinetuneJob(str(logic.database_path), base_model or None, output or None, steps, minutes, extra=extra, **kw).start()
 
 
 def finish_finetune(logic, job):

@@ -12,11 +12,20 @@ from ..learn.labels import RetrainError
 from .common import Progress, emit
 
 
+def replay_names(text: str | None) -> list[str] | None:
+    """``--replay-cases``: None (the base training split), [] for "none", else the comma-separated names."""
+    if text is None or not text.strip():
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return [] if [n.lower() for n in names] == ["none"] else names
+
+
 def _cmd_finetune(args) -> int:
     bar = Progress(args.progress, "finetune")
     try:
         res = finetune(args.feedback, args.base_model, args.output, steps=args.steps, minutes=args.minutes, lr=args.lr,
-                       replay=args.replay, held_apart=args.held_apart, min_cases=args.min_cases, seed=args.seed,
+                       replay=args.replay, replay_cases=replay_names(args.replay_cases),
+                       cls_replay_cases=args.cls_replay_cases, held_apart=args.held_apart, min_cases=args.min_cases, seed=args.seed,
                        activate=args.activate, progress=bar if args.progress != "none" else None)
     except (FinetuneError, RetrainError, FeedbackStoreError, ModelError, CancelledError) as exc:
         emit(args, {"event": "error", "message": str(exc)})
@@ -41,6 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the training loop")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--replay", type=float, default=0.5, help="fraction of each batch from the base training data")
+    p.add_argument("--replay-cases", default=None, metavar="NAMES", help="comma-separated cases of the data folder "
+                   "replayed (default: the base training split STS_001-033; 'none': no replay)")
+    p.add_argument("--cls-replay-cases", type=int, default=6, help="replay cases whose clusters also retrain the classifier")
     p.add_argument("--held-apart", type=int, default=None, help="corrected cases kept out for before/after figures")
     p.add_argument("--min-cases", type=int, default=MIN_CASES)
     p.add_argument("--seed", type=int, default=0)

@@ -331,7 +331,11 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     if progress:
         progress(0.01, f"loading {len(train)} corrected cases and the replay data")
     replay_names = list(replay_cases) if replay_cases is not None else dataset.STS_TRAIN
-    by_name = {c.name: c for c in dataset.cases()} if replay_names else {}
+    by_name = {c.name: c for c in dataset.cases()} if replay_names and (dataset.data_root() / "manifest.csv").exists() else {}
+    missing = [n for n in replay_names if n not in by_name]
+    if missing:
+        raise FinetuneError(f"{len(missing)} replay case(s) not in the data folder {dataset.data_root()} ({', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}): set LESIONSEG_DATA, or replay none (--replay-cases none)")
     replay_data = [load_training_case(by_name[n], seg["spacing_zyx"], seg["hu_windows"]) for n in replay_names]
     base = Engine(parent, device="cpu", runtime="torch")
     sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed)
