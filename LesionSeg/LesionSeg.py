@@ -31,8 +31,8 @@ from LesionSegLib import dependencies, mrml, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
 from LesionSegLib.parameters import LesionSegParameterNode
 from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
-from LesionSegLib.widget_support import (DependencyInstaller, LogBox, Shortcuts, reload_package, save_corrections_from_panel,
-                                         style_color_bar, table_lesion_ids)
+from LesionSegLib.widget_support import (AddLesionTool, DependencyInstaller, LogBox, Shortcuts, panel_feedback_store, reload_package,
+                                         save_corrections_from_panel, save_corrections_on_close, style_color_bar, table_lesion_ids)
 
 log = logging.getLogger("LesionSeg")
 
@@ -93,6 +93,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = LesionSegLogic()
         self.logBox = LogBox(self.ui.logTextEdit, self.ui.logCollapsibleButton)
+        self.addLesionTool = AddLesionTool(self)
         self.shortcuts = Shortcuts([("A", lambda: self.onReview("accepted")), ("R", lambda: self.onReview("rejected")),
                                     ("U", lambda: self.onReview("unsure")), ("N", lambda: self.onStep(+1)),
                                     ("P", lambda: self.onStep(-1))], self.parent)
@@ -109,6 +110,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextButton.clicked.connect(lambda *a: self.onStep(+1))
         self.ui.previousButton.clicked.connect(lambda *a: self.onStep(-1))
         self.ui.saveCorrectionsButton.clicked.connect(lambda *a: save_corrections_from_panel(self))
+        self.ui.addLesionButton.clicked.connect(self.addLesionTool.toggle)
         for button, formats in ((self.ui.exportSegNrrdButton, ("seg.nrrd",)), (self.ui.exportNiftiButton, ("nifti",)),
                                 (self.ui.exportCsvButton, ("csv",)), (self.ui.exportDicomSegButton, ("dicomseg",)),
                                 (self.ui.exportAllButton, ("seg.nrrd", "nifti", "csv", "dicomseg"))):
@@ -128,6 +130,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.cancelSegmentation(quiet=True)
+        self.addLesionTool.cancel(quiet=True)
         self.shortcuts.remove()
         self.setParameterNode(None)
         self.removeObservers()
@@ -140,6 +143,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self):
         self.shortcuts.remove()
+        self.addLesionTool.cancel(quiet=True)
 
     def onReload(self):
         """Developer mode: re-import LesionSegLib (engine included), then Slicer reloads this file."""
@@ -250,6 +254,8 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------------------- state
     def onSceneStartClose(self, caller=None, event=None):
+        save_corrections_on_close(self)  # asks first; never stops the close
+        self.addLesionTool.cancel(quiet=True)
         self.cancelSegmentation(quiet=True)
         self.setParameterNode(None)
         self.setSegmentationNode(None)
@@ -286,6 +292,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.exportCsvButton, self.ui.exportAllButton, self.ui.saveCorrectionsButton):
             button.setEnabled(haveResult)
         self.ui.exportDicomSegButton.setEnabled(haveResult and bool(self.dicomFiles()))
+        self.ui.addLesionButton.setEnabled(haveResult or self.addLesionTool.active)
         for widget in (self.ui.inputVolumeSelector, self.ui.modelSelector, self.ui.deviceSelector):
             widget.setEnabled(not running)
         if haveResult:
@@ -381,6 +388,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------------- result
     def setSegmentationNode(self, node):
         """Show ``node`` (a LesionSeg result, e.g. from a reopened scene) in the panel."""
+        self.addLesionTool.cancel(quiet=True)
         self.segmentationNode = node
         self.currentLesion = None
         table = None
@@ -442,15 +450,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.segmentationValid() or self.currentLesion is None:
             self.ui.statusLabel.setText(_("Select a lesion in the table first."))
             return
-        if self._parameterNode.recordFeedback:
-            try:
-                store = self.logic.enable_feedback_store()
-                self.ui.feedbackCheckBox.setToolTip(_("Decisions are also recorded in {path}").format(path=store.path))
-            except Exception as exc:
-                self._parameterNode.recordFeedback = False
-                slicer.util.warningDisplay(_("The feedback store cannot be opened; decisions stay in the scene and exports: {error}").format(error=exc))
-        elif self.logic.feedback_store is not None:
-            self.logic.disable_feedback_store()
+        panel_feedback_store(self)  # the decision also goes to the feedback store when "Record feedback" is on
         lesionId = self.currentLesion
         try:
             self.logic.review(self.segmentationNode, lesionId, decision)

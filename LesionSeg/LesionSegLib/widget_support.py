@@ -223,7 +223,143 @@ def save_corrections_from_panel(widget) -> dict | None:
     except Exception as exc:  # a bad edit or a full disk must not crash the panel
         widget.logBox.show_error(f"Saving corrections failed: {exc}", None)
         return None
-    text = "corrections saved: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    text = "corrections saved: " + _counts_text(counts)
     widget.logBox.append(text, stamp=True)
     widget.ui.statusLabel.setText(text)
     return counts
+
+
+def _counts_text(counts: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def save_corrections_on_close(widget) -> dict:
+    """Scene close: when a result has unsaved corrections, ask whether to save them into the
+    feedback store (Yes saves, No discards).  Nothing is asked when nothing is unsaved; an error
+    is logged and never stops the close.  Returns ``{result name: counts}``."""
+    from . import corrections
+
+    def confirm(names) -> bool:
+        return slicer.util.confirmYesNoDisplay(
+            f"The corrections of {', '.join(names)} are not saved. Save them to the LesionSeg feedback store "
+            "(for fine-tuning) before the scene closes?", windowTitle="LesionSeg: save corrections")
+
+    try:
+        store = widget.logic.feedback_store or widget.logic.feedback_database_path()  # opened only after a yes
+        saved = corrections.save_on_close(store, confirm, reviewer=widget.logic.recorder.reviewer, scene=slicer.mrmlScene)
+    except Exception as exc:  # the scene closes anyway
+        log.exception("saving corrections on scene close failed")
+        widget.logBox.append(_one_line(f"error: saving corrections on scene close failed: {exc}"), stamp=True)
+        return {}
+    for name, counts in saved.items():
+        widget.logBox.append(f"corrections of {name} saved on scene close: {_counts_text(counts)}", stamp=True)
+    return saved
+
+
+def panel_feedback_store(widget):
+    """The feedback store the panel records review decisions into (None while "Record feedback"
+    is off): Accept / Reject / Unsure and Add lesion use it."""
+    if widget._parameterNode.recordFeedback:
+        try:
+            store = widget.logic.enable_feedback_store()
+            widget.ui.feedbackCheckBox.setToolTip(f"Decisions are also recorded in {store.path}")
+            return store
+        except Exception as exc:
+            widget._parameterNode.recordFeedback = False
+            slicer.util.warningDisplay(f"The feedback store cannot be opened; decisions stay in the scene and exports: {exc}")
+    elif widget.logic.feedback_store is not None:
+        widget.logic.disable_feedback_store()
+    return None
+
+
+class AddLesionTool:
+    """"Add lesion": the button enters single-point place mode (:mod:`.placement`); the click in a
+    slice view runs the DetSeg3D click model in this process on a crop around the point
+    (:func:`.click.add_lesion`), which adds a segment with status ``added`` and records a missed
+    lesion in the panel's feedback store.  Pressing the button again, Escape (leaving place mode),
+    another result, leaving the module or closing the scene cancels."""
+
+    def __init__(self, widget):
+        from .placement import SinglePointPlacement
+
+        self.widget = widget
+        self.placement = SinglePointPlacement(self._on_change)
+
+    @property
+    def active(self) -> bool:
+        return self.placement.active
+
+    def toggle(self, *args) -> None:
+        w = self.widget
+        if self.active:
+            self.cancel()
+            return
+        if not w.segmentationValid():
+            self._set_button(False)
+            return
+        try:
+            self.placement.start()
+        except Exception as exc:
+            self.placement.stop()
+            self._set_button(False)
+            w.logBox.show_error(_one_line(f"Cannot start placing a point: {exc}"), None)
+            return
+        self._set_button(True)
+        w.ui.statusLabel.setText("Add lesion: click the missed lesion in a slice view (press Add lesion again to cancel).")
+
+    def cancel(self, quiet: bool = False) -> None:
+        if not self.active:
+            return
+        self.placement.stop()
+        self._set_button(False)
+        if not quiet:
+            self.widget.ui.statusLabel.setText("Add lesion cancelled.")
+
+    def _set_button(self, checked: bool) -> None:
+        button = self.widget.ui.addLesionButton
+        button.setChecked(checked)
+        self.widget.updateGUI()
+
+    def _on_change(self) -> None:
+        # not inside the markups/interaction event: the temporary node is removed afterwards
+        node = self.placement.node
+        qt.QTimer.singleShot(0, lambda: self._finish(node))
+
+    def _finish(self, node) -> None:
+        if node is None or node is not self.placement.node:
+            return  # this placement already ended
+        ras = self.placement.point()
+        if ras is None:
+            self.cancel()
+            return
+        self.placement.stop()
+        self._set_button(False)
+        self.add(ras)
+
+    def add(self, ras):
+        """Add the lesion under ``ras`` to the shown result; returns its record (None on error)."""
+        from . import click, mrml
+
+        w = self.widget
+        if not w.segmentationValid():
+            return None
+        seg = w.segmentationNode
+        try:
+            volume = mrml.reference_volume(seg)
+            if volume is None:
+                raise ValueError(f"'{seg.GetName()}' has no reference volume")
+            engine = w.logic.engine(click.DEFAULT_CLICK_MODEL, w.currentDevice())
+            info = click.add_lesion(volume, seg, ras, engine, store=panel_feedback_store(w), reviewer=w.logic.recorder.reviewer)
+        except Exception as exc:  # a point outside the volume, on air, no lesion there, a missing model
+            w.logBox.show_error(_one_line(f"Cannot add a lesion there: {exc}"), None)
+            w.ui.statusLabel.setText("No lesion added.")
+            return None
+        text = f"{info['name']} added: {info['volume_ml']:.2f} ml, {info['diameter_mm']:.1f} mm (recorded as a missed lesion)"
+        w.logBox.append(text, stamp=True)
+        w.selectLesion(info["lesion_id"])
+        w.ui.statusLabel.setText(text)
+        return info

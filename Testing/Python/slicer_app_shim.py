@@ -84,6 +84,10 @@ class _AppStub:
     def layoutManager(self):
         return None
 
+    def applicationLogic(self):
+        """The application logic (its selection and interaction nodes: place mode)."""
+        return _APP.app_logic if _APP is not None else None
+
     def topLevelWidgets(self):
         try:
             from PySide6.QtWidgets import QApplication

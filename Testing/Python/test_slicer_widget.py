@@ -140,8 +140,8 @@ def test_widget_segment_review_export_screenshot(harness, widget, slicer_app, tm
     assert ui.segmentButton.isEnabled() and ui.segmentButton.text() == "Segment"
     assert not ui.acceptButton.isEnabled()
     assert "qlineargradient" in ui.colorBarLabel.styleSheet()
-    button = ui.addLesionButton  # reserved: shown, disabled, the tooltip says why
-    assert button.isVisibleTo(w.parent) and not button.isEnabled() and button.toolTip().startswith("Not available yet")
+    button = ui.addLesionButton  # shown, disabled until a result is shown (test_slicer_widget_corrections.py)
+    assert button.isVisibleTo(w.parent) and not button.isEnabled() and button.isCheckable()
     assert not ui.saveCorrectionsButton.isEnabled()  # no result yet
     assert not ui.oodWarningLabel.isVisibleTo(w.parent)  # reserved: shown when a result has an OOD warning
 
@@ -191,7 +191,7 @@ def test_widget_segment_review_export_screenshot(harness, widget, slicer_app, tm
     assert w.currentLesion == next(i for i in queue[2:] + queue[:1])  # the next unreviewed one after it, wrapping
 
     # Save corrections: nothing was edited, so every shown proposal is saved as kept, with the image
-    assert ui.saveCorrectionsButton.isEnabled()
+    assert ui.saveCorrectionsButton.isEnabled() and ui.addLesionButton.isEnabled()
     QTest.mouseClick(ui.saveCorrectionsButton, Qt.LeftButton)
     assert ui.statusLabel.text().startswith("corrections saved:") and "kept" in ui.statusLabel.text()
     assert "corrections saved:" in ui.logTextEdit.toPlainText()
