@@ -336,10 +336,16 @@ def get_threshold(segmentation_node) -> float:
         return 0.0
 
 
+def shown_at(lesion: dict, threshold: float) -> bool:
+    """Whether a lesion shows at ``threshold``: confidence at or above it, or added by the reviewer
+    (the "Add lesion" tool: a lesion the reviewer said is there is never hidden by the model's confidence)."""
+    return lesion["confidence"] >= float(threshold) - 1e-9 or lesion["review"] == "added"
+
+
 def visible_lesions(segmentation_node, threshold: float | None = None) -> list[dict]:
-    """Lesions at or above the threshold (the node's current one by default), by lesion id."""
+    """Lesions shown at the threshold (the node's current one by default; see :func:`shown_at`), by lesion id."""
     thr = get_threshold(segmentation_node) if threshold is None else float(threshold)
-    return [d for d in lesions(segmentation_node) if d["confidence"] >= thr - 1e-9]
+    return [d for d in lesions(segmentation_node) if shown_at(d, thr)]
 
 
 # ----------------------------------------------------------------------------- threshold
@@ -355,7 +361,7 @@ def set_threshold(segmentation_node, threshold: float, update_table: bool = True
     if display is not None:
         was = display.StartModify()
         for d in lesions(segmentation_node):
-            visible = d["confidence"] >= threshold - 1e-9
+            visible = shown_at(d, threshold)
             shown += visible
             display.SetSegmentVisibility(d["segment_id"], visible)
         display.EndModify(was)

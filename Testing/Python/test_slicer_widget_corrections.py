@@ -63,6 +63,10 @@ def _gt_centre_ras(data_dir):
     return (-lps[0], -lps[1], lps[2]), gt
 
 
+def _table_ids(view):
+    return [int(float(view.model().index(r, 0).data())) for r in range(view.model().rowCount())]
+
+
 def _place_nodes(slicer_app):
     return [slicer_app.scene.GetNthNodeByClass(i, "vtkMRMLMarkupsFiducialNode")
             for i in range(slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode"))]
@@ -102,10 +106,9 @@ def test_add_lesion_click(panel, slicer_app, data_dir, monkeypatch):
     errors = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text))
     assert ui.addLesionButton.isEnabled()  # a result is shown
-    ui.thresholdSlider.setValue(0.0)  # every candidate in the table
     before = {d["lesion_id"] for d in mrml.lesions(seg)}
     rows = view.model().rowCount()
-    assert rows == len(before) >= 1
+    assert rows == len(mrml.visible_lesions(seg)) >= 1  # at the model's threshold
     ras, gt = _gt_centre_ras(data_dir)
 
     # the click on the ground-truth lesion: a placed control point, as the markups widget makes it
@@ -116,7 +119,7 @@ def test_add_lesion_click(panel, slicer_app, data_dir, monkeypatch):
     [new] = [d for d in mrml.lesions(seg) if d["lesion_id"] not in before]
     assert new["review"] == click.ADDED and mrml.segment_status(seg, new["lesion_id"]) == "completed"
     assert view.model().rowCount() == rows + 1
-    assert new["lesion_id"] in [int(float(view.model().index(r, 0).data())) for r in range(view.model().rowCount())]
+    assert new["lesion_id"] in _table_ids(view)
     assert w.currentLesion == new["lesion_id"] and "added" in ui.statusLabel.text()
     mask = export.instance_labelmap(seg, [new["lesion_id"]]) == new["lesion_id"]
     assert mask.any() and (mask & gt).sum() >= 0.5 * mask.sum(), "the added lesion lies on the ground-truth lesion"
@@ -126,6 +129,10 @@ def test_add_lesion_click(panel, slicer_app, data_dir, monkeypatch):
     assert row["lesion_id"] == new["lesion_id"] and row["decision"] == "accepted"
     assert row["model_id"] == seg.GetAttribute(mrml.ATTR_MODEL) and row["case_hash"] == _RESULT["hash"]
     n_rows = len(store.decisions())
+    # the threshold hides model proposals, never a lesion the reviewer added
+    ui.thresholdSlider.setValue(1.0)
+    assert _table_ids(view) == [new["lesion_id"]] and seg.GetDisplayNode().GetSegmentVisibility(new["segment_id"])
+    ui.thresholdSlider.setValue(_RESULT["threshold"])
 
     # a point outside the volume: a one-line error, no segment, nothing recorded
     n_segments = seg.GetSegmentation().GetNumberOfSegments()
