@@ -51,7 +51,8 @@ class LesionSeg(ScriptedLoadableModule):
             "Finds lesions in a CT volume and gives each a confidence that it is a true lesion. "
             "Each lesion becomes a segment coloured by confidence; review them in the lesion table "
             "(A accept, R reject, U unsure, N/P next/previous, in the chosen review order) and export them "
-            "as .seg.nrrd, NIfTI, CSV or DICOM SEG. A saved scene reopens with its review. ") + mrml.colormap_description()
+            "as .seg.nrrd, NIfTI, CSV or DICOM SEG. A saved scene reopens with its review. Add lesion adds a missed "
+            "lesion from one click in a slice view; corrections are saved for fine-tuning. ") + mrml.colormap_description()
         self.parent.acknowledgementText = _(
             "LesionSeg developers. Built on 3D Slicer, MONAI, PyTorch, connected-components-3d, "
             "SimpleITK, slicerio and highdicom. Sample CT: IBSI soft-tissue sarcoma set (TCIA, CC BY 3.0).")

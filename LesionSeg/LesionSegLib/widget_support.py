@@ -7,6 +7,9 @@ uses ``qt``; the MRML logic never imports it).
   is shown (``enter``/``exit``), so they never shadow Slicer's view keys in other modules.
 * :func:`reload_package`: ``onReload`` support, re-imports ``LesionSegLib`` (engine subpackages
   included) in dependency order with ``importlib.reload``.
+* :class:`AddLesionTool` (the "Add lesion" button: one click in a slice view, :mod:`.placement`,
+  then :func:`.click.add_lesion`), :func:`save_corrections_from_panel` ("Save corrections") and
+  :func:`save_corrections_on_close` (the scene-close question).
 """
 from __future__ import annotations
 
