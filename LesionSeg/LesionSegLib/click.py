@@ -23,6 +23,7 @@ import slicer
 from . import mrml
 from .engine.cli.click import DEFAULT_CLICK_MODEL  # noqa: F401  (the model the widget should load)
 from .engine.detseg.click import click as click_engine
+from .engine.errors import InputError
 from .engine.segment.colors import status_color
 from .review import Decision
 
@@ -45,11 +46,37 @@ def next_lesion_id(segmentation_node) -> int:
     return max(ids, default=0) + 1
 
 
+def shown_lesion_at(segmentation_node, point_ras) -> dict | None:
+    """The lesion shown at the node's threshold whose mask contains ``point_ras``, or None."""
+    import vtk
+
+    rep = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    seg = segmentation_node.GetSegmentation()
+    world_to_ijk = vtk.vtkMatrix4x4()
+    for les in mrml.visible_lesions(segmentation_node):
+        segment = seg.GetSegment(les["segment_id"])
+        image = segment.GetRepresentation(rep) if segment is not None else None
+        if image is None:
+            continue
+        image.GetWorldToImageMatrix(world_to_ijk)
+        i, j, k = (int(round(v)) for v in world_to_ijk.MultiplyPoint((*map(float, point_ras), 1.0))[:3])
+        e = image.GetExtent()
+        if e[0] <= i <= e[1] and e[2] <= j <= e[3] and e[4] <= k <= e[5] and \
+                image.GetScalarComponentAsDouble(i, j, k, 0) == segment.GetLabelValue():
+            return les
+    return None
+
+
 def add_lesion(volume_node, segmentation_node, point_ras, engine, store=None, reviewer: str = "") -> dict:
     """Segment the lesion under ``point_ras`` and add it; returns the new lesion's record
     (:func:`mrml.lesion_info`).  Raises the engine's ``InputError`` (naming the point) and adds
-    nothing when the point is outside the volume, on air, or no lesion is found there."""
+    nothing when the point is outside the volume, on air, no lesion is found there, or the point
+    is inside a lesion that is already shown (that one is reviewed with Accept / Reject instead)."""
     r, a, s = (float(v) for v in point_ras)
+    found = shown_lesion_at(segmentation_node, (r, a, s))
+    if found is not None:
+        raise InputError(f"the point ({r:.1f}, {a:.1f}, {s:.1f}) mm RAS is inside lesion {found['lesion_id']}, which is "
+                         "already shown: review it with Accept / Reject instead of adding it again")
     image = _volume_to_sitk(volume_node)
     res = click_engine(engine, image, [(-r, -a, s)])
     les = res.lesions[0]

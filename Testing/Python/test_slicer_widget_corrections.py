@@ -111,7 +111,24 @@ def test_add_lesion_click(panel, slicer_app, data_dir, monkeypatch):
     assert rows == len(mrml.visible_lesions(seg)) >= 1  # at the model's threshold
     ras, gt = _gt_centre_ras(data_dir)
 
-    # the click on the ground-truth lesion: a placed control point, as the markups widget makes it
+    # the automatic pass found this tumour: a click on it is refused (review that lesion instead)
+    found = click.shown_lesion_at(seg, ras)
+    assert found is not None and found["lesion_id"] in before
+    n_decisions = len(w.logic.feedback_store.decisions()) if w.logic.feedback_store is not None else 0
+    _press_add_lesion(w, slicer_app).AddControlPoint(*ras)
+    assert qt_harness.wait_until(lambda: not w.addLesionTool.active and errors, timeout=120)
+    assert len(errors) == 1 and "\n" not in errors[0] and f"inside lesion {found['lesion_id']}" in errors[0], errors
+    assert {d["lesion_id"] for d in mrml.lesions(seg)} == before and view.model().rowCount() == rows
+    assert (len(w.logic.feedback_store.decisions()) if w.logic.feedback_store is not None else 0) == n_decisions
+    errors.clear()
+
+    # the reviewer deletes that proposal (as the Segment Editor would) and clicks the missed tumour:
+    # a placed control point, as the markups widget makes it
+    seg.GetSegmentation().RemoveSegment(found["segment_id"])
+    mrml.update_table_node(mrml.get_table_node(seg), seg)
+    before.discard(found["lesion_id"])
+    rows = view.model().rowCount()
+    assert click.shown_lesion_at(seg, ras) is None
     _press_add_lesion(w, slicer_app).AddControlPoint(*ras)
     assert qt_harness.wait_until(lambda: not w.addLesionTool.active, timeout=300), ui.logTextEdit.toPlainText()
     assert errors == [], errors
