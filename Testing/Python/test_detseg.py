@@ -238,6 +238,25 @@ def test_click_cli_on_real_case_matches_the_label(tmp_path):
     assert cli.main(["click", str(case.image), "--point", "1,2", "-o", str(out2)]) == 2
 
 
+def test_segment_cli_runs_a_detseg_model_with_progress(tmp_path, capsys):
+    """``lesionseg segment --model sts-detseg`` end to end, with the JSON progress on (a DetSeg3D
+    stage once had no progress span: KeyError 'detect'); progress rises to 1 through its stages."""
+    from LesionSegLib.engine import cli
+
+    _needs_data()
+    _detseg_card()
+    case = data.case("STS_041")
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(case.image), "-o", str(out), "--model", DETSEG, "--device", "cpu", "--progress", "json"]) == 0
+    captured = capsys.readouterr()
+    events = [json.loads(line) for line in (captured.out + captured.err).splitlines() if line.startswith("{\"event\": \"progress")]
+    stages = [e.get("stage") for e in events]
+    assert "detect" in stages and "roi_segmentation" in stages, stages
+    fractions = [e["fraction"] for e in events if "fraction" in e]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert (out / "STS_041_lesions.nii.gz").exists() and (out / "STS_041_lesions.csv").exists()
+
+
 def test_retrain_from_review_works_for_a_detseg_model(tmp_path, monkeypatch):
     """Accept/reject decisions on sts-detseg's own candidates retrain its classifier into a new
     detseg version that loads and runs (stage weights copied, classifier new)."""

@@ -32,7 +32,8 @@ from .result import Lesion, SegmentationResult
 
 STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
 #: fraction of the progress bar given to each stage
-_STAGE_SPAN = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.8), "clusters": (0.8, 0.85), "confidence": (0.85, 1.0)}
+_STAGE_SPAN = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.8), "clusters": (0.8, 0.85), "confidence": (0.85, 1.0),
+               "detect": (0.1, 0.3), "roi_segmentation": (0.3, 0.8)}  # the last two: DetSeg3D's inference
 
 DEFAULT_PROB_THRESHOLD = 0.5
 DEFAULT_MIN_SIZE_MM3 = 100.0
@@ -338,7 +339,7 @@ def _fill_bboxes(labelmap: np.ndarray, lesions: list[Lesion], boxes: dict | None
 def _report(progress, stage: str, fraction: float) -> None:
     if progress is None:
         return
-    lo, hi = _STAGE_SPAN[stage]
+    lo, hi = _STAGE_SPAN.get(stage, (0.0, 1.0))
     progress(lo + (hi - lo) * min(1.0, max(0.0, fraction)), stage)
 
 
