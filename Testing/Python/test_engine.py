@@ -303,3 +303,51 @@ def test_dicom_series_folder(tmp_path):
     assert back.GetSize() == img.GetSize()
     assert np.allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-3)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), arr)
+
+
+def test_model_grid_input_is_antialiased_on_fine_scans(monkeypatch):
+    """R3: a 0.6 mm scan is low-pass filtered before it is decimated to the model's 2 mm grid (a
+    one-voxel HU checkerboard must not alias into the network's input), while the ~2 mm sarcoma
+    crops the model was trained on reach it unfiltered (their axes are not reduced)."""
+    from LesionSegLib.engine.runtime.ops import resize_linear
+    from LesionSegLib.engine.segment.pipeline import Engine
+
+    engine = Engine(None, device="cpu")
+    seen = {}
+
+    def capture(x, progress=None, cancel=None):
+        seen["x"] = np.asarray(x, dtype=np.float32)
+        return np.zeros(np.asarray(x).shape[-3:], np.float32)
+
+    monkeypatch.setattr(engine.runner, "probability", capture)
+    hu = np.full((40, 220, 220), -1000.0, np.float32)
+    checker = (np.indices((40, 180, 180)).sum(0) % 2) * 600.0 - 300.0  # +-300 HU, period 2 voxels
+    hu[:, 20:200, 20:200] = 40.0 + checker
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.6, 0.6, 1.0))
+    _, can_hu, spacing = engine.prepare(image)
+    engine.probability(can_hu, spacing)
+    wide = seen["x"].reshape((-1,) + seen["x"].shape[-3:])[-1]  # the wide HU window, on the model grid
+    inner = tuple(slice(s // 4, s - s // 4) for s in wide.shape)
+    lo, hi = engine.seg_cfg["hu_windows"][-1]
+    std_hu = float(wide[inner].std()) * (hi - lo)
+    assert std_hu < 5.0, f"checkerboard leaked into the model input: std {std_hu:.1f} HU"
+    aliased = resize_linear(can_hu[:, 20:200, 20:200], wide.shape)  # plain linear decimation, for contrast
+    assert float(aliased[inner].std()) > 20.0 and float(aliased[inner].std()) > 4 * std_hu, (float(aliased[inner].std()), std_hu)
+
+
+@needs_data
+def test_training_domain_input_is_not_filtered():
+    """The ~2 mm sarcoma crops reach the model grid as plain linear resampling gives them (to float
+    rounding): anti-aliasing changed nothing the shipped segmenter was trained or validated on."""
+    from LesionSegLib.engine.io.preprocess import body_box, target_shape
+    from LesionSegLib.engine.io.resample import resample
+    from LesionSegLib.engine.runtime.ops import resize_linear
+    from LesionSegLib.engine.segment.pipeline import Engine
+
+    engine = Engine(None, device="cpu")
+    for name in ("STS_020", "STS_041"):
+        _, hu, sp = engine.prepare(read_image(data.case(name).image))
+        crop = hu[body_box(hu, sp).slices].astype(np.float32)
+        shape = target_shape(crop.shape, sp, engine.seg_cfg["spacing_zyx"])
+        assert float(np.abs(resample(crop, shape) - resize_linear(crop, shape)).max()) < 0.05

@@ -3,8 +3,9 @@
     python Testing/benchmarks/feedback_loop.py [--model sts-clcs] [--n-review 0] [--folds 0] [-o report.json]
 
 1. Model and cases it was not trained on: the default model (its classifier and segmenter were
-   trained on STS_001-033) and STS_034-041 (its validation split; the classifier's temperature was
-   fitted there, its weights never saw them), the full-scan lung case and the LIDC case.
+   trained on STS_001-033, the temperature on their out-of-fold clusters since sts-clcs 1.1.0) and
+   STS_034-041 (its validation split: nothing was fitted there), the full-scan lung case and the
+   LIDC case.
 2. Candidates: the model segments each case with threshold 0 (every cluster, with its features,
    adaptive patch and confidence); each is labelled by the matching rule (:mod:`matching`).
 3. Simulated reviewer: for the cases of the training side of a split, a reviewer accepts every

@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..io.preprocess import body_box, resample, spacing_zyx, target_shape, to_canonical
+from ..io.resample import resample as resample_antialiased
 
 HU_RANGE = (-1024, 3071)
 
@@ -39,7 +40,7 @@ def model_grid(image: sitk.Image, spacing: "list[float] | tuple[float, ...]") ->
     box = body_box(hu, sp)
     crop = hu[box.slices]
     shape = target_shape(crop.shape, sp, spacing)
-    grid = resample(crop, shape).numpy()
+    grid = resample_antialiased(crop, shape)
     arr = np.clip(np.rint(grid), *HU_RANGE).astype(np.int16)
     actual = [c * s / n for c, s, n in zip(crop.shape, sp, shape)]
     lo = box.lo

@@ -30,6 +30,7 @@ def load_gate_case(case: dataset.Case, spacing, windows) -> tuple[torch.Tensor, 
     """Model-grid channels of the body crop (as the pipeline makes them) and the label there."""
     from ..io.images import read_image, read_label
     from ..io.preprocess import body_box, normalize, resample, spacing_zyx, target_shape, to_canonical
+    from ..io.resample import resample as resample_antialiased
 
     img = read_image(case.image)
     can = to_canonical(img)
@@ -37,7 +38,7 @@ def load_gate_case(case: dataset.Case, spacing, windows) -> tuple[torch.Tensor, 
     lab = sitk.GetArrayFromImage(to_canonical(read_label(case.label, img))).astype(np.float32)
     box = body_box(hu, spacing_zyx(can))
     shape = target_shape(hu[box.slices].shape, spacing_zyx(can), spacing)
-    x = normalize(resample(hu[box.slices], shape), windows)
+    x = normalize(torch.from_numpy(resample_antialiased(hu[box.slices], shape)), windows)
     y = (resample(lab[box.slices], shape) > 0.5).numpy().astype(np.uint8)
     return x.half(), y
 

@@ -33,6 +33,7 @@ from ..segment.networks import build_segmenter
 from . import unimatch
 from .recipes import recipe_config, recipe_names
 from ..io.preprocess import normalize, resample, spacing_zyx, target_shape, to_canonical
+from ..io.resample import resample as resample_antialiased
 
 DEFAULT_CONFIG = {
     "network": {
@@ -57,7 +58,7 @@ def image_channels(img: sitk.Image, spacing, windows) -> tuple[torch.Tensor, tup
     """HU-window channels of ``img`` at the model spacing in canonical (LPS) orientation, and that shape."""
     hu = sitk.GetArrayFromImage(to_canonical(img)).astype(np.float32)
     shape = target_shape(hu.shape, spacing_zyx(to_canonical(img)), spacing)
-    return normalize(resample(hu, shape), windows), shape
+    return normalize(torch.from_numpy(resample_antialiased(hu, shape)), windows), shape
 
 
 def load_training_case(case: dataset.Case, spacing, windows):

@@ -26,6 +26,7 @@ from .inference import Segmenter
 from ..io.images import validate_ct
 from ..models import ModelCard, get_card
 from ..io.preprocess import CANONICAL, body_box, from_canonical, orientation_of, spacing_zyx, target_shape, to_canonical
+from ..io.resample import resample as resample_antialiased
 from ..runtime.ops import hu_windows, resize_linear
 from .ood import OODModel, scan_descriptor
 from .result import Lesion, SegmentationResult
@@ -298,7 +299,9 @@ class ClcsEngine(Engine):
         box = body_box(canonical_hu, spacing)
         crop = canonical_hu[box.slices]
         shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
-        x = hu_windows(resize_linear(crop, shape), self.seg_cfg["hu_windows"])
+        # HU to the model grid low-pass filtered where the grid is coarser (a 0.6 mm chest CT is
+        # decimated ~3x); the ~2 mm training crops are not filtered (no axis is reduced by > 1 voxel)
+        x = hu_windows(resample_antialiased(crop.astype(np.float32, copy=False), shape), self.seg_cfg["hu_windows"])
         timings["preprocess"] = time.perf_counter() - t
         _report(progress, "preprocess", 1.0)
         t = time.perf_counter()
