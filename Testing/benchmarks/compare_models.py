@@ -42,7 +42,9 @@ from LesionSegLib.engine.evaluate.report import evaluate  # noqa: E402
 from LesionSegLib.engine.models import get_card  # noqa: E402
 
 GATE_DIR = REPO / "LesionSeg" / "LesionSegLib" / "models" / "gates" / "sts-slab-gate"
-DEFAULT_MODELS = ("sts-clcs", "sts-attention-unet", f"sts-clcs+gate={GATE_DIR.relative_to(REPO)}", "sts-unimatch-8", "sts-supervised-8", "sts-detseg")
+RECIPE_DIR = REPO / "Resources" / "evaluation" / "models"  # the few-label experiment's models (not in the registry)
+DEFAULT_MODELS = ("sts-clcs", f"sts-clcs+gate={GATE_DIR.relative_to(REPO)}", "sts-detseg", "sts-attention-unet",
+                  str((RECIPE_DIR / "sts-supervised-8").relative_to(REPO)), str((RECIPE_DIR / "sts-unimatch-8").relative_to(REPO)))
 CHEST = ("fullscan/lung1", "fullscan/lung2", "lidc/LIDC-IDRI-0001")
 PARTS = ("val", "chest", "timing", "gate")
 CONF = 0.5
@@ -148,8 +150,12 @@ def training_minutes(card) -> dict:
     tr = card.data.get("training", {})
     seg = tr.get("segmenter")
     out = {"segmenter": seg.get("minutes")} if isinstance(seg, dict) else {}
-    if "classifier_minutes" in tr:
-        out["classifier"] = tr["classifier_minutes"]
+    for part in ("detector", "roi_segmenter"):  # DetSeg3D's two networks
+        if isinstance(tr.get(part), dict) and tr[part].get("minutes") is not None:
+            out[part] = tr[part]["minutes"]
+    for key, part in (("classifier_minutes", "classifier"), ("card_minutes", "classifier")):
+        if key in tr:
+            out[part] = tr[key]
     return out
 
 
