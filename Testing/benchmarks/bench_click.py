@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     summary["all"] = {"mean_dice": round(float(np.mean([r["dice"] for r in rows])), 4)}
     out = {"command": "python Testing/benchmarks/bench_click.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "model": engine.card.id, "cases": data.STS_VAL, "split": "validation STS_034-041 (never used for training)",
-           "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs)", "threads": args.threads,
+           "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads,
            "load_average_at_end": os.getloadavg(), "targets": {"mean_dice": 0.80, "seconds_per_click": 1.5},
            "summary": summary, "clicks": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
