@@ -19,9 +19,11 @@ anti-aliasing the two agree to float rounding (tested).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 TRUNCATE = 4.0  # Gaussian kernel radius in standard deviations
 
@@ -82,8 +84,12 @@ def _lerp(a: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
     return v0 + (np.take(a, i1, axis=axis) - v0) * w
 
 
+def _one_blas_thread():
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _matmul_axis(a: np.ndarray, axis: int, W: np.ndarray) -> np.ndarray:
-    """``W @ a`` along ``axis`` with BLAS: (pre, size, post) -> (pre, n, post)."""
+    """``W @ a`` along ``axis`` with BLAS (one thread, see :func:`sample_box`): (pre, size, post) -> (pre, n, post)."""
     a = np.ascontiguousarray(a)
     pre = int(np.prod(a.shape[:axis], dtype=np.int64))
     post = int(np.prod(a.shape[axis + 1:], dtype=np.int64))
@@ -133,11 +139,15 @@ def sample_box(
         out = a[(Ellipsis,) + tuple(cut)]
         if out.dtype != np.float32:
             out = out.astype(np.float32)
-        for k in sorted(range(3), key=lambda k: -float(step[k])):  # most reduced axis first
-            kind, arg = plans[k]
-            if kind == "lerp" and len(arg) == out.shape[off + k] and np.all(arg == np.arange(len(arg))):
-                continue  # the samples are the voxels themselves
-            out = _matmul_axis(out, off + k, arg) if kind == "matmul" else _lerp(out, off + k, arg)
+        # One BLAS thread for the filtered axes: a multi-threaded sum changes its rounding with the
+        # thread count, and the same scan must give the same result in any process (a 1-thread Ray
+        # worker and a 2-thread `segment` write identical files).
+        with _one_blas_thread() if any(kind == "matmul" for kind, _ in plans) else contextlib.nullcontext():
+            for k in sorted(range(3), key=lambda k: -float(step[k])):  # most reduced axis first
+                kind, arg = plans[k]
+                if kind == "lerp" and len(arg) == out.shape[off + k] and np.all(arg == np.arange(len(arg))):
+                    continue  # the samples are the voxels themselves
+                out = _matmul_axis(out, off + k, arg) if kind == "matmul" else _lerp(out, off + k, arg)
     if fill is not None:
         outside = [(p < -0.5) | (p > n - 0.5) for p, n in zip(pos, sizes)]
         if any(o.any() for o in outside):
