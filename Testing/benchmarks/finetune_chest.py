@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     from LesionSegLib.engine.segment.pipeline import Engine
 
     t0 = time.perf_counter()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="finetune_chest-"))
     db = work / "feedback.db"
     base = Engine(BASE, device="cpu")
@@ -154,7 +155,8 @@ def main(argv=None) -> int:
     confident_false = [c for c in chest_c_before if c["confidence"] >= 0.5 and not c["tp"]]
     result = {
         "command": "OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_chest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs (timings are upper bounds)",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores; the folds run side by side, one process each",
+        "load_average_at_start": load_at_start,
         "base_model": base.card.id,
         "protocol": "leave-one-case-out over the 3 chest CTs; simulated reviewer from ground truth; real scans and labels only",
         "simulated_review": review if folds else None,
