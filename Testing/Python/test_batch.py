@@ -168,3 +168,22 @@ def test_batch_unreachable_address_is_one_line_error(tmp_path):
     assert time.time() - t0 < 30
     errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     assert errors == [next(ln for ln in stderr.splitlines() if "cannot reach the Ray cluster at ray://127.0.0.1:9" in ln)]
+
+
+def test_batch_cancels_when_interrupt_flag_is_set_even_without_the_exception(tmp_path):
+    """The batch loop polls ``interrupted()``: a Ctrl-C whose KeyboardInterrupt a library swallowed
+    still cancels the batch (the CLI's SIGINT handler sets the flag before it raises)."""
+    from LesionSegLib.engine.batch.runner import run_batch
+
+    man = _manifest(tmp_path, SMALL)
+    out = tmp_path / "out"
+    model, key = _model_key(None)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(read_cases(man), str(out), model=model, model_key=key, num_workers=1,
+                  on_event=lambda case, info: seen.append((case.name, case.status)),
+                  interrupted=lambda: any(s == "done" for _, s in seen))
+    rep = _report(out)
+    done = [n for n in SMALL if rep[n]["status"] == "done"]
+    assert len(done) == 1 and [rep[n]["status"] for n in SMALL if n not in done] == ["cancelled", "cancelled"]
+    assert not list(out.glob(".tmp-*")) and not list(Path(out).glob(".*tmp*"))

@@ -250,8 +250,12 @@ def plan(cases: list[Case], outdir: str, model_key: str, threshold, force: bool)
 def run_batch(cases: list[Case], outdir: str, *, model: str | None, model_key: str, address: str | None = None,
               num_workers: int | None = None, cpus_per_task: int = 1, gpus_per_task: float = 0.0,
               device: str = "auto", threshold: float | None = None, force: bool = False,
-              on_event: Callable = lambda case, info: None, on_connected: Callable = lambda text, n: None) -> Batch:
-    """Run ``cases`` into ``outdir``; returns the :class:`Batch` (its cases carry their status)."""
+              on_event: Callable = lambda case, info: None, on_connected: Callable = lambda text, n: None,
+              interrupted: Callable[[], bool] = lambda: False) -> Batch:
+    """Run ``cases`` into ``outdir``; returns the :class:`Batch` (its cases carry their status).
+
+    ``interrupted()`` is polled between waits (at least once a second): when it turns true the
+    batch is cancelled as on a ``KeyboardInterrupt``, even if a library swallowed that exception."""
     with lock_outdir(outdir):
         remove_temporaries(outdir)  # left by a killed earlier run; no writer runs now (the lock)
         todo, settled = plan(cases, outdir, model_key, threshold, force)
@@ -273,6 +277,8 @@ def run_batch(cases: list[Case], outdir: str, *, model: str | None, model_key: s
             try:
                 batch.start_workers(n, options, args)
                 while batch.queue or batch.inflight:
+                    if interrupted():
+                        raise KeyboardInterrupt
                     batch.dispatch()
                     batch.collect(options, args)
             except KeyboardInterrupt:

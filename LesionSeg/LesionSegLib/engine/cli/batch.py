@@ -63,7 +63,11 @@ class BatchProgress:
             self.bar.close()
 
 
+_INTERRUPTS: list[int] = []  # signals received; the batch loop polls it, so Ctrl-C is never lost
+
+
 def _interrupt(signum, frame):
+    _INTERRUPTS.append(signum)
     raise KeyboardInterrupt
 
 
@@ -87,11 +91,13 @@ def cmd_batch(args) -> int:
         return 2
     prog = BatchProgress(args.progress, len(cases))
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated batch cleans up as on Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)  # recorded too: the loop cancels even if Ray swallows the exception
     try:
         batch = run_batch(cases, args.output, model=model, model_key=key, address=args.address,
                           num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
                           gpus_per_task=args.gpus_per_task, device=args.device, threshold=args.threshold,
-                          force=args.force, on_event=prog.case, on_connected=prog.connected)
+                          force=args.force, on_event=prog.case, on_connected=prog.connected,
+                          interrupted=lambda: bool(_INTERRUPTS))
     except LesionSegError as exc:
         prog.close()
         print(f"error: {exc}", file=sys.stderr)
