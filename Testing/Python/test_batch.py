@@ -23,8 +23,8 @@ from LesionSegLib.engine.cli.batch import _model_key
 DATA = data.data_root()
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["STS_019", "STS_025", "STS_008"]  # the three smallest STS crops
-pytestmark = pytest.mark.skipif(not (DATA / "sts" / "STS_019").is_dir(),
-                                reason=f"shared CT data folder {DATA} is absent (set LESIONSEG_DATA)")
+NO_DATA = f"shared CT data folder {DATA} is absent (set LESIONSEG_DATA)"  # the only reason to skip
+pytestmark = pytest.mark.skipif(not (DATA / "sts" / "STS_019").is_dir(), reason=NO_DATA)  # no LESIONSEG_DATA
 NRRD_DATE = re.compile(rb"^# on \d{4}-\d\d-\d\d [\d:]+\(GMT\)\.\n", re.M)  # pynrrd's write-time comment
 
 
