@@ -153,7 +153,7 @@ def training_minutes(card) -> dict:
     for part in ("detector", "roi_segmenter"):  # DetSeg3D's two networks
         if isinstance(tr.get(part), dict) and tr[part].get("minutes") is not None:
             out[part] = tr[part]["minutes"]
-    for key, part in (("classifier_minutes", "classifier"), ("card_minutes", "classifier")):
+    for key, part in (("classifier_minutes", "classifier"), ("card_minutes", "card")):  # DetSeg3D: assembling its card
         if key in tr:
             out[part] = tr[key]
     return out

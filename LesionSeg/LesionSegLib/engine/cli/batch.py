@@ -90,6 +90,7 @@ def cmd_batch(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prog = BatchProgress(args.progress, len(cases))
+    _INTERRUPTS.clear()  # a signal from an earlier batch in this process does not cancel this one
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated batch cleans up as on Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)  # recorded too: the loop cancels even if Ray swallows the exception
     try:

@@ -301,7 +301,7 @@ class ClcsEngine(Engine):
         shape = target_shape(crop.shape, spacing, self.seg_cfg["spacing_zyx"])
         # HU to the model grid low-pass filtered where the grid is coarser (a 0.6 mm chest CT is
         # decimated ~3x); the ~2 mm training crops are not filtered (no axis is reduced by > 1 voxel)
-        x = hu_windows(resample_antialiased(crop.astype(np.float32, copy=False), shape), self.seg_cfg["hu_windows"])
+        x = hu_windows(resample_antialiased(crop, shape), self.seg_cfg["hu_windows"])
         timings["preprocess"] = time.perf_counter() - t
         _report(progress, "preprocess", 1.0)
         t = time.perf_counter()
