@@ -324,7 +324,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.runVolume = volume
         self.runStarted = time.monotonic()
-        self._lastStage = ""
+        self._stagesLogged = 0
         self.logBox.append(f"segmenting '{volume.GetName()}' with {os.path.basename(str(self.currentModel()))} on {self.currentDevice()}", stamp=True)
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setVisible(True)
@@ -339,13 +339,13 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         runner.poll()
         self.logBox.append(runner.new_lines())
+        for stage in runner.stages[self._stagesLogged:]:  # every stage, also those passed between two polls
+            self.logBox.append(f"stage: {stage}", stamp=True)
+        self._stagesLogged = len(runner.stages)
         percent = int(round(100 * runner.fraction))
         self.ui.progressBar.setValue(percent)
         if runner.state == "running":
             stage = runner.stage or "starting"
-            if stage != self._lastStage:
-                self.logBox.append(f"stage: {stage}", stamp=True)
-                self._lastStage = stage
             self.ui.statusLabel.setText(f"{stage.capitalize()}... {percent}%  ({time.monotonic() - self.runStarted:.0f} s)")
             return
         self.pollTimer.stop()

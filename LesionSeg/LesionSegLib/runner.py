@@ -51,6 +51,7 @@ class BackgroundSegmentation:
         self.state = "idle"
         self.fraction = 0.0
         self.stage = ""
+        self.stages: list[str] = []  # every stage the engine reported, in order (a fast run can pass several between polls)
         self.error = ""
         self.done_event: dict | None = None
         self.workdir: Path | None = None
@@ -123,14 +124,7 @@ class BackgroundSegmentation:
             except queue.Empty:
                 break
         for ev in events:
-            kind = ev.get("event")
-            if kind == "progress":
-                self.fraction = float(ev.get("fraction", self.fraction))
-                self.stage = str(ev.get("stage", self.stage))
-            elif kind == "done":
-                self.done_event = ev
-            elif kind == "error":
-                self.error = str(ev.get("message") or "the engine failed")
+            self._apply(ev)
         if self.state == "running" and self.proc is not None and self.proc.poll() is not None:
             events += self.poll_remaining()  # the reader threads have ended: every line is in
             rc = self.proc.returncode
@@ -146,6 +140,19 @@ class BackgroundSegmentation:
                 self._remove_workdir()
         return events
 
+    def _apply(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "progress":
+            self.fraction = float(ev.get("fraction", self.fraction))
+            stage = str(ev.get("stage", self.stage))
+            if stage and stage != self.stage:
+                self.stages.append(stage)
+            self.stage = stage
+        elif kind == "done":
+            self.done_event = ev
+        elif kind == "error":
+            self.error = str(ev.get("message") or "the engine failed")
+
     def poll_remaining(self) -> list[dict]:
         out = []
         while True:
@@ -154,10 +161,7 @@ class BackgroundSegmentation:
             except queue.Empty:
                 return out
             out.append(ev)
-            if ev.get("event") == "done":
-                self.done_event = ev
-            elif ev.get("event") == "error":
-                self.error = str(ev.get("message") or "the engine failed")
+            self._apply(ev)
 
     @property
     def running(self) -> bool:

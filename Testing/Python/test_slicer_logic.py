@@ -409,6 +409,22 @@ def test_dicom_seg_export(run, tmp_path):
 
 
 # --------------------------------------------------------------------- background runner
+def test_runner_keeps_every_stage_between_polls():
+    """A fast run passes several stages between two polls of the GUI timer: none is lost (CI saw
+    'stage: inference' missing from the log box when the whole engine run took 0.6 s)."""
+    from LesionSegLib.runner import BackgroundSegmentation
+
+    runner = BackgroundSegmentation(None, "case")
+    for fraction, stage in ((0.1, "preprocess"), (0.2, "preprocess"), (0.5, "inference"), (0.9, "clusters")):
+        runner._events.put({"event": "progress", "fraction": fraction, "stage": stage})
+    runner.poll()
+    assert runner.stages == ["preprocess", "inference", "clusters"] and runner.stage == "clusters"
+    assert runner.fraction == 0.9
+    runner._events.put({"event": "progress", "fraction": 1.0, "stage": "clusters"})
+    runner.poll()
+    assert runner.stages == ["preprocess", "inference", "clusters"]  # a repeated stage is not a new one
+
+
 def test_background_run_matches_in_process(run):
     from LesionSegLib import mrml
 
@@ -417,6 +433,7 @@ def test_background_run_matches_in_process(run):
     workdir = runner.workdir
     assert runner.wait(timeout=300) == "finished", runner.error
     assert runner.fraction == 1.0 and runner.stage
+    assert {"preprocess", "inference"} <= set(runner.stages)  # every stage is kept for the log box
     assert {n.GetID() for n in _nodes(run.volume.GetScene())} == before  # nothing before finish
     seg, table = run.logic.finish_background(runner, run.volume, threshold=0.3)
     try:
