@@ -122,6 +122,25 @@ def test_per_roi_loss_weighs_each_roi_the_same():
     assert float(pooled(miss_small, target) / pooled(miss_big, target)) < 0.01
 
 
+def test_roi_segmenter_from_clcs_model_keeps_its_probabilities():
+    """--init-from: the CLCS segmenter as a one-logit RoI network gives sigmoid(logit) equal to the
+    original two-class softmax[1] (deep supervision off), so RoI training starts from what it knows."""
+    from LesionSegLib.engine.learn.train_detseg import roi_network_from_clcs
+    from LesionSegLib.engine.segment.networks import build_segmenter
+
+    cfg, net, record = roi_network_from_clcs("sts-clcs")
+    assert cfg["out_channels"] == 1 and not cfg["deep_supervision"] and record["from_model"].startswith("sts-clcs@")
+    assert record["train_cases"] and not set(record["train_cases"]) & set(data.STS_VAL)  # validation stays held out
+    card = models.get_card("sts-clcs")
+    orig = build_segmenter({**card.part("segmenter")["network"], "deep_supervision": False})
+    orig.load_state_dict({k: v for k, v in card.load_state("segmenter").items() if k in orig.state_dict()}, strict=False)
+    x = torch.rand(1, 2, 32, 48, 48)
+    with torch.inference_mode():
+        p_roi = torch.sigmoid(net.eval()(x))[0, 0]
+        p_orig = torch.softmax(orig.eval()(x), 1)[0, 1]
+    assert float((p_roi - p_orig).abs().max()) < 1e-4
+
+
 # ------------------------------------------------------------------------------ registry
 def _tiny_detseg(folder, threshold=0.1):
     """A detseg model folder with untrained (tiny) networks and a valid card."""

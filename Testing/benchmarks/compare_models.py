@@ -152,7 +152,12 @@ def training_minutes(card) -> dict:
     out = {"segmenter": seg.get("minutes")} if isinstance(seg, dict) else {}
     for part in ("detector", "roi_segmenter"):  # DetSeg3D's two networks
         if isinstance(tr.get(part), dict) and tr[part].get("minutes") is not None:
-            out[part] = tr[part]["minutes"]
+            from LesionSegLib.engine.learn.detseg_card import stage_minutes
+
+            out[part] = round(stage_minutes(tr[part]), 2)  # with the weights it continued from
+            source = (tr[part].get("init") or {}).get("from_model")
+            if source:  # started from another model's segmenter: its training counts too
+                out[f"{part}_init_{source}"] = get_card(source).data.get("training", {}).get("segmenter", {}).get("minutes")
     for key, part in (("classifier_minutes", "classifier"), ("card_minutes", "card")):  # DetSeg3D: assembling its card
         if key in tr:
             out[part] = tr[key]

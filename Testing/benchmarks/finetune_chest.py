@@ -1,7 +1,7 @@
 """Adapting the sarcoma model to chest CT from simulated corrections, leave-one-case-out.
 
     OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_chest.py -o Resources/evaluation/finetune_chest.json \
-        [--steps 30] [--replay-cases 8]
+        [--steps 30] [--replay-cases 8] [--lr 1e-4]
     OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_chest.py -o Resources/evaluation/finetune_chest_base.json --base-only
 
 1. Start from the shipped sarcoma model (``sts-clcs``).
@@ -65,7 +65,7 @@ def task_base(name):
 
 
 def task_fold(args):
-    held, db, steps, n_replay, models_dir = args
+    held, db, steps, n_replay, models_dir, lr = args
     _setup()
     os.environ["LESIONSEG_MODELS"] = models_dir
     from LesionSegLib.engine import data as dataset
@@ -74,7 +74,7 @@ def task_fold(args):
 
     t = time.perf_counter()
     train = [c for c in CHEST if c != held]
-    res = finetune(db, BASE, f"chest-loco-{held.lower()}", steps=steps, cases=train, held_apart=0,
+    res = finetune(db, BASE, f"chest-loco-{held.lower()}", steps=steps, cases=train, held_apart=0, **({"lr": lr} if lr else {}),
                    replay_cases=dataset.STS_TRAIN[:n_replay], cls_replay_cases=2, min_cases=2)
     t_ft = time.perf_counter() - t
     new = Engine(res.card, device="cpu")
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--replay-cases", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: lesionseg finetune's)")
     ap.add_argument("--processes", type=int, default=4, help="parallel processes for the base model's scoring")
     ap.add_argument("--base-only", action="store_true",
                     help="only the base model: OOD AUROCs and chest calibration before fine-tuning (no folds)")
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
             print(n, review[n], flush=True)
         store.close()
         with ctx.Pool(len(CHEST)) as pool:
-            folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models")) for h in CHEST])
+            folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models"), args.lr) for h in CHEST])
     t_base = time.perf_counter() - t0
     chest_after = {f["held_out"]: f["chest_after"][f["held_out"]] for f in folds}
     sts_after = {f["held_out"]: _summary(f["sts_after"]) for f in folds}

@@ -4,7 +4,11 @@
 
 1. The stage weights (``detector.safetensors``, ``roi_segmenter.safetensors``) are copied with
    their configs; the patch classifier is taken from ``--classifier-from`` (default ``sts-clcs``,
-   checksum verified), so CLCS confidences, review and retraining work unchanged.
+   checksum verified), so CLCS confidences, review and retraining work unchanged.  With
+   ``--classifier-own`` its head is then retrained on this model's own stage-2 clusters of the
+   TRAINING cases (labelled by the matching rule; cross-validated grouped by case, temperature
+   from the out-of-fold logits), because a classifier fitted on another segmenter's clusters
+   mis-scores these masks (sts-clcs 1.1.0's classifier on sts-detseg 1.0.0: Dice 0.012).
 2. The detector score's temperature is fitted on the clusters of the TRAINING cases
    (STS_001-033), never on the validation cases.
 3. Both confidence sources (``classifier`` and ``detector``) are scored on the validation cases
@@ -44,6 +48,10 @@ def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str
             "confidence_source": "classifier"}
     for stage, src in zip(STAGES, ("detector", "roi")):
         part = json.loads((run / f"{src}.json").read_text(encoding="utf-8"))
+        init = (part.get("training") or {}).get("init") or {}
+        earlier = run / (Path(str(init.get("weights", ""))).stem + ".json") if init.get("weights") else None
+        if earlier is not None and earlier.is_file():  # continued from earlier weights: their training counts too
+            init["training"] = json.loads(earlier.read_text(encoding="utf-8")).get("training")
         fname = f"{stage}.safetensors"
         shutil.copy(run / part["file"], out / fname)
         part["file"], part["sha256"] = fname, sha256_file(out / fname)
@@ -124,6 +132,29 @@ def figures(cases: list[dict], threshold: float) -> dict:
             "n_clusters": int(len(tp)), "n_tp_clusters": int(tp.sum())}
 
 
+def stage_minutes(record: dict) -> float:
+    """A stage's training minutes, with those of the weights it continued from (``init.training``)."""
+    earlier = ((record.get("init") or {}).get("training") or {})
+    return float(record["minutes"]) + (stage_minutes(earlier) if earlier else 0.0)
+
+
+def own_classifier(engine, names, by_name, out: Path) -> dict:
+    """The card's classifier section after retraining its head on ``engine``'s clusters of ``names``."""
+    from ..segment.classifier import save_classifier
+    from .finetune import _read_case, retrain_classifier
+
+    items = [(n, *_read_case(by_name[n])) for n in names]
+    cm, info, _ = retrain_classifier(engine, items, engine.classifier)
+    if not info.get("retrained"):
+        raise SystemExit(f"error: the classifier could not be retrained: {info.get('reason')}")
+    section = save_classifier(cm, out, "classifier.safetensors")
+    section["from_model"] = engine.card.data["classifier"].get("from_model")
+    section["training"] = {"what": "head retrained on this model's stage-2 clusters (thresholds 0.5 and 0.3)",
+                           "cases": f"{names[0]}-{names[-1]} ({len(names)}, training)",
+                           "label_counts": info["label_counts"], "validation": info["validation"], "trainer": info.get("trainer")}
+    return section
+
+
 def main(argv=None) -> int:
     from ..segment.pipeline import Engine
 
@@ -133,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="sts-detseg")
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--classifier-from", default="sts-clcs")
+    ap.add_argument("--classifier-own", action="store_true",
+                    help="retrain the classifier head on this model's clusters of the training cases")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train", nargs="*", default=None, help="cases for the temperature (default STS_001-033)")
     ap.add_argument("--val", nargs="*", default=None, help="cases scored (default STS_034-041)")
@@ -150,6 +183,10 @@ def main(argv=None) -> int:
     card["detector"]["threshold_fit"] = {**fit, "cases": f"{train_names[0]}-{train_names[-1]} (training)"}
     print(f"detector threshold {card['detector']['threshold']} ({fit})", flush=True)
     engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
+    if args.classifier_own:
+        card["classifier"] = own_classifier(engine, train_names, by_name, out)
+        print(f"classifier retrained on own clusters: {json.dumps(card['classifier']['training']['label_counts'])}", flush=True)
+        engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
     # detector-score temperature: fitted on the training cases' clusters
     tr = scored_cases(engine, train_names, by_name, ("detector",))["detector"]
     p = np.clip(np.concatenate([c["conf"] for c in tr]), 1e-6, 1 - 1e-6)
@@ -175,7 +212,7 @@ def main(argv=None) -> int:
                     "matching_rule": "TP if IoU >= 0.1 or >= 50% of the cluster inside a GT lesion (26-connected, cc3d)"}
     card["training"] = {stage: card[stage].pop("training") for stage in STAGES}
     card["training"]["card_minutes"] = round((time.time() - t0) / 60, 1)
-    card["training"]["total_minutes_stages"] = round(sum(card["training"][s]["minutes"] for s in STAGES), 1)
+    card["training"]["total_minutes_stages"] = round(sum(stage_minutes(card["training"][s]) for s in STAGES), 1)
     card["files"] = {f: sha256_file(out / f) for f in sorted(p.name for p in out.glob("*.safetensors"))}
     ModelCard(out, card).save()
     print(json.dumps(card["metrics"], indent=2))

@@ -11,6 +11,12 @@ box jittered like a detector's (centre +-15 % of the size, size x0.75-1.35), plu
 without a lesion; the loss is :func:`..detseg.losses.per_roi_loss`.  AdamW with cosine decay
 over a wall-clock budget; the weights are saved (safetensors) every few minutes and at the end.
 The stages are independent, so they may run as two processes side by side.
+
+Starting points: ``--init FILE`` continues from a stage's own safetensors (same config);
+``--init-from MODEL`` (RoI stage) starts the RoI segmenter from a CLCS model's segmenter: the same
+MONAI network, deep supervision off and its two-class softmax head turned into the equivalent
+one-logit head (``logit = z1 - z0``, so ``sigmoid(logit) = softmax(z)[1]``).  The CLCS segmenter
+must have been trained on the same training cases, or the validation figures are not held out.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from ..detseg.roi import DEFAULT_CONTEXT, crop, roi_for_box
 from ..io.images import read_image, read_label
 from ..io.preprocess import spacing_zyx, to_canonical
 from ..io.resample import sample_box
-from ..models import save_weights
+from ..models import get_card, save_weights
 
 HU_WINDOWS = [[-200.0, 300.0], [-1000.0, 1500.0]]
 DETECTOR_CONFIG = {"network": DEFAULT_DETECTOR, "grid_spacing_zyx": [6.0, 4.0, 4.0], "hu_windows": HU_WINDOWS,
@@ -121,19 +127,58 @@ def _batch(samples):
     return xs, ys
 
 
+def roi_network_from_clcs(model: str) -> tuple[dict, torch.nn.Module, dict]:
+    """(network config, network, init record): a CLCS model's segmenter as a one-logit RoI segmenter."""
+    card = get_card(model)
+    seg = card.part("segmenter")
+    if [list(w) for w in seg.get("hu_windows", [])] != HU_WINDOWS:
+        raise SystemExit(f"error: {card.id} uses HU windows {seg.get('hu_windows')}, the RoI stage {HU_WINDOWS}")
+    cfg = {**seg["network"], "out_channels": 1, "deep_supervision": False}
+    cfg.pop("deep_supr_num", None)
+    net = build_roi_segmenter(cfg)
+    state = dict(card.load_state("segmenter"))
+    own = net.state_dict()
+    head = [k for k in own if k.startswith("output_block.")]
+    for k in head:
+        w = state[k]
+        if w.shape[0] != 2:
+            raise SystemExit(f"error: {card.id}'s segmenter has {w.shape[0]} output channels; a two-class head is needed")
+        state[k] = (w[1] - w[0])[None]
+    state = {k: v for k, v in state.items() if k in own}
+    missing, _ = net.load_state_dict(state, strict=False)
+    shared = {own[k].data_ptr() for k in state}
+    missing = [k for k in missing if own[k].data_ptr() not in shared]
+    if missing:
+        raise SystemExit(f"error: {card.id}'s segmenter does not fit (missing {missing[:3]})")
+    train = card.data.get("training", {}).get("segmenter", {}).get("train_cases")
+    return cfg, net, {"from_model": card.id, "part": "segmenter", "sha256": seg.get("sha256"), "train_cases": train}
+
+
 def train_stage(stage: str, cases: list[Case], out: Path, minutes: float, batch: int, lr: float, seed: int,
-                max_steps: int = 0) -> dict:
+                max_steps: int = 0, init: str | None = None, init_from: str | None = None) -> dict:
     """Train one stage for ``minutes`` (or ``max_steps``); write ``<stage>.safetensors`` and
     ``<stage>.json`` (config + training record) into ``out``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    init_record = None
     if stage == "detector":
         cfg = json.loads(json.dumps(DETECTOR_CONFIG))
         net, sampler = build_detector(cfg["network"]), detector_sample
         loss_fn = lambda o, t: detector_loss(o, t)[0]  # noqa: E731
     else:
         cfg = json.loads(json.dumps(ROI_CONFIG))
-        net, sampler, loss_fn = build_roi_segmenter(cfg["network"]), roi_sample, per_roi_loss
+        if init_from:
+            cfg["network"], net, init_record = roi_network_from_clcs(init_from)
+        else:
+            net = build_roi_segmenter(cfg["network"])
+        sampler, loss_fn = roi_sample, per_roi_loss
+    if init:
+        from safetensors.torch import load_file
+
+        from ..models import sha256_file
+
+        net.load_state_dict(load_file(init), strict=True)
+        init_record = {"weights": Path(init).name, "sha256": sha256_file(init)}
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     out.mkdir(parents=True, exist_ok=True)
     budget, start, last_save = minutes * 60.0, time.time(), time.time()
@@ -163,7 +208,7 @@ def train_stage(stage: str, cases: list[Case], out: Path, minutes: float, batch:
     record = {**cfg, "file": f"{stage}.safetensors", "sha256": sha,
               "n_parameters": int(sum(p.numel() for p in net.parameters())),
               "training": {"cases": [c.name for c in cases], "steps": step, "batch": batch, "lr": lr, "seed": seed,
-                           "minutes": round((time.time() - start) / 60, 2), "budget_minutes": minutes,
+                           "minutes": round((time.time() - start) / 60, 2), "budget_minutes": minutes, "init": init_record,
                            "final_loss": round(float(np.mean(losses[-50:])), 5) if losses else None,
                            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} CPU, {platform.node()}"}}
     (out / f"{stage}.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -182,12 +227,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", nargs="*", default=None, help="case names (default STS_001-033)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init", default=None, metavar="FILE", help="continue from this stage's safetensors")
+    ap.add_argument("--init-from", default=None, metavar="MODEL", help="RoI stage: start from a CLCS model's segmenter")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cases = load_cases(args.train or dataset.STS_TRAIN)
     batch = args.batch or (2 if args.stage == "detector" else 4)
     lr = args.lr or (4e-3 if args.stage == "detector" else 2e-3)
-    train_stage(args.stage, cases, Path(args.out), args.minutes, batch, lr, args.seed, args.max_steps)
+    if args.init_from and args.stage != "roi":
+        raise SystemExit("error: --init-from is for the RoI stage")
+    train_stage(args.stage, cases, Path(args.out), args.minutes, batch, lr, args.seed, args.max_steps, args.init, args.init_from)
     return 0
 
 
