@@ -113,6 +113,16 @@ def save_weights(obj: "torch.nn.Module | dict[str, torch.Tensor]", path: str | o
     return sha256_file(path)
 
 
+def load_state_shared(module: "torch.nn.Module", state: dict) -> tuple[list[str], list[str]]:
+    """``module.load_state_dict(state, strict=False)``; returns (missing, unexpected) where a name
+    that shares its tensor with a loaded one (stored once by :func:`save_weights`) is not missing."""
+    own = module.state_dict()
+    storage = {k: (v.data_ptr(), tuple(v.shape)) for k, v in own.items()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    loaded = {storage[k] for k in state if k in storage}
+    return [k for k in missing if storage.get(k) not in loaded], list(unexpected)
+
+
 @dataclass
 class ModelCard:
     folder: Path
@@ -207,14 +217,10 @@ class ModelCard:
         """Load the checksum-verified weights of ``key`` into ``module`` (strict; tensors that the
         module shares between two names, stored once by ``save_model``, count as loaded)."""
         state = self.load_state(key)
-        own = module.state_dict()
-        storage = {k: (v.data_ptr(), tuple(v.shape)) for k, v in own.items()}
         try:
-            missing, unexpected = module.load_state_dict(state, strict=False)
+            missing, unexpected = load_state_shared(module, state)
         except Exception as exc:
             raise ModelError(f"model {self.id}: cannot load {self.part(key)['file']} into the network: {exc}") from None
-        loaded = {storage[k] for k in state if k in storage}
-        missing = [k for k in missing if storage.get(k) not in loaded]
         if missing or unexpected:
             raise ModelError(f"model {self.id}: {self.part(key)['file']} does not fit the network "
                              f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")

@@ -41,7 +41,7 @@ from ..detseg.roi import DEFAULT_CONTEXT, crop, roi_for_box
 from ..io.images import read_image, read_label
 from ..io.preprocess import spacing_zyx, to_canonical
 from ..io.resample import sample_box
-from ..models import get_card, save_weights
+from ..models import get_card, load_state_shared, save_weights
 
 HU_WINDOWS = [[-200.0, 300.0], [-1000.0, 1500.0]]
 DETECTOR_CONFIG = {"network": DEFAULT_DETECTOR, "grid_spacing_zyx": [6.0, 4.0, 4.0], "hu_windows": HU_WINDOWS,
@@ -145,9 +145,7 @@ def roi_network_from_clcs(model: str) -> tuple[dict, torch.nn.Module, dict]:
             raise SystemExit(f"error: {card.id}'s segmenter has {w.shape[0]} output channels; a two-class head is needed")
         state[k] = (w[1] - w[0])[None]
     state = {k: v for k, v in state.items() if k in own}
-    missing, _ = net.load_state_dict(state, strict=False)
-    shared = {own[k].data_ptr() for k in state}
-    missing = [k for k in missing if own[k].data_ptr() not in shared]
+    missing, _ = load_state_shared(net, state)
     if missing:
         raise SystemExit(f"error: {card.id}'s segmenter does not fit (missing {missing[:3]})")
     train = card.data.get("training", {}).get("segmenter", {}).get("train_cases")
@@ -177,7 +175,9 @@ def train_stage(stage: str, cases: list[Case], out: Path, minutes: float, batch:
 
         from ..models import sha256_file
 
-        net.load_state_dict(load_file(init), strict=True)
+        missing, unexpected = load_state_shared(net, load_file(init))
+        if missing or unexpected:
+            raise SystemExit(f"error: {init} does not fit the {stage} network (missing {missing[:3]}, unexpected {unexpected[:3]})")
         init_record = {"weights": Path(init).name, "sha256": sha256_file(init)}
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     out.mkdir(parents=True, exist_ok=True)
