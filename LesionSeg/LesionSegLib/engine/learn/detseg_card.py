@@ -42,8 +42,7 @@ STAGES = ("detector", "roi_segmenter")
 def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     card = {"name": name, "version": version, "architecture": "detseg",
-            "description": "DetSeg3D on soft-tissue sarcoma CT: anchor-free CenterFPN detector on a 6x4x4 mm grid + "
-                           "MONAI UNet per RoI (32x48x48, context), CLCS patch classifier",
+            "description": "",
             "postprocess": {"prob_threshold": 0.5, "min_size_mm3": 100.0}, "confidence_threshold": 0.5,
             "confidence_source": "classifier"}
     for stage, src in zip(STAGES, ("detector", "roi")):
@@ -56,6 +55,13 @@ def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str
         shutil.copy(run / part["file"], out / fname)
         part["file"], part["sha256"] = fname, sha256_file(out / fname)
         card[stage] = part
+    roi = card["roi_segmenter"]
+    init = (roi.get("training") or {}).get("init") or {}
+    card["description"] = (
+        "DetSeg3D on soft-tissue sarcoma CT: anchor-free CenterFPN detector on a "
+        f"{'x'.join(f'{v:g}' for v in card['detector']['grid_spacing_zyx'])} mm grid + MONAI {roi['network']['type']} per RoI "
+        f"({'x'.join(str(v) for v in roi['roi_shape'])}, context"
+        + (f", started from {init['from_model']}'s segmenter" if init.get("from_model") else "") + "), CLCS patch classifier")
     if classifier_from:
         parent = get_card(classifier_from)
         src = parent.verified_path("classifier")
