@@ -7,7 +7,7 @@ import sys
 from ..errors import CancelledError, ModelError
 from ..feedback import FeedbackStoreError
 from ..learn import ood_fit
-from ..learn.finetune import DEFAULT_STEPS, MIN_CASES, FinetuneError, finetune
+from ..learn.finetune import DEFAULT_LR, DEFAULT_STEPS, MIN_CASES, FinetuneError, finetune
 from ..learn.labels import RetrainError
 from .common import Progress, emit
 
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
                    "(default: the base model's name, next version)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (batch of 2)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the training loop")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (AdamW, cosine decay)")
     p.add_argument("--replay", type=float, default=0.5, help="fraction of each batch from the base training data")
     p.add_argument("--replay-cases", default=None, metavar="NAMES", help="comma-separated cases of the data folder "
                    "replayed (default: the base training split STS_001-033; 'none': no replay)")
