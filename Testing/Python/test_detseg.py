@@ -320,3 +320,21 @@ def test_retrain_from_review_works_for_a_detseg_model(tmp_path, monkeypatch):
     assert type(eng) is DetSegEngine
     out = eng.segment(sitk.ReadImage(str(data.case("STS_041").image)), threshold=0.0)
     assert out.model_id == card.id and all(0.0 <= les.confidence <= 1.0 for les in out.lesions)
+
+
+def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
+    """`lesionseg train-detseg` runs both stages and the card with the options that made sts-detseg 1.1.0."""
+    import subprocess
+
+    from LesionSegLib.engine import cli
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, *a, **k: calls.append(list(cmd)) or 0)
+    rc = cli.main(["train-detseg", "-o", str(tmp_path / "m"), "--version", "1.1.0", "--detector-init", "d.safetensors",
+                   "--roi-init-from", "sts-clcs", "--classifier-own", "--detector-minutes", "1", "--roi-minutes", "1"])
+    assert rc == 0 and len(calls) == 3
+    det, roi, card = calls
+    assert det[det.index("--stage") + 1] == "detector" and det[det.index("--init") + 1] == "d.safetensors"
+    assert roi[roi.index("--stage") + 1] == "roi" and roi[roi.index("--init-from") + 1] == "sts-clcs" and "--init" not in roi
+    assert "LesionSegLib.engine.learn.detseg_card" in card and "--classifier-own" in card
+    assert card[card.index("--version") + 1] == "1.1.0"

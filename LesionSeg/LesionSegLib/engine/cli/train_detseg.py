@@ -19,7 +19,8 @@ def cmd_train_detseg(args) -> int:
     base = [python_executable(), "-u", "-m"]
     stage = lambda s, m: base + ["LesionSegLib.engine.learn.train_detseg", "--stage", s, "-o", str(run),  # noqa: E731
                                  "--minutes", str(m), "--threads", str(args.threads)]
-    jobs = [stage("detector", args.detector_minutes), stage("roi", args.roi_minutes)]
+    jobs = [stage("detector", args.detector_minutes) + (["--init", args.detector_init] if args.detector_init else []),
+            stage("roi", args.roi_minutes) + (["--init-from", args.roi_init_from] if args.roi_init_from else [])]
     if args.parallel:
         procs = [subprocess.Popen(j) for j in jobs]
         codes = [p.wait() for p in procs]
@@ -29,7 +30,8 @@ def cmd_train_detseg(args) -> int:
         print(f"error: stage training failed (exit codes {codes})", file=sys.stderr)
         return 1
     return subprocess.call(base + ["LesionSegLib.engine.learn.detseg_card", "--run", str(run), "-o", args.output,
-                                   "--name", args.name, "--threads", str(args.threads)])
+                                   "--name", args.name, "--version", args.version, "--threads", str(args.threads)]
+                           + (["--classifier-own"] if args.classifier_own else []))
 
 
 def register(sub) -> None:
@@ -41,4 +43,8 @@ def register(sub) -> None:
     sp.add_argument("--roi-minutes", type=float, default=34.0)
     sp.add_argument("--parallel", action="store_true", help="train the two stages side by side (two processes)")
     sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--version", default="1.0.0")
+    sp.add_argument("--detector-init", default=None, metavar="FILE", help="continue the detector from these weights")
+    sp.add_argument("--roi-init-from", default=None, metavar="MODEL", help="start the RoI segmenter from a CLCS model's segmenter")
+    sp.add_argument("--classifier-own", action="store_true", help="retrain the classifier head on the model's own training clusters")
     sp.set_defaults(func=cmd_train_detseg)
