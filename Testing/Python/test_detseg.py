@@ -331,10 +331,12 @@ def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, *a, **k: calls.append(list(cmd)) or 0)
     rc = cli.main(["train-detseg", "-o", str(tmp_path / "m"), "--version", "1.1.0", "--detector-init", "d.safetensors",
-                   "--roi-init-from", "sts-clcs", "--classifier-own", "--detector-minutes", "1", "--roi-minutes", "1"])
+                   "--roi-init-from", "sts-clcs", "--classifier-own", "--detector-minutes", "1", "--roi-minutes", "1",
+                   "--roi-lr", "1e-3"])
     assert rc == 0 and len(calls) == 3
     det, roi, card = calls
     assert det[det.index("--stage") + 1] == "detector" and det[det.index("--init") + 1] == "d.safetensors"
     assert roi[roi.index("--stage") + 1] == "roi" and roi[roi.index("--init-from") + 1] == "sts-clcs" and "--init" not in roi
+    assert float(roi[roi.index("--lr") + 1]) == 1e-3 and "--lr" not in det  # the detector keeps its stage default
     assert "LesionSegLib.engine.learn.detseg_card" in card and "--classifier-own" in card
     assert card[card.index("--version") + 1] == "1.1.0"

@@ -19,8 +19,10 @@ def cmd_train_detseg(args) -> int:
     base = [python_executable(), "-u", "-m"]
     stage = lambda s, m: base + ["LesionSegLib.engine.learn.train_detseg", "--stage", s, "-o", str(run),  # noqa: E731
                                  "--minutes", str(m), "--threads", str(args.threads)]
-    jobs = [stage("detector", args.detector_minutes) + (["--init", args.detector_init] if args.detector_init else []),
-            stage("roi", args.roi_minutes) + (["--init-from", args.roi_init_from] if args.roi_init_from else [])]
+    jobs = [stage("detector", args.detector_minutes) + (["--init", args.detector_init] if args.detector_init else [])
+            + (["--lr", str(args.detector_lr)] if args.detector_lr else []),
+            stage("roi", args.roi_minutes) + (["--init-from", args.roi_init_from] if args.roi_init_from else [])
+            + (["--lr", str(args.roi_lr)] if args.roi_lr else [])]
     if args.parallel:
         procs = [subprocess.Popen(j) for j in jobs]
         codes = [p.wait() for p in procs]
@@ -46,5 +48,7 @@ def register(sub) -> None:
     sp.add_argument("--version", default="1.0.0")
     sp.add_argument("--detector-init", default=None, metavar="FILE", help="continue the detector from these weights")
     sp.add_argument("--roi-init-from", default=None, metavar="MODEL", help="start the RoI segmenter from a CLCS model's segmenter")
+    sp.add_argument("--detector-lr", type=float, default=None, help="default: the stage's (4e-3)")
+    sp.add_argument("--roi-lr", type=float, default=None, help="default: the stage's (2e-3)")
     sp.add_argument("--classifier-own", action="store_true", help="retrain the classifier head on the model's own training clusters")
     sp.set_defaults(func=cmd_train_detseg)
