@@ -91,6 +91,13 @@ def _box_of(mask: np.ndarray, spacing) -> np.ndarray:
     return np.concatenate([(lo + hi - 1) / 2 * sp, (hi - lo) * sp])
 
 
+def _edges_touched(comp: np.ndarray, roi) -> np.ndarray:
+    """Per axis: does the component reach the RoI's sampled span where the array goes on beyond it?"""
+    a, b = roi.index_range(comp.shape)
+    pts = np.argwhere(comp)
+    return ((pts.min(0) <= a) & (a > 0)) | ((pts.max(0) + 1 >= b) & (b < np.asarray(comp.shape)))
+
+
 def lesion_mask(engine, hu: np.ndarray, sp, p_mm: np.ndarray, cancel=None) -> tuple[np.ndarray, np.ndarray, float] | None:
     """(component mask, probability, threshold used) of the lesion at ``p_mm`` on a canonical crop; None if none
     (see the module's docstring for the scale choice and the re-fits)."""
@@ -113,9 +120,7 @@ def lesion_mask(engine, hu: np.ndarray, sp, p_mm: np.ndarray, cancel=None) -> tu
         roi_t, prob_t, comp_t, thr_t = run(trial)
         if comp_t is None:
             continue
-        a, b = roi_t.index_range(hu.shape)
-        pts = np.argwhere(comp_t)
-        edge = np.any((pts.min(0) <= a) & (a > 0)) or np.any((pts.max(0) + 1 >= b) & (b < np.asarray(hu.shape)))
+        edge = _edges_touched(comp_t, roi_t).any()
         misfit = float(np.mean(np.abs(np.log(np.maximum(_box_of(comp_t, sp)[3:], 1e-3) / side)))) + (1.0 if edge else 0.0)
         if best is None or misfit < best[0]:
             best = (misfit, trial, roi_t, (comp_t, prob_t, thr_t))
@@ -125,11 +130,7 @@ def lesion_mask(engine, hu: np.ndarray, sp, p_mm: np.ndarray, cancel=None) -> tu
     for _ in range(REFITS):
         comp = found[0]
         fitted = _box_of(comp, sp)
-        a, b = roi.index_range(hu.shape)
-        pts = np.argwhere(comp)
-        lo_edge = (pts.min(0) <= a) & (a > 0)
-        hi_edge = (pts.max(0) + 1 >= b) & (b < np.asarray(hu.shape))
-        edge = lo_edge | hi_edge
+        edge = _edges_touched(comp, roi)
         ratio = fitted[3:] / np.maximum(box[3:], 1e-3)
         if not (edge.any() or np.any(ratio > 1.5) or np.any(ratio < 1 / 1.5)):
             break
