@@ -3,8 +3,8 @@
     python Testing/benchmarks/detseg_roi_oracle.py --model sts-detseg -o Resources/evaluation/detseg/roi_oracle.json
 
 For each lesion (26-connected component of the label) of the validation cases STS_034-041: its
-true box goes through the model's own RoI geometry (context, fixed RoI shape), the RoI segmenter
-runs on it, the probability is pasted back onto the canonical grid, and the Dice of ``p >= 0.5``
+true box goes through the engine's own stage 2 (``segment_boxes``: RoI with context, RoI
+segmenter, probability pasted back onto the canonical grid), and the Dice of ``p >= 0.5``
 against the lesion is taken inside the RoI's span.  No detector, no classifier, no threshold on
 confidence.  The mean over lesions, set beside ``lesionseg evaluate``'s Dice of the whole model,
 says how much the detector's boxes cost.
@@ -34,28 +34,21 @@ def main(argv=None) -> int:
 
     from LesionSegLib.engine import data
     from LesionSegLib.engine.atomic import write_text
-    from LesionSegLib.engine.detseg.inputs import roi_input
-    from LesionSegLib.engine.detseg.roi import paste_max, roi_for_box
     from LesionSegLib.engine.learn.train_detseg import Case
     from LesionSegLib.engine.segment.pipeline import Engine
 
     torch.set_num_threads(args.threads)
     engine = Engine(args.model, device="cpu")
-    if not hasattr(engine, "roi_net"):
+    if not hasattr(engine, "segment_boxes"):
         raise SystemExit(f"error: {engine.card.id} is not a detseg model")
-    cfg = engine.roi_cfg
     rows = []
     for name in data.STS_VAL:
         case = Case(data.case(name))
         for k, box in enumerate(case.boxes, start=1):
-            roi = roi_for_box(box, case.spacing, cfg["roi_shape"], cfg.get("context"))
-            x = torch.from_numpy(roi_input(case.hu, roi, cfg["hu_windows"]))[None]
-            with torch.inference_mode():
-                p = torch.sigmoid(engine.roi_net(x).float())[0, 0].numpy()
+            pasted = np.zeros(case.hu.shape, dtype=np.float32)
+            roi = engine.segment_boxes(case.hu, case.spacing, [box], pasted)[0]  # stage 2 exactly as `segment` runs it
             a, b = roi.index_range(case.hu.shape)
             region = tuple(slice(int(u), int(v)) for u, v in zip(a, b))
-            pasted = np.zeros(case.hu.shape, dtype=np.float32)
-            paste_max(pasted, p, roi)
             mask, gt = pasted[region] >= 0.5, case.label[region] > 0.5
             dice = float(2 * (mask & gt).sum() / max(1, mask.sum() + gt.sum()))
             rows.append({"case": name, "lesion": k, "box_size_mm": [round(float(v), 1) for v in box[3:]], "dice": round(dice, 4)})
