@@ -141,6 +141,74 @@ def test_roi_segmenter_from_clcs_model_keeps_its_probabilities():
     assert float((p_roi - p_orig).abs().max()) < 1e-4
 
 
+# ------------------------------------------------------------------------------ box re-fits
+SP = (3.0, 2.0, 2.0)
+
+
+def _sphere(shape=(40, 64, 64), centre_mm=(60.0, 64.0, 64.0), radius_mm=12.0):
+    zz, yy, xx = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, SP)], indexing="ij")
+    return ((zz - centre_mm[0]) ** 2 + (yy - centre_mm[1]) ** 2 + (xx - centre_mm[2]) ** 2) <= radius_mm**2
+
+
+class _OracleRoIs:
+    """Stands in for the RoI segmenter: each RoI's 'probability' is the true mask sampled into it."""
+
+    prob_threshold = 0.5
+
+    def __init__(self, label):
+        self.label = label.astype(np.float32)
+        self.calls = 0
+
+    def roi_outputs(self, hu, spacing, boxes, cancel=None, progress=None):
+        self.calls += len(boxes)
+        rois = [roi_for_box(b, spacing, (16, 24, 24)) for b in boxes]
+        return [(r, crop(self.label, r)) for r in rois]
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("size_mm,radius_mm", [(75.0, 12.0), (12.0, 20.0)])  # 3x too big; 0.3x (the lesion overflows the RoI)
+def test_refit_converges_on_the_lesion_from_a_poor_box(size_mm, radius_mm):
+    from LesionSegLib.engine.detseg.refine import fit_boxes, refit
+
+    lesion = _sphere(radius_mm=radius_mm)
+    oracle = _OracleRoIs(lesion)
+    hu = np.zeros(lesion.shape, np.float32)
+    box = np.array([64.0, 60.0, 68.0, size_mm, size_mm, size_mm])  # centre 4 mm off the lesion's
+    first = fit_boxes(oracle, hu, SP, [box], [box[:3]])[0]
+    final = refit(oracle, hu, SP, [first], refits=3, tolerance=1.2)[0]
+    side = final.lesion_box(SP)[3:]
+    assert np.all(np.abs(final.box[3:] / side - 1) <= 0.45), (final.box, side)  # the RoI now fits its lesion
+    assert not final.edges_touched(hu.shape).any()
+    comp, prob = final.full(hu.shape)
+    assert _dice(comp, lesion) > 0.9 and prob.shape == hu.shape
+    if size_mm < 20:  # the too-small box touched the lesion's edge: it grew
+        assert first.edges_touched(hu.shape).any() and _dice(first.full(hu.shape)[0], lesion) < _dice(comp, lesion)
+
+
+def test_refit_pastes_one_lesion_per_refitted_box_and_drops_duplicates(tmp_path):
+    """Two detections on one lesion (one offset, one oversized) and one on empty tissue: with
+    ``paste: lesion`` and ``dedupe`` the probability holds that one lesion, nothing else."""
+    import cc3d
+
+    from LesionSegLib.engine.segment.pipeline import Engine
+
+    lesion = _sphere()
+    eng = Engine(_tiny_detseg(tmp_path / "m"), device="cpu")
+    eng.roi_cfg.update(refits=3, refit_tolerance=1.2, refit_growth=1.1, paste="lesion", dedupe=True)
+    oracle = _OracleRoIs(lesion | _sphere(centre_mm=(60.0, 20.0, 20.0), radius_mm=6.0))  # a second structure near a corner
+    eng.roi_outputs = oracle.roi_outputs
+    dets = np.array([[60, 64, 64, 30, 30, 30, 0.9, 2.2], [62, 58, 70, 70, 70, 70, 0.5, 0.0], [60, 100, 100, 20, 20, 20, 0.3, -0.8]])
+    eng.detect = lambda hu, sp: dets
+    prob, timings = eng.probability(np.zeros(lesion.shape, np.float32), SP)
+    lab, n = cc3d.connected_components(prob >= 0.5, return_N=True)
+    assert n == 1 and _dice(prob >= 0.5, lesion) > 0.9  # the oversized box's other structure is not pasted
+    assert len(eng.last_detections) == 1 and eng.last_detections[0, 6] == pytest.approx(0.9)
+    assert "roi_segmentation" in timings
+
+
 # ------------------------------------------------------------------------------ registry
 def _tiny_detseg(folder, threshold=0.1):
     """A detseg model folder with untrained (tiny) networks and a valid card."""

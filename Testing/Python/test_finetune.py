@@ -1,8 +1,11 @@
-"""``lesionseg finetune``: refusals, a tiny run writing a valid model version (activate / rollback),
-and the OOD scores of the shipped model on real scans (sarcoma validation below chest)."""
+"""``lesionseg finetune``: refusals, a tiny run writing a valid model version (routing to the parent
+for its own domain, activate / rollback), synthetic lung lesions, and the OOD scores of the shipped
+model on real scans (sarcoma validation below chest)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from feedback_testdata import require_data, user_models_with_base
 from test_corrections import case_hash, corrections_for, synthetic_ct
@@ -44,8 +47,11 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
 
 
 def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
+    from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine import models
+    from LesionSegLib.engine.io.images import read_image
     from LesionSegLib.engine.learn import versions
+    from LesionSegLib.engine.segment.pipeline import Engine
 
     require_data()
     base = user_models_with_base(tmp_path, monkeypatch)
@@ -68,9 +74,81 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     assert set(versions.verify(card)) >= {"segmenter.safetensors", "classifier.safetensors", "ood.safetensors"}
     assert card.data["segmenter"]["sha256"] != base.data["segmenter"]["sha256"]
     assert seen[-1] == 1.0 and seen == sorted(seen)
+    # the corrected cases lie outside the parent's domain, so the new version keeps the parent for
+    # scans of that domain: a sarcoma scan runs the parent's networks, a phantom like the corrected
+    # cases runs the fine-tuned ones
+    route = card.data["routing"]
+    assert route["enabled"] and route["parent"] == base.id
+    assert all(v > route["scan_threshold"] for v in route["train_case_scan_ood"].values())
+    eng = Engine(card, device="cpu")
+    assert eng.in_domain is not None and eng.in_domain.card.data["segmenter"]["sha256"] == base.data["segmenter"]["sha256"]
+    sts = eng.segment(read_image(dataset.case("STS_041").image))
+    assert sts.model_id == card.id and any(f"lies in the domain of {base.id}" in m for m in sts.messages)
+    phantom = eng.segment(synthetic_ct(3)[0])
+    assert phantom.model_id == card.id and not any("lies in the domain of" in m for m in phantom.messages)
     # activate and roll back like retrain
     assert versions.activate(card.id) == card.id and models.active_model_id() == card.id
     assert versions.rollback() == models.DEFAULT_MODEL
+    # a tampered in-domain model is refused by name
+    sub = card.folder / route["folder"] / "card.json"
+    sub.write_text(sub.read_text() + " ")
+    with pytest.raises(models.ModelError, match="in-domain model .* fails its checksum"):
+        Engine(models.read_card(card.folder), device="cpu")
+
+
+def _chest_phantom(seed=0):
+    """A chest-like volume (z, y, x) at 3x2x2 mm: outside air, a soft-tissue body, two lungs at -850 HU."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[:30, :80, :100]
+    hu = np.full((30, 80, 100), -1000.0, np.float32)
+    hu[((y - 40) / 36.0) ** 2 + ((x - 50) / 46.0) ** 2 < 1] = 40.0
+    for cx in (28, 72):
+        hu[((y - 40) / 26.0) ** 2 + ((x - cx) / 17.0) ** 2 + ((z - 15) / 14.0) ** 2 < 1] = -850.0
+    return hu + rng.normal(0, 15, hu.shape).astype(np.float32)
+
+
+def test_synthetic_lung_lesions_are_solid_and_confined_to_the_lung():
+    from scipy import ndimage
+
+    from LesionSegLib.engine.learn import synthetic as syn
+
+    sp = (3.0, 2.0, 2.0)
+    hu = _chest_phantom()
+    lung = syn.lung_mask(hu, sp)
+    assert lung.any() and not lung[:, 0, :].any() and (hu[lung] < -400).mean() > 0.95  # outside air is not lung
+    no_lung, _ = synthetic_ct(0)
+    assert not syn.lung_mask(sitk.GetArrayFromImage(no_lung).astype(np.float32), (3.0, 1.5, 1.5)).any()
+    centres = syn.lung_centres(lung, sp)
+    assert len(centres) and lung[tuple(centres.T)].all()
+    rng = np.random.default_rng(1)
+    out, mask = syn.insert_lesion(hu, lung, sp, rng, centre=centres[0])
+    assert mask.any() and not (mask & ~ndimage.binary_dilation(lung)).any()
+    core = ndimage.binary_erosion(mask)
+    assert core.any() and -100 < float(out[core].mean()) < 150  # solid soft tissue, not lung
+    far = ndimage.distance_transform_edt(~mask) > 4
+    assert np.array_equal(out[far], hu[far])  # nothing else touched
+    real = np.zeros(hu.shape, np.uint8)
+    real[12:16, 35:40, 25:30] = 1
+    hu2, lab2, k = syn.synthetic_volume(hu, real, sp, np.random.default_rng(2), n_lesions=3)
+    assert k >= 1 and (lab2[real > 0] == 1).all() and lab2.sum() > real.sum()
+
+
+def test_patch_sampler_inserts_synthetic_lesions_only_where_there_is_lung():
+    from types import SimpleNamespace
+
+    from LesionSegLib.engine.learn.finetune import PatchSampler
+
+    windows = [[-200.0, 300.0], [-1000.0, 1500.0]]
+    hu = _chest_phantom()
+    chest = SimpleNamespace(hu=hu.astype(np.int16), label=np.zeros(hu.shape, np.uint8), rejected=np.zeros(hu.shape, bool),
+                            geometry={"spacing_zyx": [3.0, 2.0, 2.0]})
+    sampler = PatchSampler([chest], [], (16, 32, 32), windows, seed=0, synthetic=1.0)
+    x, y = sampler.batch(4, 0.0)
+    assert x.shape == (4, 2, 16, 32, 32) and y.shape == (4, 1, 16, 32, 32)
+    assert sampler.n_synthetic >= 3 and int(y.sum()) > 0  # lesions where the real label has none
+    limb = SimpleNamespace(hu=np.full((20, 40, 40), 40, np.int16), label=np.zeros((20, 40, 40), np.uint8),
+                           rejected=np.zeros((20, 40, 40), bool), geometry={"spacing_zyx": [3.0, 2.0, 2.0]})
+    assert PatchSampler([limb], [], (16, 32, 32), windows, synthetic=1.0).lungs == []
 
 
 def test_ood_scan_scores_sarcoma_below_chest():

@@ -65,7 +65,7 @@ def task_base(name):
 
 
 def task_fold(args):
-    held, db, steps, n_replay, models_dir, lr = args
+    held, db, steps, n_replay, models_dir, lr, synthetic = args
     _setup()
     os.environ["LESIONSEG_MODELS"] = models_dir
     from LesionSegLib.engine import data as dataset
@@ -75,12 +75,16 @@ def task_fold(args):
     t = time.perf_counter()
     train = [c for c in CHEST if c != held]
     res = finetune(db, BASE, f"chest-loco-{held.lower()}", steps=steps, cases=train, held_apart=0, **({"lr": lr} if lr else {}),
-                   replay_cases=dataset.STS_TRAIN[:n_replay], cls_replay_cases=2, min_cases=2)
+                   replay_cases=dataset.STS_TRAIN[:n_replay], cls_replay_cases=2, min_cases=2, synthetic=synthetic)
     t_ft = time.perf_counter() - t
     new = Engine(res.card, device="cpu")
     out = {"held_out": held, "train_cases": train, "finetune_minutes": round(t_ft / 60, 2),
            "finetuning": {k: v for k, v in res.card.data["finetuning"].items() if k not in ("evaluation",)},
+           "routing": res.card.data.get("routing"),
            "chest_after": _score(new, [held]), "sts_after": _score(new, dataset.STS_VAL)}
+    if new.in_domain is not None:  # the fine-tuned networks alone, on the scans that routing hands to the parent
+        new.in_domain = None
+        out["sts_after_unrouted"] = _score(new, dataset.STS_VAL)
     out["seconds"] = time.perf_counter() - t
     return out
 
@@ -115,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--replay-cases", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: lesionseg finetune's)")
+    ap.add_argument("--synthetic", type=float, default=0.0, help="lesionseg finetune --synthetic-lesions (default 0: real only)")
     ap.add_argument("--processes", type=int, default=4, help="parallel processes for the base model's scoring")
     ap.add_argument("--base-only", action="store_true",
                     help="only the base model: OOD AUROCs and chest calibration before fine-tuning (no folds)")
@@ -146,10 +151,11 @@ def main(argv=None) -> int:
             print(n, review[n], flush=True)
         store.close()
         with ctx.Pool(len(CHEST)) as pool:
-            folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models"), args.lr) for h in CHEST])
+            folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models"), args.lr, args.synthetic) for h in CHEST])
     t_base = time.perf_counter() - t0
     chest_after = {f["held_out"]: f["chest_after"][f["held_out"]] for f in folds}
     sts_after = {f["held_out"]: _summary(f["sts_after"]) for f in folds}
+    sts_unrouted = {f["held_out"]: _summary(f["sts_after_unrouted"]) for f in folds if "sts_after_unrouted" in f}
     chest_c_before = [c for r in chest_before.values() for c in r["candidates"]]
     chest_c_after = [c for r in chest_after.values() for c in r["candidates"]]
     sts_c = [c for r in sts_before.values() for c in r["candidates"]]
@@ -159,13 +165,19 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores; the folds run side by side, one process each",
         "load_average_at_start": load_at_start,
         "base_model": base.card.id,
-        "protocol": "leave-one-case-out over the 3 chest CTs; simulated reviewer from ground truth; real scans and labels only",
+        "protocol": "leave-one-case-out over the 3 chest CTs; simulated reviewer from ground truth; " + (
+            f"training patches of the corrected chest scans get synthetic lung lesions (fraction {args.synthetic}), and synthetic "
+            "copies of them join the classifier's training scans; every figure is on real scans and real labels"
+            if args.synthetic else "real scans and labels only"),
         "simulated_review": review if folds else None,
         "chest_held_out": {"before": _summary(chest_before), "after": _summary(chest_after) if folds else None,
                            "per_case": {n: {"before": {k: chest_before[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood")},
                                             "after": {k: chest_after[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood")} if folds else None}
                                         for n in CHEST}},
-        "sts_val": {"before": _summary(sts_before), "after_per_fold": sts_after},
+        "sts_val": {"before": _summary(sts_before), "after_per_fold": sts_after,
+                    **({"after_per_fold_unrouted": sts_unrouted,
+                        "unrouted_means": "the fine-tuned segmenter and classifier alone, without routing the sarcoma scans "
+                                          "to the parent (what the fine-tuning itself kept)"} if sts_unrouted else {})},
         "ood": {
             "scan_auroc_chest_vs_sts_val": _auroc([r["scan_ood"] for r in sts_before.values()], [r["scan_ood"] for r in chest_before.values()]),
             "scan_scores": {**{n: r["scan_ood"] for n, r in sts_before.items()}, **{n: r["scan_ood"] for n, r in chest_before.items()}},
@@ -177,7 +189,7 @@ def main(argv=None) -> int:
                               "ece_after": _ece(chest_c_after), "n_clusters_before": len(chest_c_before), "n_clusters_after": len(chest_c_after),
                               "confident_false_before_cap": sum(c["raw_confidence"] >= 0.5 and not c["tp"] for c in chest_c_before),
                               "confident_false_before": len(confident_false)},
-        "folds": [{k: v for k, v in f.items() if k not in ("chest_after", "sts_after")} for f in folds],
+        "folds": [{k: v for k, v in f.items() if k not in ("chest_after", "sts_after", "sts_after_unrouted")} for f in folds],
         "timings": {"base_and_review_minutes": round(t_base / 60, 2), "total_minutes": round((time.perf_counter() - t0) / 60, 2)},
         "raw": {"chest_before": chest_before, "chest_after": chest_after, "sts_before": sts_before},
     }

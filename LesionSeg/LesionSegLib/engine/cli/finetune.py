@@ -26,7 +26,8 @@ def _cmd_finetune(args) -> int:
         res = finetune(args.feedback, args.base_model, args.output, steps=args.steps, minutes=args.minutes, lr=args.lr,
                        replay=args.replay, replay_cases=replay_names(args.replay_cases),
                        cls_replay_cases=args.cls_replay_cases, held_apart=args.held_apart, min_cases=args.min_cases, seed=args.seed,
-                       activate=args.activate, progress=bar if args.progress != "none" else None)
+                       activate=args.activate, synthetic=args.synthetic_lesions,
+                       routing={"auto": None, "on": True, "off": False}[args.routing], progress=bar if args.progress != "none" else None)
     except (FinetuneError, RetrainError, FeedbackStoreError, ModelError, CancelledError) as exc:
         emit(args, {"event": "error", "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
@@ -53,6 +54,11 @@ def register(subparsers) -> None:
     p.add_argument("--replay-cases", default=None, metavar="NAMES", help="comma-separated cases of the data folder "
                    "replayed (default: the base training split STS_001-033; 'none': no replay)")
     p.add_argument("--cls-replay-cases", type=int, default=6, help="replay cases whose clusters also retrain the classifier")
+    p.add_argument("--synthetic-lesions", type=float, default=0.0, metavar="P",
+                   help="fraction of the corrected-case patches that get one synthetic lesion inserted in lung tissue "
+                        "(corrected cases with lung only; default 0: real corrections only)")
+    p.add_argument("--routing", choices=["auto", "on", "off"], default="auto",
+                   help="keep the base model for scans of its own domain (auto: when every corrected case lies outside it)")
     p.add_argument("--held-apart", type=int, default=None, help="corrected cases kept out for before/after figures")
     p.add_argument("--min-cases", type=int, default=MIN_CASES)
     p.add_argument("--seed", type=int, default=0)

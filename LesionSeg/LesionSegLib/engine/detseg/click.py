@@ -24,19 +24,17 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-import cc3d
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
 from ..segment.result import SegmentationResult
+from .refine import REFIT_TOLERANCE, SNAP_MM, fit_boxes, refit
 
 CLICK_RADIUS_MM = 100.0
 DEFAULT_BOX_MM = 50.0
 BOX_SIDES_MM = (30.0, DEFAULT_BOX_MM, 80.0, 120.0, 180.0)  # the point's box sizes tried (the best fit wins)
 REFITS = 3
-EDGE_GROWTH = 1.4  # a side whose lesion touches the RoI's edge grows by this much at a re-fit
-SNAP_MM = 6.0
 AIR_HU_LIMIT = -500.0
 
 
@@ -66,81 +64,20 @@ def crop_around(image: sitk.Image, idx_xyz, radius_mm: float = CLICK_RADIUS_MM) 
     return sitk.RegionOfInterest(image, [int(v) for v in stop - start], [int(v) for v in start]), start
 
 
-def _component_at(prob: np.ndarray, threshold: float, p_idx: np.ndarray, spacing) -> np.ndarray | None:
-    """The 26-connected component of ``prob >= threshold`` under voxel ``p_idx`` (or nearest within SNAP_MM)."""
-    lab = cc3d.connected_components(prob >= threshold, connectivity=26)
-    v = lab[tuple(p_idx)]
-    if v == 0:
-        r = np.ceil(SNAP_MM / np.asarray(spacing)).astype(int)
-        lo = np.maximum(p_idx - r, 0)
-        win = lab[tuple(slice(a, b + 1) for a, b in zip(lo, p_idx + r))]
-        pts = np.argwhere(win > 0)
-        if len(pts) == 0:
-            return None
-        d = np.linalg.norm((pts + lo - p_idx) * np.asarray(spacing), axis=1)
-        if d.min() > SNAP_MM:
-            return None
-        v = win[tuple(pts[int(np.argmin(d))])]
-    return lab == v
-
-
-def _box_of(mask: np.ndarray, spacing) -> np.ndarray:
-    pts = np.argwhere(mask)
-    lo, hi = pts.min(0), pts.max(0) + 1
-    sp = np.asarray(spacing)
-    return np.concatenate([(lo + hi - 1) / 2 * sp, (hi - lo) * sp])
-
-
-def _edges_touched(comp: np.ndarray, roi) -> np.ndarray:
-    """Per axis: does the component reach the RoI's sampled span where the array goes on beyond it?"""
-    a, b = roi.index_range(comp.shape)
-    pts = np.argwhere(comp)
-    return ((pts.min(0) <= a) & (a > 0)) | ((pts.max(0) + 1 >= b) & (b < np.asarray(comp.shape)))
-
-
 def lesion_mask(engine, hu: np.ndarray, sp, p_mm: np.ndarray, cancel=None) -> tuple[np.ndarray, np.ndarray, float] | None:
     """(component mask, probability, threshold used) of the lesion at ``p_mm`` on a canonical crop; None if none
     (see the module's docstring for the scale choice and the re-fits)."""
-    p_idx = np.clip(np.round(p_mm / np.asarray(sp)).astype(int), 0, np.asarray(hu.shape) - 1)
-
-    def run(box):
-        prob = np.zeros(hu.shape, dtype=np.float32)
-        roi = engine.segment_boxes(hu, sp, [box], prob, cancel)[0]
-        for thr in (engine.prob_threshold, 0.5 * engine.prob_threshold):
-            comp = _component_at(prob, thr, p_idx, sp)
-            if comp is not None:
-                return roi, prob, comp, thr
-        return roi, prob, None, None
-
+    p_mm = np.asarray(p_mm, dtype=np.float64)
+    trials = [np.concatenate([p_mm, [side] * 3]) for side in BOX_SIDES_MM]
     # the scale: of the boxes tried, the one whose lesion fits it best (the RoI segmenter learnt on
     # boxes within 0.75-1.35x of their lesion); a lesion touching the RoI's edge fits badly
-    best = None
-    for side in BOX_SIDES_MM:
-        trial = np.concatenate([p_mm, [side] * 3])
-        roi_t, prob_t, comp_t, thr_t = run(trial)
-        if comp_t is None:
-            continue
-        edge = _edges_touched(comp_t, roi_t).any()
-        misfit = float(np.mean(np.abs(np.log(np.maximum(_box_of(comp_t, sp)[3:], 1e-3) / side)))) + (1.0 if edge else 0.0)
-        if best is None or misfit < best[0]:
-            best = (misfit, trial, roi_t, (comp_t, prob_t, thr_t))
-    if best is None:
+    found = [f for f in fit_boxes(engine, hu, sp, trials, [p_mm] * len(trials), SNAP_MM, cancel) if f.comp is not None]
+    if not found:
         return None
-    _, box, roi, found = best
-    for _ in range(REFITS):
-        comp = found[0]
-        fitted = _box_of(comp, sp)
-        edge = _edges_touched(comp, roi)
-        ratio = fitted[3:] / np.maximum(box[3:], 1e-3)
-        if not (edge.any() or np.any(ratio > 1.5) or np.any(ratio < 1 / 1.5)):
-            break
-        box = fitted.copy()
-        box[3:] = np.where(edge, box[3:] * EDGE_GROWTH, box[3:])
-        roi, prob, comp, thr = run(box)
-        if comp is None:
-            break
-        found = (comp, prob, thr)
-    return found
+    best = min(found, key=lambda f: f.misfit(sp, hu.shape))  # the first of equals: the smaller box
+    best = refit(engine, hu, sp, [best], REFITS, REFIT_TOLERANCE, cancel)[0]
+    comp, prob = best.full(hu.shape)
+    return comp, prob, best.threshold
 
 
 def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], cancel=None, source: str | None = None) -> SegmentationResult:

@@ -25,6 +25,7 @@ from ..segment.pipeline import Engine, _check, _report
 from .boxes import decode, nms
 from .inputs import grid_over, roi_input
 from .networks import build_detector, build_roi_segmenter, detector_divisor
+from .refine import REFIT_TOLERANCE, SNAP_MM, fit_boxes, refit
 from .roi import paste_max, roi_for_box
 
 ROI_BATCH = 4
@@ -61,20 +62,27 @@ class DetSegEngine(Engine):
 
     # ------------------------------------------------------------------------------ stage 2
     @torch.inference_mode()
-    def segment_boxes(self, hu: np.ndarray, spacing, boxes, target: np.ndarray, cancel=None, progress=None) -> list:
-        """Segment the RoI of each box and paste its probability into ``target`` (max); returns the RoIs."""
+    def roi_outputs(self, hu: np.ndarray, spacing, boxes, cancel=None, progress=None) -> list:
+        """``[(RoI, probability on the RoI's own grid)]`` of each box: RoI with context, RoI segmenter."""
         cfg = self.roi_cfg
         rois = [roi_for_box(b, spacing, cfg["roi_shape"], cfg.get("context")) for b in boxes]
+        out = []
         for i in range(0, len(rois), ROI_BATCH):
             _check(cancel)
             chunk = rois[i : i + ROI_BATCH]
             x = torch.from_numpy(np.stack([roi_input(hu, r, cfg["hu_windows"]) for r in chunk]))
             p = torch.sigmoid(self.roi_net(x.to(self.device)).float()).cpu().numpy()[:, 0]
-            for r, pr in zip(chunk, p):
-                paste_max(target, pr, r)
+            out.extend(zip(chunk, p))
             if progress is not None:
                 progress(min(1.0, (i + len(chunk)) / len(rois)))
-        return rois
+        return out
+
+    def segment_boxes(self, hu: np.ndarray, spacing, boxes, target: np.ndarray, cancel=None, progress=None) -> list:
+        """Segment the RoI of each box and paste its probability into ``target`` (max); returns the RoIs."""
+        out = self.roi_outputs(hu, spacing, boxes, cancel, progress)
+        for r, p in out:
+            paste_max(target, p, r)
+        return [r for r, _ in out]
 
     def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
         timings = {}
@@ -85,8 +93,30 @@ class DetSegEngine(Engine):
         _report(progress, "detect", 1.0)
         t = time.perf_counter()
         prob = np.zeros(canonical_hu.shape, dtype=np.float32)
-        self.segment_boxes(canonical_hu, spacing, dets[:, :6], prob, cancel,
-                           (lambda f: _report(progress, "roi_segmentation", f)) if progress else None)
+        report = (lambda f: _report(progress, "roi_segmentation", f)) if progress else None
+        refits = int(self.roi_cfg.get("refits", 0))
+        if refits and len(dets):
+            # each box re-fitted to the lesion found at its centre (the RoI segmenter learnt on boxes
+            # within 0.75-1.35x of their lesion), then every final RoI pasted (max)
+            fits = fit_boxes(self, canonical_hu, spacing, dets[:, :6], dets[:, :3], float(self.roi_cfg.get("snap_mm", SNAP_MM)), cancel)
+            fits = refit(self, canonical_hu, spacing, fits, refits, float(self.roi_cfg.get("refit_tolerance", REFIT_TOLERANCE)), cancel, report,
+                         growth=float(self.roi_cfg.get("refit_growth", 1.0)))
+            if self.roi_cfg.get("paste", "roi") == "lesion":
+                # one lesion per re-fitted box: its own component only, duplicates (boxes that
+                # converged on the same lesion) removed by NMS on the lesions' boxes
+                rows = [np.concatenate([f.lesion_box(spacing), d[6:8], [i]]) for i, (f, d) in enumerate(zip(fits, dets)) if f.comp is not None]
+                kept = np.array(rows).reshape(-1, 9)
+                if self.roi_cfg.get("dedupe", True):
+                    kept = nms(kept, float(self.det_cfg.get("nms_iou", 0.25)))
+                self.last_detections = kept[:, :8]
+                for i in kept[:, 8].astype(int):
+                    f = fits[i]
+                    np.maximum(prob[f.region], np.where(f.comp, f.prob, 0.0), out=prob[f.region])
+            else:
+                for f in fits:
+                    np.maximum(prob[f.region], f.prob, out=prob[f.region])
+        else:
+            self.segment_boxes(canonical_hu, spacing, dets[:, :6], prob, cancel, report)
         timings["roi_segmentation"] = time.perf_counter() - t
         self.used_device = self.device
         return prob, timings

@@ -52,13 +52,19 @@ def crop(array: np.ndarray, roi: RoI, order: int = 1) -> np.ndarray:
     return sample_box(array, roi.lo, roi.step, roi.shape, order=order)
 
 
+def paste_local(values: np.ndarray, roi: RoI, array_shape) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, region)``: RoI ``values`` resampled back onto the array voxels ``[a, b)`` of its span
+    (:meth:`RoI.index_range`); ``region`` is empty when the RoI lies outside the array."""
+    a, b = roi.index_range(array_shape)
+    if np.any(b <= a):
+        return a, np.zeros((0, 0, 0), dtype=np.float32)
+    return a, sample_box(values, (a - roi.lo) / roi.step, 1.0 / roi.step, tuple(int(v) for v in b - a))
+
+
 def paste_max(target: np.ndarray, values: np.ndarray, roi: RoI) -> None:
     """``target = max(target, values resampled back onto target's grid)`` inside the RoI."""
-    a, b = roi.index_range(target.shape)
-    if np.any(b <= a):
+    a, back = paste_local(values, roi, target.shape)
+    if back.size == 0:
         return
-    lo = (a - roi.lo) / roi.step
-    step = 1.0 / roi.step
-    region = tuple(slice(int(x), int(y)) for x, y in zip(a, b))
-    back = sample_box(values, lo, step, tuple(int(v) for v in b - a))
+    region = tuple(slice(int(x), int(x) + n) for x, n in zip(a, back.shape))
     np.maximum(target[region], back, out=target[region])

@@ -39,7 +39,7 @@ from ..segment.classifier import fit_temperature
 STAGES = ("detector", "roi_segmenter")
 
 
-def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str | None) -> dict:
+def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str | None, roi_inference: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     card = {"name": name, "version": version, "architecture": "detseg",
             "description": "",
@@ -56,6 +56,7 @@ def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str
         part["file"], part["sha256"] = fname, sha256_file(out / fname)
         card[stage] = part
     roi = card["roi_segmenter"]
+    roi.update(roi_inference or {})  # stage-2 inference settings (box re-fits, paste mode): see engine.DetSegEngine
     init = (roi.get("training") or {}).get("init") or {}
     card["description"] = (
         "DetSeg3D on soft-tissue sarcoma CT: anchor-free CenterFPN detector on a "
@@ -172,6 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--classifier-from", default="sts-clcs")
     ap.add_argument("--classifier-own", action="store_true",
                     help="retrain the classifier head on this model's clusters of the training cases")
+    ap.add_argument("--roi-inference", default=None, metavar="JSON",
+                    help='stage-2 inference keys for the card, e.g. \'{"refits": 3, "refit_tolerance": 1.2, "refit_growth": 1.1, '
+                         '"paste": "lesion", "dedupe": true}\' (default: one pass per box, whole RoIs pasted)')
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train", nargs="*", default=None, help="cases for the temperature (default STS_001-033)")
     ap.add_argument("--val", nargs="*", default=None, help="cases scored (default STS_034-041)")
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     run, out = Path(args.run), Path(args.out)
-    card = assemble(run, out, args.name, args.version, args.classifier_from)
+    card = assemble(run, out, args.name, args.version, args.classifier_from, json.loads(args.roi_inference) if args.roi_inference else None)
     by_name = {c.name: c for c in dataset.cases()}
     train_names, val_names = args.train or dataset.STS_TRAIN, args.val or dataset.STS_VAL
     engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)

@@ -47,6 +47,9 @@ DEFAULT_STEPS = 150
 #: peak learning rate.  1e-3 (the from-scratch rate) wrecked the sarcoma segmenter within 20 steps
 #: (validation Dice 0.745 -> 0.48-0.63); 1e-4 for 150 steps kept 0.57-0.72 (finetune_chest.json)
 DEFAULT_LR = 1e-4
+#: with --synthetic-lesions: synthetic copies (3 lesions each) of every corrected case with lung,
+#: added to the classifier's training scans
+SYNTHETIC_COPIES = 2
 
 
 class FinetuneError(RetrainError):
@@ -123,21 +126,36 @@ def _crop_at(arrays, centre, roi, rng):
 
 
 class PatchSampler:
-    """Training patches from corrected cases (lesion / deleted-FP / random centres) and replay cases."""
+    """Training patches from corrected cases (lesion / deleted-FP / random centres) and replay cases.
 
-    def __init__(self, corrected, replay, roi, windows, seed=0):
+    With ``synthetic > 0``, that fraction of the corrected-case patches is centred in the lung of
+    a corrected case that has lung (:mod:`.synthetic`) and gets one synthetic lesion inserted."""
+
+    def __init__(self, corrected, replay, roi, windows, seed=0, synthetic: float = 0.0):
         import torch
 
         from ..io.preprocess import normalize
+        from . import synthetic as syn
 
         self.rng = np.random.default_rng(seed)
         self.roi = tuple(roi)
+        self.windows = windows
+        self.synthetic = float(synthetic)
         self.corrected = []
+        self.lungs = []  # (index into corrected, HU tensor, lung tensor, lung centres) of the cases with lung
         for c in corrected:
             x = normalize(c.hu.astype(np.float32), windows).half()
             y = torch.as_tensor(c.label[None].astype(np.uint8))
             self.corrected.append((x, y, np.argwhere(c.label > 0), np.argwhere(c.rejected)))
+            if self.synthetic > 0:
+                sp = c.geometry["spacing_zyx"]
+                lung = syn.lung_mask(c.hu, sp)
+                centres = syn.lung_centres(lung, sp, seed=seed)
+                if len(centres):
+                    self.lungs.append((len(self.corrected) - 1, torch.as_tensor(c.hu[None].astype(np.int16)),
+                                       torch.as_tensor(lung[None]), centres, sp))
         self.replay = replay
+        self.n_synthetic = 0
 
     def _pick(self, x, y, pos, neg):
         u = self.rng.random()
@@ -148,10 +166,30 @@ class PatchSampler:
         else:
             centre = [self.rng.integers(s) for s in x.shape[1:]]
         xc, yc = _crop_at([x.float(), y], centre, self.roi, self.rng)
+        return self._flip(xc, yc)
+
+    def _flip(self, xc, yc):
         for axis in (1, 2, 3):
             if self.rng.random() < 0.5:
                 xc, yc = xc.flip(axis), yc.flip(axis)
         return xc, yc
+
+    def _synthetic(self):
+        """A lung patch of a corrected case with one synthetic lesion (label = real + synthetic)."""
+        import torch
+
+        from ..io.preprocess import normalize
+        from .synthetic import insert_lesion
+
+        k, hu, lung, centres, sp = self.lungs[self.rng.integers(len(self.lungs))]
+        y = self.corrected[k][1]
+        centre = centres[self.rng.integers(len(centres))]
+        hc, yc, lc = _crop_at([hu.float(), y, lung.to(torch.uint8)], centre, self.roi, self.rng)
+        real = yc[0].numpy() > 0
+        h, mask = insert_lesion(hc[0].numpy(), (lc[0].numpy() > 0) & ~real, sp, self.rng)
+        self.n_synthetic += int(mask.any())
+        label = torch.as_tensor((real | mask)[None].astype(np.uint8))
+        return self._flip(normalize(h, self.windows), label)
 
     def batch(self, n: int, replay_fraction: float):
         import torch
@@ -162,6 +200,8 @@ class PatchSampler:
                 x, y = self.replay[self.rng.integers(len(self.replay))]
                 pos = np.argwhere(y[0].numpy() > 0)
                 xc, yc = self._pick(x, y, pos, [])
+            elif self.lungs and self.rng.random() < self.synthetic:
+                xc, yc = self._synthetic()
             else:
                 xc, yc = self._pick(*self.corrected[self.rng.integers(len(self.corrected))])
             xs.append(xc)
@@ -283,6 +323,33 @@ def _candidates(engine, items, thresholds=(0.5, 0.3), cancel=None):
     return data, np.array([r[4] for r in rows])
 
 
+ROUTING_FOLDER = "in_domain"
+
+
+def _routing(base, train, wanted: bool | None) -> dict:
+    """Whether the new model routes scans of the parent's domain to the parent (see the card's
+    ``routing``): when ``wanted`` is None, yes exactly when every training corrected case lies
+    outside the parent's domain (its scan OOD score under the parent is above the parent's scan
+    threshold), i.e. the fine-tuning adapts the model to a new domain.  Corrections from the
+    parent's own domain train the model for that domain, so they never route."""
+    from ..feedback.grid import grid_image
+    from .ood_fit import descriptor_of
+
+    if base.ood is None:
+        return {"enabled": False, "why": f"{base.card.id} has no OOD statistics, so its domain cannot be told"}
+    scores = {c.case_name: round(base.ood.scan_score(descriptor_of(grid_image(c.hu, c.geometry))), 3) for c in train}
+    outside = all(v > base.ood.scan_threshold for v in scores.values())
+    enabled = outside if wanted is None else bool(wanted)
+    rule = (f"a scan whose OOD score under {base.card.id} is <= {base.ood.scan_threshold:g} (inside its domain: "
+            f"{base.ood.domain or 'its training data'}) is segmented by {base.card.id}'s own segmenter and classifier; "
+            "every other scan by this model's fine-tuned ones")
+    why = ("every corrected training case lies outside the parent's domain" if outside else
+           "some corrected training cases lie inside the parent's domain") + (
+           "" if wanted is None else f"; routing {'forced on' if wanted else 'turned off'} by the caller")
+    return {"enabled": enabled, "parent": base.card.id, "rule": rule if enabled else None, "why": why,
+            "train_case_scan_ood": scores, "scan_threshold": base.ood.scan_threshold}
+
+
 def retrain_classifier(engine, items, base_cm, seed=0, cancel=None):
     """(classifier, info, OOD cluster embeddings): the classifier head-retrained on the new
     segmenter's clusters (or the parent's, with the reason); the embeddings of the clusters at
@@ -309,7 +376,8 @@ def retrain_classifier(engine, items, base_cm, seed=0, cancel=None):
 def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STEPS, minutes: float | None = None,
              lr: float = DEFAULT_LR, batch: int = 2, replay: float = 0.5, replay_cases=None, cls_replay_cases: int = 6,
              held_apart: int | None = None, min_cases: int = MIN_CASES, model_ids=None, cases=None, seed: int = 0,
-             activate: bool = False, progress=None, cancel=None) -> FinetuneResult:
+             activate: bool = False, synthetic: float = 0.0, routing: bool | None = None, progress=None,
+             cancel=None) -> FinetuneResult:
     """Fine-tune the segmenter of ``base_model`` on the corrections in ``feedback``; write a new version."""
     import torch
 
@@ -341,13 +409,24 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                             f"{', ...' if len(missing) > 3 else ''}): set LESIONSEG_DATA, or replay none (--replay-cases none)")
     replay_data = [load_training_case(by_name[n], seg["spacing_zyx"], seg["hu_windows"]) for n in replay_names]
     base = Engine(parent, device="cpu", runtime="torch")
-    sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed)
+    sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed, synthetic)
     net = copy.deepcopy(base.segmenter)
     log = train_segmenter(net, sampler, steps, minutes, lr, batch, replay if replay_data else 0.0,
                           span(progress, 0.05, 0.7), cancel)
     new = Engine(parent, device="cpu", runtime="torch")
     new.segmenter = net
     items = [(c.case_name, grid_image(c.hu, c.geometry), c.label) for c in train]
+    n_syn_cls = 0
+    if synthetic > 0:  # classifier positives beyond the few real ones: synthetic copies of the cases with lung
+        from .synthetic import synthetic_volume
+
+        rng = np.random.default_rng(seed + 1)
+        for c in train:
+            for _ in range(SYNTHETIC_COPIES):
+                hu_s, lab_s, k = synthetic_volume(c.hu, c.label, c.geometry["spacing_zyx"], rng)
+                if k:
+                    items.append((c.case_name, grid_image(hu_s, c.geometry), lab_s))
+                    n_syn_cls += k
     replay_items = [(n, *_read_case(by_name[n])) for n in replay_names[:cls_replay_cases]]
     if progress:
         progress(0.72, "retraining the classifier on the new segmenter's clusters")
@@ -355,6 +434,8 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     new.classifier = cm
     domain = _domain(parent, train)
     new.ood = ood_fit.from_candidates([it[1] for it in items + replay_items], emb, domain)
+    route = _routing(base, train, routing)
+    new.in_domain = base if route["enabled"] else None  # scans of the parent's own domain go to the parent
     evaluation = {"cases": {}}
     for c in held:
         img = grid_image(c.hu, c.geometry)
@@ -376,12 +457,19 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
             "finetuning": {"created": utc_now(), "feedback_db": str(getattr(feedback, "path", feedback)),
                            "train_cases": [c.case_name for c in train], "held_apart_cases": [c.case_name for c in held],
                            "corrections": {c.case_name: c.counts for c in corrected}, "replay_cases": replay_names,
-                           "replay_fraction": replay, "lr": lr, "batch": batch, **log, "classifier": cls_info,
+                           "replay_fraction": replay, "synthetic_fraction": synthetic,
+                           "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls, "lr": lr, "batch": batch, **log, "classifier": cls_info,
                            "evaluation": _brief(evaluation), "total_minutes": round(seconds / 60, 2), "seed": seed,
                            "threads": torch.get_num_threads(), "device": "cpu"},
             "metrics": _metrics(evaluation),
         })
         data.pop("retraining", None)
+        if route["enabled"]:
+            import shutil
+
+            shutil.copytree(parent.folder, tmp / ROUTING_FOLDER, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
+            route.update(folder=ROUTING_FOLDER, card_sha256=models.sha256_file(tmp / ROUTING_FOLDER / "card.json"))
+        data["routing"] = route
         card = models.ModelCard(tmp, data)
         for key in ("segmenter", "classifier", "ood"):
             card.verified_path(key)

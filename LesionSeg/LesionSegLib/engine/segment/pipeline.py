@@ -109,6 +109,32 @@ class Engine:
 
             self.gate = load_gate(gate, self.card)
         self.gate_info: dict | None = None
+        self.in_domain = self._load_in_domain(device, threads, runtime)
+
+    def _load_in_domain(self, device, threads, runtime) -> "Engine | None":
+        """The parent model kept inside a fine-tuned one for the parent's own domain (``routing``
+        in the card, written by ``lesionseg finetune`` when the corrected cases lie outside the
+        parent's domain); its card is checksum-verified like a weight file."""
+        routing = self.card.data.get("routing")
+        if not routing or not routing.get("enabled"):
+            return None
+        from ..models import read_card, sha256_file
+
+        folder = self.card.folder / routing["folder"]
+        card_file = folder / "card.json"
+        if not card_file.is_file() or sha256_file(card_file) != routing.get("card_sha256"):
+            from ..errors import ModelError
+
+            raise ModelError(f"model {self.card.id}: the in-domain model {folder} is missing or fails its checksum")
+        return Engine(read_card(folder), device=device, threads=threads, runtime=runtime)
+
+    def route(self, hu: np.ndarray, sp) -> "tuple[Engine, float] | None":
+        """(the in-domain parent engine, the scan's OOD score under the parent) when this scan lies
+        inside the parent's training domain, else None (this model's own networks run)."""
+        if self.in_domain is None or self.in_domain.ood is None:
+            return None
+        score = self.in_domain.ood.scan_score(scan_descriptor(hu, sp))
+        return (self.in_domain, score) if score <= self.in_domain.ood.scan_threshold else None
 
     def setup_networks(self, device: str, runtime: str | None, threads: int | None) -> None:
         """Default: PyTorch networks (:meth:`load_networks`) on the selected device."""
@@ -161,6 +187,14 @@ class Engine:
             raise ValueError(f"confidence threshold must be within [0, 1], not {threshold}")
         _check(cancel)
         canonical, hu, sp = self.prepare(image)
+        routed = self.route(hu, sp)
+        if routed is not None:
+            parent, score = routed
+            res = parent.segment(image, threshold, progress, cancel, keep_patches, keep_probability, source)
+            res.model_id = self.card.id
+            res.messages.append(f"this scan lies in the domain of {parent.card.id} (scan OOD score {score:.2f} under it), "
+                                f"so {parent.card.id}'s segmenter and classifier ran, as this fine-tuned model's card says")
+            return res
         prob, timings = self.probability(hu, sp, progress, cancel)
         _check(cancel)
         res = self.lesions_from_probability(
