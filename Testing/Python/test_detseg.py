@@ -377,7 +377,7 @@ def test_retrain_from_review_works_for_a_detseg_model(tmp_path, monkeypatch):
     assert n_pos >= 2 and len(decisions) - n_pos >= 2, f"{n_pos} TP / {len(decisions) - n_pos} FP candidates"
     store = FeedbackStore(tmp_path / "feedback.db")
     store.record_many(decisions)
-    res = retrain(store, base.id, folds=3, min_labels=10, min_per_class=2)
+    res = retrain(store, base.id, folds=3, min_labels=6, min_per_class=2)  # 1.2.0 pastes one lesion per box: 9 candidates on these cases
     card = res.card
     assert card.architecture == "detseg" and card.data["parent"]["id"] == base.id
     for key in ("detector", "roi_segmenter"):
