@@ -331,7 +331,7 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         p = self._parameterNode
         self.startJob("finetune", lambda: finetune.start_finetune(
             self.logic, base_model=p.finetuneBaseModel or None, output=p.finetuneOutput.strip() or None,
-            steps=int(p.finetuneSteps), replay_cases=p.finetuneReplayCases),
+            steps=int(p.finetuneSteps), replay_cases=p.finetuneReplayCases, synthetic=float(p.finetuneSynthetic)),
             _("Fine-tuning: starting..."), f"fine-tuning {p.finetuneBaseModel} ({p.finetuneSteps} steps)")
 
     def showFinetuneResult(self, out):
@@ -383,7 +383,8 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.gtDirectoryButton.setEnabled(p.includeGroundTruth and not retraining)
         for widget in (ui.baseModelSelector, ui.outputNameEdit, ui.foldsSpinBox, ui.useFeedbackCheckBox, ui.includeGtCheckBox):
             widget.setEnabled(not retraining)
-        for widget in (ui.finetuneBaseSelector, ui.finetuneStepsSpinBox, ui.finetuneOutputEdit, ui.finetuneReplayEdit):
+        for widget in (ui.finetuneBaseSelector, ui.finetuneStepsSpinBox, ui.finetuneOutputEdit, ui.finetuneReplayEdit,
+                       ui.finetuneSyntheticSpinBox):
             widget.setEnabled(not finetuning)
         for widget in (ui.databasePathEdit, ui.openDatabaseButton, ui.browseDatabaseButton, ui.rollbackButton):
             widget.setEnabled(not (retraining or finetuning))

@@ -33,3 +33,4 @@ class LesionSegTrainingParameterNode:
     finetuneSteps: Annotated[int, WithinRange(1, 100000)] = DEFAULT_STEPS
     finetuneOutput: str = ""
     finetuneReplayCases: str = ""
+    finetuneSynthetic: Annotated[float, WithinRange(0.0, 1.0)] = 0.0

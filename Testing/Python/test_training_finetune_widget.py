@@ -45,6 +45,7 @@ def test_finetune_refuses_when_there_is_too_little(widget, monkeypatch):  # noqa
     shown = _errors(monkeypatch)
     assert not ui.finetuneButton.isEnabled()  # no database open yet
     assert ui.finetuneStepsSpinBox.value() == DEFAULT_STEPS == widget._parameterNode.finetuneSteps
+    assert ui.finetuneSyntheticSpinBox.value() == 0.0 == widget._parameterNode.finetuneSynthetic  # real corrections only by default
     assert ui.finetuneBaseSelector.currentText() == widget.logic.active_model_id()  # the active model by default
     before = _model_folders(widget)
     for seeds, folder, count in (([], "empty", "0 corrected case(s)"), ([0], "one", "1 corrected case(s)")):
@@ -108,6 +109,7 @@ def test_tiny_finetune_through_the_button_activate_rollback(widget, monkeypatch)
     ui.finetuneStepsSpinBox.setValue(2)
     ui.finetuneOutputEdit.setText("panel-ft")
     ui.finetuneReplayEdit.setText("STS_019")
+    ui.finetuneSyntheticSpinBox.setValue(0.5)  # the phantoms have no lung: accepted, nothing inserted
     ui.finetuneButton.click()
     assert widget.finetuneJob is not None
     seen = []
@@ -122,6 +124,7 @@ def test_tiny_finetune_through_the_button_activate_rollback(widget, monkeypatch)
     card = models.get_card("panel-ft@1")
     assert card.data["parent"]["id"] == widget.base.id and card.data["finetuning"]["steps"] == 2
     assert card.data["finetuning"]["replay_cases"] == ["STS_019"]
+    assert card.data["finetuning"]["synthetic_fraction"] == 0.5 and card.data["finetuning"]["synthetic_lesions"] == 0
     assert card.folder == widget.tmp / "models" / "panel-ft" / "1"
     assert table["Dice"][2] == f"{card.data['metrics']['held_apart_dice_after']:.3f}"
     versions = {r[0]: r for r in rows(ui.versionsTableView)}
