@@ -84,6 +84,10 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     assert eng.in_domain is not None and eng.in_domain.card.data["segmenter"]["sha256"] == base.data["segmenter"]["sha256"]
     sts = eng.segment(read_image(dataset.case("STS_041").image))
     assert sts.model_id == card.id and any(f"lies in the domain of {base.id}" in m for m in sts.messages)
+    from LesionSegLib.engine.learn.finetune import _read_case, score_case
+
+    img41, lab41 = _read_case(dataset.case("STS_041"))
+    assert score_case(eng, img41, lab41) == score_case(eng.in_domain, img41, lab41)  # the figures are the parent's too
     phantom = eng.segment(synthetic_ct(3)[0])
     assert phantom.model_id == card.id and not any("lies in the domain of" in m for m in phantom.messages)
     # activate and roll back like retrain

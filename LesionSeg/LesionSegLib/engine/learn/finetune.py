@@ -249,13 +249,19 @@ def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, 
 def score_case(engine, image, label: np.ndarray) -> dict:
     """Sensitivity, FP count (default threshold) and Dice of ``engine`` on one labelled image, and
     every candidate (threshold 0): confidence as shown (OOD cap applied), raw confidence, TP flag
-    and both per-lesion OOD scores; plus the scan's OOD score."""
+    and both per-lesion OOD scores; plus the scan's OOD score.  For a model that routes this scan
+    to its in-domain parent, all of it is the parent's (networks, classifier and OOD statistics),
+    as in :meth:`Engine.segment`."""
     from ..evaluate.matching import detections, gt_components, match
     from ..evaluate.metrics import dice_score
     from ..segment.features import feature_matrix
     from ..segment.ood import lesion_embedding
     from .ood_fit import descriptor_of
 
+    if getattr(engine, "in_domain", None) is not None:  # a routing model: score what actually runs on this scan
+        routed = engine.route(*engine.prepare(image)[1:])
+        if routed is not None:
+            engine = routed[0]
     ood, engine.ood = engine.ood, None
     try:
         res = engine.segment(image, threshold=0.0, keep_patches=ood is not None)
