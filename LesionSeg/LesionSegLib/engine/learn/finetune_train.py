@@ -1,0 +1,150 @@
+"""The segmenter fine-tuning loop and its training patches (used by :mod:`.finetune`).
+
+Patches come from corrected cases (centred on a lesion voxel 1/2, a deleted false positive 1/4
+when there is one, anywhere 1/4; optionally with a synthetic lung lesion, :mod:`.synthetic`) and
+from replay cases of the base training data; random flips on every axis.  The loop is AdamW with
+cosine decay and DiceCE with deep supervision, stopped by a step count or a wall-clock budget.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..common import check_cancel
+
+
+def _crop_at(arrays, centre, roi, rng):
+    """Crops of each (C, z, y, x) array of ``arrays`` of size ``roi`` around ``centre`` (padded)."""
+    import torch
+
+    shape = arrays[0].shape[1:]
+    out = []
+    lo = [int(np.clip(c - r // 2 + rng.integers(-r // 4, r // 4 + 1), 0, max(0, s - r))) for c, r, s in zip(centre, roi, shape)]
+    for a in arrays:
+        t = a[:, lo[0]:lo[0] + roi[0], lo[1]:lo[1] + roi[1], lo[2]:lo[2] + roi[2]]
+        pad = [(0, r - s) for r, s in zip(roi, t.shape[1:])]
+        if any(p[1] for p in pad):
+            t = torch.nn.functional.pad(t, [v for p in reversed(pad) for v in p])
+        out.append(t)
+    return out
+
+
+class PatchSampler:
+    """Training patches from corrected cases (lesion / deleted-FP / random centres) and replay cases.
+
+    With ``synthetic > 0``, that fraction of the corrected-case patches is centred in the lung of
+    a corrected case that has lung (:mod:`.synthetic`) and gets one synthetic lesion inserted."""
+
+    def __init__(self, corrected, replay, roi, windows, seed=0, synthetic: float = 0.0):
+        import torch
+
+        from ..io.preprocess import normalize
+        from . import synthetic as syn
+
+        self.rng = np.random.default_rng(seed)
+        self.roi = tuple(roi)
+        self.windows = windows
+        self.synthetic = float(synthetic)
+        self.corrected = []
+        self.lungs = []  # (index into corrected, HU tensor, lung tensor, lung centres) of the cases with lung
+        for c in corrected:
+            x = normalize(c.hu.astype(np.float32), windows).half()
+            y = torch.as_tensor(c.label[None].astype(np.uint8))
+            self.corrected.append((x, y, np.argwhere(c.label > 0), np.argwhere(c.rejected)))
+            if self.synthetic > 0:
+                sp = c.geometry["spacing_zyx"]
+                lung = syn.lung_mask(c.hu, sp)
+                centres = syn.lung_centres(lung, sp, seed=seed)
+                if len(centres):
+                    self.lungs.append((len(self.corrected) - 1, torch.as_tensor(c.hu[None].astype(np.int16)),
+                                       torch.as_tensor(lung[None]), centres, sp))
+        self.replay = replay
+        self.n_synthetic = 0
+
+    def _pick(self, x, y, pos, neg):
+        u = self.rng.random()
+        if len(pos) and u < 0.5:
+            centre = pos[self.rng.integers(len(pos))]
+        elif len(neg) and u < 0.75:
+            centre = neg[self.rng.integers(len(neg))]
+        else:
+            centre = [self.rng.integers(s) for s in x.shape[1:]]
+        xc, yc = _crop_at([x.float(), y], centre, self.roi, self.rng)
+        return self._flip(xc, yc)
+
+    def _flip(self, xc, yc):
+        for axis in (1, 2, 3):
+            if self.rng.random() < 0.5:
+                xc, yc = xc.flip(axis), yc.flip(axis)
+        return xc, yc
+
+    def _synthetic(self):
+        """A lung patch of a corrected case with one synthetic lesion (label = real + synthetic)."""
+        import torch
+
+        from ..io.preprocess import normalize
+        from .synthetic import insert_lesion
+
+        k, hu, lung, centres, sp = self.lungs[self.rng.integers(len(self.lungs))]
+        y = self.corrected[k][1]
+        centre = centres[self.rng.integers(len(centres))]
+        hc, yc, lc = _crop_at([hu.float(), y, lung.to(torch.uint8)], centre, self.roi, self.rng)
+        real = yc[0].numpy() > 0
+        h, mask = insert_lesion(hc[0].numpy(), (lc[0].numpy() > 0) & ~real, sp, self.rng)
+        self.n_synthetic += int(mask.any())
+        label = torch.as_tensor((real | mask)[None].astype(np.uint8))
+        return self._flip(normalize(h, self.windows), label)
+
+    def batch(self, n: int, replay_fraction: float):
+        import torch
+
+        xs, ys = [], []
+        for i in range(n):
+            if self.replay and (i + 1) / n > 1 - replay_fraction:
+                x, y = self.replay[self.rng.integers(len(self.replay))]
+                pos = np.argwhere(y[0].numpy() > 0)
+                xc, yc = self._pick(x, y, pos, [])
+            elif self.lungs and self.rng.random() < self.synthetic:
+                xc, yc = self._synthetic()
+            else:
+                xc, yc = self._pick(*self.corrected[self.rng.integers(len(self.corrected))])
+            xs.append(xc)
+            ys.append(yc)
+        return torch.stack(xs), torch.stack(ys)
+
+
+def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, batch: int, replay: float,
+                    progress=None, cancel=None) -> dict:
+    import torch
+
+    from .train_seg import make_loss
+
+    loss_fn = make_loss("dicece")
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
+    budget = (minutes or 1e9) * 60.0
+    t0 = time.perf_counter()
+    losses = []
+    net.train()
+    step = 0
+    while step < steps and time.perf_counter() - t0 < budget:
+        check_cancel(cancel, "fine-tuning")
+        frac = step / max(1, steps)
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * frac))
+        x, y = sampler.batch(batch, replay)
+        opt.zero_grad(set_to_none=True)
+        out = net(x)
+        preds = list(torch.unbind(out, dim=1)) if out.ndim == 6 else [out]
+        loss = loss_fn(preds, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+        opt.step()
+        losses.append(float(loss.item()))
+        step += 1
+        if progress:
+            progress(step / steps, f"fine-tuning step {step}/{steps} loss {np.mean(losses[-10:]):.3f}")
+    net.eval()
+    return {"steps": step, "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "loss_first10": round(float(np.mean(losses[:10])), 4) if losses else None,
+            "loss_last10": round(float(np.mean(losses[-10:])), 4) if losses else None}
