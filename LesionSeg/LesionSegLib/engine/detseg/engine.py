@@ -97,13 +97,14 @@ class DetSegEngine(Engine):
         refits = int(self.roi_cfg.get("refits", 0))
         if refits and len(dets):
             # each box re-fitted to the lesion found at its centre (the RoI segmenter learnt on boxes
-            # within 0.75-1.35x of their lesion), then every final RoI pasted (max)
+            # within 0.75-1.35x of their lesion); then per final box either its lesion only
+            # (paste "lesion") or its whole RoI (paste "roi") goes into the map (max)
             fits = fit_boxes(self, canonical_hu, spacing, dets[:, :6], dets[:, :3], float(self.roi_cfg.get("snap_mm", SNAP_MM)), cancel)
             fits = refit(self, canonical_hu, spacing, fits, refits, float(self.roi_cfg.get("refit_tolerance", REFIT_TOLERANCE)), cancel, report,
                          growth=float(self.roi_cfg.get("refit_growth", 1.0)))
             if self.roi_cfg.get("paste", "roi") == "lesion":
-                # one lesion per re-fitted box: its own component only, duplicates (boxes that
-                # converged on the same lesion) removed by NMS on the lesions' boxes
+                # one lesion per re-fitted box, its own component only; with "dedupe", boxes that
+                # converged on the same lesion are removed by NMS on the lesions' boxes (else: union)
                 rows = [np.concatenate([f.lesion_box(spacing), d[6:8], [i]]) for i, (f, d) in enumerate(zip(fits, dets)) if f.comp is not None]
                 kept = np.array(rows).reshape(-1, 9)
                 if self.roi_cfg.get("dedupe", True):
