@@ -16,6 +16,7 @@ full chest scan with 32 detections never holds more than one RoI-sized region pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import cc3d
 import numpy as np
@@ -44,18 +45,24 @@ class Fit:
     def region(self) -> tuple[slice, slice, slice]:
         return tuple(slice(int(a), int(a) + n) for a, n in zip(self.lo, self.prob.shape))
 
+    @cached_property
+    def _extent(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lesion's first and last voxel per axis, on the region (one pass over the mask)."""
+        pts = np.argwhere(self.comp)
+        return pts.min(0), pts.max(0)
+
     def lesion_box(self, spacing) -> np.ndarray:
         """The lesion's box (centre, size) in array mm."""
-        pts = np.argwhere(self.comp)
-        lo, hi = pts.min(0) + self.lo, pts.max(0) + 1 + self.lo
+        first, last = self._extent
+        lo, hi = first + self.lo, last + 1 + self.lo
         sp = np.asarray(spacing)
         return np.concatenate([(lo + hi - 1) / 2 * sp, (hi - lo) * sp])
 
     def edges_touched(self, array_shape) -> np.ndarray:
         """Per axis: does the lesion reach the RoI's span where the array goes on beyond it?"""
-        pts = np.argwhere(self.comp)
+        first, last = self._extent
         hi = self.lo + np.asarray(self.prob.shape)
-        return ((pts.min(0) == 0) & (self.lo > 0)) | ((pts.max(0) + 1 >= self.prob.shape) & (hi < np.asarray(array_shape)))
+        return ((first == 0) & (self.lo > 0)) | ((last + 1 >= self.prob.shape) & (hi < np.asarray(array_shape)))
 
     def misfit(self, spacing, array_shape) -> float:
         """Mean |log(lesion side / box side)|, plus 1 when the lesion touches the RoI's edge."""
