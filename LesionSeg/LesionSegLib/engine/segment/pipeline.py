@@ -128,12 +128,13 @@ class Engine:
             raise ModelError(f"model {self.card.id}: the in-domain model {folder} is missing or fails its checksum")
         return Engine(read_card(folder), device=device, threads=threads, runtime=runtime)
 
-    def route(self, hu: np.ndarray, sp) -> "tuple[Engine, float] | None":
+    def route(self, hu: np.ndarray, sp, descriptor: np.ndarray | None = None) -> "tuple[Engine, float] | None":
         """(the in-domain parent engine, the scan's OOD score under the parent) when this scan lies
-        inside the parent's training domain, else None (this model's own networks run)."""
+        inside the parent's training domain, else None (this model's own networks run).
+        ``descriptor``: the scan's :func:`scan_descriptor`, when already computed."""
         if self.in_domain is None or self.in_domain.ood is None:
             return None
-        score = self.in_domain.ood.scan_score(scan_descriptor(hu, sp))
+        score = self.in_domain.ood.scan_score(scan_descriptor(hu, sp) if descriptor is None else descriptor)
         return (self.in_domain, score) if score <= self.in_domain.ood.scan_threshold else None
 
     def setup_networks(self, device: str, runtime: str | None, threads: int | None) -> None:
@@ -187,7 +188,9 @@ class Engine:
             raise ValueError(f"confidence threshold must be within [0, 1], not {threshold}")
         _check(cancel)
         canonical, hu, sp = self.prepare(image)
-        routed = self.route(hu, sp)
+        # a routing model scores the scan against its parent first; the same descriptor serves its own OOD check
+        descriptor = scan_descriptor(hu, sp) if self.in_domain is not None else None
+        routed = self.route(hu, sp, descriptor)
         if routed is not None:
             parent, score = routed
             res = parent.segment(image, threshold, progress, cancel, keep_patches, keep_probability, source)
@@ -198,7 +201,8 @@ class Engine:
         prob, timings = self.probability(hu, sp, progress, cancel)
         _check(cancel)
         res = self.lesions_from_probability(
-            image, canonical, hu, sp, prob, timings, threshold, progress, cancel, keep_patches, keep_probability
+            image, canonical, hu, sp, prob, timings, threshold, progress, cancel, keep_patches, keep_probability,
+            descriptor=descriptor,
         )
         if self.gate is not None and self.gate_info:
             g = self.gate_info
@@ -227,8 +231,10 @@ class Engine:
         keep_probability: bool = False,
         prob_threshold: float | None = None,
         min_size_mm3: float | None = None,
+        descriptor: np.ndarray | None = None,
     ) -> SegmentationResult:
-        """Clusters, measurements, patches and confidences from a canonical probability map."""
+        """Clusters, measurements, patches and confidences from a canonical probability map
+        (``descriptor``: the scan's :func:`scan_descriptor`, when already computed)."""
         timings = dict(timings)
         prob_threshold = self.prob_threshold if prob_threshold is None else prob_threshold
         t = time.perf_counter()
@@ -248,7 +254,7 @@ class Engine:
             patches.append(adaptive_patch(hu, prob, labels, c, sp))
             _report(progress, "confidence", (i + 1) / (len(stats) + 1))
         conf, embedding = self.cluster_scores(labels, stats, measures, patches, feats)
-        ood, ood_lesion = self.ood_scores(hu, sp, embedding)
+        ood, ood_lesion = self.ood_scores(hu, sp, embedding, descriptor)
         if ood is not None:
             conf = self.ood.apply(conf, ood["scan_score"])
 
@@ -295,11 +301,11 @@ class Engine:
             ood=ood,
         )
 
-    def ood_scores(self, hu, sp, embedding):
+    def ood_scores(self, hu, sp, embedding, descriptor: np.ndarray | None = None):
         """({"scan_score", "warning", "domain"}, per-cluster scores) or (None, None) without OOD stats."""
         if self.ood is None:
             return None, None
-        score = self.ood.scan_score(scan_descriptor(hu, sp))
+        score = self.ood.scan_score(scan_descriptor(hu, sp) if descriptor is None else descriptor)
         per = self.ood.lesion_scores(embedding) if embedding is not None and len(embedding) else None
         return {"scan_score": score, "warning": self.ood.warning(score), "domain": self.ood.domain}, per
 
