@@ -10,7 +10,7 @@
     lesionseg train-detseg -o MODEL_DIR [--parallel]
     lesionseg train-gate -o GATE_DIR
     lesionseg feedback stats|export|import|check
-    lesionseg models list|activate|rollback|history
+    lesionseg models list|activate|rollback|history|export
     lesionseg finetune --feedback DB [--base-model NAME] [-o NEW_MODEL]
     lesionseg fit-ood [--model NAME]
 """

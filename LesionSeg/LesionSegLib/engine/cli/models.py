@@ -1,4 +1,4 @@
-"""``lesionseg models list|activate|rollback|history``: model versions."""
+"""``lesionseg models list|activate|rollback|history|export``: model versions and their ONNX exports."""
 from __future__ import annotations
 
 import json
@@ -42,6 +42,46 @@ def _cmd_history(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    """Export (or verify the cached exports of) every network of a model that runs on an ONNX
+    runtime; print each file with its sha256, and with ``--write-card`` record them in the card."""
+    import sys
+
+    from ..errors import LesionSegError
+
+    try:
+        return _export(args)
+    except (LesionSegError, OSError) as exc:  # one line, never a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _export(args) -> int:
+    from ..errors import InputError
+    from ..models import get_card
+    from ..runtime.export import CACHE_DIR, card_record, cache_folder
+    from ..segment.pipeline import Engine
+
+    if args.runtime == "torch":
+        raise InputError("the torch runtime runs no ONNX export; use --runtime auto, openvino or onnxruntime")
+    card = get_card(args.model)
+    engine = Engine(card, device="cpu", runtime=args.runtime)
+    if engine.runtime == "torch":
+        raise InputError("neither openvino nor onnxruntime can be imported, so nothing was exported")
+    folder = cache_folder(card)
+    parts = [k for k, v in card.data.items() if isinstance(v, dict) and v.get("sha256")
+             and (folder / f"{k}-{v['sha256'][:16]}.json").exists()]
+    record = card_record(card, parts)
+    for part, r in record.items():
+        print(f"{part:14s} {folder / r['file']}  sha256 {r['sha256']}  (torch {r['torch']}, opset {r['opset']})")
+    for note in engine.messages:
+        print(f"note: {note}")
+    if args.write_card:
+        card.data["onnx"] = record
+        print(f"wrote the onnx section of {card.save()} ({CACHE_DIR} files are made again on any machine from the weights)")
+    return 0
+
+
 def register(subparsers) -> None:
     """``lesionseg models list|activate|rollback|history``."""
     p = subparsers.add_parser("models", help="model versions: list, activate, roll back")
@@ -57,3 +97,8 @@ def register(subparsers) -> None:
     q.set_defaults(func=_cmd_rollback)
     q = sub.add_parser("history", help="activation log")
     q.set_defaults(func=_cmd_history)
+    q = sub.add_parser("export", help="export a model's networks to ONNX (cached, checksummed); print or record them in the card")
+    q.add_argument("model", help="model name, name@version or folder")
+    q.add_argument("--runtime", default="auto", help="auto (default), openvino or onnxruntime")
+    q.add_argument("--write-card", action="store_true", help="record each export's file and sha256 in the model's card.json")
+    q.set_defaults(func=_cmd_export)

@@ -9,6 +9,9 @@ probabilities back onto the canonical input grid (maximum where RoIs overlap).  
 shared CLCS machinery makes clusters, measurements, patches and the confidence, so the CSV,
 segments, colours, review, feedback and retraining are the same as for ``clcs`` models.
 
+Runtime: as CLCS, ``auto`` runs both networks' ONNX exports on OpenVINO (else ONNX Runtime), so
+the command imports neither torch nor MONAI; ``torch`` (and any CUDA device) runs them eagerly.
+
 Confidence (``confidence_source`` in the card): ``classifier`` (the patch classifier on each
 stage-2 cluster, as CLCS) or ``detector`` (the best temperature-calibrated detector score of
 the boxes whose centre falls in the cluster, else of the nearest box).
@@ -18,13 +21,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from ..io.preprocess import body_box
+from ..runtime.ops import sigmoid
 from ..segment.pipeline import Engine, _check, _report
 from .boxes import decode, nms
-from .inputs import grid_over, roi_input
-from .networks import build_detector, build_roi_segmenter, detector_divisor
+from .inputs import detector_divisor, grid_over, roi_input
 from .refine import REFIT_TOLERANCE, SNAP_MM, fit_boxes, refit
 from .roi import paste_max, roi_for_box
 
@@ -34,16 +36,47 @@ ROI_BATCH = 4
 class DetSegEngine(Engine):
     architecture = "detseg"
 
-    def load_networks(self) -> None:
+    def setup_networks(self, device: str, runtime: str | None, threads: int | None) -> None:
+        """Both stages on ``runtime`` (see :mod:`..runtime`): ``self.run_detector`` and
+        ``self.run_roi`` map float32 NumPy batches to NumPy outputs on any runtime."""
+        from ..runtime.backends import resolve
+        from ..segment.inference import NO_CUDA_NOTE, _wants_cuda
+
         self.det_cfg = self.card.part("detector")
         self.roi_cfg = self.card.part("roi_segmenter")
-        self.detector = self.card.load_into("detector", build_detector(self.det_cfg["network"])).eval()
-        self.roi_net = self.card.load_into("roi_segmenter", build_roi_segmenter(self.roi_cfg["network"])).eval()
         self.confidence_source = self.card.data.get("confidence_source", "classifier")
         self.last_detections = np.zeros((0, 8))
+        self.runtime, notes = resolve(runtime, _wants_cuda(device))
+        if self.runtime == "torch":
+            super().setup_networks(device, "torch", threads)  # -> load_networks
+            self.messages = notes + self.messages
+            return
+        from ..runtime.models import onnx_detseg
+
+        self.device = "cpu"
+        self.messages = [NO_CUDA_NOTE] if (device or "auto").lower() == "auto" else []
+        self.run_detector, self.run_roi, more = onnx_detseg(self.card, self.runtime, threads)
+        self.messages += notes + more
+
+    def load_networks(self) -> None:
+        """The eager PyTorch networks (runtime ``torch``) on ``self.device``."""
+        import torch
+
+        from .networks import build_detector, build_roi_segmenter
+
+        self.detector = self.card.load_into("detector", build_detector(self.det_cfg["network"])).eval().to(self.device)
+        self.roi_net = self.card.load_into("roi_segmenter", build_roi_segmenter(self.roi_cfg["network"])).eval().to(self.device)
+
+        def eager(net):
+            @torch.inference_mode()
+            def run(x: np.ndarray) -> np.ndarray:
+                return net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)).float().cpu().numpy()
+
+            return run
+
+        self.run_detector, self.run_roi = eager(self.detector), eager(self.roi_net)
 
     # ------------------------------------------------------------------------------ stage 1
-    @torch.inference_mode()
     def detect(self, hu: np.ndarray, spacing, lo=None, hi=None) -> np.ndarray:
         """Detections ``(N, 8)`` on the canonical array (box mm, calibrated score, raw logit),
         best first, over array voxels ``[lo, hi)`` (default: the body box)."""
@@ -52,8 +85,7 @@ class DetSegEngine(Engine):
             lo, hi = box.lo, box.hi
         cfg = self.det_cfg
         grid = grid_over(lo, hi, spacing, cfg["grid_spacing_zyx"], detector_divisor(cfg["network"]))
-        x = torch.from_numpy(grid.sample(hu, spacing, cfg["hu_windows"]))[None]
-        out = self.detector(x.to(self.device))[0].float().cpu().numpy()
+        out = self.run_detector(grid.sample(hu, spacing, cfg["hu_windows"])[None])[0]
         dets = decode(out, grid.origin, grid.spacing, float(cfg.get("threshold", 0.1)), int(cfg.get("max_detections", 32)))
         dets = nms(dets, float(cfg.get("nms_iou", 0.25)))
         if len(dets):
@@ -61,7 +93,6 @@ class DetSegEngine(Engine):
         return dets
 
     # ------------------------------------------------------------------------------ stage 2
-    @torch.inference_mode()
     def roi_outputs(self, hu: np.ndarray, spacing, boxes, cancel=None, progress=None) -> list:
         """``[(RoI, probability on the RoI's own grid)]`` of each box: RoI with context, RoI segmenter."""
         cfg = self.roi_cfg
@@ -70,8 +101,7 @@ class DetSegEngine(Engine):
         for i in range(0, len(rois), ROI_BATCH):
             _check(cancel)
             chunk = rois[i : i + ROI_BATCH]
-            x = torch.from_numpy(np.stack([roi_input(hu, r, cfg["hu_windows"]) for r in chunk]))
-            p = torch.sigmoid(self.roi_net(x.to(self.device)).float()).cpu().numpy()[:, 0]
+            p = sigmoid(self.run_roi(np.stack([roi_input(hu, r, cfg["hu_windows"]) for r in chunk]))[:, 0])
             out.extend(zip(chunk, p))
             if progress is not None:
                 progress(min(1.0, (i + len(chunk)) / len(rois)))

@@ -16,6 +16,12 @@ from ..io.resample import sample_box
 from .roi import RoI, crop
 
 AIR_HU = -1000.0  # what lies outside the scan
+DEFAULT_DETECTOR_LEVELS = 4  # encoder levels of the default detector (networks.DEFAULT_DETECTOR)
+
+
+def detector_divisor(cfg: dict) -> int:
+    """Detector inputs must be a multiple of this along every axis (2 ** number of stride-2 levels)."""
+    return 2 ** (len(cfg.get("channels", [0] * DEFAULT_DETECTOR_LEVELS)) - 1)
 
 
 def windows(hu: np.ndarray, hu_windows: Sequence[Sequence[float]]) -> np.ndarray:

@@ -15,6 +15,8 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+from .inputs import detector_divisor  # noqa: F401  (re-exported: the grid divisor of a detector config)
+
 HEAT_PRIOR = 0.05  # initial heatmap probability (bias of the heatmap logit)
 
 DEFAULT_DETECTOR = {"type": "CenterFPN", "in_channels": 2, "channels": [8, 16, 32, 64], "fpn_channels": 24}
@@ -71,8 +73,3 @@ def build_roi_segmenter(cfg: dict) -> nn.Module:
     from ..segment.networks import build_segmenter
 
     return build_segmenter(cfg)
-
-
-def detector_divisor(cfg: dict) -> int:
-    """Detector inputs must be a multiple of this along every axis."""
-    return 2 ** (len(cfg.get("channels", DEFAULT_DETECTOR["channels"])) - 1)

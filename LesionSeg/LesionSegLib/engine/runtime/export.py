@@ -10,6 +10,12 @@ A cached file is used only when its manifest names the card's current weight che
 same input spec, and the ONNX file's own sha256 matches the manifest.  Anything else -- stale
 (retrained weights), edited, truncated -- is refused with a note and exported again from the
 verified weights; nothing unverified is ever loaded.
+
+The card names its exports (``onnx`` in card.json: per network, the file, its sha256, the source
+weights' sha256, the opset and the torch that made it; written by ``lesionseg models export NAME
+--write-card``).  The export is deterministic for one torch version, so a fresh export is checked
+against that record: a different file made from the same weights is used (it is made from the
+verified weights) with a note naming both checksums and torch versions.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tupl
     notes: list[str] = []
     problem = check_cache(onnx_path, manifest_path, source_sha, spec)
     if problem is None:
-        return onnx_path, notes
+        return onnx_path, notes + reference_notes(card, part, manifest_path)
     if problem != "missing":
         notes.append(f"ONNX cache {onnx_path.name} of model {card.id} refused ({problem}): exported again from the verified weights")
     card.verified_path(part)  # the weights the export is made from must match the card
@@ -58,7 +64,39 @@ def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tupl
     problem = check_cache(onnx_path, manifest_path, source_sha, spec)
     if problem is not None:
         raise ModelError(f"model {card.id}: ONNX export of {part} failed its own check ({problem})")
-    return onnx_path, notes
+    return onnx_path, notes + reference_notes(card, part, manifest_path)
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def reference_notes(card: ModelCard, part: str, manifest_path: Path) -> list[str]:
+    """A note when the card names an export of these very weights that differs from this one."""
+    ref = (card.data.get("onnx") or {}).get(part)
+    if not isinstance(ref, dict) or ref.get("source_sha256") != card.part(part).get("sha256"):
+        return []  # no record, or a record of other weights (a retrained part)
+    made = _manifest(manifest_path)
+    if made.get("onnx_sha256") == ref.get("sha256"):
+        return []
+    return [f"model {card.id}: the ONNX export of {part} (sha256 {made.get('onnx_sha256', '?')[:12]}, torch {made.get('torch')}) "
+            f"differs from the one its card names ({str(ref.get('sha256'))[:12]}, torch {ref.get('torch')}); "
+            "it was made from the same verified weights and is used"]
+
+
+def card_record(card: ModelCard, parts) -> dict:
+    """The card's ``onnx`` section for the cached, verified exports of ``parts``."""
+    out = {}
+    folder = cache_folder(card)
+    for part in parts:
+        sha = card.part(part)["sha256"]
+        stem = f"{part}-{sha[:16]}"
+        made = _manifest(folder / f"{stem}.json")
+        if made.get("onnx_sha256") != sha256_file(folder / f"{stem}.onnx") or made.get("source_sha256") != sha:
+            raise ModelError(f"model {card.id}: the cached ONNX export of {part} fails its checksum")
+        out[part] = {"file": f"{stem}.onnx", "sha256": made["onnx_sha256"], "source_sha256": sha, "opset": made.get("opset"),
+                     "torch": made.get("torch"), "spec": made.get("spec")}
+    return out
 
 
 def check_cache(onnx_path: Path, manifest_path: Path, source_sha: str, spec: dict) -> str | None:

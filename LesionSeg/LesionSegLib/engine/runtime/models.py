@@ -1,4 +1,5 @@
-"""A model card's networks on an ONNX runtime: the segmenter and the CLCS patch classifier.
+"""A model card's networks on an ONNX runtime: the CLCS segmenter and patch classifier, and the
+two DetSeg3D networks (the detector, on any grid shape, and the RoI segmenter, on batches of RoIs).
 
 Both are exported lazily (see :mod:`.export`) from the checksum-verified safetensors weights;
 PyTorch and MONAI are imported only for that export, never to run a cached export.
@@ -54,6 +55,41 @@ def onnx_segmenter(card: ModelCard, runtime: str, threads: int | None = None) ->
     path, notes = cached_onnx(card, "segmenter", spec, build)
     run = open_backend(runtime, path, threads)
     return (lambda batch: run({"image": batch})), notes
+
+
+def onnx_detseg(card: ModelCard, runtime: str, threads: int | None = None) -> tuple[Callable, Callable, list[str]]:
+    """The DetSeg3D stages on ``runtime``: ``detector(x (1, C, z, y, x)) -> (1, 7, z, y, x)`` for
+    any grid shape (dynamic axes), ``roi(x (n, C, *roi_shape)) -> logits (n, 1, *roi_shape)``; and notes."""
+    det, roi = card.part("detector"), card.part("roi_segmenter")
+    det_ch = int(det["network"].get("in_channels", 2))
+    roi_ch = int(roi["network"].get("in_channels", 2))
+    roi_shape = [int(v) for v in roi["roi_shape"]]
+    det_spec = {"image": [1, det_ch, "z", "y", "x"], "output": "maps"}
+    roi_spec = {"image": ["n", roi_ch, *roi_shape], "output": "logit"}
+
+    def build_detector():
+        import torch
+
+        from ..detseg.networks import build_detector as build, detector_divisor
+
+        net = card.load_into("detector", build(det["network"])).eval()
+        d = detector_divisor(det["network"])
+        axes = {"image": {2: "z", 3: "y", 4: "x"}, "maps": {2: "z", 3: "y", 4: "x"}}
+        return net, (torch.zeros(1, det_ch, 2 * d, 4 * d, 4 * d),), ["image"], ["maps"], axes
+
+    def build_roi():
+        import torch
+
+        from ..detseg.networks import build_roi_segmenter
+
+        net = card.load_into("roi_segmenter", build_roi_segmenter(roi["network"])).eval()
+        axes = {"image": {0: "n"}, "logit": {0: "n"}}
+        return net, (torch.zeros(2, roi_ch, *roi_shape),), ["image"], ["logit"], axes
+
+    det_path, notes = cached_onnx(card, "detector", det_spec, build_detector)
+    roi_path, more = cached_onnx(card, "roi_segmenter", roi_spec, build_roi)
+    run_det, run_roi = open_backend(runtime, det_path, threads), open_backend(runtime, roi_path, threads)
+    return (lambda x: run_det({"image": x})), (lambda x: run_roi({"image": x})), notes + more
 
 
 class OnnxConfidenceModel:
