@@ -59,7 +59,7 @@ def _cmd_export(args) -> int:
 def _export(args) -> int:
     from ..errors import InputError
     from ..models import get_card
-    from ..runtime.export import CACHE_DIR, card_record, cache_folder
+    from ..runtime.export import CACHE_DIR, card_record, export_paths
     from ..segment.pipeline import Engine
 
     if args.runtime == "torch":
@@ -68,12 +68,11 @@ def _export(args) -> int:
     engine = Engine(card, device="cpu", runtime=args.runtime)
     if engine.runtime == "torch":
         raise InputError("neither openvino nor onnxruntime can be imported, so nothing was exported")
-    folder = cache_folder(card)
-    parts = [k for k, v in card.data.items() if isinstance(v, dict) and v.get("sha256")
-             and (folder / f"{k}-{v['sha256'][:16]}.json").exists()]
+    # the networks this engine exported (or found cached): weights with a sha256 and an export
+    parts = [k for k, v in card.data.items() if isinstance(v, dict) and v.get("sha256") and export_paths(card, k)[1].exists()]
     record = card_record(card, parts)
     for part, r in record.items():
-        print(f"{part:14s} {folder / r['file']}  sha256 {r['sha256']}  (torch {r['torch']}, opset {r['opset']})")
+        print(f"{part:14s} {export_paths(card, part)[0]}  sha256 {r['sha256']}  (torch {r['torch']}, opset {r['opset']})")
     for note in engine.messages:
         print(f"note: {note}")
     if args.write_card:

@@ -40,8 +40,15 @@ def cache_folder(card: ModelCard) -> Path:
     return user_models_dir() / CACHE_DIR
 
 
+def export_paths(card: ModelCard, part: str) -> tuple[Path, Path]:
+    """(ONNX file, manifest) of the export of ``card``'s ``part``, keyed by its weights' sha256."""
+    stem = f"{part}-{card.part(part)['sha256'][:16]}"
+    folder = cache_folder(card)
+    return folder / f"{stem}.onnx", folder / f"{stem}.json"
+
+
 def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tuple]) -> tuple[Path, list[str]]:
-    """Path of a verified ONNX export of ``card``'s ``part`` ('segmenter', 'classifier'), and notes.
+    """Path of a verified ONNX export of ``card``'s ``part`` (segmenter, classifier, detector, roi_segmenter), and notes.
 
     ``spec``: JSON-able description of the inputs (names, shapes, dynamic axes) -- part of the key.
     ``build()`` -> (torch module in eval mode, example inputs tuple, input names, output names,
@@ -50,9 +57,8 @@ def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tupl
     source_sha = card.part(part).get("sha256")
     if not source_sha:
         raise ModelError(f"model {card.id}: card gives no sha256 for {part}; refusing to export it")
-    folder = cache_folder(card)
-    stem = f"{part}-{source_sha[:16]}"
-    onnx_path, manifest_path = folder / f"{stem}.onnx", folder / f"{stem}.json"
+    onnx_path, manifest_path = export_paths(card, part)
+    folder = onnx_path.parent
     notes: list[str] = []
     problem = check_cache(onnx_path, manifest_path, source_sha, spec)
     if problem is None:
@@ -87,14 +93,14 @@ def reference_notes(card: ModelCard, part: str, manifest_path: Path) -> list[str
 def card_record(card: ModelCard, parts) -> dict:
     """The card's ``onnx`` section for the cached, verified exports of ``parts``."""
     out = {}
-    folder = cache_folder(card)
     for part in parts:
+        onnx_path, manifest_path = export_paths(card, part)
         sha = card.part(part)["sha256"]
-        stem = f"{part}-{sha[:16]}"
-        made = _manifest(folder / f"{stem}.json")
-        if made.get("onnx_sha256") != sha256_file(folder / f"{stem}.onnx") or made.get("source_sha256") != sha:
-            raise ModelError(f"model {card.id}: the cached ONNX export of {part} fails its checksum")
-        out[part] = {"file": f"{stem}.onnx", "sha256": made["onnx_sha256"], "source_sha256": sha, "opset": made.get("opset"),
+        made = _manifest(manifest_path)
+        problem = check_cache(onnx_path, manifest_path, sha, made.get("spec"))
+        if problem is not None:
+            raise ModelError(f"model {card.id}: the cached ONNX export of {part} cannot be recorded ({problem})")
+        out[part] = {"file": onnx_path.name, "sha256": made["onnx_sha256"], "source_sha256": sha, "opset": made.get("opset"),
                      "torch": made.get("torch"), "spec": made.get("spec")}
     return out
 
