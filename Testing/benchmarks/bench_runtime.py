@@ -2,7 +2,7 @@
 """The whole ``lesionseg segment`` command per network runtime, against the fixed yardstick, same run.
 
     python Testing/benchmarks/bench_runtime.py [--runtimes openvino onnxruntime torch] [--repeats 2]
-        [--json Resources/evaluation/bench_runtime.json]
+        [--model NAME] [--json Resources/evaluation/bench_runtime.json]
 
 Input: the 134x512x512 chest volume rebuilt from ``$LESIONSEG_DATA/fullscan/lung1``
 (``chest_volume.py``).  Each measurement is a fresh process, run in turn (yardstick, then each
@@ -57,8 +57,9 @@ print(json.dumps({"inference_s": time.perf_counter() - t, "threads": torch.get_n
 """
 
 
-def segment_once(image: Path, outdir: Path, runtime: str, env: dict) -> dict:
+def segment_once(image: Path, outdir: Path, runtime: str, env: dict, model: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "LesionSegLib.engine.cli", "segment", str(image), "-o", str(outdir), "--progress", "json", "--runtime", runtime]
+    cmd += ["--model", model] if model else []
     wall, rc, out, err, _ = run_measured(cmd, env)
     if rc != 0:
         raise RuntimeError(f"segment --runtime {runtime} failed: {err.strip().splitlines()[-1:]}")
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtimes", nargs="+", default=["openvino", "onnxruntime", "torch"])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model", default=None, help="model for lesionseg segment (default: the active model)")
     ap.add_argument("--workdir", default=None, help="where the volume and outputs go (default: a temporary folder)")
     ap.add_argument("--json", default=str(REPO / "Resources" / "evaluation" / "bench_runtime.json"))
     args = ap.parse_args(argv)
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     first = {}
     for rt in args.runtimes:  # fills the ONNX cache; reported apart
-        first[rt] = segment_once(image, work / f"first_{rt}", rt, env)["wall_s"]
+        first[rt] = segment_once(image, work / f"first_{rt}", rt, env, args.model)["wall_s"]
     rounds: dict[str, list] = {"yardstick": [], **{rt: [] for rt in args.runtimes}}
     for i in range(args.repeats):
         wall, rc, out, err, _ = run_measured([sys.executable, "-c", YARDSTICK, str(image)], env)
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
             raise RuntimeError(f"yardstick failed: {err.strip().splitlines()[-1:]}")
         rounds["yardstick"].append({**json.loads(out.strip().splitlines()[-1]), "wall_s": round(wall, 3), "peak_rss_mb": _LAST_RSS[0]})
         for rt in args.runtimes:
-            rounds[rt].append(segment_once(image, work / f"out_{rt}_{i}", rt, env))
+            rounds[rt].append(segment_once(image, work / f"out_{rt}_{i}", rt, env, args.model))
             print(f"round {i + 1}: {rt} {rounds[rt][-1]['wall_s']:.2f} s", file=sys.stderr)
     yard = statistics.median(r["inference_s"] for r in rounds["yardstick"])
     summary = {}
@@ -133,6 +135,7 @@ def main(argv=None) -> int:
     report = {
         "command": "python Testing/benchmarks/bench_runtime.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "processor": platform.processor()},
+        "model": args.model or "the active model",
         "input": {"volume": "chest134 (fullscan/lung1, z linearly resampled to 134 slices)", "shape_zyx": [134, 512, 512]},
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "yardstick": {"definition": "MONAI UNet(3,1,2,(16,32,64,128,256),(2,2,2,2),num_res_units=2), sliding_window_inference roi (64,128,128), sw_batch_size 2, overlap 0.25, native grid, HU clip +-1000 /1000; inference alone", "inference_s_median": round(yard, 3), "rounds": rounds["yardstick"]},
