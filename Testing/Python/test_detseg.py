@@ -47,6 +47,31 @@ def test_targets_decode_round_trip_on_synthetic_boxes():
         np.testing.assert_allclose(d[3:6], b[3:6], rtol=1e-4)
 
 
+def test_flip_tta_of_the_detector_undoes_the_offsets():
+    """Averaging a flip-equivariant detector's maps over all 8 flips (each flipped back, with the
+    flipped axes' centre offsets negated) decodes to the same off-grid box as one pass."""
+    from LesionSegLib.engine.detseg.engine import _unflip_offsets
+    from LesionSegLib.engine.detseg.inputs import flip_average
+
+    origin, spacing, shape = np.zeros(3), np.array([6.0, 4.0, 4.0]), (16, 24, 24)
+    box = np.array([[40.3, 41.9, 58.6, 30.0, 24.0, 20.0]])
+    x = heatmap_targets(box, shape, origin, spacing)["heat"][None]  # (1, 1, z, y, x): the lesion's "image"
+
+    def net(batch):  # finds the centre of mass of its input: equivariant under flips
+        w = batch[0, 0]
+        com = np.array([(w.sum(axis=tuple(j for j in range(3) if j != a)) * np.arange(n)).sum() / w.sum() for a, n in enumerate(shape)])
+        return _fake_output(heatmap_targets(np.concatenate([com * spacing, box[0, 3:]])[None], shape, origin, spacing))[None]
+
+    flips = [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]]
+    one = decode(net(x)[0], origin, spacing, 0.5, 5)
+    tta = decode(flip_average(net, x, flips, _unflip_offsets)[0], origin, spacing, 0.5, 5)
+    assert len(one) == len(tta) == 1
+    np.testing.assert_allclose(tta[0, :6], one[0, :6], atol=1e-4)
+    np.testing.assert_allclose(one[0, :3], box[0, :3], atol=0.5)
+    wrong = decode(flip_average(net, x, flips)[0], origin, spacing, 0.5, 5)  # offsets left as flipped
+    assert np.abs(wrong[0, :3] - one[0, :3]).max() > 0.1
+
+
 def test_gt_boxes_from_label():
     lab = np.zeros((20, 30, 30), np.uint8)
     lab[2:6, 3:13, 4:9] = 1

@@ -25,8 +25,8 @@ import numpy as np
 from ..io.preprocess import body_box
 from ..runtime.ops import sigmoid
 from ..segment.pipeline import Engine, _check, _report
-from .boxes import decode, nms
-from .inputs import detector_divisor, grid_over, roi_input
+from .boxes import OFFSET_CH, decode, nms
+from .inputs import detector_divisor, flip_average, grid_over, roi_input
 from .refine import REFIT_TOLERANCE, SNAP_MM, fit_boxes, refit
 from .roi import paste_max, roi_for_box
 
@@ -85,7 +85,8 @@ class DetSegEngine(Engine):
             lo, hi = box.lo, box.hi
         cfg = self.det_cfg
         grid = grid_over(lo, hi, spacing, cfg["grid_spacing_zyx"], detector_divisor(cfg["network"]))
-        out = self.run_detector(grid.sample(hu, spacing, cfg["hu_windows"])[None])[0]
+        # tta_flips (card): the maps averaged over flipped inputs; a flip negates its axis' centre offset
+        out = flip_average(self.run_detector, grid.sample(hu, spacing, cfg["hu_windows"])[None], cfg.get("tta_flips"), _unflip_offsets)[0]
         dets = decode(out, grid.origin, grid.spacing, float(cfg.get("threshold", 0.1)), int(cfg.get("max_detections", 32)))
         dets = nms(dets, float(cfg.get("nms_iou", 0.25)))
         if len(dets):
@@ -101,7 +102,8 @@ class DetSegEngine(Engine):
         for i in range(0, len(rois), ROI_BATCH):
             _check(cancel)
             chunk = rois[i : i + ROI_BATCH]
-            p = sigmoid(self.run_roi(np.stack([roi_input(hu, r, cfg["hu_windows"]) for r in chunk]))[:, 0])
+            x = np.stack([roi_input(hu, r, cfg["hu_windows"]) for r in chunk])
+            p = flip_average(lambda b: sigmoid(self.run_roi(b)), x, cfg.get("tta_flips"))[:, 0]  # tta_flips: mean probability
             out.extend(zip(chunk, p))
             if progress is not None:
                 progress(min(1.0, (i + len(chunk)) / len(rois)))
@@ -161,6 +163,12 @@ class DetSegEngine(Engine):
     def lesions_from_probability(self, image, canonical, hu, sp, *args, **kwargs):
         self._spacing = sp
         return super().lesions_from_probability(image, canonical, hu, sp, *args, **kwargs)
+
+
+def _unflip_offsets(out: np.ndarray, axes) -> None:
+    """Detector maps (n, 7, z, y, x) flipped back along ``axes``: the centre offsets along them change sign."""
+    for a in axes:
+        out[:, OFFSET_CH.start + int(a)] *= -1
 
 
 def detector_confidence(labels: np.ndarray, stats, dets: np.ndarray, spacing) -> np.ndarray:

@@ -66,3 +66,20 @@ def grid_over(lo_idx, hi_idx, array_spacing, grid_spacing, divisor: int) -> Grid
 def roi_input(hu: np.ndarray, roi: RoI, hu_windows) -> np.ndarray:
     """The stage-2 input of one RoI: (C, *roi.shape) float32."""
     return windows(crop(hu, roi), hu_windows)
+
+
+def flip_average(run, x: np.ndarray, flips, undo=None) -> np.ndarray:
+    """Test-time augmentation by flips: the mean over ``flips`` (lists of spatial axes 0-2 = z, y,
+    x; ``[]`` is the input as is) of ``run`` on the flipped batch ``x`` (n, C, z, y, x), each output
+    flipped back; ``undo(out, axes)`` then fixes what a flip changes beyond position (in place)."""
+    total = None
+    for axes in flips or [[]]:
+        dims = [2 + int(a) for a in axes]
+        out = run(np.ascontiguousarray(np.flip(x, dims)) if dims else x)
+        if dims:
+            out = np.flip(out, dims).copy()
+            if undo is not None:
+                undo(out, axes)
+        total = out if total is None else total + out
+    return total / max(1, len(flips or [[]]))
+

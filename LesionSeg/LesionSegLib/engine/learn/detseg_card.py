@@ -39,7 +39,8 @@ from ..segment.classifier import fit_temperature
 STAGES = ("detector", "roi_segmenter")
 
 
-def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str | None, roi_inference: dict | None = None) -> dict:
+def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str | None, roi_inference: dict | None = None,
+             detector_inference: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     card = {"name": name, "version": version, "architecture": "detseg",
             "description": "",
@@ -55,8 +56,9 @@ def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str
         shutil.copy(run / part["file"], out / fname)
         part["file"], part["sha256"] = fname, sha256_file(out / fname)
         card[stage] = part
+    card["detector"].update(detector_inference or {})  # stage-1 inference settings (flip TTA): see engine.DetSegEngine.detect
     roi = card["roi_segmenter"]
-    roi.update(roi_inference or {})  # stage-2 inference settings (box re-fits, paste mode): see engine.DetSegEngine
+    roi.update(roi_inference or {})  # stage-2 inference settings (box re-fits, paste mode, flip TTA): see engine.DetSegEngine
     init = (roi.get("training") or {}).get("init") or {}
     card["description"] = (
         "DetSeg3D on soft-tissue sarcoma CT: anchor-free CenterFPN detector on a "
@@ -176,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--roi-inference", default=None, metavar="JSON",
                     help='stage-2 inference keys for the card, e.g. \'{"refits": 3, "refit_tolerance": 1.2, "refit_growth": 1.1, '
                          '"paste": "lesion", "dedupe": true}\' (default: one pass per box, whole RoIs pasted)')
+    ap.add_argument("--detector-inference", default=None, metavar="JSON",
+                    help='stage-1 inference keys for the card, e.g. \'{"tta_flips": [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]]}\' '
+                         "(default: one pass, no flips)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train", nargs="*", default=None, help="cases for the temperature (default STS_001-033)")
     ap.add_argument("--val", nargs="*", default=None, help="cases scored (default STS_034-041)")
@@ -185,18 +190,19 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     run, out = Path(args.run), Path(args.out)
-    card = assemble(run, out, args.name, args.version, args.classifier_from, json.loads(args.roi_inference) if args.roi_inference else None)
+    card = assemble(run, out, args.name, args.version, args.classifier_from, json.loads(args.roi_inference) if args.roi_inference else None,
+                    json.loads(args.detector_inference) if args.detector_inference else None)
     by_name = {c.name: c for c in dataset.cases()}
     train_names, val_names = args.train or dataset.STS_TRAIN, args.val or dataset.STS_VAL
-    engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
+    engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads, runtime="torch")
     card["detector"]["threshold"], fit = fit_detector_threshold(engine, train_names, by_name)
     card["detector"]["threshold_fit"] = {**fit, "cases": f"{train_names[0]}-{train_names[-1]} (training)"}
     print(f"detector threshold {card['detector']['threshold']} ({fit})", flush=True)
-    engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
+    engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads, runtime="torch")
     if args.classifier_own:
         card["classifier"] = own_classifier(engine, train_names, by_name, out)
         print(f"classifier retrained on own clusters: {json.dumps(card['classifier']['training']['label_counts'])}", flush=True)
-        engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
+        engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads, runtime="torch")
     # detector-score temperature: fitted on the training cases' clusters
     tr = scored_cases(engine, train_names, by_name, ("detector",))["detector"]
     p = np.clip(np.concatenate([c["conf"] for c in tr]), 1e-6, 1 - 1e-6)
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
     card["detector"]["temperature"] = round(fit_temperature(np.log(p / (1 - p)), y), 4)
     card["detector"]["temperature_fit_on"] = f"{len(y)} clusters ({int(y.sum())} TP) of the training cases {train_names[0]}-{train_names[-1]}"
     print(f"detector temperature {card['detector']['temperature']} from {len(y)} training clusters", flush=True)
-    engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads)
+    engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads, runtime="torch")
     measured = {}
     for source, cases in scored_cases(engine, val_names, by_name, ("classifier", "detector")).items():
         measured[source] = figures(cases, card["confidence_threshold"])
