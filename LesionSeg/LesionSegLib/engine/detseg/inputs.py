@@ -82,4 +82,3 @@ def flip_average(run, x: np.ndarray, flips, undo=None) -> np.ndarray:
                 undo(out, axes)
         total = out if total is None else total + out
     return total / max(1, len(flips or [[]]))
-
