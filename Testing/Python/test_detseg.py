@@ -433,3 +433,11 @@ def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
     assert float(roi[roi.index("--lr") + 1]) == 1e-3 and "--lr" not in det  # the detector keeps its stage default
     assert "LesionSegLib.engine.learn.detseg_card" in card and "--classifier-own" in card
     assert card[card.index("--version") + 1] == "1.1.0"
+    assert "--roi-inference" not in card and "--detector-inference" not in card
+    # the 1.3.0 card's inference settings pass through to detseg_card unchanged
+    calls.clear()
+    tta = '{"tta_flips": [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]]}'
+    refit = '{"refits": 3, "refit_tolerance": 1.2, "refit_growth": 1.1, "paste": "lesion", "dedupe": false}'
+    assert cli.main(["train-detseg", "-o", str(tmp_path / "m"), "--roi-inference", refit, "--detector-inference", tta]) == 0
+    card = calls[-1]
+    assert card[card.index("--roi-inference") + 1] == refit and card[card.index("--detector-inference") + 1] == tta

@@ -33,7 +33,9 @@ def cmd_train_detseg(args) -> int:
         return 1
     return subprocess.call(base + ["LesionSegLib.engine.learn.detseg_card", "--run", str(run), "-o", args.output,
                                    "--name", args.name, "--version", args.version, "--threads", str(args.threads)]
-                           + (["--classifier-own"] if args.classifier_own else []))
+                           + (["--classifier-own"] if args.classifier_own else [])
+                           + (["--roi-inference", args.roi_inference] if args.roi_inference else [])
+                           + (["--detector-inference", args.detector_inference] if args.detector_inference else []))
 
 
 def register(sub) -> None:
@@ -51,4 +53,6 @@ def register(sub) -> None:
     sp.add_argument("--detector-lr", type=float, default=None, help="default: the stage's (4e-3)")
     sp.add_argument("--roi-lr", type=float, default=None, help="default: the stage's (2e-3)")
     sp.add_argument("--classifier-own", action="store_true", help="retrain the classifier head on the model's own training clusters")
+    sp.add_argument("--roi-inference", default=None, metavar="JSON", help="stage-2 inference keys for the card (box re-fits, paste, flip TTA)")
+    sp.add_argument("--detector-inference", default=None, metavar="JSON", help="stage-1 inference keys for the card (flip TTA)")
     sp.set_defaults(func=cmd_train_detseg)
