@@ -39,14 +39,13 @@ class DetSegEngine(Engine):
     def setup_networks(self, device: str, runtime: str | None, threads: int | None) -> None:
         """Both stages on ``runtime`` (see :mod:`..runtime`): ``self.run_detector`` and
         ``self.run_roi`` map float32 NumPy batches to NumPy outputs on any runtime."""
-        from ..runtime.backends import resolve
-        from ..segment.inference import NO_CUDA_NOTE, _wants_cuda
+        from ..segment.inference import choose_runtime
 
         self.det_cfg = self.card.part("detector")
         self.roi_cfg = self.card.part("roi_segmenter")
         self.confidence_source = self.card.data.get("confidence_source", "classifier")
         self.last_detections = np.zeros((0, 8))
-        self.runtime, notes = resolve(runtime, _wants_cuda(device))
+        self.runtime, notes = choose_runtime(device, runtime)
         if self.runtime == "torch":
             super().setup_networks(device, "torch", threads)  # -> load_networks
             self.messages = notes + self.messages
@@ -54,9 +53,8 @@ class DetSegEngine(Engine):
         from ..runtime.models import onnx_detseg
 
         self.device = "cpu"
-        self.messages = [NO_CUDA_NOTE] if (device or "auto").lower() == "auto" else []
         self.run_detector, self.run_roi, more = onnx_detseg(self.card, self.runtime, threads)
-        self.messages += notes + more
+        self.messages = notes + more
 
     def load_networks(self) -> None:
         """The eager PyTorch networks (runtime ``torch``) on ``self.device``."""

@@ -130,6 +130,17 @@ def _wants_cuda(device: str) -> bool:
     return torch.cuda.is_available() or name != "auto"  # an explicit cuda without CUDA fails in select_device
 
 
+def choose_runtime(device: str, runtime: str | None) -> tuple[str, list[str]]:
+    """(runtime, notes) for ``device``: :func:`..runtime.backends.resolve`; an ONNX runtime runs on
+    the CPU and, when the device was ``auto``, says that CUDA is not used."""
+    from ..runtime.backends import resolve
+
+    name, notes = resolve(runtime, _wants_cuda(device))
+    if name != "torch" and (device or "auto").lower() == "auto":
+        notes = notes + [NO_CUDA_NOTE]
+    return name, notes
+
+
 class Segmenter:
     """A card's segmentation network on the chosen runtime (``auto``, ``openvino``, ``onnxruntime``, ``torch``).
 
@@ -138,15 +149,12 @@ class Segmenter:
     """
 
     def __init__(self, card, device: str = "auto", runtime: str | None = None, threads: int | None = None):
-        from ..runtime.backends import resolve
-
         self.card = card
         self.cfg = card.part("segmenter")
         self.roi = tuple(int(v) for v in self.cfg["roi_size"])
         self.overlap = float(self.cfg.get("overlap", 0.25))
         self.threads = threads
-        cuda = _wants_cuda(device)
-        self.runtime, self.messages = resolve(runtime, cuda)
+        self.runtime, self.messages = choose_runtime(device, runtime)
         if self.runtime == "torch":
             import torch
 
@@ -159,8 +167,6 @@ class Segmenter:
             from ..runtime.models import onnx_segmenter
 
             self.device = "cpu"
-            if (device or "auto").lower() == "auto":
-                self.messages.append(NO_CUDA_NOTE)
             self._run, notes = onnx_segmenter(card, self.runtime, threads)
             self.messages += notes
         self.used_device = self.device
