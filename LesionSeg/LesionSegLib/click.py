@@ -3,8 +3,9 @@
     from LesionSegLib import click
     info = click.add_lesion(volume_node, segmentation_node, ras_point, engine, store=feedback_store)
 
-The click runs the DetSeg3D RoI segmenter in-process on a crop around the point
-(:func:`LesionSegLib.engine.detseg.click.click`), adds the lesion to ``segmentation_node`` as a new
+The click runs the model's segmenter in-process on a crop around the point
+(:func:`LesionSegLib.engine.click.click`; a dense model's sliding windows, or a detseg model's RoI
+segmenter), adds the lesion to ``segmentation_node`` as a new
 segment with review status ``added`` (Slicer status *completed*, the accepted colour) and records
 it in the feedback store as a missed lesion: a true lesion (decision ``accepted``) with
 ``source = "missed"``, attributed to the model of the automatic pass, so it counts as one of that
@@ -12,8 +13,8 @@ pass's false negatives and its features/patch can teach the classifier.
 
 Wiring in the widget (``LesionSeg.py``, owned by the widget): on "Add lesion", wait for one click
 in a slice view (e.g. a ``vtkMRMLMarkupsFiducialNode`` placed with the interaction node), read its
-RAS position and call :func:`add_lesion` with the current result and the logic's click engine
-(``logic.engine(DEFAULT_CLICK_MODEL)``); show an ``InputError`` message as it is (it names the point).
+RAS position and call :func:`add_lesion` with the current result and the engine of
+:func:`click_model` (the model that made the result); show an ``InputError`` message as it is (it names the point).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import numpy as np
 import slicer
 
 from . import mrml
-from .engine.cli.click import DEFAULT_CLICK_MODEL  # noqa: F401  (the model the widget should load)
-from .engine.detseg.click import click as click_engine
+from .engine.cli.click import DEFAULT_CLICK_MODEL
+from .engine.click import click as click_engine
 from .engine.errors import InputError
 from .engine.segment.colors import status_color
 from .review import Decision
@@ -65,6 +66,20 @@ def shown_lesion_at(segmentation_node, point_ras) -> dict | None:
                 image.GetScalarComponentAsDouble(i, j, k, 0) == segment.GetLabelValue():
             return les
     return None
+
+
+def click_model(segmentation_node) -> str:
+    """The model that answers a click on this result: the one that made it, so that the added
+    lesion's patch, features and confidence are that model's, like those of the lesions it found
+    (the feedback store attributes the missed lesion to it); ``DEFAULT_CLICK_MODEL`` when the
+    result names no model the registry knows."""
+    from .engine.models import ModelError, get_card
+
+    model_id = segmentation_node.GetAttribute(mrml.ATTR_MODEL) or ""
+    try:
+        return get_card(model_id).id if model_id else DEFAULT_CLICK_MODEL
+    except ModelError:
+        return DEFAULT_CLICK_MODEL
 
 
 def add_lesion(volume_node, segmentation_node, point_ras, engine, store=None, reviewer: str = "") -> dict:

@@ -281,7 +281,7 @@ def panel_feedback_store(widget):
 
 class AddLesionTool:
     """"Add lesion": the button enters single-point place mode (:mod:`.placement`); the click in a
-    slice view runs the DetSeg3D click model in this process on a crop around the point
+    slice view runs the model that made the shown result in this process on a crop around the point
     (:func:`.click.add_lesion`), which adds a segment with status ``added`` and records a missed
     lesion in the panel's feedback store.  Pressing the button again, Escape (leaving place mode),
     another result, leaving the module or closing the scene cancels."""
@@ -355,7 +355,7 @@ class AddLesionTool:
             volume = mrml.reference_volume(seg)
             if volume is None:
                 raise ValueError(f"'{seg.GetName()}' has no reference volume")
-            engine = w.logic.engine(click.DEFAULT_CLICK_MODEL, w.currentDevice())
+            engine = w.logic.engine(click.click_model(seg), w.currentDevice())
             info = click.add_lesion(volume, seg, ras, engine, store=panel_feedback_store(w), reviewer=w.logic.recorder.reviewer)
         except Exception as exc:  # a point outside the volume, on air, no lesion there, a missing model
             w.logBox.show_error(_one_line(f"Cannot add a lesion there: {exc}"), None)

@@ -287,7 +287,7 @@ def test_detector_proposing_nothing_gives_an_empty_result(tmp_path):
 
 
 def test_click_refuses_bad_points_and_non_detseg_models(tmp_path):
-    from LesionSegLib.engine.detseg.click import click
+    from LesionSegLib.engine.click import click
     from LesionSegLib.engine.segment.pipeline import Engine
 
     eng = Engine(_tiny_detseg(tmp_path / "m"), device="cpu")

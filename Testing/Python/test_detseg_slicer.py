@@ -25,6 +25,7 @@ def test_add_lesion_from_a_click(slicer_app, data_dir, tmp_path):
     from LesionSegLib import click, mrml
     from LesionSegLib.engine.errors import InputError
     from LesionSegLib.engine.feedback import FeedbackStore
+    from LesionSegLib.engine.models import get_card
     from LesionSegLib.engine.segment.result import SegmentationResult
     from LesionSegLib.logic import LesionSegLogicCore
 
@@ -37,6 +38,11 @@ def test_add_lesion_from_a_click(slicer_app, data_dir, tmp_path):
     empty = SegmentationResult(np.zeros(gt.shape, np.uint16), [], image, "auto@1", 0.5)
     seg, table = logic.add_result(volume, empty, "hash-041", threshold=0.5)
     store = FeedbackStore(tmp_path / "feedback.db")
+    # the model that answers a click is the result's own; one the registry does not know gives the default
+    assert click.click_model(seg) == click.DEFAULT_CLICK_MODEL
+    seg.SetAttribute(mrml.ATTR_MODEL, DETSEG)
+    assert click.click_model(seg) == get_card(DETSEG).id
+    seg.SetAttribute(mrml.ATTR_MODEL, "auto@1")
     engine = logic.engine(DETSEG, "cpu")
     lps = image.TransformContinuousIndexToPhysicalPoint(np.argwhere(gt).mean(0)[::-1].tolist())
     ras = (-lps[0], -lps[1], lps[2])

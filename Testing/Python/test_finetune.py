@@ -88,6 +88,14 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
 
     img41, lab41 = _read_case(dataset.case("STS_041"))
     assert score_case(eng, img41, lab41) == score_case(eng.in_domain, img41, lab41)  # the figures are the parent's too
+    # a click on that scan routes too (on the whole scan's descriptor): the parent's networks answer it
+    from LesionSegLib.engine.click import click
+
+    pts = np.argwhere(lab41 > 0)
+    point = img41.TransformContinuousIndexToPhysicalPoint([float(v) for v in pts[len(pts) // 2][::-1]])
+    routed, parent = click(eng, img41, [point]), click(eng.in_domain, img41, [point])
+    assert routed.model_id == card.id and any(f"so {base.id}'s networks answered the click" in m for m in routed.messages)
+    assert np.array_equal(routed.labelmap, parent.labelmap) and routed.labelmap.any()
     phantom = eng.segment(synthetic_ct(3)[0])
     assert phantom.model_id == card.id and not any("lies in the domain of" in m for m in phantom.messages)
     # activate and roll back like retrain

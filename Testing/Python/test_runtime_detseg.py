@@ -19,7 +19,7 @@ import torch
 
 from LesionSegLib.engine import data
 from LesionSegLib.engine.cli import main as cli_main
-from LesionSegLib.engine.detseg.click import click
+from LesionSegLib.engine.click import click
 from LesionSegLib.engine.io.images import read_image
 from LesionSegLib.engine.models import get_card, list_models, read_card
 from LesionSegLib.engine.runtime import export

@@ -1,7 +1,7 @@
 """The LesionSeg panel's correction tools, offscreen under PySide6 with real MRML on a real case:
 
 * **Add lesion**: the button enters single-point place mode on a temporary fiducial node; a point
-  placed on the ground-truth lesion runs the ``sts-detseg`` click model in this process and adds a
+  placed on the ground-truth lesion runs the result's own model in this process and adds a
   segment with status ``added``, a table row and a missed-lesion row in the panel's feedback store;
   a point outside the volume gives a one-line error and adds nothing; pressing again or leaving
   place mode (Escape) cancels.
@@ -145,6 +145,8 @@ def test_add_lesion_click(panel, slicer_app, data_dir, monkeypatch):
     [row] = [r for r in store.decisions() if r["source"] == click.MISSED_SOURCE]
     assert row["lesion_id"] == new["lesion_id"] and row["decision"] == "accepted"
     assert row["model_id"] == seg.GetAttribute(mrml.ATTR_MODEL) and row["case_hash"] == _RESULT["hash"]
+    # the result's own model answered the click (not the one the model selector happens to show)
+    assert mrml.get_tag(mrml.find_segment(seg, new["lesion_id"])[1], mrml.TAG["model"] + "Click") == seg.GetAttribute(mrml.ATTR_MODEL)
     n_rows = len(store.decisions())
     # the threshold hides model proposals, never a lesion the reviewer added
     ui.thresholdSlider.setValue(1.0)

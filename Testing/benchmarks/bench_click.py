@@ -1,4 +1,4 @@
-"""Click-to-segment accuracy and time on the validation lesions (STS_034-041), from the Python API.
+"""Click-to-segment accuracy and time on the validation lesions (STS_034-041), from the Python API (any model).
 
     python Testing/benchmarks/bench_click.py --model sts-detseg -o Resources/evaluation/detseg/click.json
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     import torch
 
     from LesionSegLib.engine import data
-    from LesionSegLib.engine.detseg.click import click
+    from LesionSegLib.engine.click import click
     from LesionSegLib.engine.errors import InputError
     from LesionSegLib.engine.evaluate.matching import gt_components
     from LesionSegLib.engine.segment.pipeline import Engine

@@ -2,8 +2,9 @@
 
 Points are LPS millimetres (the DICOM / ITK convention; Slicer's RAS is (-X, -Y, Z)).  Writes
 ``<stem>_click.nii.gz`` (label k = point k, on the input grid) and ``<stem>_click.csv`` (the
-columns of ``segment``; ``lesion_id`` is the point's number).  Needs a ``detseg`` model
-(default: ``sts-detseg``).  A bad point (outside the volume, on air) writes nothing.
+columns of ``segment``; ``lesion_id`` is the point's number).  Any model answers clicks
+(:mod:`..click`); the default, ``sts-clcs``, gave the best click Dice on training-case clicks
+(``Resources/evaluation/click_train_*.json``).  A bad point (outside the volume, on air) writes nothing.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from ..errors import LesionSegError
 
-DEFAULT_CLICK_MODEL = "sts-detseg"
+DEFAULT_CLICK_MODEL = "sts-clcs"  # best click Dice on training-case clicks (see the module)
 
 
 def parse_point(text: str) -> tuple[float, float, float]:
@@ -28,7 +29,7 @@ def parse_point(text: str) -> tuple[float, float, float]:
 
 def cmd_click(args) -> int:
     from ..atomic import AtomicWriter
-    from ..detseg.click import click
+    from ..click import click
     from ..io.images import output_stem, read_image
     from ..segment.pipeline import Engine
 
@@ -56,11 +57,11 @@ def cmd_click(args) -> int:
 
 
 def register(sub) -> None:
-    sp = sub.add_parser("click", help="segment the lesion under each point (LPS mm) with a detseg model")
+    sp = sub.add_parser("click", help="segment the lesion under each point (LPS mm)")
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("--point", action="append", required=True, metavar="X,Y,Z", help="a point in LPS mm (repeatable); write --point=X,Y,Z when X is negative")
     sp.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    sp.add_argument("--model", default=None, help=f"a detseg model (default: {DEFAULT_CLICK_MODEL})")
+    sp.add_argument("--model", default=None, help=f"the model (default: {DEFAULT_CLICK_MODEL}, the best on training-case clicks)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     sp.set_defaults(func=cmd_click)

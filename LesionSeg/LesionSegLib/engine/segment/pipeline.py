@@ -333,7 +333,8 @@ class ClcsEngine(Engine):
             raise ValueError("an in-memory segmenter needs runtime='torch'")
         self.runner._net = net
 
-    def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
+    def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None, use_gate: bool = True) -> tuple[np.ndarray, dict]:
+        """``use_gate=False`` runs the segmenter everywhere even with a cascade gate (a click)."""
         timings = {}
         t = time.perf_counter()
         box = body_box(canonical_hu, spacing)
@@ -349,7 +350,7 @@ class ClcsEngine(Engine):
         def infer(xx):
             return self.runner.probability(xx, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
 
-        if self.gate is None:
+        if self.gate is None or not use_gate:
             prob_model = infer(x)
         else:  # cascade gate: the segmenter runs only on the slabs the gate lets through
             prob_model, self.gate_info = self.gate.apply(x, infer)

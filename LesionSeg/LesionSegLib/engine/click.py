@@ -1,0 +1,175 @@
+"""Click to segment: one point (LPS mm) -> the lesion under it, in-process, on a crop of the scan.
+
+    from LesionSegLib.engine.segment.pipeline import Engine
+    from LesionSegLib.engine.click import click
+    result = click(Engine("sts-clcs"), image, [(x, y, z)])   # a SegmentationResult
+
+Every model can answer a click; how depends on its architecture:
+
+* **dense** models (``clcs``: sts-clcs, sts-attention-unet, fine-tuned ones): the model's own
+  segmenter runs over sliding windows on a crop of ``DENSE_RADIUS_MM`` around the point (the
+  cascade gate, if any, is bypassed: the reviewer says there is a lesion), and the lesion is the
+  26-connected component under the point, or the nearest one within ``SNAP_MM``, at the model's
+  probability threshold, else at half of it.  While that lesion comes within ``SIDE_MARGIN_MM`` of a
+  side of the crop where the scan goes on, the crop grows by ``GROWTH`` (to ``MAX_RADIUS_MM`` at most), so a large
+  sarcoma clicked off-centre is not cut by the crop.
+* **detseg** models: the RoI segmenter on boxes centred on the point (:mod:`.detseg.click`).
+
+The crop's radius and its growth were chosen on training-case clicks
+(``Resources/evaluation/click_train_*.json``), never on the validation lesions.
+
+A fine-tuned model that routes (``routing`` in its card) routes a click as it routes a scan: on the
+whole scan's descriptor, so a click on a scan of the parent's domain runs the parent's networks.
+The lesion's confidence and OOD score use the whole scan's descriptor too, not the crop's.
+Measurements, patch and confidence are those of ``segment``, so the CSV has the same columns and
+the lesion can go to the feedback store.
+
+Points outside the volume, or on air (mean HU of the 3x3x3 voxels around it below
+``AIR_HU_LIMIT``), are refused with an :class:`InputError` naming the point; nothing is returned
+for any point when one is bad.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .segment.result import SegmentationResult
+
+CLICK_RADIUS_MM = 100.0  # the crop of a detseg click (its largest RoI is 180 mm)
+DENSE_RADIUS_MM = 150.0  # the first crop of a dense click
+GROWTH = 1.5
+MAX_RADIUS_MM = 225.0
+SIDE_MARGIN_MM = 10.0  # a lesion this close to a side of the crop grows the crop
+AIR_HU_LIMIT = -500.0
+
+
+def _fmt(p) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in p) + ") mm LPS"
+
+
+def check_point(image: sitk.Image, point_lps) -> np.ndarray:
+    """The continuous (x, y, z) index of ``point_lps``; InputError when it is outside the volume."""
+    if len(point_lps) != 3 or not all(np.isfinite(v) for v in point_lps):
+        raise InputError(f"point {point_lps!r} is not three finite coordinates X,Y,Z (mm LPS)")
+    idx = np.asarray(image.TransformPhysicalPointToContinuousIndex([float(v) for v in point_lps]))
+    size = np.asarray(image.GetSize())
+    if np.any(idx < -0.5) or np.any(idx > size - 0.5):
+        raise InputError(f"point {_fmt(point_lps)} is outside the volume (voxel index {tuple(np.round(idx, 1))}, size {tuple(size)})")
+    return idx
+
+
+def crop_bounds(image: sitk.Image, idx_xyz, radius_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """(start, stop) index (x, y, z) of the voxels within ``radius_mm`` of the index along each axis."""
+    sp = np.asarray(image.GetSpacing())
+    size = np.asarray(image.GetSize())
+    c = np.round(idx_xyz).astype(int)
+    r = np.ceil(radius_mm / sp).astype(int)
+    return np.clip(c - r, 0, size - 1), np.clip(c + r + 1, 1, size)
+
+
+def crop_around(image: sitk.Image, idx_xyz, radius_mm: float = CLICK_RADIUS_MM) -> tuple[sitk.Image, np.ndarray]:
+    """(crop, its start index (x, y, z)): the voxels within ``radius_mm`` of the index along each axis."""
+    start, stop = crop_bounds(image, idx_xyz, radius_mm)
+    return sitk.RegionOfInterest(image, [int(v) for v in stop - start], [int(v) for v in start]), start
+
+
+def dense_lesion_mask(engine, hu: np.ndarray, sp, voxel: np.ndarray, cancel=None) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(component, probability, threshold) of the lesion at ``voxel`` from a dense model's segmenter
+    on the whole (canonical) crop; None when no lesion voxel lies at or near it."""
+    from .detseg.refine import SNAP_MM, component_at
+
+    prob, _ = engine.probability(hu, sp, cancel=cancel, use_gate=False)
+    for t in (engine.prob_threshold, 0.5 * engine.prob_threshold):
+        comp = component_at(prob, t, voxel, sp, SNAP_MM)
+        if comp is not None:
+            return comp, prob, t
+    return None
+
+
+def _near_side(comp: np.ndarray, sp) -> bool:
+    """Does the lesion come within ``SIDE_MARGIN_MM`` of a side of the crop?  (The segmenter sees
+    less context near a side, so a cut lesion often stops just short of it.)"""
+    pts = np.argwhere(comp)
+    m = np.ceil(SIDE_MARGIN_MM / np.asarray(sp, dtype=float)).astype(int)
+    return bool(np.any(pts.min(0) < m) or np.any(pts.max(0) >= np.asarray(comp.shape) - m))
+
+
+def _scan_context(engine, image: sitk.Image):
+    """(the engine that answers clicks on this scan, the scan's descriptor or None, a routing note)."""
+    if engine.in_domain is None and engine.ood is None:
+        return engine, None, None
+    from .segment.ood import scan_descriptor
+
+    _, hu, sp = engine.prepare(image)
+    descriptor = scan_descriptor(hu, sp)
+    routed = engine.route(hu, sp, descriptor)
+    if routed is None:
+        return engine, descriptor, None
+    parent, score = routed
+    return parent, descriptor, (f"this scan lies in the domain of {parent.card.id} (scan OOD score {score:.2f} under it), "
+                                f"so {parent.card.id}'s networks answered the click, as {engine.card.id}'s card says")
+
+
+def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], cancel=None, source: str | None = None) -> SegmentationResult:
+    """Segment the lesion under each point; lesion ``k`` (label ``k``) is point ``k`` (1-based).
+
+    ``engine``: any :class:`~.segment.pipeline.Engine`.  The labelmap is on ``image``'s grid;
+    where two points' lesions overlap the earlier point keeps the voxel.
+    """
+    from .io.images import validate_ct
+
+    validate_ct(image, source)
+    if not points_lps:
+        raise InputError("no point given")
+    idxs = [check_point(image, p) for p in points_lps]  # all points checked before any work
+    t0 = time.perf_counter()
+    model_id = engine.card.id
+    engine, descriptor, note = _scan_context(engine, image)
+    dense = not hasattr(engine, "segment_boxes")
+    full = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint16)
+    lesions = []
+    for k, (p, idx) in enumerate(zip(points_lps, idxs), start=1):
+        radius = DENSE_RADIUS_MM if dense else CLICK_RADIUS_MM
+        while True:
+            crop, start = crop_around(image, idx, radius)
+            canonical, hu, sp = engine.prepare(crop)
+            c = np.asarray(canonical.TransformPhysicalPointToContinuousIndex([float(v) for v in p]))[::-1]
+            v = np.clip(np.round(c).astype(int), 0, np.asarray(hu.shape) - 1)
+            near = hu[tuple(slice(max(0, a - 1), a + 2) for a in v)]
+            if float(near.mean()) < AIR_HU_LIMIT:
+                raise InputError(f"point {_fmt(p)} is on air or outside the body (mean {near.mean():.0f} HU around it); click inside the lesion")
+            if dense:
+                found = dense_lesion_mask(engine, hu, sp, v, cancel)
+            else:
+                from .detseg.click import lesion_mask
+
+                found = lesion_mask(engine, hu, sp, c * np.asarray(sp), cancel)
+            if not dense or found is None or radius >= MAX_RADIUS_MM or not _near_side(found[0], sp):
+                break
+            # the lesion reaches the crop's side: a larger crop, unless the crop already is the scan there
+            radius = min(radius * GROWTH, MAX_RADIUS_MM)
+            if all(np.array_equal(a, b) for a, b in zip(crop_bounds(image, idx, radius), (start, start + crop.GetSize()))):
+                break
+        if found is None:
+            raise InputError(f"no lesion found at point {_fmt(p)}: the model's segmenter gives no lesion voxels there")
+        comp, prob, thr = found
+        res = engine.lesions_from_probability(crop, canonical, hu, sp, prob * comp, {}, 0.0, keep_patches=True,
+                                              prob_threshold=thr, min_size_mm3=0.0, descriptor=descriptor)
+        if not res.lesions:
+            raise InputError(f"no lesion found at point {_fmt(p)}")
+        les = res.lesions[0]
+        sub = res.labelmap == les.lesion_id
+        z0, y0, x0 = start[2], start[1], start[0]
+        region = full[z0 : z0 + sub.shape[0], y0 : y0 + sub.shape[1], x0 : x0 + sub.shape[2]]
+        region[sub & (region == 0)] = k
+        (a, b) = les.bbox_ijk
+        les.bbox_ijk = (tuple(int(u + s) for u, s in zip(a, start)), tuple(int(u + s) for u, s in zip(b, start)))
+        les.lesion_id = k
+        lesions.append(les)
+    messages = list(res.messages) + ([note] if note else [])  # the engine's notes and the scan's OOD warning
+    return SegmentationResult(labelmap=full, lesions=lesions, reference=image, model_id=model_id, threshold=0.0,
+                              timings={"click": time.perf_counter() - t0}, device=str(engine.device), messages=messages)
