@@ -23,6 +23,7 @@ import slicer
 
 from . import mrml
 from .engine.cli.click import DEFAULT_CLICK_MODEL
+from .engine.click import FALLBACK_CLICK_MODEL
 from .engine.click import click as click_engine
 from .engine.errors import InputError
 from .engine.segment.colors import status_color
@@ -82,18 +83,28 @@ def click_model(segmentation_node) -> str:
         return DEFAULT_CLICK_MODEL
 
 
-def add_lesion(volume_node, segmentation_node, point_ras, engine, store=None, reviewer: str = "") -> dict:
+def click_fallback(engine, load):
+    """For a dense click model, a function that loads ``FALLBACK_CLICK_MODEL`` with ``load(name)``
+    when first needed (:func:`LesionSegLib.engine.click.click`); None for a detseg model."""
+    if engine.card.architecture == "detseg":
+        return None
+    return lambda: load(FALLBACK_CLICK_MODEL)
+
+
+def add_lesion(volume_node, segmentation_node, point_ras, engine, store=None, reviewer: str = "", fallback=None) -> dict:
     """Segment the lesion under ``point_ras`` and add it; returns the new lesion's record
     (:func:`mrml.lesion_info`).  Raises the engine's ``InputError`` (naming the point) and adds
     nothing when the point is outside the volume, on air, no lesion is found there, or the point
-    is inside a lesion that is already shown (that one is reviewed with Accept / Reject instead)."""
+    is inside a lesion that is already shown (that one is reviewed with Accept / Reject instead).
+    ``fallback``: an engine, or a function returning one, that answers when ``engine`` finds no
+    lesion there (:func:`click_fallback`); the record's ``click_model`` names the model that answered."""
     r, a, s = (float(v) for v in point_ras)
     found = shown_lesion_at(segmentation_node, (r, a, s))
     if found is not None:
         raise InputError(f"the point ({r:.1f}, {a:.1f}, {s:.1f}) mm RAS is inside lesion {found['lesion_id']}, which is "
                          "already shown: review it with Accept / Reject instead of adding it again")
     image = _volume_to_sitk(volume_node)
-    res = click_engine(engine, image, [(-r, -a, s)])
+    res = click_engine(engine, image, [(-r, -a, s)], fallback=fallback)
     les = res.lesions[0]
     les.lesion_id = next_lesion_id(segmentation_node)
     mask = (res.labelmap == 1).astype(np.uint16) * les.lesion_id
@@ -125,4 +136,4 @@ def add_lesion(volume_node, segmentation_node, point_ras, engine, store=None, re
             centroid_lps=les.centroid_lps, volume_ml=les.volume_ml, diameter_mm=les.diameter_mm, bbox_ijk=les.bbox_ijk,
             features=dict(les.features), patch=les.patch, reviewer=reviewer,
         ), source=MISSED_SOURCE)
-    return mrml.lesion_info(segment, sid)
+    return {**mrml.lesion_info(segment, sid), "click_model": res.model_id}

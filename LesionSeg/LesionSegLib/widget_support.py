@@ -355,13 +355,17 @@ class AddLesionTool:
             volume = mrml.reference_volume(seg)
             if volume is None:
                 raise ValueError(f"'{seg.GetName()}' has no reference volume")
-            engine = w.logic.engine(click.click_model(seg), w.currentDevice())
-            info = click.add_lesion(volume, seg, ras, engine, store=panel_feedback_store(w), reviewer=w.logic.recorder.reviewer)
+            device = w.currentDevice()
+            engine = w.logic.engine(click.click_model(seg), device)
+            info = click.add_lesion(volume, seg, ras, engine, store=panel_feedback_store(w), reviewer=w.logic.recorder.reviewer,
+                                    fallback=click.click_fallback(engine, lambda name: w.logic.engine(name, device)))
         except Exception as exc:  # a point outside the volume, on air, no lesion there, a missing model
             w.logBox.show_error(_one_line(f"Cannot add a lesion there: {exc}"), None)
             w.ui.statusLabel.setText("No lesion added.")
             return None
         text = f"{info['name']} added: {info['volume_ml']:.2f} ml, {info['diameter_mm']:.1f} mm (recorded as a missed lesion)"
+        if info["click_model"] != engine.card.id:
+            text += f"; {engine.card.id} found no lesion there, so {info['click_model']} outlined it"
         w.logBox.append(text, stamp=True)
         w.selectLesion(info["lesion_id"])
         w.ui.statusLabel.setText(text)

@@ -140,3 +140,28 @@ def test_click_cli_default_model_is_dense(tmp_path):
     bad = tmp_path / "bad"
     assert cli_main(["click", str(case.image), "--point=9999,0,0", "-o", str(bad), "--device", "cpu"]) == 2
     assert not bad.exists() or not any(bad.iterdir())
+
+
+@needs_data
+def test_fallback_answers_where_the_model_finds_nothing(clcs, monkeypatch, tmp_path):
+    """A dense model that finds nothing at the point: the fallback (sts-detseg) answers, and says so."""
+    img, gt = _case("STS_041")
+    point = _centre_lps(img, gt)
+    monkeypatch.setattr(ClcsEngine, "probability", lambda self, hu, sp, **kw: (np.zeros(hu.shape, np.float32), {}))
+    loads = []
+
+    def load():
+        loads.append(1)
+        return Engine("sts-detseg", device="cpu")
+
+    res = click(clcs, img, [point], fallback=load)
+    assert loads == [1] and res.model_id.startswith("sts-detseg@") and _dice(res.labelmap == 1, gt) > 0.5
+    assert any(f"{clcs.card.id} found no lesion there; sts-detseg" in m for m in res.messages)
+    # the CLI loads sts-detseg as the fallback of a dense model by default; --fallback-model none refuses
+    case = data.case("STS_041")
+    arg = ",".join(f"{v:.3f}" for v in point)
+    assert cli_main(["click", str(case.image), f"--point={arg}", "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    assert (tmp_path / "a" / "STS_041_click.nii.gz").exists()
+    assert cli_main(["click", str(case.image), f"--point={arg}", "-o", str(tmp_path / "b"), "--device", "cpu",
+                     "--fallback-model", "none"]) == 2
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())

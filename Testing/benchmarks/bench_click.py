@@ -21,9 +21,19 @@ from pathlib import Path
 import numpy as np
 
 
+def _split(data, cases) -> str:
+    if cases == data.STS_VAL:
+        return "validation STS_034-041 (never used for training)"
+    if set(cases) <= set(data.STS_TRAIN):
+        return "training cases (design choices)"
+    return "cases outside the models' training data (" + ", ".join(cases) + ")"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sts-detseg")
+    ap.add_argument("--fallback-model", default=None, help="the model that answers a point where --model finds no lesion "
+                    "(as lesionseg click; default none here)")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -41,6 +51,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     engine = Engine(args.model, device="cpu")
+    fallback = Engine(args.fallback_model, device="cpu") if args.fallback_model else None
     rng = np.random.default_rng(args.seed)
     rows = []
     cases = args.cases.split(",") if args.cases else data.STS_VAL
@@ -57,13 +68,14 @@ def main(argv=None) -> int:
                 p = img.TransformContinuousIndexToPhysicalPoint([float(v) for v in zyx[::-1]])
                 t = time.perf_counter()
                 try:
-                    res = click(engine, img, [p])
+                    res = click(engine, img, [p], fallback=fallback)
                     mask = res.labelmap == 1
                     dice = float(2 * (mask & lesion).sum() / (mask.sum() + lesion.sum()))
                     err = None
                 except InputError as exc:
                     dice, err = 0.0, str(exc)
                 rows.append({"case": name, "lesion": k, "click": kind, "dice": round(dice, 4),
+                             "answered_by": None if err else res.model_id,
                              "seconds": round(time.perf_counter() - t, 3), "lesion_ml": round(float(lesion.sum() * np.prod(img.GetSpacing()) / 1000), 2),
                              "error": err})
                 print(json.dumps(rows[-1]), flush=True)
@@ -73,8 +85,8 @@ def main(argv=None) -> int:
                for kind in ("centre", "random")}
     summary["all"] = {"mean_dice": round(float(np.mean([r["dice"] for r in rows])), 4)}
     out = {"command": "python Testing/benchmarks/bench_click.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "model": engine.card.id, "cases": cases,
-           "split": "validation STS_034-041 (never used for training)" if cases == data.STS_VAL else "training cases (design choices)",
+           "model": engine.card.id, "fallback_model": fallback.card.id if fallback else None, "cases": cases,
+           "split": _split(data, cases),
            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads,
            "load_average_at_end": os.getloadavg(), "targets": {"mean_dice": 0.80, "seconds_per_click": 1.5},
            "summary": summary, "clicks": rows}

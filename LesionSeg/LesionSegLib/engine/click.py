@@ -15,6 +15,11 @@ Every model can answer a click; how depends on its architecture:
   sarcoma clicked off-centre is not cut by the crop.
 * **detseg** models: the RoI segmenter on boxes centred on the point (:mod:`.detseg.click`).
 
+Where the model finds no lesion at a point, a ``fallback`` model may answer it (the CLI and the
+Slicer module use ``FALLBACK_CLICK_MODEL``, sts-detseg, for dense models): its RoI segmenter sees
+every lesion at the same scale, so it still outlines lung nodules that the sarcoma-trained dense
+segmenter does not see at all (``Resources/evaluation/click_chest.json``).
+
 The crop's radius and its growth were chosen on training-case clicks
 (``Resources/evaluation/click_train_*.json``), never on the validation lesions.
 
@@ -45,6 +50,7 @@ GROWTH = 1.5
 MAX_RADIUS_MM = 225.0
 SIDE_MARGIN_MM = 10.0  # a lesion this close to a side of the crop grows the crop
 AIR_HU_LIMIT = -500.0
+FALLBACK_CLICK_MODEL = "sts-detseg"  # answers the points where a dense model finds no lesion
 
 
 def _fmt(p) -> str:
@@ -114,11 +120,41 @@ def _scan_context(engine, image: sitk.Image):
                                 f"so {parent.card.id}'s networks answered the click, as {engine.card.id}'s card says")
 
 
-def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], cancel=None, source: str | None = None) -> SegmentationResult:
+def _lesion_at(engine, image: sitk.Image, p, idx, cancel=None):
+    """(crop, its start index, canonical crop, HU, spacing, (component, probability, threshold) or None)
+    for the lesion at point ``p`` (continuous index ``idx``) by ``engine`` (see the module)."""
+    dense = not hasattr(engine, "segment_boxes")
+    radius = DENSE_RADIUS_MM if dense else CLICK_RADIUS_MM
+    while True:
+        crop, start = crop_around(image, idx, radius)
+        canonical, hu, sp = engine.prepare(crop)
+        c = np.asarray(canonical.TransformPhysicalPointToContinuousIndex([float(v) for v in p]))[::-1]
+        v = np.clip(np.round(c).astype(int), 0, np.asarray(hu.shape) - 1)
+        near = hu[tuple(slice(max(0, a - 1), a + 2) for a in v)]
+        if float(near.mean()) < AIR_HU_LIMIT:
+            raise InputError(f"point {_fmt(p)} is on air or outside the body (mean {near.mean():.0f} HU around it); click inside the lesion")
+        if dense:
+            found = dense_lesion_mask(engine, hu, sp, v, cancel)
+        else:
+            from .detseg.click import lesion_mask
+
+            found = lesion_mask(engine, hu, sp, c * np.asarray(sp), cancel)
+        if not dense or found is None or radius >= MAX_RADIUS_MM or not _near_side(found[0], sp):
+            return crop, start, canonical, hu, sp, found
+        # the lesion reaches the crop's side: a larger crop, unless the crop already is the scan there
+        radius = min(radius * GROWTH, MAX_RADIUS_MM)
+        if all(np.array_equal(a, b) for a, b in zip(crop_bounds(image, idx, radius), (start, start + crop.GetSize()))):
+            return crop, start, canonical, hu, sp, found
+
+
+def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], cancel=None, source: str | None = None,
+          fallback=None) -> SegmentationResult:
     """Segment the lesion under each point; lesion ``k`` (label ``k``) is point ``k`` (1-based).
 
-    ``engine``: any :class:`~.segment.pipeline.Engine`.  The labelmap is on ``image``'s grid;
-    where two points' lesions overlap the earlier point keeps the voxel.
+    ``engine``: any :class:`~.segment.pipeline.Engine`.  ``fallback``: an engine, or a function
+    that returns one (called at most once, when first needed), that answers a point where
+    ``engine`` finds no lesion; the result's messages say which points it answered.  The labelmap
+    is on ``image``'s grid; where two points' lesions overlap the earlier point keeps the voxel.
     """
     from .io.images import validate_ct
 
@@ -127,38 +163,30 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
         raise InputError("no point given")
     idxs = [check_point(image, p) for p in points_lps]  # all points checked before any work
     t0 = time.perf_counter()
-    model_id = engine.card.id
+    primary = engine
     engine, descriptor, note = _scan_context(engine, image)
-    dense = not hasattr(engine, "segment_boxes")
+    notes = [note] if note else []
+    backup = None  # (fallback engine, its scan descriptor), once needed
     full = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint16)
-    lesions = []
+    lesions, n_fallback = [], 0
     for k, (p, idx) in enumerate(zip(points_lps, idxs), start=1):
-        radius = DENSE_RADIUS_MM if dense else CLICK_RADIUS_MM
-        while True:
-            crop, start = crop_around(image, idx, radius)
-            canonical, hu, sp = engine.prepare(crop)
-            c = np.asarray(canonical.TransformPhysicalPointToContinuousIndex([float(v) for v in p]))[::-1]
-            v = np.clip(np.round(c).astype(int), 0, np.asarray(hu.shape) - 1)
-            near = hu[tuple(slice(max(0, a - 1), a + 2) for a in v)]
-            if float(near.mean()) < AIR_HU_LIMIT:
-                raise InputError(f"point {_fmt(p)} is on air or outside the body (mean {near.mean():.0f} HU around it); click inside the lesion")
-            if dense:
-                found = dense_lesion_mask(engine, hu, sp, v, cancel)
-            else:
-                from .detseg.click import lesion_mask
-
-                found = lesion_mask(engine, hu, sp, c * np.asarray(sp), cancel)
-            if not dense or found is None or radius >= MAX_RADIUS_MM or not _near_side(found[0], sp):
-                break
-            # the lesion reaches the crop's side: a larger crop, unless the crop already is the scan there
-            radius = min(radius * GROWTH, MAX_RADIUS_MM)
-            if all(np.array_equal(a, b) for a, b in zip(crop_bounds(image, idx, radius), (start, start + crop.GetSize()))):
-                break
+        eng, desc = engine, descriptor
+        crop, start, canonical, hu, sp, found = _lesion_at(eng, image, p, idx, cancel)
+        if found is None and fallback is not None:
+            if backup is None:
+                fb, fb_desc, fb_note = _scan_context(fallback() if callable(fallback) else fallback, image)
+                backup = (fb, fb_desc)
+                notes += [fb_note] if fb_note else []
+            eng, desc = backup
+            crop, start, canonical, hu, sp, found = _lesion_at(eng, image, p, idx, cancel)
+            if found is not None:
+                notes.append(f"point {k} {_fmt(p)}: {engine.card.id} found no lesion there; {eng.card.id} "
+                             f"({eng.card.architecture}) answered it")
         if found is None:
             raise InputError(f"no lesion found at point {_fmt(p)}: the model's segmenter gives no lesion voxels there")
         comp, prob, thr = found
-        res = engine.lesions_from_probability(crop, canonical, hu, sp, prob * comp, {}, 0.0, keep_patches=True,
-                                              prob_threshold=thr, min_size_mm3=0.0, descriptor=descriptor)
+        res = eng.lesions_from_probability(crop, canonical, hu, sp, prob * comp, {}, 0.0, keep_patches=True,
+                                           prob_threshold=thr, min_size_mm3=0.0, descriptor=desc)
         if not res.lesions:
             raise InputError(f"no lesion found at point {_fmt(p)}")
         les = res.lesions[0]
@@ -170,6 +198,9 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
         les.bbox_ijk = (tuple(int(u + s) for u, s in zip(a, start)), tuple(int(u + s) for u, s in zip(b, start)))
         les.lesion_id = k
         lesions.append(les)
-    messages = list(res.messages) + ([note] if note else [])  # the engine's notes and the scan's OOD warning
+        n_fallback += eng is not engine
+    # the model named: the one asked, unless the fallback answered every point
+    model_id = backup[0].card.id if n_fallback == len(lesions) else primary.card.id
+    messages = list(dict.fromkeys(list(res.messages) + notes))  # the engines' notes and the scan's OOD warning
     return SegmentationResult(labelmap=full, lesions=lesions, reference=image, model_id=model_id, threshold=0.0,
                               timings={"click": time.perf_counter() - t0}, device=str(engine.device), messages=messages)

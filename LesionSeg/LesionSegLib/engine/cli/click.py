@@ -4,7 +4,8 @@ Points are LPS millimetres (the DICOM / ITK convention; Slicer's RAS is (-X, -Y,
 ``<stem>_click.nii.gz`` (label k = point k, on the input grid) and ``<stem>_click.csv`` (the
 columns of ``segment``; ``lesion_id`` is the point's number).  Any model answers clicks
 (:mod:`..click`); the default, ``sts-clcs``, gave the best click Dice on training-case clicks
-(``Resources/evaluation/click_train_*.json``).  A bad point (outside the volume, on air) writes nothing.
+(``Resources/evaluation/click_train_*.json``).  Where a dense model finds no lesion at a point,
+``--fallback-model`` (default sts-detseg) answers it.  A bad point (outside the volume, on air) writes nothing.
 """
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def parse_point(text: str) -> tuple[float, float, float]:
     return values
 
 
+def fallback_engine(engine, args):
+    """A function that loads ``--fallback-model`` (default: the engine's FALLBACK_CLICK_MODEL for a
+    dense model, none for a detseg one), or None."""
+    from ..click import FALLBACK_CLICK_MODEL
+    from ..segment.pipeline import Engine
+
+    name = args.fallback_model
+    if name is None:
+        name = "none" if engine.card.architecture == "detseg" else FALLBACK_CLICK_MODEL
+    if name.lower() == "none":
+        return None
+    return lambda: Engine(name, args.device, threads=args.threads)
+
+
 def cmd_click(args) -> int:
     from ..atomic import AtomicWriter
     from ..click import click
@@ -38,7 +53,7 @@ def cmd_click(args) -> int:
         points = [parse_point(p) for p in args.point]
         engine = Engine(args.model or DEFAULT_CLICK_MODEL, args.device, threads=args.threads)
         image = read_image(args.image)
-        res = click(engine, image, points, source=str(args.image))
+        res = click(engine, image, points, source=str(args.image), fallback=fallback_engine(engine, args))
         stem = output_stem(args.image)
         writer = AtomicWriter(args.output)
         names = [f"{stem}_click.nii.gz", f"{stem}_click.csv"]
@@ -62,6 +77,9 @@ def register(sub) -> None:
     sp.add_argument("--point", action="append", required=True, metavar="X,Y,Z", help="a point in LPS mm (repeatable); write --point=X,Y,Z when X is negative")
     sp.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     sp.add_argument("--model", default=None, help=f"the model (default: {DEFAULT_CLICK_MODEL}, the best on training-case clicks)")
+    sp.add_argument("--fallback-model", default=None, metavar="NAME",
+                    help="the model that answers a point where --model finds no lesion (default: sts-detseg for a "
+                         "dense model, none for a detseg one; 'none' turns it off)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     sp.set_defaults(func=cmd_click)
