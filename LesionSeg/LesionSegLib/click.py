@@ -23,8 +23,8 @@ import slicer
 
 from . import mrml
 from .engine.cli.click import DEFAULT_CLICK_MODEL
-from .engine.click import FALLBACK_CLICK_MODEL
 from .engine.click import click as click_engine
+from .engine.click import default_fallback
 from .engine.errors import InputError
 from .engine.segment.colors import status_color
 from .review import Decision
@@ -84,11 +84,10 @@ def click_model(segmentation_node) -> str:
 
 
 def click_fallback(engine, load):
-    """For a dense click model, a function that loads ``FALLBACK_CLICK_MODEL`` with ``load(name)``
-    when first needed (:func:`LesionSegLib.engine.click.click`); None for a detseg model."""
-    if engine.card.architecture == "detseg":
-        return None
-    return lambda: load(FALLBACK_CLICK_MODEL)
+    """A function that loads the fallback of ``engine`` (:func:`~.engine.click.default_fallback`)
+    with ``load(name)`` when first needed (:func:`~.engine.click.click`); None when it has none."""
+    name = default_fallback(engine)
+    return None if name is None else (lambda: load(name))
 
 
 def add_lesion(volume_node, segmentation_node, point_ras, engine, store=None, reviewer: str = "", fallback=None) -> dict:

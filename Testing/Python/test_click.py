@@ -118,8 +118,11 @@ def test_dense_click_refusals_name_the_point(clcs, monkeypatch):
         click(clcs, img, [])
     # a segmenter that finds nothing there: refused by name, not an empty lesion
     monkeypatch.setattr(ClcsEngine, "probability", lambda self, hu, sp, **kw: (np.zeros(hu.shape, np.float32), {}))
-    with pytest.raises(InputError, match=r"no lesion found at point \(20.0, 20.0, 20.0\) mm LPS"):
+    with pytest.raises(InputError, match=r"no lesion found at point \(20.0, 20.0, 20.0\) mm LPS: sts-clcs@\S+ gives no"):
         click(clcs, img, [(20.0, 20.0, 20.0)])
+    # nor the fallback: both are named
+    with pytest.raises(InputError, match=r"neither sts-clcs@\S+ nor sts-clcs@\S+ gives lesion voxels there"):
+        click(clcs, img, [(20.0, 20.0, 20.0)], fallback=clcs)
 
 
 @needs_data

@@ -53,6 +53,12 @@ AIR_HU_LIMIT = -500.0
 FALLBACK_CLICK_MODEL = "sts-detseg"  # answers the points where a dense model finds no lesion
 
 
+def default_fallback(engine) -> str | None:
+    """The model that answers where ``engine`` finds no lesion: ``FALLBACK_CLICK_MODEL`` for a dense
+    model, none for a detseg one (it would be asked the same question twice)."""
+    return None if hasattr(engine, "segment_boxes") else FALLBACK_CLICK_MODEL
+
+
 def _fmt(p) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in p) + ") mm LPS"
 
@@ -86,14 +92,11 @@ def crop_around(image: sitk.Image, idx_xyz, radius_mm: float = CLICK_RADIUS_MM) 
 def dense_lesion_mask(engine, hu: np.ndarray, sp, voxel: np.ndarray, cancel=None) -> tuple[np.ndarray, np.ndarray, float] | None:
     """(component, probability, threshold) of the lesion at ``voxel`` from a dense model's segmenter
     on the whole (canonical) crop; None when no lesion voxel lies at or near it."""
-    from .detseg.refine import SNAP_MM, component_at
+    from .detseg.refine import lesion_component
 
     prob, _ = engine.probability(hu, sp, cancel=cancel, use_gate=False)
-    for t in (engine.prob_threshold, 0.5 * engine.prob_threshold):
-        comp = component_at(prob, t, voxel, sp, SNAP_MM)
-        if comp is not None:
-            return comp, prob, t
-    return None
+    comp, t = lesion_component(prob, engine.prob_threshold, voxel, sp)
+    return None if comp is None else (comp, prob, t)
 
 
 def _near_side(comp: np.ndarray, sp) -> bool:
@@ -183,7 +186,8 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
                 notes.append(f"point {k} {_fmt(p)}: {engine.card.id} found no lesion there; {eng.card.id} "
                              f"({eng.card.architecture}) answered it")
         if found is None:
-            raise InputError(f"no lesion found at point {_fmt(p)}: the model's segmenter gives no lesion voxels there")
+            who = f"neither {engine.card.id} nor {backup[0].card.id} gives" if backup else f"{engine.card.id} gives no"
+            raise InputError(f"no lesion found at point {_fmt(p)}: {who} lesion voxels there")
         comp, prob, thr = found
         res = eng.lesions_from_probability(crop, canonical, hu, sp, prob * comp, {}, 0.0, keep_patches=True,
                                            prob_threshold=thr, min_size_mm3=0.0, descriptor=desc)

@@ -29,14 +29,11 @@ def parse_point(text: str) -> tuple[float, float, float]:
 
 
 def fallback_engine(engine, args):
-    """A function that loads ``--fallback-model`` (default: the engine's FALLBACK_CLICK_MODEL for a
-    dense model, none for a detseg one), or None."""
-    from ..click import FALLBACK_CLICK_MODEL
+    """A function that loads ``--fallback-model`` (default: :func:`..click.default_fallback`), or None."""
+    from ..click import default_fallback
     from ..segment.pipeline import Engine
 
-    name = args.fallback_model
-    if name is None:
-        name = "none" if engine.card.architecture == "detseg" else FALLBACK_CLICK_MODEL
+    name = args.fallback_model or default_fallback(engine) or "none"
     if name.lower() == "none":
         return None
     return lambda: Engine(name, args.device, threads=args.threads)

@@ -101,6 +101,16 @@ def component_at(prob: np.ndarray, threshold: float, p: np.ndarray, spacing, sna
     return lab == v
 
 
+def lesion_component(prob: np.ndarray, threshold: float, p: np.ndarray, spacing, snap_mm: float = SNAP_MM):
+    """(component, threshold used) of the lesion at voxel ``p`` (:func:`component_at`) at
+    ``threshold``, else at half of it; (None, None) when there is none."""
+    for t in (threshold, 0.5 * threshold):
+        comp = component_at(prob, t, p, spacing, snap_mm)
+        if comp is not None:
+            return comp, t
+    return None, None
+
+
 def fit_boxes(engine, hu: np.ndarray, spacing, boxes, points_mm, snap_mm: float = SNAP_MM, cancel=None) -> list[Fit]:
     """One RoI pass per box (batched); the lesion of each is the component at its point, at the
     engine's probability threshold, else at half of it."""
@@ -109,12 +119,7 @@ def fit_boxes(engine, hu: np.ndarray, spacing, boxes, points_mm, snap_mm: float 
     for box, point, (roi, p) in zip(boxes, points_mm, engine.roi_outputs(hu, spacing, boxes, cancel)):
         lo, local = paste_local(p, roi, hu.shape)
         p_idx = np.clip(np.round(np.asarray(point) / sp).astype(int), 0, np.asarray(hu.shape) - 1) - lo
-        comp, thr = None, None
-        for t in (engine.prob_threshold, 0.5 * engine.prob_threshold):
-            comp = component_at(local, t, p_idx, sp, snap_mm)
-            if comp is not None:
-                thr = t
-                break
+        comp, thr = lesion_component(local, engine.prob_threshold, p_idx, sp, snap_mm)
         fits.append(Fit(np.asarray(box, dtype=np.float64), np.asarray(point, dtype=np.float64), roi, lo, local, comp, thr))
     return fits
 
