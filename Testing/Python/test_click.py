@@ -168,3 +168,22 @@ def test_fallback_answers_where_the_model_finds_nothing(clcs, monkeypatch, tmp_p
     assert cli_main(["click", str(case.image), f"--point={arg}", "-o", str(tmp_path / "b"), "--device", "cpu",
                      "--fallback-model", "none"]) == 2
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_a_larger_crop_that_loses_the_lesion_keeps_the_previous_one(clcs, monkeypatch):
+    calls = []
+
+    def first_at_side_then_nothing(engine, hu, sp, voxel, cancel=None):
+        calls.append(hu.shape)
+        if len(calls) > 1:
+            return None
+        comp = np.zeros(hu.shape, bool)
+        comp[:, voxel[1] - 2 : voxel[1] + 3, voxel[2] - 2 : voxel[2] + 3] = True  # reaches the crop's z sides
+        return comp, comp.astype(np.float32), 0.5
+
+    monkeypatch.setattr(click_module, "dense_lesion_mask", first_at_side_then_nothing)
+    monkeypatch.setattr(click_module, "DENSE_RADIUS_MM", 20.0)
+    img = _soft_tissue()
+    res = click(clcs, img, [img.TransformContinuousIndexToPhysicalPoint([32.0, 32.0, 15.0])])
+    assert len(calls) == 2 and calls[1] != calls[0]  # it grew once, then lost the lesion
+    assert len(res.lesions) == 1 and res.labelmap.any()

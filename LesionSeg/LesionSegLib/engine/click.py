@@ -12,7 +12,10 @@ Every model can answer a click; how depends on its architecture:
   26-connected component under the point, or the nearest one within ``SNAP_MM``, at the model's
   probability threshold, else at half of it.  While that lesion comes within ``SIDE_MARGIN_MM`` of a
   side of the crop where the scan goes on, the crop grows by ``GROWTH`` (to ``MAX_RADIUS_MM`` at most), so a large
-  sarcoma clicked off-centre is not cut by the crop.
+  sarcoma clicked off-centre is not cut by the crop; a larger crop that loses the lesion keeps the
+  previous crop's.  (Growing only the sides the lesion nears was tried on the training clicks:
+  0.790 against 0.792 mean Dice, and less robust, since a lesion cut short in a small crop does not
+  reach the sides it should grow towards.)
 * **detseg** models: the RoI segmenter on boxes centred on the point (:mod:`.detseg.click`).
 
 Where the model finds no lesion at a point, a ``fallback`` model may answer it (the CLI and the
@@ -128,6 +131,7 @@ def _lesion_at(engine, image: sitk.Image, p, idx, cancel=None):
     for the lesion at point ``p`` (continuous index ``idx``) by ``engine`` (see the module)."""
     dense = not hasattr(engine, "segment_boxes")
     radius = DENSE_RADIUS_MM if dense else CLICK_RADIUS_MM
+    last = None  # the previous crop's answer, kept if a larger crop loses the lesion
     while True:
         crop, start = crop_around(image, idx, radius)
         canonical, hu, sp = engine.prepare(crop)
@@ -142,9 +146,12 @@ def _lesion_at(engine, image: sitk.Image, p, idx, cancel=None):
             from .detseg.click import lesion_mask
 
             found = lesion_mask(engine, hu, sp, c * np.asarray(sp), cancel)
+        if found is None and last is not None:
+            return last
         if not dense or found is None or radius >= MAX_RADIUS_MM or not _near_side(found[0], sp):
             return crop, start, canonical, hu, sp, found
         # the lesion reaches the crop's side: a larger crop, unless the crop already is the scan there
+        last = crop, start, canonical, hu, sp, found
         radius = min(radius * GROWTH, MAX_RADIUS_MM)
         if all(np.array_equal(a, b) for a, b in zip(crop_bounds(image, idx, radius), (start, start + crop.GetSize()))):
             return crop, start, canonical, hu, sp, found
