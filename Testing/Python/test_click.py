@@ -85,7 +85,7 @@ def test_dense_click_bypasses_the_cascade_gate(clcs, monkeypatch):
     monkeypatch.setattr(clcs, "gate", Gate())
     seen = []
 
-    def probability(self, hu, sp, progress=None, cancel=None, use_gate=True):
+    def probability(self, hu, sp, progress=None, cancel=None, use_gate=True, click_zyx=None):
         seen.append(use_gate)
         prob = np.zeros(hu.shape, np.float32)
         c = np.asarray(hu.shape) // 2
@@ -187,3 +187,80 @@ def test_a_larger_crop_that_loses_the_lesion_keeps_the_previous_one(clcs, monkey
     res = click(clcs, img, [img.TransformContinuousIndexToPhysicalPoint([32.0, 32.0, 15.0])])
     assert len(calls) == 2 and calls[1] != calls[0]  # it grew once, then lost the lesion
     assert len(res.lesions) == 1 and res.labelmap.any()
+
+
+def test_an_untrained_click_segmenter_answers_like_the_base_model(tmp_path):
+    """The click channel starts silent (its weights at zero), so before training the click
+    segmenter is the base segmenter: same lesion from the same click, on torch and OpenVINO."""
+    import shutil
+
+    from LesionSegLib.engine.learn.train_click import attach, guided_network
+    from LesionSegLib.engine.models import get_card, read_card, save_weights
+
+    base = get_card(CLCS)
+    folder = tmp_path / "clcs-click"
+    shutil.copytree(base.folder, folder, ignore=shutil.ignore_patterns("onnx-cache", "*.onnx"))
+    net, cfg = guided_network(base)
+    save_weights(net, tmp_path / "w.safetensors")
+    card = read_card(folder)
+    part = attach(card, tmp_path / "w.safetensors", cfg, version="9.9.9")
+    assert part["guidance"]["channel"] == 2 and part["network"]["in_channels"] == 3
+    card = read_card(folder)
+    assert card.id.endswith("@9.9.9") and card.verified_path("click_segmenter").exists()
+    img = _soft_tissue()
+    a = np.zeros((30, 64, 64), np.float32)
+    a[:] = sitk.GetArrayFromImage(img)
+    a[10:20, 25:40, 25:40] += 60.0  # a brighter blob: whatever the base makes of it, the click net must agree
+    blob = sitk.GetImageFromArray(a)
+    blob.CopyInformation(img)
+    for runtime in ("torch", "openvino"):
+        eng = Engine(card, device="cpu", runtime=runtime)
+        hu = sitk.GetArrayFromImage(blob)
+        plain, _ = eng.probability(hu, (3.0, 1.5, 1.5), use_gate=False)
+        guided, _ = eng.probability(hu, (3.0, 1.5, 1.5), click_zyx=(15, 32, 32))
+        assert eng.click_runner is not None and eng.click_runner.part == "click_segmenter"
+        assert np.abs(plain - guided).max() < 1e-3, runtime
+
+
+def test_click_patches_put_the_click_in_the_lesion():
+    """Training patches: three channels, the guidance peak on the clicked lesion, label and guidance flipped together."""
+    import torch
+
+    from LesionSegLib.engine.learn.train_click import ClickPatches
+
+    x = torch.zeros((2, 40, 80, 80), dtype=torch.float16)
+    y = torch.zeros((1, 40, 80, 80), dtype=torch.uint8)
+    y[0, 15:25, 30:50, 20:40] = 1
+    patches = ClickPatches({"c": (x, y)}, (3.0, 2.0, 2.0), (16, 32, 32), sigma_mm=6.0, seed=1)
+    peaks_on_lesion = 0
+    for _ in range(30):
+        xc, yc = patches.sample()
+        assert xc.shape == (3, 16, 32, 32) and yc.shape == (1, 16, 32, 32)
+        g = xc[2]
+        assert 0.0 <= float(g.min()) and float(g.max()) <= 1.0
+        if float(g.max()) > 0.99:  # the click is inside this patch: it lies on the lesion
+            peaks_on_lesion += int(yc[0].reshape(-1)[int(torch.argmax(g))] == 1)
+            assert yc[0].reshape(-1)[int(torch.argmax(g))] == 1
+    assert peaks_on_lesion > 0
+
+
+@needs_data
+def test_train_click_runs_and_attaches(tmp_path):
+    import json
+    import shutil
+
+    from LesionSegLib.engine.learn import train_click
+    from LesionSegLib.engine.models import get_card, read_card
+
+    run = tmp_path / "run"
+    assert train_click.main(["--base", CLCS, "-o", str(run), "--minutes", "0.01", "--holdout",
+                             ",".join(data.STS_TRAIN[2:])]) == 0  # two training cases, a step or two
+    cfg = json.loads((run / "click_segmenter.json").read_text())
+    assert cfg["training"]["train_cases"] == data.STS_TRAIN[:2] and cfg["training"]["steps"] >= 1
+    assert cfg["guidance"]["channel"] == 2 and "sha256" in cfg
+    folder = tmp_path / "model"
+    shutil.copytree(get_card(CLCS).folder, folder)
+    assert train_click.main(["--attach", str(run), "--to", str(folder), "--version", "1.9.0"]) == 0
+    card = read_card(folder)
+    assert card.version == "1.9.0" and "adds click_segmenter" in card.data["release_notes"]["1.9.0"]
+    card.verified_path("click_segmenter")

@@ -7,7 +7,9 @@
 Every model can answer a click; how depends on its architecture:
 
 * **dense** models (``clcs``: sts-clcs, sts-attention-unet, fine-tuned ones): the model's own
-  segmenter runs over sliding windows on a crop of ``DENSE_RADIUS_MM`` around the point (the
+  segmenter (or its card's ``click_segmenter``, given the click as a guidance channel, see
+  :mod:`.learn.train_click`; no shipped card has one) runs over sliding windows on a crop of
+  ``DENSE_RADIUS_MM`` around the point (the
   cascade gate, if any, is bypassed: the reviewer says there is a lesion), and the lesion is the
   26-connected component under the point, or the nearest one within ``SNAP_MM``, at the model's
   probability threshold, else at half of it.  While that lesion comes within ``SIDE_MARGIN_MM`` of a
@@ -62,6 +64,14 @@ def default_fallback(engine) -> str | None:
     return None if hasattr(engine, "segment_boxes") else FALLBACK_CLICK_MODEL
 
 
+def guidance_channel(shape, voxel_zyx, spacing_zyx, sigma_mm: float) -> np.ndarray:
+    """A click as an input channel (DeepGrow-style guidance): a Gaussian of ``sigma_mm`` at voxel
+    ``voxel_zyx`` (may lie outside the array) on an array of ``shape`` with ``spacing_zyx``; float32, peak 1."""
+    axes = [((np.arange(n) - float(v)) * float(s)) ** 2 for n, v, s in zip(shape, voxel_zyx, spacing_zyx)]
+    d2 = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
+    return np.exp(-d2 / (2.0 * sigma_mm**2)).astype(np.float32)
+
+
 def _fmt(p) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in p) + ") mm LPS"
 
@@ -97,7 +107,7 @@ def dense_lesion_mask(engine, hu: np.ndarray, sp, voxel: np.ndarray, cancel=None
     on the whole (canonical) crop; None when no lesion voxel lies at or near it."""
     from .detseg.refine import lesion_component
 
-    prob, _ = engine.probability(hu, sp, cancel=cancel, use_gate=False)
+    prob, _ = engine.probability(hu, sp, cancel=cancel, use_gate=False, click_zyx=voxel)
     comp, t = lesion_component(prob, engine.prob_threshold, voxel, sp)
     return None if comp is None else (comp, prob, t)
 

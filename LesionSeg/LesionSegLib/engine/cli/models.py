@@ -68,6 +68,7 @@ def _export(args) -> int:
     engine = Engine(card, device="cpu", runtime=args.runtime)
     if engine.runtime == "torch":
         raise InputError("neither openvino nor onnxruntime can be imported, so nothing was exported")
+    getattr(engine, "click_runner", None)  # a card's click segmenter is exported on first use: now
     # the networks this engine exported (or found cached): weights with a sha256 and an export
     parts = [k for k, v in card.data.items() if isinstance(v, dict) and v.get("sha256") and export_paths(card, k)[1].exists()]
     record = card_record(card, parts)

@@ -15,14 +15,14 @@ from .backends import open_backend
 from .export import cached_onnx
 
 
-def _segmenter_module(card: ModelCard):
-    """The segmenter as a torch module giving the foreground-minus-background logit (B, 1, ...)."""
+def _segmenter_module(card: ModelCard, part: str = "segmenter"):
+    """A segmenter part as a torch module giving the foreground-minus-background logit (B, 1, ...)."""
     import torch
 
     from ..segment.networks import build_segmenter
 
-    net = build_segmenter(card.part("segmenter")["network"])
-    card.load_into("segmenter", net)
+    net = build_segmenter(card.part(part)["network"])
+    card.load_into(part, net)
     net.eval()
 
     class LogitDifference(torch.nn.Module):
@@ -38,9 +38,11 @@ def _segmenter_module(card: ModelCard):
     return LogitDifference(net).eval()
 
 
-def onnx_segmenter(card: ModelCard, runtime: str, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
-    """``f(batch (1, C, *roi)) -> logit difference (1, 1, *roi)`` on ``runtime``, and notes."""
-    seg = card.part("segmenter")
+def onnx_segmenter(card: ModelCard, runtime: str, threads: int | None = None,
+                   part: str = "segmenter") -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
+    """``f(batch (1, C, *roi)) -> logit difference (1, 1, *roi)`` on ``runtime``, and notes
+    (``part``: the card's ``segmenter``, or another dense network such as ``click_segmenter``)."""
+    seg = card.part(part)
     in_ch = int(seg["network"].get("in_channels", 1))
     if int(seg["network"].get("out_channels", 2)) != 2:
         raise ValueError("the ONNX path supports two-class segmenters only")
@@ -50,9 +52,9 @@ def onnx_segmenter(card: ModelCard, runtime: str, threads: int | None = None) ->
     def build():
         import torch
 
-        return _segmenter_module(card), (torch.zeros(shape),), ["image"], ["logit"], None
+        return _segmenter_module(card, part), (torch.zeros(shape),), ["image"], ["logit"], None
 
-    path, notes = cached_onnx(card, "segmenter", spec, build)
+    path, notes = cached_onnx(card, part, spec, build)
     run = open_backend(runtime, path, threads)
     return (lambda batch: run({"image": batch})), notes
 

@@ -148,9 +148,10 @@ class Segmenter:
     (z, y, x) on the same grid, blending sliding windows with MONAI's Gaussian weights.
     """
 
-    def __init__(self, card, device: str = "auto", runtime: str | None = None, threads: int | None = None):
-        self.card = card
-        self.cfg = card.part("segmenter")
+    def __init__(self, card, device: str = "auto", runtime: str | None = None, threads: int | None = None,
+                 part: str = "segmenter"):
+        self.card, self.part = card, part
+        self.cfg = card.part(part)
         self.roi = tuple(int(v) for v in self.cfg["roi_size"])
         self.overlap = float(self.cfg.get("overlap", 0.25))
         self.threads = threads
@@ -167,7 +168,7 @@ class Segmenter:
             from ..runtime.models import onnx_segmenter
 
             self.device = "cpu"
-            self._run, notes = onnx_segmenter(card, self.runtime, threads)
+            self._run, notes = onnx_segmenter(card, self.runtime, threads, part)
             self.messages += notes
         self.used_device = self.device
 
@@ -178,7 +179,7 @@ class Segmenter:
             from .networks import build_segmenter
 
             self._net = build_segmenter(self.cfg["network"])
-            self.card.load_into("segmenter", self._net)
+            self.card.load_into(self.part, self._net)
             self._net.eval()
         return self._net
 

@@ -320,6 +320,16 @@ class ClcsEngine(Engine):
         # runtime: auto (OpenVINO > ONNX Runtime > torch), openvino, onnxruntime or torch; see engine/runtime
         self.runner = Segmenter(self.card, device, runtime, threads)
         self.runtime, self.device, self.messages = self.runner.runtime, self.runner.device, self.runner.messages
+        self._click_args = (device, runtime, threads)
+        self._click_runner = None
+
+    @property
+    def click_runner(self) -> Segmenter | None:
+        """The card's ``click_segmenter`` (the segmenter with the click as a guidance channel, see
+        :mod:`..learn.train_click`) on the same runtime, built on first use; None without one."""
+        if self._click_runner is None and "click_segmenter" in self.card.data:
+            self._click_runner = Segmenter(self.card, *self._click_args, part="click_segmenter")
+        return self._click_runner
 
     @property
     def segmenter(self):
@@ -333,8 +343,11 @@ class ClcsEngine(Engine):
             raise ValueError("an in-memory segmenter needs runtime='torch'")
         self.runner._net = net
 
-    def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None, use_gate: bool = True) -> tuple[np.ndarray, dict]:
-        """``use_gate=False`` runs the segmenter everywhere even with a cascade gate (a click)."""
+    def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None, use_gate: bool = True,
+                    click_zyx=None) -> tuple[np.ndarray, dict]:
+        """``use_gate=False`` runs the segmenter everywhere even with a cascade gate (a click);
+        ``click_zyx`` (a voxel of ``canonical_hu``) runs the card's click segmenter with that click as
+        its guidance channel instead (the gate is not used then)."""
         timings = {}
         t = time.perf_counter()
         box = body_box(canonical_hu, spacing)
@@ -343,18 +356,28 @@ class ClcsEngine(Engine):
         # HU to the model grid low-pass filtered where the grid is coarser (a 0.6 mm chest CT is
         # decimated ~3x); the ~2 mm training crops are not filtered (no axis is reduced by > 1 voxel)
         x = hu_windows(resample_antialiased(crop, shape), self.seg_cfg["hu_windows"])
+        runner = self.runner
+        if click_zyx is not None and self.click_runner is not None:
+            from ..click import guidance_channel
+            from ..io.resample import fov_mapping
+
+            runner, use_gate = self.click_runner, False
+            lo, step = fov_mapping(crop.shape, shape)  # model voxel j lies at crop index lo + j * step
+            at = [(c - b - l) / s for c, b, l, s in zip(click_zyx, box.lo, lo, step)]
+            g = guidance_channel(shape, at, self.seg_cfg["spacing_zyx"], float(runner.cfg["guidance"]["sigma_mm"]))
+            x = np.concatenate([x, g[None]])
         timings["preprocess"] = time.perf_counter() - t
         _report(progress, "preprocess", 1.0)
         t = time.perf_counter()
 
         def infer(xx):
-            return self.runner.probability(xx, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
+            return runner.probability(xx, (lambda f: _report(progress, "inference", f)) if progress else None, cancel)
 
         if self.gate is None or not use_gate:
             prob_model = infer(x)
         else:  # cascade gate: the segmenter runs only on the slabs the gate lets through
             prob_model, self.gate_info = self.gate.apply(x, infer)
-        self.used_device = self.runner.used_device
+        self.used_device = runner.used_device
         prob = np.zeros(canonical_hu.shape, dtype=np.float32)
         prob[box.slices] = resize_linear(prob_model, crop.shape)
         timings["inference"] = time.perf_counter() - t
