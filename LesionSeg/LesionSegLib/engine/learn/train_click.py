@@ -102,7 +102,7 @@ class ClickPatches:
         return pts[self.rng.integers(len(pts))]
 
     def sample(self):
-        name, x, y, lesions = self.items[self.rng.integers(len(self.items))]
+        _, x, y, lesions = self.items[self.rng.integers(len(self.items))]
         pts = lesions[self.rng.integers(len(lesions))]
         click = self._click(pts)
         shape = np.asarray(y.shape[1:])
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         step += 1
         if step % 25 == 0:
             print(f"step {step} t={elapsed / 60:.1f}min loss={np.mean(losses[-25:]):.4f}", flush=True)
