@@ -441,3 +441,23 @@ def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
     assert cli.main(["train-detseg", "-o", str(tmp_path / "m"), "--roi-inference", refit, "--detector-inference", tta]) == 0
     card = calls[-1]
     assert card[card.index("--roi-inference") + 1] == refit and card[card.index("--detector-inference") + 1] == tta
+
+
+def test_confidence_source_is_chosen_on_training_clusters():
+    """detseg_card.choose_source: the higher training-cluster AUC wins (an own classifier counts
+    with its out-of-fold AUC); ties go to the classifier; validation figures play no part."""
+    from types import SimpleNamespace
+
+    from LesionSegLib.engine.learn.detseg_card import choose_source
+
+    def case(conf, tp):
+        return {"conf": np.asarray(conf, float), "m": SimpleNamespace(is_tp=np.asarray(tp, bool))}
+
+    good, bad = [case([0.9, 0.2], [1, 0])], [case([0.2, 0.9], [1, 0])]
+    names = ["STS_001", "STS_033"]
+    assert choose_source({}, {"classifier": bad, "detector": good}, names)["source"] == "detector"
+    assert choose_source({}, {"classifier": good, "detector": good}, names)["source"] == "classifier"  # a tie
+    own = {"classifier": {"training": {"validation": {"new": {"auc": 1.0}}}}}  # in-sample 0.0, out-of-fold 1.0
+    choice = choose_source(own, {"classifier": bad, "detector": good}, names)
+    assert choice["source"] == "classifier" and choice["training_auc"] == {"classifier": 1.0, "detector": 1.0}
+    assert "STS_001-STS_033" in choice["rule"]

@@ -11,10 +11,16 @@
    mis-scores these masks (sts-clcs 1.1.0's classifier on sts-detseg 1.0.0: Dice 0.012).
 2. The detector score's temperature is fitted on the clusters of the TRAINING cases
    (STS_001-033), never on the validation cases.
-3. Both confidence sources (``classifier`` and ``detector``) are scored on the validation cases
-   (STS_034-041): cluster AUC, ECE, Dice at the confidence threshold, FROC sensitivity at
-   0.5 FP/case and CPM.  The source with the higher cluster AUC is written as
-   ``confidence_source`` (ties: the lower ECE), and its figures become the card's ``metrics``.
+3. The confidence source (``classifier`` or ``detector``) is chosen on the TRAINING cases'
+   clusters (:func:`choose_source`): the higher cluster AUC wins, ties going to the classifier.
+   An own classifier counts with its out-of-fold AUC, since it was fitted on those clusters.
+4. Both sources are then scored on the validation cases (STS_034-041), which choose nothing:
+   cluster AUC, ECE, Dice at the confidence threshold, FROC sensitivity at 0.5 FP/case and CPM;
+   the chosen source's figures become the card's ``metrics``.
+
+    python -m LesionSegLib.engine.learn.detseg_card --rechoose MODEL_DIR
+
+makes step 3 again for a built card (its weights unchanged) and writes the choice into it.
 """
 from __future__ import annotations
 
@@ -141,6 +147,43 @@ def figures(cases: list[dict], threshold: float) -> dict:
             "n_clusters": int(len(tp)), "n_tp_clusters": int(tp.sum())}
 
 
+def choose_source(card: dict, train_cases: dict[str, list[dict]], train_names) -> dict:
+    """``{"source", "training_auc", "rule"}``: the confidence source with the higher cluster AUC on
+    the training cases' clusters (``train_cases``: :func:`scored_cases` of them for both sources;
+    an own classifier's AUC is its out-of-fold one); ties go to the classifier."""
+    auc = {}
+    for s, cases in train_cases.items():
+        a = cluster_auc(np.concatenate([c["conf"] for c in cases]), np.concatenate([c["m"].is_tp for c in cases]))
+        auc[s] = None if a is None else round(float(a), 4)
+    oof = (((card.get("classifier") or {}).get("training") or {}).get("validation") or {}).get("new", {}).get("auc")
+    if oof is not None:  # an own classifier was fitted on these clusters: its out-of-fold AUC is the fair one
+        auc["classifier"] = round(float(oof), 4)
+    best = "detector" if (auc.get("detector") or 0.0) > (auc.get("classifier") or 0.0) else "classifier"
+    return {"source": best, "training_auc": auc,
+            "rule": f"higher cluster AUC on the clusters of the training cases {train_names[0]}-{train_names[-1]} "
+                    "(an own classifier: its out-of-fold AUC); ties go to the classifier; the validation cases choose nothing"}
+
+
+def rechoose(folder: Path, train_names, by_name, threads: int) -> dict:
+    """Choose a built card's confidence source again on the training cases and write it into the card."""
+    from ..models import read_card
+    from ..segment.pipeline import Engine
+
+    card = read_card(folder)
+    engine = Engine(card, device="cpu", threads=threads, runtime="torch")
+    choice = choose_source(card.data, scored_cases(engine, train_names, by_name, ("classifier", "detector")), train_names)
+    card.data["confidence_source"] = choice["source"]
+    card.data["confidence_choice"] = choice
+    v = card.data.get("validation") or {}
+    if choice["source"] in v.get("confidence_sources", {}):
+        m = v["confidence_sources"][choice["source"]]
+        card.data["metrics"] = {"val_dice": m["dice_mean"], "val_froc_sensitivity_at_0.5_fp": m["sensitivity_at_0.5_fp"],
+                                "val_cpm": m["cpm"], "val_cluster_auc": m["cluster_auc"], "val_ece": m["ece"]}
+        v["chosen"] = f"{choice['source']}: chosen on the training cases (see confidence_choice), not on these"
+    card.save()
+    return choice
+
+
 def stage_minutes(record: dict) -> float:
     """A stage's training minutes, with those of the weights it continued from (``init.training``)."""
     earlier = ((record.get("init") or {}).get("training") or {})
@@ -168,8 +211,9 @@ def main(argv=None) -> int:
     from ..segment.pipeline import Engine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="folder with detector.* and roi.* from train_detseg")
-    ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--run", help="folder with detector.* and roi.* from train_detseg")
+    ap.add_argument("-o", "--out")
+    ap.add_argument("--rechoose", metavar="MODEL_DIR", help="only choose the confidence source of a built card again (step 3)")
     ap.add_argument("--name", default="sts-detseg")
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--classifier-from", default="sts-clcs")
@@ -188,12 +232,17 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    by_name = {c.name: c for c in dataset.cases()}
+    train_names, val_names = args.train or dataset.STS_TRAIN, args.val or dataset.STS_VAL
+    if args.rechoose:
+        print(json.dumps(rechoose(Path(args.rechoose), train_names, by_name, args.threads), indent=2))
+        return 0
+    if not (args.run and args.out):
+        ap.error("--run and -o are needed to build a card")
     t0 = time.time()
     run, out = Path(args.run), Path(args.out)
     card = assemble(run, out, args.name, args.version, args.classifier_from, json.loads(args.roi_inference) if args.roi_inference else None,
                     json.loads(args.detector_inference) if args.detector_inference else None)
-    by_name = {c.name: c for c in dataset.cases()}
-    train_names, val_names = args.train or dataset.STS_TRAIN, args.val or dataset.STS_VAL
     engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads, runtime="torch")
     card["detector"]["threshold"], fit = fit_detector_threshold(engine, train_names, by_name)
     card["detector"]["threshold_fit"] = {**fit, "cases": f"{train_names[0]}-{train_names[-1]} (training)"}
@@ -203,8 +252,9 @@ def main(argv=None) -> int:
         card["classifier"] = own_classifier(engine, train_names, by_name, out)
         print(f"classifier retrained on own clusters: {json.dumps(card['classifier']['training']['label_counts'])}", flush=True)
         engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads, runtime="torch")
-    # detector-score temperature: fitted on the training cases' clusters
-    tr = scored_cases(engine, train_names, by_name, ("detector",))["detector"]
+    # detector-score temperature: fitted on the training cases' clusters, which also choose the source
+    train_scored = scored_cases(engine, train_names, by_name, ("classifier", "detector"))
+    tr = train_scored["detector"]
     p = np.clip(np.concatenate([c["conf"] for c in tr]), 1e-6, 1 - 1e-6)
     y = np.concatenate([c["m"].is_tp for c in tr])
     card["detector"]["temperature"] = round(fit_temperature(np.log(p / (1 - p)), y), 4)
@@ -215,14 +265,14 @@ def main(argv=None) -> int:
     for source, cases in scored_cases(engine, val_names, by_name, ("classifier", "detector")).items():
         measured[source] = figures(cases, card["confidence_threshold"])
         print(source, json.dumps({k: v for k, v in measured[source].items() if k != "dice_per_case"}), flush=True)
-    key = lambda s: (measured[s]["cluster_auc"] or 0.0, -(measured[s]["ece"] or 1.0))  # noqa: E731
-    best = max(measured, key=key)
-    card["confidence_source"] = best
+    choice = choose_source(card, train_scored, train_names)
+    best = choice["source"]
+    card["confidence_source"], card["confidence_choice"] = best, choice
     v = measured[best]
     card["metrics"] = {"val_dice": v["dice_mean"], "val_froc_sensitivity_at_0.5_fp": v["sensitivity_at_0.5_fp"],
                        "val_cpm": v["cpm"], "val_cluster_auc": v["cluster_auc"], "val_ece": v["ece"]}
     card["validation"] = {"cases": val_names, "confidence_sources": measured,
-                          "chosen": f"{best}: higher cluster AUC on {val_names[0]}-{val_names[-1]} (ties: lower ECE)"}
+                          "chosen": f"{best}: chosen on the training cases (see confidence_choice), not on these"}
     card["data"] = {"source": "IBSI validation soft-tissue sarcoma CT (TCIA Soft-tissue-Sarcoma), CC BY 3.0; stored at ~1.95x1.95x3.27 mm",
                     "train_cases": train_names, "val_cases": val_names,
                     "matching_rule": "TP if IoU >= 0.1 or >= 50% of the cluster inside a GT lesion (26-connected, cc3d)"}
