@@ -110,7 +110,8 @@ def _soft_tissue():
 
 def test_dense_click_refusals_name_the_point(clcs, monkeypatch):
     img = _soft_tissue()
-    with pytest.raises(InputError, match=r"point \(500.0, 10.0, 10.0\) mm LPS is outside the volume"):
+    with pytest.raises(InputError, match=r"point \(500.0, 10.0, 10.0\) mm LPS is outside the volume "
+                                         r"\(voxel index \(333.3, 6.7, 3.3\), size \(64, 64, 30\)\)"):
         click(clcs, img, [(20.0, 20.0, 20.0), (500.0, 10.0, 10.0)])
     with pytest.raises(InputError, match=r"point \(30.0, 2.0, 40.0\) mm LPS is on air"):
         click(clcs, img, [(30.0, 2.0, 40.0)])

@@ -83,7 +83,8 @@ def check_point(image: sitk.Image, point_lps) -> np.ndarray:
     idx = np.asarray(image.TransformPhysicalPointToContinuousIndex([float(v) for v in point_lps]))
     size = np.asarray(image.GetSize())
     if np.any(idx < -0.5) or np.any(idx > size - 0.5):
-        raise InputError(f"point {_fmt(point_lps)} is outside the volume (voxel index {tuple(np.round(idx, 1))}, size {tuple(size)})")
+        at = ", ".join(f"{v:.1f}" for v in idx)
+        raise InputError(f"point {_fmt(point_lps)} is outside the volume (voxel index ({at}), size {tuple(int(v) for v in size)})")
     return idx
 
 
