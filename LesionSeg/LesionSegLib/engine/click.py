@@ -121,15 +121,18 @@ def _near_side(comp: np.ndarray, sp) -> bool:
     return bool(np.any(pts.min(0) < m) or np.any(pts.max(0) >= np.asarray(comp.shape) - m))
 
 
-def _scan_context(engine, image: sitk.Image):
-    """(the engine that answers clicks on this scan, the scan's descriptor or None, a routing note)."""
+def _scan_context(engine, image: sitk.Image, descriptor: np.ndarray | None = None):
+    """(the engine that answers clicks on this scan, the scan's descriptor or None, a routing note);
+    ``descriptor``: the scan's :func:`~.segment.ood.scan_descriptor`, when already computed (it does
+    not depend on the model)."""
     if engine.in_domain is None and engine.ood is None:
-        return engine, None, None
-    from .segment.ood import scan_descriptor
+        return engine, descriptor, None
+    if descriptor is None:
+        from .segment.ood import scan_descriptor
 
-    _, hu, sp = engine.prepare(image)
-    descriptor = scan_descriptor(hu, sp)
-    routed = engine.route(hu, sp, descriptor)
+        _, hu, sp = engine.prepare(image)
+        descriptor = scan_descriptor(hu, sp)
+    routed = engine.route(None, None, descriptor)
     if routed is None:
         return engine, descriptor, None
     parent, score = routed
@@ -195,7 +198,7 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
         crop, start, canonical, hu, sp, found = _lesion_at(eng, image, p, idx, cancel)
         if found is None and fallback is not None:
             if backup is None:
-                fb, fb_desc, fb_note = _scan_context(fallback() if callable(fallback) else fallback, image)
+                fb, fb_desc, fb_note = _scan_context(fallback() if callable(fallback) else fallback, image, descriptor)
                 backup = (fb, fb_desc)
                 notes += [fb_note] if fb_note else []
             eng, desc = backup

@@ -147,6 +147,13 @@ def figures(cases: list[dict], threshold: float) -> dict:
             "n_clusters": int(len(tp)), "n_tp_clusters": int(tp.sum())}
 
 
+def card_metrics(measured: dict) -> dict:
+    """The card's ``metrics`` from one confidence source's validation :func:`figures`."""
+    m = measured
+    return {"val_dice": m["dice_mean"], "val_froc_sensitivity_at_0.5_fp": m["sensitivity_at_0.5_fp"],
+            "val_cpm": m["cpm"], "val_cluster_auc": m["cluster_auc"], "val_ece": m["ece"]}
+
+
 def choose_source(card: dict, train_cases: dict[str, list[dict]], train_names) -> dict:
     """``{"source", "training_auc", "rule"}``: the confidence source with the higher cluster AUC on
     the training cases' clusters (``train_cases``: :func:`scored_cases` of them for both sources;
@@ -177,8 +184,7 @@ def rechoose(folder: Path, train_names, by_name, threads: int) -> dict:
     v = card.data.get("validation") or {}
     if choice["source"] in v.get("confidence_sources", {}):
         m = v["confidence_sources"][choice["source"]]
-        card.data["metrics"] = {"val_dice": m["dice_mean"], "val_froc_sensitivity_at_0.5_fp": m["sensitivity_at_0.5_fp"],
-                                "val_cpm": m["cpm"], "val_cluster_auc": m["cluster_auc"], "val_ece": m["ece"]}
+        card.data["metrics"] = card_metrics(m)
         v["chosen"] = f"{choice['source']}: chosen on the training cases (see confidence_choice), not on these"
     card.save()
     return choice
@@ -269,8 +275,7 @@ def main(argv=None) -> int:
     best = choice["source"]
     card["confidence_source"], card["confidence_choice"] = best, choice
     v = measured[best]
-    card["metrics"] = {"val_dice": v["dice_mean"], "val_froc_sensitivity_at_0.5_fp": v["sensitivity_at_0.5_fp"],
-                       "val_cpm": v["cpm"], "val_cluster_auc": v["cluster_auc"], "val_ece": v["ece"]}
+    card["metrics"] = card_metrics(v)
     card["validation"] = {"cases": val_names, "confidence_sources": measured,
                           "chosen": f"{best}: chosen on the training cases (see confidence_choice), not on these"}
     card["data"] = {"source": "IBSI validation soft-tissue sarcoma CT (TCIA Soft-tissue-Sarcoma), CC BY 3.0; stored at ~1.95x1.95x3.27 mm",
