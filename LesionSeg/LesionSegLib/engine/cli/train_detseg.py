@@ -2,8 +2,10 @@
 
 Runs :mod:`..learn.train_detseg` for the detector and the RoI segmenter (one after the other,
 or side by side as two processes with ``--parallel``), then :mod:`..learn.detseg_card`
-(detector-score temperature on the training cases, both confidence sources scored on
-STS_034-041, metrics and sha256 in the card).  Long-running: run it with ``nohup``.
+(detector-score temperature and the confidence source chosen on the training cases; both
+sources scored on STS_034-041, which choose nothing; metrics and sha256 in the card).  The
+card step does not fit the OOD statistics or export the runtimes: run ``lesionseg fit-ood`` and
+``lesionseg models export --write-card`` after it.  Long-running: run it with ``nohup``.
 """
 from __future__ import annotations
 

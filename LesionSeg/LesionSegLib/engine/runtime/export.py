@@ -60,29 +60,25 @@ def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tupl
     onnx_path, manifest_path = export_paths(card, part)
     folder = onnx_path.parent
     notes: list[str] = []
-    problem = check_cache(onnx_path, manifest_path, source_sha, spec)
+    manifest, problem = inspect_cache(onnx_path, manifest_path, source_sha, spec)
     if problem is None:
-        return onnx_path, notes + reference_notes(card, part, manifest_path)
+        return onnx_path, notes + reference_notes(card, part, manifest)
     if problem != "missing":
         notes.append(f"ONNX cache {onnx_path.name} of model {card.id} refused ({problem}): exported again from the verified weights")
     card.verified_path(part)  # the weights the export is made from must match the card
     export(build, folder, onnx_path.name, manifest_path.name, source_sha, spec)
-    problem = check_cache(onnx_path, manifest_path, source_sha, spec)
+    manifest, problem = inspect_cache(onnx_path, manifest_path, source_sha, spec)
     if problem is not None:
         raise ModelError(f"model {card.id}: ONNX export of {part} failed its own check ({problem})")
-    return onnx_path, notes + reference_notes(card, part, manifest_path)
+    return onnx_path, notes + reference_notes(card, part, manifest)
 
 
-def _manifest(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def reference_notes(card: ModelCard, part: str, manifest_path: Path) -> list[str]:
-    """A note when the card names an export of these very weights that differs from this one."""
+def reference_notes(card: ModelCard, part: str, made: dict) -> list[str]:
+    """A note when the card names an export of these very weights that differs from this one
+    (``made``: the verified manifest of the export in use)."""
     ref = (card.data.get("onnx") or {}).get(part)
     if not isinstance(ref, dict) or ref.get("source_sha256") != card.part(part).get("sha256"):
         return []  # no record, or a record of other weights (a retrained part)
-    made = _manifest(manifest_path)
     if made.get("onnx_sha256") == ref.get("sha256"):
         return []
     return [f"model {card.id}: the ONNX export of {part} (sha256 {made.get('onnx_sha256', '?')[:12]}, torch {made.get('torch')}) "
@@ -96,8 +92,7 @@ def card_record(card: ModelCard, parts) -> dict:
     for part in parts:
         onnx_path, manifest_path = export_paths(card, part)
         sha = card.part(part)["sha256"]
-        made = _manifest(manifest_path)
-        problem = check_cache(onnx_path, manifest_path, sha, made.get("spec"))
+        made, problem = inspect_cache(onnx_path, manifest_path, sha, ANY_SPEC)
         if problem is not None:
             raise ModelError(f"model {card.id}: the cached ONNX export of {part} cannot be recorded ({problem})")
         out[part] = {"file": onnx_path.name, "sha256": made["onnx_sha256"], "source_sha256": sha, "opset": made.get("opset"),
@@ -105,23 +100,28 @@ def card_record(card: ModelCard, parts) -> dict:
     return out
 
 
-def check_cache(onnx_path: Path, manifest_path: Path, source_sha: str, spec: dict) -> str | None:
-    """None when the cached export may be used, else the reason it may not."""
+ANY_SPEC = object()  # inspect_cache: accept the inputs the manifest names
+
+
+def inspect_cache(onnx_path: Path, manifest_path: Path, source_sha: str, spec) -> tuple[dict | None, str | None]:
+    """The cached export's manifest, read once, and None when the export may be used; else
+    (None, the reason it may not).  ``spec=ANY_SPEC`` accepts whatever inputs it was made for."""
     if not onnx_path.exists() or not manifest_path.exists():
-        return "missing"
+        return None, "missing"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "unreadable manifest"
+        return None, "unreadable manifest"
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return "unknown manifest format"
+        return None, "unknown manifest format"
     if manifest.get("source_sha256") != source_sha:
-        return "made from other weights"
-    if manifest.get("spec") != spec:
-        return "made for other inputs"
+        return None, "made from other weights"
+    if spec is not ANY_SPEC and manifest.get("spec") != spec:
+        return None, "made for other inputs"
     if manifest.get("onnx_sha256") != sha256_file(onnx_path):
-        return "checksum mismatch: the file was modified or is incomplete"
-    return None
+        return None, "checksum mismatch: the file was modified or is incomplete"
+    return manifest, None
+
 
 
 def export(build: Callable[[], tuple], folder: Path, onnx_name: str, manifest_name: str, source_sha: str, spec: dict) -> None:
