@@ -243,17 +243,20 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         wanted_ft = p.finetuneBaseModel if p is not None else ""
         current_version = self.ui.versionSelector.property("currentText")
         ids = [r["id"] for r in rows]
-        for combo in (self.ui.baseModelSelector, self.ui.versionSelector, self.ui.finetuneBaseSelector):
+        ft_ids = [r["id"] for r in rows if r.get("architecture", "clcs") == "clcs"]  # fine-tuning needs a dense segmenter
+        for combo, items in ((self.ui.baseModelSelector, ids), (self.ui.versionSelector, ids), (self.ui.finetuneBaseSelector, ft_ids)):
             combo.blockSignals(True)
             combo.clear()
-            for i in ids:
+            for i in items:
                 combo.addItem(i)
             combo.blockSignals(False)
         default = active if active in ids else next((r["id"] for r in rows if r["name"] == active), ids[0] if ids else None)
         base = wanted if wanted in ids else default
+        ft = wanted_ft if wanted_ft in ft_ids else (default if default in ft_ids else (ft_ids[0] if ft_ids else None))
         if base is not None:
             self.ui.baseModelSelector.setCurrentIndex(ids.index(base))
-            self.ui.finetuneBaseSelector.setCurrentIndex(ids.index(wanted_ft if wanted_ft in ids else default))
+            if ft is not None:
+                self.ui.finetuneBaseSelector.setCurrentIndex(ft_ids.index(ft))
             self.onBaseModelChanged()
         pick = current_version if current_version in ids else base
         if pick is not None:

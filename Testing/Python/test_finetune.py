@@ -46,6 +46,14 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
     assert [c.parent.parent.name for c in (tmp_path / "models").glob("*/*/card.json")] in ([], [base.name])
 
 
+def test_refuses_a_detseg_base_by_name(tmp_path, monkeypatch, capsys):
+    store = store_with(tmp_path, [0, 1])
+    with pytest.raises(FinetuneError, match=r"sts-detseg@[0-9.]+ is a detseg model: fine-tuning works on a dense segmenter"):
+        finetune(store, "sts-detseg")
+    assert cli_main(["finetune", "--feedback", str(store.path), "--base-model", "sts-detseg", "--progress", "none"]) == 2
+    assert "lesionseg retrain" in capsys.readouterr().err
+
+
 def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine import models

@@ -47,6 +47,10 @@ def test_finetune_refuses_when_there_is_too_little(widget, monkeypatch):  # noqa
     assert ui.finetuneStepsSpinBox.value() == DEFAULT_STEPS == widget._parameterNode.finetuneSteps
     assert ui.finetuneSyntheticSpinBox.value() == 0.0 == widget._parameterNode.finetuneSynthetic  # real corrections only by default
     assert ui.finetuneBaseSelector.currentText() == widget.logic.active_model_id()  # the active model by default
+    ft_items = [ui.finetuneBaseSelector.itemText(i) for i in range(ui.finetuneBaseSelector.count())]
+    all_items = [ui.baseModelSelector.itemText(i) for i in range(ui.baseModelSelector.count())]
+    assert any(i.startswith("sts-detseg@") for i in all_items)  # the classifier can be retrained for any model ...
+    assert not any(i.startswith("sts-detseg@") for i in ft_items) and ft_items  # ... the segmenter fine-tuned only for a dense one
     before = _model_folders(widget)
     for seeds, folder, count in (([], "empty", "0 corrected case(s)"), ([0], "one", "1 corrected case(s)")):
         _open(widget, seeds, folder)
