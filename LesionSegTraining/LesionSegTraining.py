@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import qt
@@ -243,7 +242,7 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         wanted_ft = p.finetuneBaseModel if p is not None else ""
         current_version = self.ui.versionSelector.property("currentText")
         ids = [r["id"] for r in rows]
-        ft_ids = [r["id"] for r in rows if r.get("architecture", "clcs") == "clcs"]  # fine-tuning needs a dense segmenter
+        ft_ids = [r["id"] for r in rows if r["architecture"] == "clcs"]  # fine-tuning needs a dense segmenter
         for combo, items in ((self.ui.baseModelSelector, ids), (self.ui.versionSelector, ids), (self.ui.finetuneBaseSelector, ft_ids)):
             combo.blockSignals(True)
             combo.clear()

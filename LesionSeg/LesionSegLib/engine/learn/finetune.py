@@ -264,8 +264,8 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     parent = models.get_card(base_model)
-    if parent.data.get("architecture", "clcs") != "clcs" or "segmenter" not in parent.data:
-        raise FinetuneError(f"model {parent.id} is a {parent.data.get('architecture')} model: fine-tuning works on a dense "
+    if parent.architecture != "clcs":
+        raise FinetuneError(f"model {parent.id} is a {parent.architecture} model: fine-tuning works on a dense "
                             "segmenter (sts-clcs and the models made from it); choose one of those as the base model, "
                             "or retrain this model's confidence classifier from the review (lesionseg retrain)")
     corrected = load_corrected(feedback, model_ids, min_cases, cases)

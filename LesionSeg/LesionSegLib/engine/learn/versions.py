@@ -87,7 +87,7 @@ def list_versions(name: str | None = None) -> list[dict]:
                 "id": c.id,
                 "name": c.name,
                 "version": c.version,
-                "architecture": c.data.get("architecture", "clcs"),
+                "architecture": c.architecture,
                 "active": c.id == active,
                 "builtin": c.builtin,
                 "parent": parent.get("id") if isinstance(parent, dict) else parent,

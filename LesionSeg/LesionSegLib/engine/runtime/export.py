@@ -123,7 +123,6 @@ def inspect_cache(onnx_path: Path, manifest_path: Path, source_sha: str, spec) -
     return manifest, None
 
 
-
 def export(build: Callable[[], tuple], folder: Path, onnx_name: str, manifest_name: str, source_sha: str, spec: dict) -> None:
     import warnings
 
