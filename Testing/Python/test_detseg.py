@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -422,7 +423,16 @@ def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
     from LesionSegLib.engine import cli
 
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, *a, **k: calls.append(list(cmd)) or 0)
+
+    def call(cmd, *a, **k):
+        calls.append(list(cmd))
+        if "LesionSegLib.engine.learn.detseg_card" in cmd:  # the card step writes the card
+            out = Path(cmd[cmd.index("-o") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "card.json").write_text(json.dumps({"name": "m", "training": {"detector": {"minutes": 1.0}}}))
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", call)
     rc = cli.main(["train-detseg", "-o", str(tmp_path / "m"), "--version", "1.1.0", "--detector-init", "d.safetensors",
                    "--roi-init-from", "sts-clcs", "--classifier-own", "--detector-minutes", "1", "--roi-minutes", "1",
                    "--roi-lr", "1e-3"])
@@ -434,6 +444,10 @@ def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
     assert "LesionSegLib.engine.learn.detseg_card" in card and "--classifier-own" in card
     assert card[card.index("--version") + 1] == "1.1.0"
     assert "--roi-inference" not in card and "--detector-inference" not in card
+    written = json.loads((tmp_path / "m" / "card.json").read_text())  # the command's wall time goes into the card
+    assert written["training"]["detector"] == {"minutes": 1.0}
+    wall = written["training"]["wall_clock"]
+    assert 0.0 <= wall["minutes"] < 1.0 and wall["stages"] == "one after the other" and wall["threads_per_stage"] == 1
     # the 1.3.0 card's inference settings pass through to detseg_card unchanged
     calls.clear()
     tta = '{"tta_flips": [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]]}'

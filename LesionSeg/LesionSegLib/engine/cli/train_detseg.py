@@ -11,12 +11,28 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+
+def record_wall_clock(card_path: Path, minutes: float, parallel: bool, threads: int) -> None:
+    """Write the command's wall time into the card it made (``training.wall_clock``)."""
+    import json
+
+    from ..atomic import write_text
+
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card.setdefault("training", {})["wall_clock"] = {
+        "minutes": round(minutes, 2), "stages": "side by side" if parallel else "one after the other",
+        "threads_per_stage": threads, "covers": "lesionseg train-detseg, from its start to the written card "
+                                                "(not lesionseg fit-ood or models export, which follow it)"}
+    write_text(card_path, json.dumps(card, indent=1) + "\n")
 
 
 def cmd_train_detseg(args) -> int:
     from ..learn.jobs import python_executable
 
+    t0 = time.monotonic()
     run = Path(args.run or (Path(args.output).parent / (Path(args.output).name + "-run")))
     base = [python_executable(), "-u", "-m"]
     stage = lambda s, m: base + ["LesionSegLib.engine.learn.train_detseg", "--stage", s, "-o", str(run),  # noqa: E731
@@ -33,11 +49,14 @@ def cmd_train_detseg(args) -> int:
     if any(codes):
         print(f"error: stage training failed (exit codes {codes})", file=sys.stderr)
         return 1
-    return subprocess.call(base + ["LesionSegLib.engine.learn.detseg_card", "--run", str(run), "-o", args.output,
+    code = subprocess.call(base + ["LesionSegLib.engine.learn.detseg_card", "--run", str(run), "-o", args.output,
                                    "--name", args.name, "--version", args.version, "--threads", str(args.threads)]
                            + (["--classifier-own"] if args.classifier_own else [])
                            + (["--roi-inference", args.roi_inference] if args.roi_inference else [])
                            + (["--detector-inference", args.detector_inference] if args.detector_inference else []))
+    if code == 0:
+        record_wall_clock(Path(args.output) / "card.json", (time.monotonic() - t0) / 60.0, args.parallel, args.threads)
+    return code
 
 
 def register(sub) -> None:
