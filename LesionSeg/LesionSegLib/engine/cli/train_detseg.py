@@ -15,18 +15,16 @@ import time
 from pathlib import Path
 
 
-def record_wall_clock(card_path: Path, minutes: float, parallel: bool, threads: int) -> None:
+def record_wall_clock(folder: Path, minutes: float, parallel: bool, threads: int) -> None:
     """Write the command's wall time into the card it made (``training.wall_clock``)."""
-    import json
+    from ..models import read_card
 
-    from ..atomic import write_text
-
-    card = json.loads(card_path.read_text(encoding="utf-8"))
-    card.setdefault("training", {})["wall_clock"] = {
+    card = read_card(folder)
+    card.data.setdefault("training", {})["wall_clock"] = {
         "minutes": round(minutes, 2), "stages": "side by side" if parallel else "one after the other",
         "threads_per_stage": threads, "covers": "lesionseg train-detseg, from its start to the written card "
                                                 "(not lesionseg fit-ood or models export, which follow it)"}
-    write_text(card_path, json.dumps(card, indent=1) + "\n")
+    card.save()
 
 
 def cmd_train_detseg(args) -> int:
@@ -55,7 +53,7 @@ def cmd_train_detseg(args) -> int:
                            + (["--roi-inference", args.roi_inference] if args.roi_inference else [])
                            + (["--detector-inference", args.detector_inference] if args.detector_inference else []))
     if code == 0:
-        record_wall_clock(Path(args.output) / "card.json", (time.monotonic() - t0) / 60.0, args.parallel, args.threads)
+        record_wall_clock(Path(args.output), (time.monotonic() - t0) / 60.0, args.parallel, args.threads)
     return code
 
 
