@@ -7,7 +7,7 @@
     lesionseg batch MANIFEST_OR_DIR -o OUTDIR [--address ray://HOST:PORT|auto|local] [--num-workers N]
     lesionseg train-seg --images DIR -o OUTDIR [--nproc N]
     lesionseg click IMAGE --point=X,Y,Z [--point=...] -o OUTDIR [--model NAME]
-    lesionseg train-detseg -o MODEL_DIR [--parallel]
+    lesionseg train-detseg -o MODEL_DIR [--no-parallel]
     lesionseg train-gate -o GATE_DIR
     lesionseg feedback stats|export|import|check
     lesionseg models list|activate|rollback|history|export
