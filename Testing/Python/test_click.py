@@ -223,6 +223,23 @@ def test_an_untrained_click_segmenter_answers_like_the_base_model(tmp_path):
         assert np.abs(plain - guided).max() < 1e-3, runtime
 
 
+def test_centre_click_is_the_centre_of_mass_or_the_nearest_lesion_voxel():
+    """The benchmark's and the click trainer's "centre" click: a block's centre of mass, and for a
+    C-shaped lesion (centre outside it) the lesion voxel nearest to that centre."""
+    block = np.zeros((10, 10, 10), bool)
+    block[2:7, 3:8, 1:6] = True
+    assert np.allclose(click_module.centre_click(np.argwhere(block)), [4.0, 5.0, 3.0])
+    ring = np.zeros((5, 21, 21), bool)
+    zz, yy, xx = np.mgrid[:5, :21, :21]
+    r = np.hypot(yy - 10, xx - 10)
+    ring[(r >= 6) & (r <= 8) & (xx <= 14)] = True  # a C: its centre of mass lies in the hole
+    pts = np.argwhere(ring)
+    com = pts.mean(0)
+    assert not ring[tuple(np.round(com).astype(int))]
+    c = click_module.centre_click(pts)
+    assert ring[tuple(c)] and np.isclose(np.linalg.norm(c - com), np.linalg.norm(pts - com, axis=1).min())
+
+
 def test_click_patches_put_the_click_in_the_lesion():
     """Training patches: three channels, the guidance peak on the clicked lesion, label and guidance flipped together."""
     import torch

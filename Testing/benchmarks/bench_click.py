@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import torch
 
     from LesionSegLib.engine import data
-    from LesionSegLib.engine.click import click
+    from LesionSegLib.engine.click import centre_click, click
     from LesionSegLib.engine.errors import InputError
     from LesionSegLib.engine.evaluate.matching import gt_components
     from LesionSegLib.engine.segment.pipeline import Engine
@@ -62,9 +62,7 @@ def main(argv=None) -> int:
         for k in range(1, n + 1):
             lesion = comps == k
             pts = np.argwhere(lesion)
-            com = pts.mean(0)
-            at_com = pts[np.argmin(np.linalg.norm(pts - com, axis=1))] if not lesion[tuple(np.round(com).astype(int))] else com
-            for kind, zyx in (("centre", at_com), ("random", pts[rng.integers(len(pts))])):
+            for kind, zyx in (("centre", centre_click(pts)), ("random", pts[rng.integers(len(pts))])):
                 p = img.TransformContinuousIndexToPhysicalPoint([float(v) for v in zyx[::-1]])
                 t = time.perf_counter()
                 try:

@@ -64,6 +64,18 @@ def default_fallback(engine) -> str | None:
     return None if hasattr(engine, "segment_boxes") else FALLBACK_CLICK_MODEL
 
 
+def centre_click(pts: np.ndarray) -> np.ndarray:
+    """Where a reviewer clicks "the middle" of a lesion given as its voxel indices ``pts`` (N x 3):
+    its centre of mass when that falls inside the lesion, else the lesion voxel nearest to it (a
+    C-shaped lesion's centre lies outside it).  The rule of the click benchmark and of the click
+    segmenter's training patches alike."""
+    pts = np.asarray(pts)
+    com = pts.mean(0)
+    if (pts == np.round(com).astype(pts.dtype)).all(1).any():
+        return com
+    return pts[np.argmin(np.linalg.norm(pts - com, axis=1))]
+
+
 def guidance_channel(shape, voxel_zyx, spacing_zyx, sigma_mm: float) -> np.ndarray:
     """A click as an input channel (DeepGrow-style guidance): a Gaussian of ``sigma_mm`` at voxel
     ``voxel_zyx`` (may lie outside the array) on an array of ``shape`` with ``spacing_zyx``; float32, peak 1."""

@@ -82,10 +82,10 @@ class ClickPatches:
     """Patches with a click channel from cases loaded by :func:`load_training_case`."""
 
     def __init__(self, cases: dict, spacing, roi, sigma_mm: float, seed: int = 0):
-        from ..click import guidance_channel
+        from ..click import centre_click, guidance_channel
         from ..evaluate.matching import gt_components
 
-        self.guidance_channel = guidance_channel
+        self.guidance_channel, self.centre_click = guidance_channel, centre_click
         self.rng = np.random.default_rng(seed)
         self.spacing, self.roi, self.sigma = np.asarray(spacing, float), np.asarray(roi), sigma_mm
         self.items = []
@@ -97,8 +97,7 @@ class ClickPatches:
 
     def _click(self, pts):
         if self.rng.random() < 0.5:
-            com = pts.mean(0)
-            return pts[np.argmin(np.linalg.norm(pts - com, axis=1))]
+            return self.centre_click(pts)
         return pts[self.rng.integers(len(pts))]
 
     def sample(self):
