@@ -142,8 +142,7 @@ def _scan_context(engine, image: sitk.Image, descriptor: np.ndarray | None = Non
     if descriptor is None:
         from .segment.ood import scan_descriptor
 
-        _, hu, sp = engine.prepare(image)
-        descriptor = scan_descriptor(hu, sp)
+        descriptor = scan_descriptor(engine.prepare(image)[1])
     routed = engine.route(None, None, descriptor)
     if routed is None:
         return engine, descriptor, None

@@ -122,3 +122,21 @@ def body_box(hu: np.ndarray, spacing: Sequence[float], threshold: float = -500.0
         lo.append(max(0, int(idx[0]) - m))
         hi.append(min(shape[axis], int(idx[-1]) + 1 + m))
     return Box(tuple(lo), tuple(hi))
+
+
+def body_mask(hu: np.ndarray, threshold: float = -500.0, min_fraction: float = 0.1) -> np.ndarray:
+    """The patient's body in a (z, y, x) HU array: voxels above ``threshold`` with their holes
+    filled slice by slice (lungs, airways and bowel gas count as body; the air around the patient
+    does not), keeping the 26-connected parts of at least ``min_fraction`` of the largest (two
+    legs, not the table or specks).  All False when nothing is above the threshold."""
+    import cc3d
+    from scipy import ndimage
+
+    mask = np.asarray(hu) > threshold
+    if not mask.any():
+        return mask
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    labels = cc3d.connected_components(filled, connectivity=26)
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return np.isin(labels, np.flatnonzero(counts >= min_fraction * counts.max()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..common import check_cancel
-from ..io.preprocess import spacing_zyx, to_canonical
+from ..io.preprocess import to_canonical
 from ..segment.features import feature_matrix
 from ..segment.ood import OODModel, domain_text, lesion_embedding, scan_descriptor
 
@@ -56,7 +56,7 @@ def descriptor_of(image) -> np.ndarray:
     import SimpleITK as sitk
 
     can = to_canonical(image)
-    return scan_descriptor(sitk.GetArrayFromImage(can).astype(np.float32), spacing_zyx(can))
+    return scan_descriptor(sitk.GetArrayFromImage(can).astype(np.float32))
 
 
 def fit_card(model: str | None = None, cases=None, cluster_cases: int = 12) -> str:

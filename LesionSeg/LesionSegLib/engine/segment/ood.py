@@ -1,9 +1,15 @@
 """Out-of-distribution scores: how unlike the model's training data a scan, and a lesion, is.
 
-* **Scan level**: a 10-number descriptor of the scan inside its body box (fractions of voxels
-  in six HU bands: air/lung, low-density lung, fat, soft tissue, enhanced tissue, bone; and the
-  body box's log extent in mm along z, y, x; and the log voxel volume), scored by its Mahalanobis
-  distance (covariance shrunk towards its diagonal) to the training scans' descriptors.
+* **Scan level**: a 6-number descriptor of the scan's content, the fractions of its body voxels
+  in six HU bands (air/lung, low-density lung, fat, soft tissue, enhanced tissue, bone), scored by
+  its Mahalanobis distance (covariance shrunk towards its diagonal, each band's spread floored at
+  ``SD_FLOOR``) to the training scans' descriptors.  The body is the voxels above -500 HU with
+  their holes filled slice by slice (so lungs and bowel gas count as body, the air around the
+  patient does not), keeping the components of at least a tenth of the largest (not the table).
+  The descriptor leaves out the voxel grid and the field of view on purpose: every scan is
+  resampled to the model's grid before the networks see it, and the training scans are crops, so
+  a grid or an extent unlike theirs says nothing about whether the content is (descriptor 1 held
+  both, and a sarcoma scan merely resampled to 1 x 1 x 2.5 mm scored about 10^6).
 * **Lesion level**: the classifier's embedding of a cluster (the patch encoder's output
   concatenated with the standardised tabular features), scored either by the mean Euclidean
   distance to its ``K`` nearest training clusters (``knn``) or by the shrunk Mahalanobis distance
@@ -25,11 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.preprocess import body_box
+from ..io.preprocess import body_mask
 
 HU_BANDS = (-1100.0, -600.0, -200.0, -50.0, 100.0, 300.0, 5000.0)
 K = 5
 SHRINK = 0.2
+#: the scan descriptor's lowest spread per band: a difference under 2 % of the body voxels is no
+#: domain shift (set a priori; without it a band that is almost constant over the training scans,
+#: such as air inside a limb, would make any scan "far")
+SD_FLOOR = 0.02
+#: the scan descriptor a card's ``ood`` section was fitted with (1: HU bands in the body box, its
+#: extent and the voxel volume; 2: HU bands of the body voxels)
+DESCRIPTOR_VERSION = 2
+SUBSAMPLE_VOXELS = 2_000_000
 REF_QUANTILE = 95.0
 SCAN_THRESHOLD = 1.5
 CAP = 0.49
@@ -37,15 +51,14 @@ WARNING = ("this scan looks unlike the model's training data ({domain}); confide
            "(OOD score {score:.2f})")
 
 
-def scan_descriptor(hu: np.ndarray, spacing_zyx) -> np.ndarray:
-    """The scan-level descriptor of a canonical HU array (z, y, x) with its spacing."""
-    box = body_box(hu, spacing_zyx)
-    crop = np.asarray(hu[box.slices])
-    step = max(1, int(round((crop.size / 2_000_000) ** (1 / 3))))  # subsample big scans
-    v = crop[::step, ::step, ::step].ravel()
+def scan_descriptor(hu: np.ndarray) -> np.ndarray:
+    """The scan-level descriptor of a canonical HU array (z, y, x): the fractions of its body
+    voxels in the ``HU_BANDS`` (a uniform subsample of big scans, about 2 M voxels)."""
+    step = max(1, int(round((hu.size / SUBSAMPLE_VOXELS) ** (1 / 3))))
+    sub = np.asarray(hu[::step, ::step, ::step])
+    v = sub[body_mask(sub)]
     hist = np.histogram(np.clip(v, HU_BANDS[0], HU_BANDS[-1] - 1), bins=HU_BANDS)[0] / max(v.size, 1)
-    ext = np.log(np.asarray(box.shape, float) * np.asarray(spacing_zyx, float))
-    return np.concatenate([hist, ext, [np.log(float(np.prod(spacing_zyx)))]]).astype(np.float64)
+    return hist.astype(np.float64)
 
 
 def lesion_embedding(classifier, patches, feats) -> np.ndarray:
@@ -54,9 +67,9 @@ def lesion_embedding(classifier, patches, feats) -> np.ndarray:
     return classifier.logits_and_embedding(patches, feats)[1]
 
 
-def _precision(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _precision(x: np.ndarray, sd_floor: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mu = x.mean(0)
-    sd = x.std(0) + 1e-6
+    sd = np.maximum(x.std(0), sd_floor) if sd_floor else x.std(0) + 1e-6
     z = (x - mu) / sd
     cov = np.cov(z, rowvar=False) if len(z) > 1 else np.eye(z.shape[1])
     cov = (1 - SHRINK) * np.atleast_2d(cov) + SHRINK * np.eye(z.shape[1])
@@ -88,9 +101,12 @@ class OODModel:
     domain: str = ""
 
     def __post_init__(self):
-        self._s = _precision(self.scans)
+        if self.scans.ndim != 2 or self.scans.shape[1] != len(HU_BANDS) - 1:
+            raise ValueError(f"scan descriptors must be (N, {len(HU_BANDS) - 1}) (descriptor {DESCRIPTOR_VERSION}), "
+                             f"not {self.scans.shape}")
+        self._s = _precision(self.scans, SD_FLOOR)
         self._l = _precision(self.lesions) if len(self.lesions) > 1 else None
-        loo = np.array([_maha(self.scans[i], *_precision(np.delete(self.scans, i, 0)))[0] for i in range(len(self.scans))]) \
+        loo = np.array([_maha(self.scans[i], *_precision(np.delete(self.scans, i, 0), SD_FLOOR))[0] for i in range(len(self.scans))]) \
             if len(self.scans) > 2 else np.ones(1)
         self.scan_ref = float(np.percentile(loo, REF_QUANTILE)) or 1.0
         self.lesion_ref = {"knn": 1.0, "mahalanobis": 1.0}
@@ -124,14 +140,24 @@ class OODModel:
 
         sha = save_weights({"scans": torch.as_tensor(self.scans, dtype=torch.float64),
                             "lesions": torch.as_tensor(self.lesions, dtype=torch.float64)}, Path(folder) / filename)
-        return {"file": filename, "sha256": sha, "lesion_method": self.lesion_method, "scan_threshold": self.scan_threshold,
+        return {"file": filename, "sha256": sha, "scan_descriptor": DESCRIPTOR_VERSION, "lesion_method": self.lesion_method, "scan_threshold": self.scan_threshold,
                 "cap": self.cap, "reference_quantile": REF_QUANTILE, "n_scans": int(len(self.scans)),
                 "n_clusters": int(len(self.lesions)), "domain": self.domain}
 
     @classmethod
-    def from_card(cls, card) -> "OODModel | None":
+    def from_card(cls, card, notes: list | None = None) -> "OODModel | None":
+        """The card's OOD statistics; None without them, or when they were fitted with another scan
+        descriptor (then a line for the user goes into ``notes``: the model runs without the OOD
+        warning and cap until ``lesionseg fit-ood`` refits them)."""
         part = card.data.get("ood")
         if not part:
+            return None
+        version = part.get("scan_descriptor", 1)
+        if version != DESCRIPTOR_VERSION:
+            if notes is not None:
+                notes.append(f"model {card.id}: its out-of-distribution statistics were fitted with scan descriptor {version}, "
+                             f"which this version replaced (descriptor {DESCRIPTOR_VERSION}); they are not used, so no scan is "
+                             f"warned or capped: refit them with `lesionseg fit-ood --model {card.folder}`")
             return None
         t = card.load_arrays("ood")
         return cls(t["scans"], t["lesions"], part.get("lesion_method", "knn"),

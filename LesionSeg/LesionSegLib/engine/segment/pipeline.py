@@ -98,7 +98,7 @@ class Engine:
         self.setup_networks(device, runtime, threads)
         self.classifier = _confidence_model(self.card, self.runtime, threads) if "classifier" in self.card.data else None
         self.messages.extend(getattr(self.classifier, "notes", []))
-        self.ood = OODModel.from_card(self.card) if self.classifier is not None else None
+        self.ood = OODModel.from_card(self.card, self.messages) if self.classifier is not None else None
         post = self.card.data.get("postprocess", {})
         self.prob_threshold = float(post.get("prob_threshold", DEFAULT_PROB_THRESHOLD))
         self.min_size_mm3 = float(post.get("min_size_mm3", DEFAULT_MIN_SIZE_MM3))
@@ -134,7 +134,7 @@ class Engine:
         ``descriptor``: the scan's :func:`scan_descriptor`, when already computed."""
         if self.in_domain is None or self.in_domain.ood is None:
             return None
-        score = self.in_domain.ood.scan_score(scan_descriptor(hu, sp) if descriptor is None else descriptor)
+        score = self.in_domain.ood.scan_score(scan_descriptor(hu) if descriptor is None else descriptor)
         return (self.in_domain, score) if score <= self.in_domain.ood.scan_threshold else None
 
     def setup_networks(self, device: str, runtime: str | None, threads: int | None) -> None:
@@ -189,7 +189,7 @@ class Engine:
         _check(cancel)
         canonical, hu, sp = self.prepare(image)
         # a routing model scores the scan against its parent first; the same descriptor serves its own OOD check
-        descriptor = scan_descriptor(hu, sp) if self.in_domain is not None else None
+        descriptor = scan_descriptor(hu) if self.in_domain is not None else None
         routed = self.route(hu, sp, descriptor)
         if routed is not None:
             parent, score = routed
@@ -305,7 +305,7 @@ class Engine:
         """({"scan_score", "warning", "domain"}, per-cluster scores) or (None, None) without OOD stats."""
         if self.ood is None:
             return None, None
-        score = self.ood.scan_score(scan_descriptor(hu, sp) if descriptor is None else descriptor)
+        score = self.ood.scan_score(scan_descriptor(hu) if descriptor is None else descriptor)
         per = self.ood.lesion_scores(embedding) if embedding is not None and len(embedding) else None
         return {"scan_score": score, "warning": self.ood.warning(score), "domain": self.ood.domain}, per
 
