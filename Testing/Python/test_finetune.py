@@ -109,6 +109,16 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     # activate and roll back like retrain
     assert versions.activate(card.id) == card.id and models.active_model_id() == card.id
     assert versions.rollback() == models.DEFAULT_MODEL
+    # OOD statistics of another scan descriptor (here: every card's, under a bumped version) switch
+    # the cap and the routing off, and the messages say so and how to restore them
+    from LesionSegLib.engine.segment import ood as ood_module
+
+    monkeypatch.setattr(ood_module, "DESCRIPTOR_VERSION", ood_module.DESCRIPTOR_VERSION + 1)
+    stale = Engine(card, device="cpu")
+    assert stale.ood is None and stale.in_domain is not None and stale.in_domain.ood is None
+    assert stale.route(None, None, np.zeros(6)) is None
+    assert any(f"routing to {base.id} is off" in m for m in stale.messages)
+    assert any("fine-tune it again" in m for m in stale.messages)
     # a tampered in-domain model is refused by name
     sub = card.folder / route["folder"] / "card.json"
     sub.write_text(sub.read_text() + " ")

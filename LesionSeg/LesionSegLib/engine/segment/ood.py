@@ -154,10 +154,12 @@ class OODModel:
             return None
         version = part.get("scan_descriptor", 1)
         if version != DESCRIPTOR_VERSION:
-            if notes is not None:
+            if notes is not None:  # a fine-tuned model's reference holds its corrected cases, which fit-ood does not know
+                fix = ("fine-tune it again (lesionseg finetune) to refit them" if "finetuning" in card.data
+                       else f"refit them with `lesionseg fit-ood --model {card.folder}`")
                 notes.append(f"model {card.id}: its out-of-distribution statistics were fitted with scan descriptor {version}, "
                              f"which this version replaced (descriptor {DESCRIPTOR_VERSION}); they are not used, so no scan is "
-                             f"warned or capped: refit them with `lesionseg fit-ood --model {card.folder}`")
+                             f"warned or capped: {fix}")
             return None
         t = card.load_arrays("ood")
         return cls(t["scans"], t["lesions"], part.get("lesion_method", "knn"),

@@ -126,7 +126,12 @@ class Engine:
             from ..errors import ModelError
 
             raise ModelError(f"model {self.card.id}: the in-domain model {folder} is missing or fails its checksum")
-        return Engine(read_card(folder), device=device, threads=threads, runtime=runtime)
+        parent = Engine(read_card(folder), device=device, threads=threads, runtime=runtime)
+        if parent.ood is None:  # no usable OOD statistics in the kept copy: nothing can be routed
+            self.messages.append(f"model {self.card.id}: routing to {parent.card.id} is off, because the copy of it kept in this "
+                                 f"model has no usable out-of-distribution statistics; every scan runs this model's fine-tuned "
+                                 f"networks. Fine-tune again (lesionseg finetune) to restore routing")
+        return parent
 
     def route(self, hu: np.ndarray, sp, descriptor: np.ndarray | None = None) -> "tuple[Engine, float] | None":
         """(the in-domain parent engine, the scan's OOD score under the parent) when this scan lies
