@@ -4,6 +4,7 @@
    a readable, consistent database (and the next writer carries on).
 2. Two writer processes on one file (two Slicer sessions) lose nothing, including when both
    change the same lesion.
+3. A store being created is never taken for another application's database by a concurrent look.
 """
 from __future__ import annotations
 
@@ -132,3 +133,28 @@ def test_two_concurrent_writers_lose_nothing(tmp_path):
     by = {t: sum(h["reviewer"] == t for h in hist) for t in ("slicer-1", "slicer-2")}
     assert by["slicer-1"] >= 1 and by["slicer-2"] >= 1
     assert store.count() == 2 * n_batches * batch + 1
+
+
+def test_a_database_being_created_is_never_called_foreign(tmp_path):
+    """3. While one connection creates a brand-new store (tables, application id and version in
+    one transaction), another's read-only look at the file sees either an empty file or the whole
+    LesionSeg schema, never its tables without its application id (which would refuse it as
+    another application's database)."""
+    import threading
+
+    from LesionSegLib.engine.feedback.schema import FeedbackStoreError, inspect_file
+
+    verdicts = []
+    for i in range(150):
+        path = tmp_path / f"new{i}.db"
+        maker = threading.Thread(target=lambda: FeedbackStore(path).close())
+        maker.start()
+        while maker.is_alive():
+            try:
+                verdicts.append(inspect_file(path)["schema_version"])
+            except FeedbackStoreError as exc:
+                assert "another application" not in str(exc), exc
+                verdicts.append(str(exc))
+        maker.join()
+        assert inspect_file(path)["schema_version"] > 0
+    assert verdicts  # the look did overlap the creation

@@ -188,13 +188,18 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
             "it was left untouched. Choose another file."
         )
     try:
-        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                              isolation_level=None)
     except sqlite3.Error as exc:
         raise FeedbackStoreError(f"cannot open {p} read-only: {exc}") from None
     try:
+        # one read transaction, so the three reads see one snapshot: read one by one, they could
+        # straddle another process's creation of the file (its tables without its application id)
+        # and call a brand-new LesionSeg database foreign
+        con.execute("BEGIN")
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         app_id = con.execute("PRAGMA application_id").fetchone()[0]
         version = con.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         problems = ["ok"]
         if app_id == APPLICATION_ID:
             if check:
@@ -204,6 +209,7 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
     except sqlite3.DatabaseError as exc:
         raise FeedbackStoreError(f"{p} is a corrupt SQLite database ({exc}); it was left untouched") from None
     finally:
+        rollback(con)  # ends the read transaction
         con.close()
     if app_id != APPLICATION_ID:
         if app_id == 0 and not tables:
