@@ -47,8 +47,9 @@ def main(argv=None) -> int:
 
     card = get_card(args.model)
     ood = OODModel.from_card(card)
-    scores = {n: ood.scan_score(descriptor_of(read_image(dataset.case(n).image))) for n in dataset.STS_VAL + CHEST}
-    regridded = {"x".join(f"{v:g}" for v in sp): {n: round(ood.scan_score(descriptor_of(regrid(read_image(dataset.case(n).image), sp))), 4)
+    images = {n: read_image(dataset.case(n).image) for n in dataset.STS_VAL + CHEST}
+    scores = {n: ood.scan_score(descriptor_of(img)) for n, img in images.items()}
+    regridded = {"x".join(f"{v:g}" for v in sp): {n: round(ood.scan_score(descriptor_of(regrid(images[n], sp))), 4)
                                                    for n in dataset.STS_VAL} for sp in REGRID}
     crossings = sorted({f"{n} at {g}" for g, row in regridded.items() for n, v in row.items()
                         if (v > ood.scan_threshold) != (scores[n] > ood.scan_threshold)})

@@ -30,6 +30,7 @@ import torch
 
 from .. import data as dataset
 from ..atomic import write_text
+from ..click import centre_click, guidance_channel
 from ..models import get_card, load_state_shared, save_weights
 from ..segment.networks import build_segmenter
 from .train_seg import load_training_case, make_loss
@@ -82,10 +83,8 @@ class ClickPatches:
     """Patches with a click channel from cases loaded by :func:`load_training_case`."""
 
     def __init__(self, cases: dict, spacing, roi, sigma_mm: float, seed: int = 0):
-        from ..click import centre_click, guidance_channel
         from ..evaluate.matching import gt_components
 
-        self.guidance_channel, self.centre_click = guidance_channel, centre_click
         self.rng = np.random.default_rng(seed)
         self.spacing, self.roi, self.sigma = np.asarray(spacing, float), np.asarray(roi), sigma_mm
         self.items = []
@@ -97,7 +96,7 @@ class ClickPatches:
 
     def _click(self, pts):
         if self.rng.random() < 0.5:
-            return self.centre_click(pts)
+            return centre_click(pts)
         return pts[self.rng.integers(len(pts))]
 
     def sample(self):
@@ -109,7 +108,7 @@ class ClickPatches:
         lo = np.clip(centre - self.roi // 2, 0, np.maximum(shape - self.roi, 0))
         sl = tuple(slice(int(a), int(a + r)) for a, r in zip(lo, self.roi))
         xc, yc = x[(slice(None),) + sl].float(), y[(slice(None),) + sl].long()
-        g = torch.from_numpy(self.guidance_channel(tuple(xc.shape[1:]), click - lo, self.spacing, self.sigma))[None]
+        g = torch.from_numpy(guidance_channel(tuple(xc.shape[1:]), click - lo, self.spacing, self.sigma))[None]
         xc = torch.cat([xc * float(self.rng.uniform(0.9, 1.1)) + float(self.rng.uniform(-0.05, 0.05)), g])
         pad = [(0, 0)] + [(0, int(r - s)) for r, s in zip(self.roi, xc.shape[1:])]
         xc = torch.from_numpy(np.pad(xc.numpy(), pad))
