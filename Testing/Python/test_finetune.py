@@ -43,6 +43,12 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
     only_rejections = store_with(tmp_path / "c", [0, 1], kinds=["deleted", "deleted", "deleted"])
     with pytest.raises(FinetuneError, match="hold no lesion voxel"):
         finetune(only_rejections, base.id, replay_cases=[])
+    for bad in ({"lr": -1e-4}, {"decoder_lr_mult": 0.0}, {"decoder_lr_mult": float("nan")}):
+        with pytest.raises(FinetuneError, match="must be a positive number"):
+            finetune(only_rejections, base.id, **bad)
+    assert cli_main(["finetune", "--feedback", str(only_rejections.path), "--base-model", base.id,
+                     "--decoder-lr-mult", "-2", "--progress", "none"]) == 2
+    assert "decoder learning-rate multiplier must be a positive number, got -2.0" in capsys.readouterr().err
     assert [c.parent.parent.name for c in (tmp_path / "models").glob("*/*/card.json")] in ([], [base.name])
 
 
@@ -66,13 +72,13 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     store = store_with(tmp_path, [0, 1, 2])
     seen = []
     res = finetune(store, base.id, "tiny-ft", steps=2, replay_cases=["STS_019"], cls_replay_cases=0,
-                   progress=lambda f, m: seen.append(f))
+                   decoder_lr_mult=3.0, progress=lambda f, m: seen.append(f))
     card = res.card
     assert card.id == "tiny-ft@1" and card.data["parent"]["id"] == base.id
     ft = card.data["finetuning"]
     assert ft["steps"] == 2 and len(ft["train_cases"]) == 2 and len(ft["held_apart_cases"]) == 1
     assert ft["replay_cases"] == ["STS_019"] and set(ft["corrections"]) == {"case0", "case1", "case2"}
-    assert "total_minutes" in ft and "classifier" in ft
+    assert "total_minutes" in ft and "classifier" in ft and ft["decoder_lr_mult"] == 3.0
     held = ft["held_apart_cases"][0]
     for when in ("before", "after"):
         assert ft["evaluation"][held][when]["n_gt"] == 2
@@ -124,6 +130,23 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     sub.write_text(sub.read_text() + " ")
     with pytest.raises(models.ModelError, match="in-domain model .* fails its checksum"):
         Engine(models.read_card(card.folder), device="cpu")
+
+
+def test_decoder_learning_rate_groups_split_a_dynunet_at_its_decoder():
+    from LesionSegLib.engine import models
+    from LesionSegLib.engine.learn.finetune_train import param_groups
+    from LesionSegLib.engine.segment.networks import build_segmenter
+
+    net = build_segmenter(models.get_card("sts-clcs").data["segmenter"]["network"])
+    [one] = param_groups(net, 1e-4)
+    assert one["lr"] == 1e-4 and len(one["params"]) == len(list(net.parameters()))
+    enc, dec = param_groups(net, 1e-4, 10.0)
+    assert (enc["lr"], dec["lr"], dec["mult"]) == (1e-4, pytest.approx(1e-3), 10.0)
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    assert not ids(enc) & ids(dec) and len(ids(enc) | ids(dec)) == len(list(net.parameters()))
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert {names[i].split(".")[0] for i in ids(dec)} == {"upsamples", "output_block", "deep_supervision_heads"}
+    assert {names[i].split(".")[0] for i in ids(enc)} == {"input_block", "downsamples", "bottleneck"}
 
 
 def _chest_phantom(seed=0):
@@ -179,6 +202,32 @@ def test_patch_sampler_inserts_synthetic_lesions_only_where_there_is_lung():
     limb = SimpleNamespace(hu=np.full((20, 40, 40), 40, np.int16), label=np.zeros((20, 40, 40), np.uint8),
                            rejected=np.zeros((20, 40, 40), bool), geometry={"spacing_zyx": [3.0, 2.0, 2.0]})
     assert PatchSampler([limb], [], (16, 32, 32), windows, synthetic=1.0).lungs == []
+
+
+def test_patch_sampler_centres_the_synthetic_lesion_on_the_drawn_lung_centre():
+    """The lesion sits where the patch was centred (a point well inside the lung), give or take the
+    crop's shift of a quarter patch, not on any lung voxel of the patch (the lung's edge, the
+    patch's border)."""
+    from types import SimpleNamespace
+
+    from scipy import ndimage
+
+    from LesionSegLib.engine.learn.finetune import PatchSampler
+
+    hu = _chest_phantom()
+    chest = SimpleNamespace(hu=hu.astype(np.int16), label=np.zeros(hu.shape, np.uint8), rejected=np.zeros(hu.shape, bool),
+                            geometry={"spacing_zyx": [3.0, 2.0, 2.0]})
+    roi = np.array([16, 32, 32])
+    sampler = PatchSampler([chest], [], tuple(roi), [[-200.0, 300.0]], seed=3, synthetic=1.0)
+    k, hu_t, lung_t, _, sp = sampler.lungs[0]
+    sampler.lungs[0] = (k, hu_t, lung_t, np.array([[15, 40, 28]]), sp)  # the left lung's middle: no crop is clipped
+    for _ in range(8):
+        _, y = sampler._synthetic()
+        mask = y[0].numpy() > 0
+        assert mask.any()
+        # the flips mirror the lesion about the patch centre, so the distance to it is unchanged
+        offset = np.abs(np.array(ndimage.center_of_mass(mask)) - (roi - 1) / 2)
+        assert (offset <= roi / 4 + 2).all(), offset
 
 
 def test_ood_scan_scores_sarcoma_below_chest():

@@ -27,7 +27,8 @@ def _cmd_finetune(args) -> int:
                        replay=args.replay, replay_cases=replay_names(args.replay_cases),
                        cls_replay_cases=args.cls_replay_cases, held_apart=args.held_apart, min_cases=args.min_cases, seed=args.seed,
                        activate=args.activate, synthetic=args.synthetic_lesions,
-                       routing={"auto": None, "on": True, "off": False}[args.routing], progress=bar if args.progress != "none" else None)
+                       routing={"auto": None, "on": True, "off": False}[args.routing], decoder_lr_mult=args.decoder_lr_mult,
+                       progress=bar if args.progress != "none" else None)
     except (FinetuneError, RetrainError, FeedbackStoreError, ModelError, CancelledError) as exc:
         emit(args, {"event": "error", "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
@@ -50,6 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (batch of 2)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the training loop")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--decoder-lr-mult", type=float, default=1.0, metavar="M",
+                   help="the decoder (up-sampling blocks and output heads) learns at M times --lr (default 1)")
     p.add_argument("--replay", type=float, default=0.5, help="fraction of each batch from the base training data")
     p.add_argument("--replay-cases", default=None, metavar="NAMES", help="comma-separated cases of the data folder "
                    "replayed (default: the base training split STS_001-033; 'none': no replay)")

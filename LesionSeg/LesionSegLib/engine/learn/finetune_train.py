@@ -3,7 +3,8 @@
 Patches come from corrected cases (centred on a lesion voxel 1/2, a deleted false positive 1/4
 when there is one, anywhere 1/4; optionally with a synthetic lung lesion, :mod:`.synthetic`) and
 from replay cases of the base training data; random flips on every axis.  The loop is AdamW with
-cosine decay and DiceCE with deep supervision, stopped by a step count or a wall-clock budget.
+cosine decay (the decoder optionally at a multiple of the rate) and DiceCE with deep
+supervision, stopped by a step count or a wall-clock budget.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from ..common import check_cancel
 
 
 def _crop_at(arrays, centre, roi, rng):
-    """Crops of each (C, z, y, x) array of ``arrays`` of size ``roi`` around ``centre`` (padded)."""
+    """``(crops, lo)``: crops of each (C, z, y, x) array of ``arrays`` of size ``roi`` around
+    ``centre`` (shifted by up to a quarter of ``roi``, padded at the far edges) and the index of
+    the crops' first voxel in the arrays."""
     import torch
 
     shape = arrays[0].shape[1:]
@@ -27,7 +30,7 @@ def _crop_at(arrays, centre, roi, rng):
         if any(p[1] for p in pad):
             t = torch.nn.functional.pad(t, [v for p in reversed(pad) for v in p])
         out.append(t)
-    return out
+    return out, np.asarray(lo)
 
 
 class PatchSampler:
@@ -70,7 +73,7 @@ class PatchSampler:
             centre = neg[self.rng.integers(len(neg))]
         else:
             centre = [self.rng.integers(s) for s in x.shape[1:]]
-        xc, yc = _crop_at([x.float(), y], centre, self.roi, self.rng)
+        (xc, yc), _ = _crop_at([x.float(), y], centre, self.roi, self.rng)
         return self._flip(xc, yc)
 
     def _flip(self, xc, yc):
@@ -80,7 +83,10 @@ class PatchSampler:
         return xc, yc
 
     def _synthetic(self):
-        """A lung patch of a corrected case with one synthetic lesion (label = real + synthetic)."""
+        """A lung patch of a corrected case with one synthetic lesion (label = real + synthetic),
+        centred on the drawn lung centre (at least 5 mm inside the lung, as in
+        :func:`.synthetic.synthetic_volume`), not on any lung voxel of the patch, which could be at
+        the lung's edge or the patch's border and give a cut, flattened lesion."""
         import torch
 
         from ..io.preprocess import normalize
@@ -89,9 +95,9 @@ class PatchSampler:
         k, hu, lung, centres, sp = self.lungs[self.rng.integers(len(self.lungs))]
         y = self.corrected[k][1]
         centre = centres[self.rng.integers(len(centres))]
-        hc, yc, lc = _crop_at([hu.float(), y, lung.to(torch.uint8)], centre, self.roi, self.rng)
+        (hc, yc, lc), lo = _crop_at([hu.float(), y, lung.to(torch.uint8)], centre, self.roi, self.rng)
         real = yc[0].numpy() > 0
-        h, mask = insert_lesion(hc[0].numpy(), (lc[0].numpy() > 0) & ~real, sp, self.rng)
+        h, mask = insert_lesion(hc[0].numpy(), (lc[0].numpy() > 0) & ~real, sp, self.rng, centre=np.asarray(centre) - lo)
         self.n_synthetic += int(mask.any())
         label = torch.as_tensor((real | mask)[None].astype(np.uint8))
         return self._flip(normalize(h, self.windows), label)
@@ -114,14 +120,29 @@ class PatchSampler:
         return torch.stack(xs), torch.stack(ys)
 
 
+#: the decoder of a MONAI DynUNet: up-sampling blocks, output block and deep-supervision heads
+DECODER_PREFIXES = ("upsamples", "output_block", "deep_supervision_heads")
+
+
+def param_groups(net, lr: float, decoder_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: the encoder at ``lr``, the decoder (:data:`DECODER_PREFIXES`) at
+    ``lr * decoder_lr_mult``; one group when the multiplier is 1 or the net has no such part."""
+    decoder = [p for n, p in net.named_parameters() if n.startswith(DECODER_PREFIXES)]
+    if decoder_lr_mult == 1.0 or not decoder:
+        return [{"params": list(net.parameters()), "lr": lr, "mult": 1.0}]
+    ids = {id(p) for p in decoder}
+    return [{"params": [p for p in net.parameters() if id(p) not in ids], "lr": lr, "mult": 1.0},
+            {"params": decoder, "lr": lr * decoder_lr_mult, "mult": float(decoder_lr_mult)}]
+
+
 def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, batch: int, replay: float,
-                    progress=None, cancel=None) -> dict:
+                    progress=None, cancel=None, decoder_lr_mult: float = 1.0) -> dict:
     import torch
 
     from .train_seg import make_loss
 
     loss_fn = make_loss("dicece")
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
+    opt = torch.optim.AdamW(param_groups(net, lr, decoder_lr_mult), lr=lr, weight_decay=1e-5)
     budget = (minutes or 1e9) * 60.0
     t0 = time.perf_counter()
     losses = []
@@ -131,7 +152,7 @@ def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, 
         check_cancel(cancel, "fine-tuning")
         frac = step / max(1, steps)
         for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * frac))
+            g["lr"] = lr * g["mult"] * 0.5 * (1 + np.cos(np.pi * frac))
         x, y = sampler.batch(batch, replay)
         opt.zero_grad(set_to_none=True)
         out = net(x)
