@@ -83,7 +83,12 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     for when in ("before", "after"):
         assert ft["evaluation"][held][when]["n_gt"] == 2
         assert card.data["metrics"][f"held_apart_dice_{when}"] is not None
-    assert card.data["domain"]["n_cases"] == base.data.get("domain", {}).get("n_cases", 33) + 2
+    dom = card.data["domain"]
+    assert dom["n_cases"] == base.data.get("domain", {}).get("n_cases", 33) + 2
+    # the lesion type and the scanner grid name the corrected cases too, not only the parent's domain
+    assert dom["lesion_type"].startswith(base.data.get("domain", {}).get("lesion_type", "soft-tissue sarcoma"))
+    assert "reviewer-corrected lesions of 2 case(s)" in dom["lesion_type"]
+    assert "2 corrected scan(s), body field of view" in dom["scanner_grid"] and "mm (x, y, z) on the model grid" in dom["scanner_grid"]
     # every weight file is there and matches its checksum; the segmenter changed
     assert set(versions.verify(card)) >= {"segmenter.safetensors", "classifier.safetensors", "ood.safetensors"}
     assert card.data["segmenter"]["sha256"] != base.data["segmenter"]["sha256"]

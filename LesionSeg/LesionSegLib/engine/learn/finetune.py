@@ -379,6 +379,14 @@ def _domain(parent, train) -> dict:
     d["n_cases"] = int(d.get("n_cases", 0)) + len(added)
     d["corrected_cases"] = added
     d["body_region"] = d.get("body_region", "") + f" + {len(added)} corrected case(s) from review"
+    kinds = {k: sum(int(c.counts.get(k, 0)) for c in train) for k in ("edited", "added", "kept")}
+    lesions = ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "none kept"
+    d["lesion_type"] = d.get("lesion_type", "") + f" + reviewer-corrected lesions of {len(added)} case(s) ({lesions})"
+    fovs = sorted({"x".join(f"{s * n:.0f}" for s, n in zip(c.geometry["spacing_zyx"][::-1], c.hu.shape[::-1]))
+                   for c in train})
+    spacings = sorted({"x".join(f"{s:.2f}" for s in c.geometry["spacing_zyx"][::-1]) for c in train})
+    d["scanner_grid"] = (d.get("scanner_grid", "") + f" + {len(added)} corrected scan(s), body field of view "
+                         f"{', '.join(fovs)} mm (x, y, z) on the model grid {', '.join(spacings)} mm")
     return d
 
 
