@@ -1,14 +1,15 @@
 """Does the segmenter fine-tuning fit the corrections it is trained on?
 
     OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_fit.py -o Resources/evaluation/finetune_fit.json \
-        [--lr 3e-4 1e-3] [--steps 200]
+        [--lr 3e-4 1e-3 3e-4x10] [--steps 200]
 
 The training half of one fold of ``finetune_chest.py`` (lung1 held out), judged on its own
 training scans only, so no held-out scan is looked at:
 
 1. A reviewer is simulated from ground truth on ``lung2`` and ``LIDC-IDRI-0001`` (as in
    ``finetune_chest.py``) with the shipped ``sts-clcs``.
-2. For each ``--lr`` (one process each, side by side, one thread), the segmenter is fine-tuned
+2. For each ``--lr`` (one process each, side by side, one thread; ``LRxM``: the decoder at ``M``
+   times ``LR``, ``train_segmenter(decoder_lr_mult=M)``), the segmenter is fine-tuned
    exactly as ``lesionseg finetune`` trains it (:class:`PatchSampler` with replay of STS_001-008 at
    0.5 and synthetic lung lesions at 0.5, :func:`train_segmenter`, DiceCE with deep supervision,
    batch 2, seed 0).
@@ -82,28 +83,42 @@ def _load(db):
 
 
 def task(args):
-    db, lr, steps = args
+    db, spec, steps = args
     import torch
 
     from LesionSegLib.engine.learn.finetune_train import PatchSampler, train_segmenter
 
     engine, corrected, replay = _load(db)
-    if lr is None:
+    if spec is None:
         return "base", {"train": None, **_score(engine, corrected, replay)}
+    lr, mult = _spec(spec)
     torch.manual_seed(0)
     seg = engine.seg_cfg
     net = copy.deepcopy(engine.segmenter)
-    log = train_segmenter(net, PatchSampler(corrected, replay, seg["roi_size"], seg["hu_windows"], 0, 0.5), steps, None, lr, 2, 0.5)
+    sampler = PatchSampler(corrected, replay, seg["roi_size"], seg["hu_windows"], 0, 0.5)
+    log = train_segmenter(net, sampler, steps, None, lr, 2, 0.5, decoder_lr_mult=mult)
     engine.segmenter = net
-    return f"lr {lr:g}", {"train": {"lr": lr, **log}, **_score(engine, corrected, replay)}
+    name = f"lr {lr:g}" + (f" decoder x{mult:g}" if mult != 1 else "")
+    return name, {"train": {"lr": lr, "decoder_lr_mult": mult, "synthetic_patches": sampler.n_synthetic, **log},
+                  **_score(engine, corrected, replay)}
+
+
+def _spec(text: str) -> tuple[float, float]:
+    """``"3e-4"`` -> (3e-4, 1.0); ``"3e-4x10"`` -> (3e-4, 10.0)."""
+    lr, _, mult = text.partition("x")
+    return float(lr), float(mult or 1)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--out", required=True)
-    ap.add_argument("--lr", type=float, nargs="+", default=[3e-4, 1e-3])
+    ap.add_argument("--lr", nargs="+", default=["3e-4", "1e-3"], help="peak learning rates; LRxM: decoder at M x LR")
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args(argv)
+    try:
+        [_spec(s) for s in args.lr]
+    except ValueError:
+        ap.error(f"--lr: expected LR or LRxM, got {' '.join(args.lr)}")
     from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine.atomic import write_text
     from LesionSegLib.engine.feedback import FeedbackStore
