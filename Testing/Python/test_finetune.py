@@ -49,6 +49,8 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
     assert cli_main(["finetune", "--feedback", str(only_rejections.path), "--base-model", base.id,
                      "--decoder-lr-mult", "-2", "--progress", "none"]) == 2
     assert "decoder learning-rate multiplier must be a positive number, got -2.0" in capsys.readouterr().err
+    with pytest.raises(FinetuneError, match="unknown fine-tuning loss 'focal'; choose one of dicece, lesion-balanced"):
+        finetune(only_rejections, base.id, loss="focal")
     assert [c.parent.parent.name for c in (tmp_path / "models").glob("*/*/card.json")] in ([], [base.name])
 
 
@@ -72,13 +74,13 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     store = store_with(tmp_path, [0, 1, 2])
     seen = []
     res = finetune(store, base.id, "tiny-ft", steps=2, replay_cases=["STS_019"], cls_replay_cases=0,
-                   decoder_lr_mult=3.0, progress=lambda f, m: seen.append(f))
+                   decoder_lr_mult=3.0, loss="lesion-balanced", progress=lambda f, m: seen.append(f))
     card = res.card
     assert card.id == "tiny-ft@1" and card.data["parent"]["id"] == base.id
     ft = card.data["finetuning"]
     assert ft["steps"] == 2 and len(ft["train_cases"]) == 2 and len(ft["held_apart_cases"]) == 1
     assert ft["replay_cases"] == ["STS_019"] and set(ft["corrections"]) == {"case0", "case1", "case2"}
-    assert "total_minutes" in ft and "classifier" in ft and ft["decoder_lr_mult"] == 3.0
+    assert "total_minutes" in ft and "classifier" in ft and ft["decoder_lr_mult"] == 3.0 and ft["loss"] == "lesion-balanced"
     held = ft["held_apart_cases"][0]
     for when in ("before", "after"):
         assert ft["evaluation"][held][when]["n_gt"] == 2
@@ -154,6 +156,37 @@ def test_decoder_learning_rate_groups_split_a_dynunet_at_its_decoder():
     assert {names[i].split(".")[0] for i in ids(enc)} == {"input_block", "downsamples", "bottleneck"}
 
 
+def test_lesion_balanced_loss_routes_patches_and_moves_a_saturated_lesion():
+    """Replay and lesion-free patches get DiceCE, corrected/synthetic patches with a lesion get the
+    class-balanced loss; on a lesion the net scores at p ~ 0.004 (a new domain), the balanced
+    loss's gradient on the lesion's logits is many times DiceCE's, which barely moves it."""
+    import torch
+
+    from LesionSegLib.engine.learn.finetune_train import LesionBalancedLoss
+    from LesionSegLib.engine.learn.train_seg import make_loss
+
+    torch.manual_seed(0)
+    y = torch.zeros(3, 1, 16, 32, 32, dtype=torch.uint8)
+    y[0, 0, 4:8, 10:14, 10:14] = 1  # a replay lesion
+    y[1, 0, 6:9, 12:16, 20:23] = 1  # a corrected / synthetic lesion
+    logits = torch.zeros(3, 2, 16, 32, 32)
+    logits[:, 1] = -5.5  # p(lesion) ~ 0.004 everywhere
+    preds = [logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)]  # two deep-supervision heads
+    loss = LesionBalancedLoss()
+    value = loss(preds, y, ["replay", "synthetic", "corrected"])
+    plain, lesion = make_loss("dicece"), make_loss("balanced_focal_tversky")
+    one = lambda fn, i: fn([p[i:i + 1] for p in preds], y[i:i + 1])  # noqa: E731
+    expected = (one(plain, 0) + one(lesion, 1) + one(plain, 2)) / 3
+    assert torch.allclose(value, expected)
+    assert not torch.allclose(one(lesion, 0), one(plain, 0))  # so the routing is what gave ``expected``
+    value.backward()
+    balanced = preds[0].grad[1, 1][y[1, 0] > 0].abs().mean()
+    dice_pred = logits.clone().requires_grad_(True)
+    plain([dice_pred, dice_pred], y).backward()
+    dicece = dice_pred.grad[1, 1][y[1, 0] > 0].abs().mean()
+    assert balanced > 20 * dicece, (float(balanced), float(dicece))
+
+
 def _chest_phantom(seed=0):
     """A chest-like volume (z, y, x) at 3x2x2 mm: outside air, a soft-tissue body, two lungs at -850 HU."""
     rng = np.random.default_rng(seed)
@@ -203,6 +236,7 @@ def test_patch_sampler_inserts_synthetic_lesions_only_where_there_is_lung():
     sampler = PatchSampler([chest], [], (16, 32, 32), windows, seed=0, synthetic=1.0)
     x, y = sampler.batch(4, 0.0)
     assert x.shape == (4, 2, 16, 32, 32) and y.shape == (4, 1, 16, 32, 32)
+    assert len(sampler.last_kinds) == 4 and set(sampler.last_kinds) <= {"synthetic", "corrected"}
     assert sampler.n_synthetic >= 3 and int(y.sum()) > 0  # lesions where the real label has none
     limb = SimpleNamespace(hu=np.full((20, 40, 40), 40, np.int16), label=np.zeros((20, 40, 40), np.uint8),
                            rejected=np.zeros((20, 40, 40), bool), geometry={"spacing_zyx": [3.0, 2.0, 2.0]})

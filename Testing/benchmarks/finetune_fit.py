@@ -1,7 +1,7 @@
 """Does the segmenter fine-tuning fit the corrections it is trained on?
 
     OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_fit.py -o Resources/evaluation/finetune_fit.json \
-        [--lr 3e-4 1e-3 3e-4x10] [--steps 200]
+        [--lr 3e-4 1e-3 3e-4x10 1e-3:lesion-balanced] [--steps 200]
 
 The training half of one fold of ``finetune_chest.py`` (lung1 held out), judged on its own
 training scans only, so no held-out scan is looked at:
@@ -9,10 +9,10 @@ training scans only, so no held-out scan is looked at:
 1. A reviewer is simulated from ground truth on ``lung2`` and ``LIDC-IDRI-0001`` (as in
    ``finetune_chest.py``) with the shipped ``sts-clcs``.
 2. For each ``--lr`` (one process each, side by side, one thread; ``LRxM``: the decoder at ``M``
-   times ``LR``, ``train_segmenter(decoder_lr_mult=M)``), the segmenter is fine-tuned
-   exactly as ``lesionseg finetune`` trains it (:class:`PatchSampler` with replay of STS_001-008 at
-   0.5 and synthetic lung lesions at 0.5, :func:`train_segmenter`, DiceCE with deep supervision,
-   batch 2, seed 0).
+   times ``LR``, ``train_segmenter(decoder_lr_mult=M)``; ``LR:LOSS``: the fine-tuning loss,
+   ``dicece`` by default or ``lesion-balanced``), the segmenter is fine-tuned exactly as
+   ``lesionseg finetune`` trains it (:class:`PatchSampler` with replay of STS_001-008 at 0.5 and
+   synthetic lung lesions at 0.5, :func:`train_segmenter`, deep supervision, batch 2, seed 0).
 3. On the two training scans, with 4 synthetic lesions inserted into each (``synthetic_volume``,
    rng seed 5, the same for every run), a lesion counts as fitted when >= 50 % of its voxels have
    p > 0.5.  Also: p > 0.5 voxels outside the lesions, and Dice on three replay cases (STS_001-003,
@@ -91,34 +91,41 @@ def task(args):
     engine, corrected, replay = _load(db)
     if spec is None:
         return "base", {"train": None, **_score(engine, corrected, replay)}
-    lr, mult = _spec(spec)
+    lr, mult, loss = _spec(spec)
     torch.manual_seed(0)
     seg = engine.seg_cfg
     net = copy.deepcopy(engine.segmenter)
     sampler = PatchSampler(corrected, replay, seg["roi_size"], seg["hu_windows"], 0, 0.5)
-    log = train_segmenter(net, sampler, steps, None, lr, 2, 0.5, decoder_lr_mult=mult)
+    log = train_segmenter(net, sampler, steps, None, lr, 2, 0.5, decoder_lr_mult=mult, loss=loss)
     engine.segmenter = net
-    name = f"lr {lr:g}" + (f" decoder x{mult:g}" if mult != 1 else "")
-    return name, {"train": {"lr": lr, "decoder_lr_mult": mult, "synthetic_patches": sampler.n_synthetic, **log},
+    name = f"lr {lr:g}" + (f" decoder x{mult:g}" if mult != 1 else "") + (f" {loss}" if loss != "dicece" else "")
+    return name, {"train": {"lr": lr, "decoder_lr_mult": mult, "loss": loss, "synthetic_patches": sampler.n_synthetic, **log},
                   **_score(engine, corrected, replay)}
 
 
-def _spec(text: str) -> tuple[float, float]:
-    """``"3e-4"`` -> (3e-4, 1.0); ``"3e-4x10"`` -> (3e-4, 10.0)."""
+def _spec(text: str) -> tuple[float, float, str]:
+    """``"3e-4"`` -> (3e-4, 1.0, "dicece"); ``"3e-4x10"`` -> (3e-4, 10.0, "dicece");
+    ``"1e-3:lesion-balanced"`` -> (1e-3, 1.0, "lesion-balanced")."""
+    from LesionSegLib.engine.learn.finetune_train import FINETUNE_LOSSES
+
+    text, _, loss = text.partition(":")
     lr, _, mult = text.partition("x")
-    return float(lr), float(mult or 1)
+    loss = loss or "dicece"
+    if loss not in FINETUNE_LOSSES:
+        raise ValueError(loss)
+    return float(lr), float(mult or 1), loss
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--out", required=True)
-    ap.add_argument("--lr", nargs="+", default=["3e-4", "1e-3"], help="peak learning rates; LRxM: decoder at M x LR")
+    ap.add_argument("--lr", nargs="+", default=["3e-4", "1e-3"], help="peak learning rates; LRxM: decoder at M x LR; LR[xM]:LOSS: the loss (dicece, lesion-balanced)")
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args(argv)
     try:
         [_spec(s) for s in args.lr]
     except ValueError:
-        ap.error(f"--lr: expected LR or LRxM, got {' '.join(args.lr)}")
+        ap.error(f"--lr: expected LR, LRxM or LR[xM]:LOSS (dicece, lesion-balanced), got {' '.join(args.lr)}")
     from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine.atomic import write_text
     from LesionSegLib.engine.feedback import FeedbackStore

@@ -7,7 +7,7 @@ import sys
 from ..errors import CancelledError, ModelError
 from ..feedback import FeedbackStoreError
 from ..learn import ood_fit
-from ..learn.finetune import DEFAULT_LR, DEFAULT_STEPS, MIN_CASES, FinetuneError, finetune
+from ..learn.finetune import DEFAULT_LR, DEFAULT_STEPS, FINETUNE_LOSSES, MIN_CASES, FinetuneError, finetune
 from ..learn.labels import RetrainError
 from .common import Progress, emit
 
@@ -28,7 +28,7 @@ def _cmd_finetune(args) -> int:
                        cls_replay_cases=args.cls_replay_cases, held_apart=args.held_apart, min_cases=args.min_cases, seed=args.seed,
                        activate=args.activate, synthetic=args.synthetic_lesions,
                        routing={"auto": None, "on": True, "off": False}[args.routing], decoder_lr_mult=args.decoder_lr_mult,
-                       progress=bar if args.progress != "none" else None)
+                       loss=args.loss, progress=bar if args.progress != "none" else None)
     except (FinetuneError, RetrainError, FeedbackStoreError, ModelError, CancelledError) as exc:
         emit(args, {"event": "error", "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
@@ -53,6 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (AdamW, cosine decay)")
     p.add_argument("--decoder-lr-mult", type=float, default=1.0, metavar="M",
                    help="the decoder (up-sampling blocks and output heads) learns at M times --lr (default 1)")
+    p.add_argument("--loss", choices=FINETUNE_LOSSES, default="dicece",
+                   help="dicece: the base training's DiceCE on every patch; lesion-balanced: class-balanced CE + focal "
+                        "Tversky on the corrected patches that hold a lesion (learns a new domain's lesions, which DiceCE "
+                        "barely moves), DiceCE on replay and lesion-free patches")
     p.add_argument("--replay", type=float, default=0.5, help="fraction of each batch from the base training data")
     p.add_argument("--replay-cases", default=None, metavar="NAMES", help="comma-separated cases of the data folder "
                    "replayed (default: the base training split STS_001-033; 'none': no replay)")

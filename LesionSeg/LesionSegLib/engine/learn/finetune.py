@@ -14,8 +14,9 @@ figures in the card.
 Training
 --------
 From the base segmenter's weights: AdamW (``lr``; the decoder at ``decoder_lr_mult`` times it),
-cosine decay, DiceCE with deep supervision,
-48x96x96 patches.  Each batch holds corrected patches and **replay** patches of the base
+cosine decay, deep supervision, ``loss`` DiceCE on every patch or ``lesion-balanced``
+(:class:`.finetune_train.LesionBalancedLoss`: class-balanced CE + focal Tversky on the corrected
+patches that hold a lesion, DiceCE on the rest), 48x96x96 patches.  Each batch holds corrected patches and **replay** patches of the base
 training data (STS_001-033, ``replay`` fraction of the batch) so that the sarcoma cases are not
 forgotten.  Corrected patches are centred on a lesion voxel (1/2), a deleted false positive
 (1/4, when there is one) or anywhere (1/4); random flips on every axis.  The run stops after
@@ -41,7 +42,7 @@ import numpy as np
 
 from .. import models
 from ..common import check_cancel, span, utc_now
-from .finetune_train import PatchSampler, train_segmenter  # noqa: F401  (PatchSampler: the patches, re-exported)
+from .finetune_train import FINETUNE_LOSSES, PatchSampler, train_segmenter  # noqa: F401  (PatchSampler: re-exported)
 from .labels import RetrainError
 
 MIN_CASES = 2
@@ -249,7 +250,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
              lr: float = DEFAULT_LR, batch: int = 2, replay: float = 0.5, replay_cases=None, cls_replay_cases: int = 6,
              held_apart: int | None = None, min_cases: int = MIN_CASES, model_ids=None, cases=None, seed: int = 0,
              activate: bool = False, synthetic: float = 0.0, routing: bool | None = None, decoder_lr_mult: float = 1.0,
-             progress=None, cancel=None) -> FinetuneResult:
+             loss: str = "dicece", progress=None, cancel=None) -> FinetuneResult:
     """Fine-tune the segmenter of ``base_model`` on the corrections in ``feedback``; write a new version."""
     import torch
 
@@ -266,6 +267,8 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     for what, value in (("learning rate", lr), ("decoder learning-rate multiplier", decoder_lr_mult)):
         if not (np.isfinite(value) and value > 0):
             raise FinetuneError(f"the {what} must be a positive number, got {value}")
+    if loss not in FINETUNE_LOSSES:
+        raise FinetuneError(f"unknown fine-tuning loss {loss!r}; choose one of {', '.join(FINETUNE_LOSSES)}")
     torch.manual_seed(seed)
     parent = models.get_card(base_model)
     if parent.architecture != "clcs":
@@ -291,7 +294,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed, synthetic)
     net = copy.deepcopy(base.segmenter)
     log = train_segmenter(net, sampler, steps, minutes, lr, batch, replay if replay_data else 0.0,
-                          span(progress, 0.05, 0.7), cancel, decoder_lr_mult=decoder_lr_mult)
+                          span(progress, 0.05, 0.7), cancel, decoder_lr_mult=decoder_lr_mult, loss=loss)
     new = Engine(parent, device="cpu", runtime="torch")
     new.segmenter = net
     items = [(c.case_name, grid_image(c.hu, c.geometry), c.label) for c in train]
@@ -337,7 +340,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                            "train_cases": [c.case_name for c in train], "held_apart_cases": [c.case_name for c in held],
                            "corrections": {c.case_name: c.counts for c in corrected}, "replay_cases": replay_names,
                            "replay_fraction": replay, "synthetic_fraction": synthetic,
-                           "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls, "lr": lr, "decoder_lr_mult": decoder_lr_mult, "batch": batch, **log, "classifier": cls_info,
+                           "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls, "lr": lr, "decoder_lr_mult": decoder_lr_mult, "loss": loss, "batch": batch, **log, "classifier": cls_info,
                            "evaluation": _brief(evaluation), "total_minutes": round(seconds / 60, 2), "seed": seed,
                            "threads": torch.get_num_threads(), "device": "cpu"},
             "metrics": _metrics(evaluation),

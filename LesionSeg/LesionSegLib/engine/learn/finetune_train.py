@@ -3,8 +3,9 @@
 Patches come from corrected cases (centred on a lesion voxel 1/2, a deleted false positive 1/4
 when there is one, anywhere 1/4; optionally with a synthetic lung lesion, :mod:`.synthetic`) and
 from replay cases of the base training data; random flips on every axis.  The loop is AdamW with
-cosine decay (the decoder optionally at a multiple of the rate) and DiceCE with deep
-supervision, stopped by a step count or a wall-clock budget.
+cosine decay (the decoder optionally at a multiple of the rate) with deep supervision, and
+either DiceCE on every patch or :class:`LesionBalancedLoss`; stopped by a step count or a
+wall-clock budget.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import time
 import numpy as np
 
 from ..common import check_cancel
+
+#: fine-tuning losses (:func:`train_segmenter`): ``dicece`` (the base training's DiceCE on every
+#: patch) and ``lesion-balanced`` (:class:`LesionBalancedLoss`)
+FINETUNE_LOSSES = ("dicece", "lesion-balanced")
 
 
 def _crop_at(arrays, centre, roi, rng):
@@ -64,6 +69,7 @@ class PatchSampler:
                                        torch.as_tensor(lung[None]), centres, sp))
         self.replay = replay
         self.n_synthetic = 0
+        self.last_kinds: list[str] = []  # "replay" / "synthetic" / "corrected", per patch of the last batch
 
     def _pick(self, x, y, pos, neg):
         u = self.rng.random()
@@ -105,19 +111,51 @@ class PatchSampler:
     def batch(self, n: int, replay_fraction: float):
         import torch
 
-        xs, ys = [], []
+        xs, ys, kinds = [], [], []
         for i in range(n):
             if self.replay and (i + 1) / n > 1 - replay_fraction:
                 x, y = self.replay[self.rng.integers(len(self.replay))]
                 pos = np.argwhere(y[0].numpy() > 0)
                 xc, yc = self._pick(x, y, pos, [])
+                kinds.append("replay")
             elif self.lungs and self.rng.random() < self.synthetic:
                 xc, yc = self._synthetic()
+                kinds.append("synthetic")
             else:
                 xc, yc = self._pick(*self.corrected[self.rng.integers(len(self.corrected))])
+                kinds.append("corrected")
             xs.append(xc)
             ys.append(yc)
+        self.last_kinds = kinds
         return torch.stack(xs), torch.stack(ys)
+
+
+class LesionBalancedLoss:
+    """Per patch: class-balanced CE + focal Tversky (``recipes.BalancedFocalTversky``) on a
+    corrected or synthetic patch that holds a lesion, DiceCE on every other patch (replay and
+    lesion-free); the mean over the batch, all with deep supervision.
+
+    Why: on a new domain the base segmenter's lesion logits are strongly negative (p ~ 0.004 in
+    lung), so the softmax derivative scales DiceCE's Dice gradient by ~p, and its CE gradient of
+    a small lesion is averaged over the whole patch: DiceCE barely moves such a lesion in a few
+    hundred steps.  A class-balanced CE does not saturate.  Replay keeps DiceCE, so the base
+    domain is trained as it was; lesion-free corrected patches keep DiceCE, which removes false
+    positives."""
+
+    def __init__(self):
+        from .train_seg import make_loss
+
+        self.plain = make_loss("dicece")
+        self.lesion = make_loss("balanced_focal_tversky")
+
+    def __call__(self, preds, y, kinds):
+        import torch
+
+        out = []
+        for i, kind in enumerate(kinds):
+            fn = self.lesion if kind != "replay" and bool(y[i].any()) else self.plain
+            out.append(fn([q[i:i + 1] for q in preds], y[i:i + 1]))
+        return torch.stack(out).mean()
 
 
 #: the decoder of a MONAI DynUNet: up-sampling blocks, output block and deep-supervision heads
@@ -136,12 +174,14 @@ def param_groups(net, lr: float, decoder_lr_mult: float = 1.0) -> list[dict]:
 
 
 def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, batch: int, replay: float,
-                    progress=None, cancel=None, decoder_lr_mult: float = 1.0) -> dict:
+                    progress=None, cancel=None, decoder_lr_mult: float = 1.0, loss: str = "dicece") -> dict:
     import torch
 
     from .train_seg import make_loss
 
-    loss_fn = make_loss("dicece")
+    if loss not in FINETUNE_LOSSES:
+        raise ValueError(f"unknown fine-tuning loss {loss!r}; known: {', '.join(FINETUNE_LOSSES)}")
+    loss_fn = make_loss("dicece") if loss == "dicece" else LesionBalancedLoss()
     opt = torch.optim.AdamW(param_groups(net, lr, decoder_lr_mult), lr=lr, weight_decay=1e-5)
     budget = (minutes or 1e9) * 60.0
     t0 = time.perf_counter()
@@ -157,11 +197,11 @@ def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, 
         opt.zero_grad(set_to_none=True)
         out = net(x)
         preds = list(torch.unbind(out, dim=1)) if out.ndim == 6 else [out]
-        loss = loss_fn(preds, y)
-        loss.backward()
+        value = loss_fn(preds, y) if loss == "dicece" else loss_fn(preds, y, sampler.last_kinds)
+        value.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
-        losses.append(float(loss.item()))
+        losses.append(float(value.item()))
         step += 1
         if progress:
             progress(step / steps, f"fine-tuning step {step}/{steps} loss {np.mean(losses[-10:]):.3f}")
