@@ -74,13 +74,14 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     store = store_with(tmp_path, [0, 1, 2])
     seen = []
     res = finetune(store, base.id, "tiny-ft", steps=2, replay_cases=["STS_019"], cls_replay_cases=0,
-                   decoder_lr_mult=3.0, loss="lesion-balanced", progress=lambda f, m: seen.append(f))
+                   decoder_lr_mult=3.0, progress=lambda f, m: seen.append(f))
     card = res.card
     assert card.id == "tiny-ft@1" and card.data["parent"]["id"] == base.id
     ft = card.data["finetuning"]
     assert ft["steps"] == 2 and len(ft["train_cases"]) == 2 and len(ft["held_apart_cases"]) == 1
     assert ft["replay_cases"] == ["STS_019"] and set(ft["corrections"]) == {"case0", "case1", "case2"}
-    assert "total_minutes" in ft and "classifier" in ft and ft["decoder_lr_mult"] == 3.0 and ft["loss"] == "lesion-balanced"
+    assert "total_minutes" in ft and "classifier" in ft and ft["decoder_lr_mult"] == 3.0
+    assert (ft["loss"], ft["lr"]) == ("lesion-balanced", 5e-4)  # the defaults
     held = ft["held_apart_cases"][0]
     for when in ("before", "after"):
         assert ft["evaluation"][held][when]["n_gt"] == 2
@@ -185,6 +186,32 @@ def test_lesion_balanced_loss_routes_patches_and_moves_a_saturated_lesion():
     plain([dice_pred, dice_pred], y).backward()
     dicece = dice_pred.grad[1, 1][y[1, 0] > 0].abs().mean()
     assert balanced > 20 * dicece, (float(balanced), float(dicece))
+
+
+def test_train_segmenter_runs_either_loss_and_refuses_an_unknown_one():
+    from types import SimpleNamespace
+
+    import torch
+    from monai.networks.nets import UNet
+
+    from LesionSegLib.engine.learn.finetune import PatchSampler
+    from LesionSegLib.engine.learn.finetune_train import train_segmenter
+
+    hu = _chest_phantom()
+    label = np.zeros(hu.shape, np.uint8)
+    label[12:16, 35:40, 25:30] = 1
+    chest = SimpleNamespace(hu=hu.astype(np.int16), label=label, rejected=np.zeros(hu.shape, bool),
+                            geometry={"spacing_zyx": [3.0, 2.0, 2.0]})
+    for loss in ("dicece", "lesion-balanced"):
+        torch.manual_seed(0)
+        net = UNet(3, 1, 2, (4, 8), (2,))
+        before = [p.detach().clone() for p in net.parameters()]
+        sampler = PatchSampler([chest], [], (16, 32, 32), [[-200.0, 300.0]], seed=0, synthetic=0.5)
+        log = train_segmenter(net, sampler, 3, None, 1e-3, 2, 0.0, loss=loss)
+        assert log["steps"] == 3 and np.isfinite(log["loss_last10"])
+        assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    with pytest.raises(ValueError, match="unknown fine-tuning loss 'dice'"):
+        train_segmenter(net, sampler, 1, None, 1e-3, 2, 0.0, loss="dice")
 
 
 def _chest_phantom(seed=0):

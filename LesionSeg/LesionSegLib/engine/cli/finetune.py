@@ -7,7 +7,7 @@ import sys
 from ..errors import CancelledError, ModelError
 from ..feedback import FeedbackStoreError
 from ..learn import ood_fit
-from ..learn.finetune import DEFAULT_LR, DEFAULT_STEPS, FINETUNE_LOSSES, MIN_CASES, FinetuneError, finetune
+from ..learn.finetune import DEFAULT_LOSS, DEFAULT_LR, DEFAULT_STEPS, FINETUNE_LOSSES, MIN_CASES, FinetuneError, finetune
 from ..learn.labels import RetrainError
 from .common import Progress, emit
 
@@ -53,10 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (AdamW, cosine decay)")
     p.add_argument("--decoder-lr-mult", type=float, default=1.0, metavar="M",
                    help="the decoder (up-sampling blocks and output heads) learns at M times --lr (default 1)")
-    p.add_argument("--loss", choices=FINETUNE_LOSSES, default="dicece",
-                   help="dicece: the base training's DiceCE on every patch; lesion-balanced: class-balanced CE + focal "
-                        "Tversky on the corrected patches that hold a lesion (learns a new domain's lesions, which DiceCE "
-                        "barely moves), DiceCE on replay and lesion-free patches")
+    p.add_argument("--loss", choices=FINETUNE_LOSSES, default=DEFAULT_LOSS,
+                   help="lesion-balanced (default): class-balanced CE + focal Tversky on the corrected patches that hold a "
+                        "lesion (learns a new domain's lesions, which DiceCE barely moves), DiceCE on replay and lesion-free "
+                        "patches; dicece: the base training's DiceCE on every patch (use a lower --lr, e.g. 1e-4)")
     p.add_argument("--replay", type=float, default=0.5, help="fraction of each batch from the base training data")
     p.add_argument("--replay-cases", default=None, metavar="NAMES", help="comma-separated cases of the data folder "
                    "replayed (default: the base training split STS_001-033; 'none': no replay)")
