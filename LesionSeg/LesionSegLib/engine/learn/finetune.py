@@ -49,8 +49,8 @@ from .labels import RetrainError
 MIN_CASES = 2
 DEFAULT_STEPS = 200
 #: the fine-tuning loss and its peak learning rate.  With DiceCE, 1e-3 (the from-scratch rate)
-#: wrecked the sarcoma segmenter within 20 steps (validation Dice 0.745 -> 0.48-0.63) and 1e-4 kept
-#: it but learnt no chest lesion; no DiceCE rate fitted the training corrections' synthetic lesions
+#: wrecked the sarcoma segmenter within 20 steps (validation Dice 0.745 -> 0.48-0.63) and 1e-4 forgot
+#: less (0.57-0.72) but learnt no chest lesion; no DiceCE rate fitted the training corrections' synthetic lesions
 #: (finetune_fit.json).  lesion-balanced at 5e-4 for 200 steps fits 2/2 real and 4/7 synthetic
 #: training lesions with replay Dice 0.758 (base 0.771; finetune_fit_balanced.json)
 DEFAULT_LOSS = "lesion-balanced"
