@@ -115,6 +115,8 @@ def _summary(rows: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from LesionSegLib.engine.learn.finetune_train import FINETUNE_LOSSES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--steps", type=int, default=30)
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: lesionseg finetune's)")
     ap.add_argument("--decoder-lr-mult", type=float, default=1.0,
                     help="lesionseg finetune --decoder-lr-mult: the decoder learns at this multiple of --lr (default 1)")
-    ap.add_argument("--loss", choices=["dicece", "lesion-balanced"], default=None, help="lesionseg finetune --loss (default: its default)")
+    ap.add_argument("--loss", choices=FINETUNE_LOSSES, default=None, help="lesionseg finetune --loss (default: its default)")
     ap.add_argument("--synthetic", type=float, default=0.0, help="lesionseg finetune --synthetic-lesions (default 0: real only)")
     ap.add_argument("--processes", type=int, default=4, help="parallel processes for the base model's scoring")
     ap.add_argument("--base-only", action="store_true",
