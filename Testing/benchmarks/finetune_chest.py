@@ -1,7 +1,7 @@
 """Adapting the sarcoma model to chest CT from simulated corrections, leave-one-case-out.
 
     OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_chest.py -o Resources/evaluation/finetune_chest.json \
-        [--steps 30] [--replay-cases 8] [--lr 1e-4] [--decoder-lr-mult 1] [--loss lesion-balanced]
+        [--steps 30] [--replay-cases 8] [--lr 1e-4] [--decoder-lr-mult 1] [--loss dicece]
     OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_chest.py -o Resources/evaluation/finetune_chest_base.json --base-only
 
 1. Start from the shipped sarcoma model (``sts-clcs``).
@@ -76,7 +76,7 @@ def task_fold(args):
     train = [c for c in CHEST if c != held]
     res = finetune(db, BASE, f"chest-loco-{held.lower()}", steps=steps, cases=train, held_apart=0, **({"lr": lr} if lr else {}),
                    replay_cases=dataset.STS_TRAIN[:n_replay], cls_replay_cases=2, min_cases=2, synthetic=synthetic,
-                   decoder_lr_mult=decoder_lr_mult, **({"loss": loss} if loss else {}))
+                   decoder_lr_mult=decoder_lr_mult, loss=loss)
     t_ft = time.perf_counter() - t
     new = Engine(res.card, device="cpu")
     out = {"held_out": held, "train_cases": train, "finetune_minutes": round(t_ft / 60, 2),
@@ -124,7 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: lesionseg finetune's)")
     ap.add_argument("--decoder-lr-mult", type=float, default=1.0,
                     help="lesionseg finetune --decoder-lr-mult: the decoder learns at this multiple of --lr (default 1)")
-    ap.add_argument("--loss", choices=FINETUNE_LOSSES, default=None, help="lesionseg finetune --loss (default: its default)")
+    ap.add_argument("--loss", choices=FINETUNE_LOSSES, default="dicece",
+                    help="lesionseg finetune --loss (default dicece, the loss of every run made before the option existed, "
+                         "so that their printed commands still reproduce them)")
     ap.add_argument("--synthetic", type=float, default=0.0, help="lesionseg finetune --synthetic-lesions (default 0: real only)")
     ap.add_argument("--processes", type=int, default=4, help="parallel processes for the base model's scoring")
     ap.add_argument("--base-only", action="store_true",
