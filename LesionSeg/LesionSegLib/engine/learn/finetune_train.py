@@ -181,7 +181,11 @@ def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, 
 
     if loss not in FINETUNE_LOSSES:
         raise ValueError(f"unknown fine-tuning loss {loss!r}; known: {', '.join(FINETUNE_LOSSES)}")
-    loss_fn = make_loss("dicece") if loss == "dicece" else LesionBalancedLoss()
+    if loss == "dicece":
+        dicece = make_loss("dicece")
+        loss_fn = lambda preds, y, kinds: dicece(preds, y)  # noqa: E731  (one call form for both losses)
+    else:
+        loss_fn = LesionBalancedLoss()
     opt = torch.optim.AdamW(param_groups(net, lr, decoder_lr_mult), lr=lr, weight_decay=1e-5)
     budget = (minutes or 1e9) * 60.0
     t0 = time.perf_counter()
@@ -197,7 +201,7 @@ def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, 
         opt.zero_grad(set_to_none=True)
         out = net(x)
         preds = list(torch.unbind(out, dim=1)) if out.ndim == 6 else [out]
-        value = loss_fn(preds, y) if loss == "dicece" else loss_fn(preds, y, sampler.last_kinds)
+        value = loss_fn(preds, y, sampler.last_kinds)
         value.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
