@@ -30,13 +30,14 @@ Validation
 K-fold cross-validation grouped by patient (the case name: a patient's lesions, from any of its
 scans or copies, are never split between training and test; stratified by label), giving an
 out-of-fold confidence for every labelled lesion.  The
-temperature of fold k is fitted on the out-of-fold logits of the other folds, so the reported
-ECE is honest too.  The base model is scored on exactly the same lesions: AUC (ROC, TP vs FP)
+calibration of fold k (Platt scaling: a temperature and a logit shift, :func:`classifier.fit_platt`;
+a temperature alone cannot undo the offset that the class-weighted training loss puts on every
+logit) is fitted on the out-of-fold logits of the other folds, so the reported ECE is honest too.  The base model is scored on exactly the same lesions: AUC (ROC, TP vs FP)
 and ECE (10 equal-width bins) for old and new, from :mod:`..evaluate`.  In ``head`` mode the
 pull towards the base weights is chosen among :attr:`HeadTrainer.SETTINGS` by the best
 out-of-fold AUC, then the lowest log-loss, then the stronger pull (disclosed in the card as
-slightly optimistic).  The final model is trained on all labels, with the temperature fitted on
-all out-of-fold logits.
+slightly optimistic).  The final model is trained on all labels, calibrated on all out-of-fold
+logits (the shift folded into the head's last bias, the temperature in the card).
 
 Guards: fewer than ``min_labels`` labels, or fewer than ``min_per_class`` of either class,
 raise :class:`RetrainError` with the counts.
@@ -68,7 +69,7 @@ def _describe_setting(setting: dict | None) -> str:
     if not setting or "l2sp" not in setting:
         return "whole network retrained"
     if setting["l2sp"] is None:
-        return "base weights kept, temperature refitted"
+        return "base weights kept, calibration refitted"
     return f"head fine-tuned, pull to base {setting['l2sp']:g}"
 
 

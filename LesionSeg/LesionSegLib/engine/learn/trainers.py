@@ -59,7 +59,7 @@ class HeadTrainer:
     name = "head"
 
     #: strengths of the pull towards the base weights tried by cross-validation, strongest first;
-    #: ``None`` keeps the base weights (only the temperature is refitted)
+    #: ``None`` keeps the base weights (only the calibration is refitted)
     SETTINGS = (None, 1.0, 0.1, 0.01, 0.0)
 
     def __init__(self, base, epochs: int = HEAD_EPOCHS, lr: float = 3e-3, weight_decay: float = 1e-2,
@@ -165,15 +165,17 @@ class HeadTrainer:
             z = fitted["head"](torch.cat([self.emb[torch.as_tensor(idx)], fitted["features"](f)], 1))[:, 0]
         return z.numpy().astype(np.float64)
 
-    def to_model(self, fitted, temperature: float):
+    def to_model(self, fitted, temperature: float, logit_shift: float = 0.0):
         from ..segment.classifier import ConfidenceModel
 
         net = copy.deepcopy(self.base.net)
-        net.features = fitted["features"]
-        net.head = fitted["head"]
+        net.features = copy.deepcopy(fitted["features"])
+        net.head = copy.deepcopy(fitted["head"])
         net.eval()
-        return ConfidenceModel(net, list(self.base.feature_names), np.asarray(fitted["mean"], np.float32),
-                               np.asarray(fitted["std"], np.float32), float(temperature), dict(self.base.net_config))
+        cm = ConfidenceModel(net, list(self.base.feature_names), np.asarray(fitted["mean"], np.float32),
+                             np.asarray(fitted["std"], np.float32), float(temperature), dict(self.base.net_config))
+        cm.shift_logits(logit_shift)
+        return cm
 
     def describe(self) -> dict:
         return {"mode": "head", "frozen": "patch encoder", "epochs": self.epochs, "lr": self.lr,
@@ -211,9 +213,10 @@ class FullTrainer:
         idx = np.asarray(idx)
         return fitted["model"].logits(np.asarray(self.data.patches[idx], np.float32), self.data.features[idx])
 
-    def to_model(self, fitted, temperature: float):
+    def to_model(self, fitted, temperature: float, logit_shift: float = 0.0):
         cm = fitted["model"]
         cm.temperature = float(temperature)
+        cm.shift_logits(logit_shift)
         return cm
 
     def describe(self) -> dict:

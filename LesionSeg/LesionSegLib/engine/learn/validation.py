@@ -51,9 +51,10 @@ def make_folds(labels: np.ndarray, groups: Sequence[str], k: int, seed: int = 0)
 
 def cross_validate(trainer, labels: np.ndarray, folds: list[np.ndarray], setting: dict | None = None, seed: int = 0,
                    progress: Progress | None = None, cancel=None) -> dict:
-    """Out-of-fold new-model confidences for one training ``setting`` (per-fold temperature
-    fitted on the other folds' out-of-fold logits)."""
-    from ..segment.classifier import fit_temperature
+    """Out-of-fold new-model confidences for one training ``setting``, each fold calibrated by
+    Platt scaling (:func:`fit_platt`: a temperature and a logit shift) fitted on the other folds'
+    out-of-fold logits; ``temperature`` and ``logit_shift`` are the calibration fitted on all of them."""
+    from ..segment.classifier import fit_platt
 
     y = np.asarray(labels)
     setting = setting or {}
@@ -76,17 +77,17 @@ def cross_validate(trainer, labels: np.ndarray, folds: list[np.ndarray], setting
         if not m.any():
             continue
         other = scored & ~m
-        t = fit_temperature(oof_logit[other], y[other]) if other.any() and len(set(y[other])) == 2 else 1.0
-        oof_prob[m] = _sigmoid(oof_logit[m] / t)
-    t_all = fit_temperature(oof_logit[scored], y[scored]) if scored.any() else 1.0
+        t, shift = fit_platt(oof_logit[other], y[other]) if other.any() and len(set(y[other])) == 2 else (1.0, 0.0)
+        oof_prob[m] = _sigmoid((oof_logit[m] + shift) / t)
+    t_all, shift_all = fit_platt(oof_logit[scored], y[scored]) if scored.any() else (1.0, 0.0)
     p = np.clip(oof_prob[scored], 1e-6, 1 - 1e-6)
     logloss = float(-np.mean(y[scored] * np.log(p) + (1 - y[scored]) * np.log(1 - p))) if scored.any() else float("inf")
     # ranking on the out-of-fold logits: per-fold temperatures must not reorder lesions across folds
     from ..evaluate.metrics import cluster_auc
 
     auc = cluster_auc(oof_logit[scored], y[scored]) if scored.any() else None
-    return {"logits": oof_logit, "probs": oof_prob, "scored": scored, "temperature": float(t_all), "logloss": logloss,
-            "auc": auc}
+    return {"logits": oof_logit, "probs": oof_prob, "scored": scored, "temperature": float(t_all),
+            "logit_shift": float(shift_all), "logloss": logloss, "auc": auc}
 
 
 def fit_and_validate(data: TrainingData, base, mode: str = "head", folds: int = DEFAULT_FOLDS, seed: int = 0,
@@ -96,7 +97,7 @@ def fit_and_validate(data: TrainingData, base, mode: str = "head", folds: int = 
     In ``head`` mode the strength of the pull towards the base weights is chosen by
     cross-validation from :attr:`HeadTrainer.SETTINGS`: the best out-of-fold AUC (rounded to 4
     digits), then the lowest log-loss, then the stronger pull; the strongest keeps the base
-    weights and only refits the temperature, so a handful of labels cannot make the ranking worse than the base model's
+    weights and only refits the calibration, so a handful of labels cannot make the ranking worse than the base model's
     unless the held-out folds say so.  Returns the new :class:`ConfidenceModel`, old/new
     metrics on the same lesions, the out-of-fold scores and the selection table.
     """
@@ -129,7 +130,7 @@ def fit_and_validate(data: TrainingData, base, mode: str = "head", folds: int = 
         progress(0.88, "training the final model on all labels")
     t2 = time.perf_counter()
     fitted = trainer.fit(np.arange(len(y)), y, seed=seed, cancel=cancel, **setting)
-    model = trainer.to_model(fitted, cv["temperature"])
+    model = trainer.to_model(fitted, cv["temperature"], cv["logit_shift"])
     t_final = time.perf_counter() - t2
     s = cv["scored"]
     selection = []
@@ -145,6 +146,8 @@ def fit_and_validate(data: TrainingData, base, mode: str = "head", folds: int = 
         "old": score_metrics(y[s], old_prob[s]),
         "new": new_metrics,
         "temperature": cv["temperature"],
+        "logit_shift": cv["logit_shift"],
+        "calibration": "Platt: sigmoid((logit + logit_shift) / temperature), the shift folded into the head's last bias",
         "selected": setting,
         "selection": selection,
     }

@@ -4,6 +4,8 @@ Network: a small 3D CNN over the adaptive patch (3 channels, 32^3) built from MO
 ``Convolution`` blocks, concatenated with an MLP over the standardised tabular features, then
 a 2-layer head giving one logit.  ``confidence = sigmoid(logit / T)`` where the temperature T
 is fitted on held-out clusters (validation split) by minimising the negative log-likelihood.
+Retraining (:mod:`..learn.validation`) calibrates with :func:`fit_platt` instead: a temperature
+and a logit shift, the shift folded into the head's last bias (:meth:`ConfidenceModel.shift_logits`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ __all__ = [
     "ConfidenceModel",
     "train_classifier",
     "fit_temperature",
+    "fit_platt",
     "save_classifier",
 ]
 
@@ -124,6 +127,13 @@ class ConfidenceModel:
         emb = torch.cat([o[1] for o in out]).numpy()
         return logit, np.concatenate([emb, f.numpy()], 1).astype(np.float64)
 
+    def shift_logits(self, shift: float) -> None:
+        """Add ``shift`` to every logit (in place, through the head's last bias), so a Platt
+        calibration ``sigmoid((logit + shift) / T)`` needs no field beyond the temperature."""
+        last = self.net.head[-1]
+        with torch.no_grad():
+            last.bias.add_(float(shift))
+
     def predict(self, patches, feats) -> np.ndarray:
         """Calibrated confidence in [0, 1] that each cluster is a true lesion."""
         z = self.logits(patches, feats) / self.temperature
@@ -149,6 +159,36 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         if nll < best:
             best, best_t = nll, float(t)
     return best_t
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Platt scaling: ``(T, shift)`` minimising the NLL of ``sigmoid((logits + shift) / T)``,
+    with Platt's smoothed targets as in :func:`fit_temperature` and T in the same 0.2-20 range.
+
+    A temperature alone cannot move the logits' zero. A classifier trained with a class-weighted
+    loss (``pos_weight = N- / N+``, as :func:`train_classifier` and the retraining head use) has
+    every logit raised by about ``log(N- / N+)`` (its odds are multiplied by the weight), so with
+    rare true lesions a temperature-only calibration leaves false ones above 0.5. The problem is
+    convex in ``(1/T, shift/T)``; solved with L-BFGS-B.
+    """
+    from scipy.optimize import minimize
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if len(z) == 0 or y.min() == y.max():
+        return 1.0, 0.0
+    n_pos, n_neg = float(y.sum()), float(len(y) - y.sum())
+    t = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1.0 / (n_neg + 2))
+
+    def nll(v):
+        s = v[0] * z + v[1]
+        g = 1.0 / (1.0 + np.exp(-np.clip(s, -60, 60))) - t
+        return float(np.mean(np.logaddexp(0, s) - t * s)), np.array([np.mean(g * z), np.mean(g)])
+
+    t0 = fit_temperature(z, y)
+    res = minimize(nll, np.array([1.0 / t0, 0.0]), jac=True, method="L-BFGS-B", bounds=[(1 / 20.0, 1 / 0.2), (-30.0, 30.0)])
+    a, c = (float(v) for v in res.x)
+    return 1.0 / a, c / a
 
 
 def _augment(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
