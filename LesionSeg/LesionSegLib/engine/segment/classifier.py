@@ -140,6 +140,12 @@ class ConfidenceModel:
         return 1.0 / (1.0 + np.exp(-z))
 
 
+def _platt_targets(y: np.ndarray) -> np.ndarray:
+    """Platt's smoothed targets for 0/1 labels: ``(N+ + 1) / (N+ + 2)`` and ``1 / (N- + 2)``."""
+    n_pos, n_neg = float(y.sum()), float(len(y) - y.sum())
+    return np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1.0 / (n_neg + 2))
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimising the NLL of ``sigmoid(logits / T)`` (grid search over 0.2-20).
 
@@ -150,8 +156,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     y = np.asarray(labels, dtype=np.float64)
     if len(z) == 0 or y.min() == y.max():
         return 1.0
-    n_pos, n_neg = float(y.sum()), float(len(y) - y.sum())
-    y = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1.0 / (n_neg + 2))
+    y = _platt_targets(y)
     best_t, best = 1.0, np.inf
     for t in np.exp(np.linspace(np.log(0.2), np.log(20.0), 200)):
         s = z / t
@@ -177,8 +182,7 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     y = np.asarray(labels, dtype=np.float64)
     if len(z) == 0 or y.min() == y.max():
         return 1.0, 0.0
-    n_pos, n_neg = float(y.sum()), float(len(y) - y.sum())
-    t = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1.0 / (n_neg + 2))
+    t = _platt_targets(y)
 
     def nll(v):
         s = v[0] * z + v[1]
