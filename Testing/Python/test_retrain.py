@@ -63,7 +63,10 @@ def test_guard_too_few_labels(tmp_path, base_model):
 
 def test_guard_one_class(tmp_path, base_model):
     store = _store_with(tmp_path, ["rejected"] * 40, model_id=base_model.id)
-    with pytest.raises(RetrainError, match="only one class: all 40 labels are rejected"):
+    with pytest.raises(RetrainError, match=r"only one class: all 40 labels are rejected; the classifier needs accepted \(true lesions\) examples too"):
+        retrain(store, base_model.id, output="x")
+    store = _store_with(tmp_path, ["accepted"] * 30, name="acc.db", model_id=base_model.id)
+    with pytest.raises(RetrainError, match=r"only one class: all 30 labels are accepted; the classifier needs rejected \(false positives\) examples too"):
         retrain(store, base_model.id, output="x")
 
 

@@ -140,6 +140,7 @@ def main(argv=None) -> int:
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    load0 = [round(v, 2) for v in os.getloadavg()]
     base = models.get_card(args.model or models.DEFAULT_MODEL)
     threshold = float(base.data.get("confidence_threshold", 0.5))
     held_names = args.held_cases or (dataset.STS_VAL + [c.name for c in dataset.cases("fullscan")] + [c.name for c in dataset.cases("lidc")])
@@ -174,8 +175,9 @@ def main(argv=None) -> int:
             "base": base_row,
             "summary": summarise(runs, args.budgets, seeds),
             "runs": runs,
-            "caveat": "the base classifier's temperature was fitted on STS_034-041: its ECE there is optimistic",
-            "machine": f"2-core CPU shared with other jobs, torch threads {args.threads}",
+            "base_temperature_fit_on": base.data.get("classifier", {}).get("training", {}).get("temperature_fit_on"),
+            "machine": f"{os.cpu_count()}-core CPU, torch threads {args.threads}",
+            "load_average_at_start": load0,
             "seconds": {"candidates": round(collect_s, 1), "total": round(time.perf_counter() - t0, 1)},
         }
         if args.output:  # written after every seed: an interrupted run keeps its complete seeds

@@ -307,7 +307,7 @@ def check_labels(data: TrainingData, min_labels: int = MIN_LABELS, min_per_class
             f"at least {min_labels} are needed. Review more lesions or add ground truth (--include-gt)."
         )
     if pos == 0 or neg == 0:
-        which = "accepted (true lesions)" if pos else "rejected (false positives)"
+        which = "rejected (false positives)" if pos else "accepted (true lesions)"  # the missing class
         raise RetrainError(
             f"only one class: all {n} labels are {'rejected' if neg else 'accepted'}; the classifier needs "
             f"{which} examples too{skipped}."
