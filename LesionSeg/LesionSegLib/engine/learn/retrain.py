@@ -29,11 +29,12 @@ Validation
 ----------
 K-fold cross-validation grouped by patient (the case name: a patient's lesions, from any of its
 scans or copies, are never split between training and test; stratified by label), giving an
-out-of-fold confidence for every labelled lesion.  The
-calibration of fold k (Platt scaling: a temperature and a logit shift, :func:`classifier.fit_platt`;
-a temperature alone cannot undo the offset that the class-weighted training loss puts on every
-logit) is fitted on the out-of-fold logits of the other folds, so the reported ECE is honest too.  The base model is scored on exactly the same lesions: AUC (ROC, TP vs FP)
-and ECE (10 equal-width bins) for old and new, from :mod:`..evaluate`.  In ``head`` mode the
+out-of-fold confidence for every labelled lesion.  The calibration of fold k (Platt scaling: a
+temperature and a logit shift, :func:`classifier.fit_platt`; a temperature alone cannot undo
+the offset that the class-weighted training loss puts on every logit) is fitted on the
+out-of-fold logits of the other folds, so the reported ECE is honest too.  The base model is
+scored on exactly the same lesions: AUC (ROC, TP vs FP) and ECE (10 equal-width bins) for old
+and new, from :mod:`..evaluate`.  In ``head`` mode the
 pull towards the base weights is chosen among :attr:`HeadTrainer.SETTINGS` by the best
 out-of-fold AUC, then the lowest log-loss, then the stronger pull (disclosed in the card as
 slightly optimistic).  The final model is trained on all labels, calibrated on all out-of-fold

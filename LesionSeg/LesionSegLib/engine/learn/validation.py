@@ -82,7 +82,7 @@ def cross_validate(trainer, labels: np.ndarray, folds: list[np.ndarray], setting
     t_all, shift_all = fit_platt(oof_logit[scored], y[scored]) if scored.any() else (1.0, 0.0)
     p = np.clip(oof_prob[scored], 1e-6, 1 - 1e-6)
     logloss = float(-np.mean(y[scored] * np.log(p) + (1 - y[scored]) * np.log(1 - p))) if scored.any() else float("inf")
-    # ranking on the out-of-fold logits: per-fold temperatures must not reorder lesions across folds
+    # ranking on the out-of-fold logits: per-fold calibrations must not reorder lesions across folds
     from ..evaluate.metrics import cluster_auc
 
     auc = cluster_auc(oof_logit[scored], y[scored]) if scored.any() else None
