@@ -16,9 +16,13 @@
 5. OOD: AUROC of the scan-level score (chest vs STS validation scans) and of the two per-lesion
    scores (clusters on chest scans vs clusters on STS validation scans); ECE of the confidences of
    chest-scan clusters before (capped and uncapped) and after fine-tuning.
+6. On each chest scan, before and after (``chest_held_out.per_case.*.coverage``): the share of the
+   tumour at p > 0.5, the p > 0.5 voxels elsewhere (and their share in the lung), and the
+   candidate cluster that holds the tumour (size, Dice, uncapped confidence).
 
-Only real scans and real labels are used (no synthetic lesions).  Folds run as parallel
-processes with one thread each.  Everything is written to one JSON.
+Every figure is on real scans and real labels (``--synthetic`` adds synthetic lesions to the
+training patches only).  Folds run as parallel processes with one thread each.  Everything is
+written to one JSON.
 """
 from __future__ import annotations
 
@@ -57,11 +61,49 @@ def _score(engine, names):
     return out
 
 
+def _coverage(engine, name) -> dict:
+    """Where the segmenter stands on a chest scan's tumour (confidences uncapped): the share of
+    its voxels at p > 0.5, the p > 0.5 voxels outside it and the share of those inside the lung
+    (:func:`synthetic.lung_mask`), and the candidate cluster that holds most of the tumour."""
+    import SimpleITK as sitk
+
+    from LesionSegLib.engine import data as dataset
+    from LesionSegLib.engine.learn import synthetic as syn
+    from LesionSegLib.engine.learn.finetune import _read_case
+
+    img, lab = _read_case(dataset.case(name))
+    ood, engine.ood = engine.ood, None
+    try:
+        res = engine.segment(img, threshold=0.0, keep_probability=True)
+    finally:
+        engine.ood = ood
+    p = np.asarray(res.probability, np.float32)
+    gt = lab > 0
+    outside = (p > 0.5) & ~gt
+    lung = syn.lung_mask(sitk.GetArrayFromImage(img).astype(np.int16), tuple(reversed(img.GetSpacing())))
+    best = None
+    for i, les in enumerate(res.lesions, 1):
+        m = res.labelmap == i
+        ov = int((m & gt).sum())
+        if ov and (best is None or ov > best["tumour_voxels_in_it"]):
+            best = {"voxels": int(m.sum()), "tumour_voxels_in_it": ov, "dice": round(2 * ov / (int(m.sum()) + int(gt.sum())), 4),
+                    "raw_confidence": round(float(les.confidence), 4)}
+    return {"tumour_voxels": int(gt.sum()), "tumour_max_p": round(float(p[gt].max()), 4),
+            "tumour_share_p_over_0.5": round(float((p[gt] > 0.5).mean()), 4),
+            "voxels_p_over_0.5_outside": int(outside.sum()),
+            "outside_share_in_lung": round(float((outside & lung).sum() / max(int(outside.sum()), 1)), 4),
+            "cluster_holding_tumour": best}
+
+
 def task_base(name):
     _setup()
     from LesionSegLib.engine.segment.pipeline import Engine
 
-    return name, _score(Engine(BASE, device="cpu"), [name])[name]
+    engine = Engine(BASE, device="cpu")
+    out = _score(engine, [name])[name]
+    if name in CHEST:
+        out["coverage"] = _coverage(engine, name)
+    return name, out
 
 
 def task_fold(args):
@@ -83,6 +125,7 @@ def task_fold(args):
            "finetuning": {k: v for k, v in res.card.data["finetuning"].items() if k not in ("evaluation",)},
            "routing": res.card.data.get("routing"),
            "chest_after": _score(new, [held]), "sts_after": _score(new, dataset.STS_VAL)}
+    out["chest_after"][held]["coverage"] = _coverage(new, held)
     if new.in_domain is not None:  # the fine-tuned networks alone, on the scans that routing hands to the parent
         new.in_domain = None
         out["sts_after_unrouted"] = _score(new, dataset.STS_VAL)
@@ -180,8 +223,8 @@ def main(argv=None) -> int:
             if args.synthetic else "real scans and labels only"),
         "simulated_review": review if folds else None,
         "chest_held_out": {"before": _summary(chest_before), "after": _summary(chest_after) if folds else None,
-                           "per_case": {n: {"before": {k: chest_before[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood")},
-                                            "after": {k: chest_after[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood")} if folds else None}
+                           "per_case": {n: {"before": {k: chest_before[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood", "coverage")},
+                                            "after": {k: chest_after[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood", "coverage")} if folds else None}
                                         for n in CHEST}},
         "sts_val": {"before": _summary(sts_before), "after_per_fold": sts_after,
                     **({"after_per_fold_unrouted": sts_unrouted,
