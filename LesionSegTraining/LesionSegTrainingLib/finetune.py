@@ -40,10 +40,11 @@ def result_text(res: dict) -> str:
 
 
 def start_finetune(logic, base_model: str | None = None, output: str | None = None, steps: int | None = None,
-                   minutes: float | None = None, replay_cases: str | None = None, synthetic: float = 0.0, extra=(), **kw):
+                   minutes: float | None = None, replay_cases: str | None = None, synthetic: float = 0.0, lung_negatives: float | None = None,
+                   extra=(), **kw):
     """Start ``lesionseg finetune`` on the open database in a background process (``replay_cases``:
     ``--replay-cases``, comma-separated case names or "none"; blank: the base training split;
-    ``synthetic``: ``--synthetic-lesions``)."""
+    ``synthetic``: ``--synthetic-lesions``; ``lung_negatives``: ``--lung-negatives``, None for the command's default)."""
     from LesionSegLib.engine.learn.finetune_job import FinetuneJob
 
     if logic.store is None:
@@ -52,6 +53,8 @@ def start_finetune(logic, base_model: str | None = None, output: str | None = No
         extra = ["--replay-cases", replay_cases.strip(), *extra]
     if synthetic and float(synthetic) > 0:
         extra = ["--synthetic-lesions", f"{float(synthetic):g}", *extra]
+    if lung_negatives is not None:
+        extra = ["--lung-negatives", f"{float(lung_negatives):g}", *extra]
     return FinetuneJob(str(logic.database_path), base_model or None, output or None, steps, minutes, extra=extra, **kw).start()
 
 

@@ -51,6 +51,12 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
     assert "decoder learning-rate multiplier must be a positive number, got -2.0" in capsys.readouterr().err
     with pytest.raises(FinetuneError, match="unknown fine-tuning loss 'focal'; choose one of dicece, lesion-balanced"):
         finetune(only_rejections, base.id, loss="focal")
+    for bad in ({"lung_negatives": 1.5}, {"lung_negatives": float("nan")}, {"synthetic": -0.1}):
+        with pytest.raises(FinetuneError, match="fraction must lie between 0 and 1"):
+            finetune(only_rejections, base.id, **bad)
+    assert cli_main(["finetune", "--feedback", str(only_rejections.path), "--base-model", base.id,
+                     "--synthetic-lesions", "0.5", "--lung-negatives", "2", "--progress", "none"]) == 2
+    assert "the lung-negative fraction must lie between 0 and 1, got 2.0" in capsys.readouterr().err
     assert [c.parent.parent.name for c in (tmp_path / "models").glob("*/*/card.json")] in ([], [base.name])
 
 
@@ -288,12 +294,48 @@ def test_patch_sampler_centres_the_synthetic_lesion_on_the_drawn_lung_centre():
     k, hu_t, lung_t, _, sp = sampler.lungs[0]
     sampler.lungs[0] = (k, hu_t, lung_t, np.array([[15, 40, 28]]), sp)  # the left lung's middle: no crop is clipped
     for _ in range(8):
-        _, y = sampler._synthetic()
+        _, y, kind = sampler._synthetic()
         mask = y[0].numpy() > 0
+        assert kind == "synthetic"
         assert mask.any()
         # the flips mirror the lesion about the patch centre, so the distance to it is unchanged
         offset = np.abs(np.array(ndimage.center_of_mass(mask)) - (roi - 1) / 2)
         assert (offset <= roi / 4 + 2).all(), offset
+
+
+def test_lung_negatives_leave_that_share_of_the_lung_patches_lesion_free():
+    """``lung_negatives = q``: a drawn lung patch keeps its real label only (here none) with
+    probability q, else gets one synthetic lesion; q = 0 (the default) leaves none lesion-free, and a
+    fraction outside [0, 1] is refused."""
+    from types import SimpleNamespace
+
+    from LesionSegLib.engine.learn.finetune import PatchSampler
+
+    windows = [[-200.0, 300.0]]
+    hu = _chest_phantom()
+    chest = SimpleNamespace(hu=hu.astype(np.int16), label=np.zeros(hu.shape, np.uint8), rejected=np.zeros(hu.shape, bool),
+                            geometry={"spacing_zyx": [3.0, 2.0, 2.0]})
+    sampler = PatchSampler([chest], [], (16, 32, 32), windows, seed=0, synthetic=1.0, lung_negatives=0.5)
+    kinds, empty = [], []
+    for _ in range(12):
+        _, y = sampler.batch(4, 0.0)
+        kinds += sampler.last_kinds
+        empty += [not bool(t.any()) for t in y]
+    assert set(kinds) == {"synthetic", "lung-negative"}
+    assert 12 <= kinds.count("lung-negative") <= 36 and sampler.n_lung_negatives == kinds.count("lung-negative")
+    assert all(e for e, k in zip(empty, kinds) if k == "lung-negative")  # the real label only: none here
+    assert sampler.n_synthetic == sum(not e for e, k in zip(empty, kinds) if k == "synthetic") >= 6
+    all_neg = PatchSampler([chest], [], (16, 32, 32), windows, seed=0, synthetic=1.0, lung_negatives=1.0)
+    _, y = all_neg.batch(4, 0.0)
+    assert all_neg.last_kinds == ["lung-negative"] * 4 and not y.any() and all_neg.n_synthetic == 0
+    none = PatchSampler([chest], [], (16, 32, 32), windows, seed=4, synthetic=1.0)
+    for _ in range(3):
+        _, y = none.batch(4, 0.0)
+        assert none.last_kinds == ["synthetic"] * 4 and all(t.any() for t in y)
+    assert none.n_lung_negatives == 0
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="lung-negative fraction must lie in"):
+            PatchSampler([chest], [], (16, 32, 32), windows, synthetic=1.0, lung_negatives=bad)
 
 
 def test_ood_scan_scores_sarcoma_below_chest():

@@ -29,6 +29,9 @@ def test_finetune_refusal_and_cancel(env, logic):  # noqa: F811
     assert "too little to learn from" in job.error
     with pytest.raises(RuntimeError, match="too little to learn from"):
         ft.finish_finetune(logic, job)
+    job = ft.start_finetune(logic, base_model=base.id, steps=1, synthetic=0.5, lung_negatives=3)  # passed through
+    assert wait(job, 600) == "failed"
+    assert "the lung-negative fraction must lie between 0 and 1, got 3.0" in job.error
 
     store_with(tmp / "three", [0, 1, 2]).close()
     logic.open_database(tmp / "three" / "fb.db")

@@ -107,7 +107,7 @@ def task_base(name):
 
 
 def task_fold(args):
-    held, db, steps, n_replay, models_dir, lr, synthetic, decoder_lr_mult, loss = args
+    held, db, steps, n_replay, models_dir, lr, synthetic, lung_negatives, decoder_lr_mult, loss = args
     _setup()
     os.environ["LESIONSEG_MODELS"] = models_dir
     from LesionSegLib.engine import data as dataset
@@ -118,7 +118,7 @@ def task_fold(args):
     train = [c for c in CHEST if c != held]
     res = finetune(db, BASE, f"chest-loco-{held.lower()}", steps=steps, cases=train, held_apart=0, **({"lr": lr} if lr else {}),
                    replay_cases=dataset.STS_TRAIN[:n_replay], cls_replay_cases=2, min_cases=2, synthetic=synthetic,
-                   decoder_lr_mult=decoder_lr_mult, loss=loss)
+                   lung_negatives=lung_negatives, decoder_lr_mult=decoder_lr_mult, loss=loss)
     t_ft = time.perf_counter() - t
     new = Engine(res.card, device="cpu")
     out = {"held_out": held, "train_cases": train, "finetune_minutes": round(t_ft / 60, 2),
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
                     help="lesionseg finetune --loss (default dicece, the loss of every run made before the option existed, "
                          "so that their printed commands still reproduce them)")
     ap.add_argument("--synthetic", type=float, default=0.0, help="lesionseg finetune --synthetic-lesions (default 0: real only)")
+    ap.add_argument("--lung-negatives", type=float, default=0.0,
+                    help="lesionseg finetune --lung-negatives (default 0, that of every run made before the option existed)")
     ap.add_argument("--processes", type=int, default=4, help="parallel processes for the base model's scoring")
     ap.add_argument("--base-only", action="store_true",
                     help="only the base model: OOD AUROCs and chest calibration before fine-tuning (no folds)")
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
             print(n, review[n], flush=True)
         store.close()
         with ctx.Pool(len(CHEST)) as pool:
-            folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models"), args.lr, args.synthetic, args.decoder_lr_mult, args.loss)
+            folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models"), args.lr, args.synthetic, args.lung_negatives, args.decoder_lr_mult, args.loss)
                                for h in CHEST])
     t_base = time.perf_counter() - t0
     chest_after = {f["held_out"]: f["chest_after"][f["held_out"]] for f in folds}
@@ -218,7 +220,8 @@ def main(argv=None) -> int:
         "load_average_at_start": load_at_start,
         "base_model": base.card.id,
         "protocol": "leave-one-case-out over the 3 chest CTs; simulated reviewer from ground truth; " + (
-            f"training patches of the corrected chest scans get synthetic lung lesions (fraction {args.synthetic}), and synthetic "
+            f"training patches of the corrected chest scans get synthetic lung lesions (fraction {args.synthetic}; "
+            f"lung negatives {args.lung_negatives:g}), and synthetic "
             "copies of them join the classifier's training scans; every figure is on real scans and real labels"
             if args.synthetic else "real scans and labels only"),
         "simulated_review": review if folds else None,

@@ -1,18 +1,19 @@
 """Does the segmenter fine-tuning fit the corrections it is trained on?
 
     OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_fit.py -o Resources/evaluation/finetune_fit.json \
-        [--lr 3e-4 1e-3 3e-4x10 1e-3:lesion-balanced] [--steps 200]
+        [--lr 3e-4 1e-3 3e-4x10 1e-3:lesion-balanced 5e-4:lesion-balanced:neg0.5] [--steps 200] [--seeds 0 1]
 
 The training half of one fold of ``finetune_chest.py`` (lung1 held out), judged on its own
 training scans only, so no held-out scan is looked at:
 
 1. A reviewer is simulated from ground truth on ``lung2`` and ``LIDC-IDRI-0001`` (as in
    ``finetune_chest.py``) with the shipped ``sts-clcs``.
-2. For each ``--lr`` (one process each, side by side, one thread; ``LRxM``: the decoder at ``M``
+2. For each ``--lr`` (one process each, one per core at a time, one thread; ``LRxM``: the decoder at ``M``
    times ``LR``, ``train_segmenter(decoder_lr_mult=M)``; ``LR:LOSS``: the fine-tuning loss,
-   ``dicece`` by default or ``lesion-balanced``), the segmenter is fine-tuned exactly as
+   ``dicece`` by default or ``lesion-balanced``; ``:negQ``: lung negatives ``Q``, the fraction of the
+   synthetic lung patches left lesion-free; ``--seeds``: each run once per seed), the segmenter is fine-tuned exactly as
    ``lesionseg finetune`` trains it (:class:`PatchSampler` with replay of STS_001-008 at 0.5 and
-   synthetic lung lesions at 0.5, :func:`train_segmenter`, deep supervision, batch 2, seed 0).
+   synthetic lung lesions at 0.5, :func:`train_segmenter`, deep supervision, batch 2, seed 0 or ``--seeds``).
 3. On the two training scans, with 4 synthetic lesions inserted into each (``synthetic_volume``,
    rng seed 5, the same for every run), a lesion counts as fitted when >= 50 % of its voxels have
    p > 0.5.  Also: p > 0.5 voxels outside the lesions, and Dice on three replay cases (STS_001-003,
@@ -83,7 +84,7 @@ def _load(db):
 
 
 def task(args):
-    db, spec, steps = args
+    db, spec, steps, seed, named_seed = args
     import torch
 
     from LesionSegLib.engine.learn.finetune_train import PatchSampler, train_segmenter
@@ -91,41 +92,50 @@ def task(args):
     engine, corrected, replay = _load(db)
     if spec is None:
         return "base", {"train": None, **_score(engine, corrected, replay)}
-    lr, mult, loss = _spec(spec)
-    torch.manual_seed(0)
+    lr, mult, loss, neg = _spec(spec)
+    torch.manual_seed(seed)
     seg = engine.seg_cfg
     net = copy.deepcopy(engine.segmenter)
-    sampler = PatchSampler(corrected, replay, seg["roi_size"], seg["hu_windows"], 0, 0.5)
+    sampler = PatchSampler(corrected, replay, seg["roi_size"], seg["hu_windows"], seed, 0.5, neg)
     log = train_segmenter(net, sampler, steps, None, lr, 2, 0.5, decoder_lr_mult=mult, loss=loss)
     engine.segmenter = net
-    name = f"lr {lr:g}" + (f" decoder x{mult:g}" if mult != 1 else "") + (f" {loss}" if loss != "dicece" else "")
-    return name, {"train": {"lr": lr, "decoder_lr_mult": mult, "loss": loss, "synthetic_patches": sampler.n_synthetic, **log},
+    name = (f"lr {lr:g}" + (f" decoder x{mult:g}" if mult != 1 else "") + (f" {loss}" if loss != "dicece" else "")
+            + (f" lung-negatives {neg:g}" if neg else "") + (f" seed {seed}" if named_seed else ""))
+    return name, {"train": {"lr": lr, "decoder_lr_mult": mult, "loss": loss, "lung_negatives": neg, "seed": seed,
+                            "synthetic_patches": sampler.n_synthetic, "lung_negative_patches": sampler.n_lung_negatives, **log},
                   **_score(engine, corrected, replay)}
 
 
-def _spec(text: str) -> tuple[float, float, str]:
-    """``"3e-4"`` -> (3e-4, 1.0, "dicece"); ``"3e-4x10"`` -> (3e-4, 10.0, "dicece");
-    ``"1e-3:lesion-balanced"`` -> (1e-3, 1.0, "lesion-balanced")."""
+def _spec(text: str) -> tuple[float, float, str, float]:
+    """``"3e-4"`` -> (3e-4, 1.0, "dicece", 0.0); ``"3e-4x10"`` -> (3e-4, 10.0, "dicece", 0.0);
+    ``"1e-3:lesion-balanced"`` -> (1e-3, 1.0, "lesion-balanced", 0.0);
+    ``"5e-4:lesion-balanced:neg0.5"`` -> (5e-4, 1.0, "lesion-balanced", 0.5) (lung negatives)."""
     from LesionSegLib.engine.learn.finetune_train import FINETUNE_LOSSES
 
-    text, _, loss = text.partition(":")
+    text, _, rest = text.partition(":")
+    loss, _, neg = rest.partition(":")
     lr, _, mult = text.partition("x")
     loss = loss or "dicece"
-    if loss not in FINETUNE_LOSSES:
-        raise ValueError(loss)
-    return float(lr), float(mult or 1), loss
+    if loss not in FINETUNE_LOSSES or (neg and not neg.startswith("neg")):
+        raise ValueError(rest)
+    q = float(neg[3:]) if neg else 0.0
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(neg)
+    return float(lr), float(mult or 1), loss, q
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--out", required=True)
-    ap.add_argument("--lr", nargs="+", default=["3e-4", "1e-3"], help="peak learning rates; LRxM: decoder at M x LR; LR[xM]:LOSS: the loss (dicece, lesion-balanced)")
+    ap.add_argument("--lr", nargs="+", default=["3e-4", "1e-3"], help="peak learning rates; LRxM: decoder at M x LR; "
+                    "LR[xM]:LOSS: the loss (dicece, lesion-balanced); LR[xM]:LOSS:negQ: lung negatives Q")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="every run once per seed (sampler and torch)")
     args = ap.parse_args(argv)
     try:
         [_spec(s) for s in args.lr]
     except ValueError:
-        ap.error(f"--lr: expected LR, LRxM or LR[xM]:LOSS (dicece, lesion-balanced), got {' '.join(args.lr)}")
+        ap.error(f"--lr: expected LR, LRxM or LR[xM]:LOSS[:negQ] (dicece, lesion-balanced; 0 <= Q <= 1), got {' '.join(args.lr)}")
     from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine.atomic import write_text
     from LesionSegLib.engine.feedback import FeedbackStore
@@ -143,14 +153,16 @@ def main(argv=None) -> int:
         img, lab = _read_case(dataset.case(n))
         review[n] = review_into(store, base, img, lab, n)
     store.close()
-    with mp.get_context("spawn").Pool(len(args.lr) + 1) as pool:
-        runs = dict(pool.map(task, [(str(db), None, args.steps)] + [(str(db), lr, args.steps) for lr in args.lr]))
+    named = len(args.seeds) > 1
+    jobs = [(str(db), None, args.steps, 0, False)] + [(str(db), lr, args.steps, seed, named) for seed in args.seeds for lr in args.lr]
+    with mp.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+        runs = dict(pool.map(task, jobs, chunksize=1))
     result = {
         "command": "OMP_NUM_THREADS=1 python Testing/benchmarks/finetune_fit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores; the runs side by side, one process each",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores; one process per run, {min(len(jobs), os.cpu_count() or 1)} at a time",
         "load_average_at_start": load, "base_model": base.card.id, "training_scans": TRAIN, "simulated_review": review,
         "protocol": "segmenter fine-tuned as lesionseg finetune trains it (replay STS_001-008 at 0.5, synthetic lung lesions at 0.5, "
-                    "batch 2, seed 0); scored on its own training scans with 4 synthetic lesions inserted into each (rng seed 5); "
+                    f"batch 2, seed {' / '.join(map(str, args.seeds))}); scored on its own training scans with 4 synthetic lesions inserted into each (rng seed 5); "
                     "a lesion is fitted when >= 50 % of its voxels have p > 0.5",
         "runs": runs, "minutes": round((time.perf_counter() - t0) / 60, 2),
     }

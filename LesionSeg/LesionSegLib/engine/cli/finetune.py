@@ -7,7 +7,8 @@ import sys
 from ..errors import CancelledError, ModelError
 from ..feedback import FeedbackStoreError
 from ..learn import ood_fit
-from ..learn.finetune import DEFAULT_LOSS, DEFAULT_LR, DEFAULT_STEPS, FINETUNE_LOSSES, MIN_CASES, FinetuneError, finetune
+from ..learn.finetune import (DEFAULT_LOSS, DEFAULT_LR, DEFAULT_LUNG_NEGATIVES, DEFAULT_STEPS, FINETUNE_LOSSES, MIN_CASES,
+                              FinetuneError, finetune)
 from ..learn.labels import RetrainError
 from .common import Progress, emit
 
@@ -26,7 +27,7 @@ def _cmd_finetune(args) -> int:
         res = finetune(args.feedback, args.base_model, args.output, steps=args.steps, minutes=args.minutes, lr=args.lr,
                        replay=args.replay, replay_cases=replay_names(args.replay_cases),
                        cls_replay_cases=args.cls_replay_cases, held_apart=args.held_apart, min_cases=args.min_cases, seed=args.seed,
-                       activate=args.activate, synthetic=args.synthetic_lesions,
+                       activate=args.activate, synthetic=args.synthetic_lesions, lung_negatives=args.lung_negatives,
                        routing={"auto": None, "on": True, "off": False}[args.routing], decoder_lr_mult=args.decoder_lr_mult,
                        loss=args.loss, progress=bar if args.progress != "none" else None)
     except (FinetuneError, RetrainError, FeedbackStoreError, ModelError, CancelledError) as exc:
@@ -64,6 +65,9 @@ def register(subparsers) -> None:
     p.add_argument("--synthetic-lesions", type=float, default=0.0, metavar="P",
                    help="fraction of the corrected-case patches that get one synthetic lesion inserted in lung tissue "
                         "(corrected cases with lung only; default 0: real corrections only)")
+    p.add_argument("--lung-negatives", type=float, default=DEFAULT_LUNG_NEGATIVES, metavar="Q",
+                   help="with --synthetic-lesions: fraction of those lung patches left without a synthetic lesion, so the "
+                        f"segmenter also learns lesion-free lung as background (default {DEFAULT_LUNG_NEGATIVES:g})")
     p.add_argument("--routing", choices=["auto", "on", "off"], default="auto",
                    help="keep the base model for scans of its own domain (auto: when every corrected case lies outside it)")
     p.add_argument("--held-apart", type=int, default=None, help="corrected cases kept out for before/after figures")

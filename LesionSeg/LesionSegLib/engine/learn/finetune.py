@@ -55,6 +55,9 @@ DEFAULT_STEPS = 200
 #: training lesions with replay Dice 0.758 (base 0.771; finetune_fit_balanced.json)
 DEFAULT_LOSS = "lesion-balanced"
 DEFAULT_LR = 5e-4
+#: with ``synthetic > 0``: the fraction of the drawn lung patches left lesion-free ("lung negatives",
+#: :class:`.finetune_train.PatchSampler`)
+DEFAULT_LUNG_NEGATIVES = 0.0
 #: with --synthetic-lesions: synthetic copies (3 lesions each) of every corrected case with lung,
 #: added to the classifier's training scans
 SYNTHETIC_COPIES = 2
@@ -254,8 +257,9 @@ def retrain_classifier(engine, items, base_cm, seed=0, cancel=None):
 def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STEPS, minutes: float | None = None,
              lr: float = DEFAULT_LR, batch: int = 2, replay: float = 0.5, replay_cases=None, cls_replay_cases: int = 6,
              held_apart: int | None = None, min_cases: int = MIN_CASES, model_ids=None, cases=None, seed: int = 0,
-             activate: bool = False, synthetic: float = 0.0, routing: bool | None = None, decoder_lr_mult: float = 1.0,
-             loss: str = DEFAULT_LOSS, progress=None, cancel=None) -> FinetuneResult:
+             activate: bool = False, synthetic: float = 0.0, lung_negatives: float = DEFAULT_LUNG_NEGATIVES,
+             routing: bool | None = None, decoder_lr_mult: float = 1.0, loss: str = DEFAULT_LOSS, progress=None,
+             cancel=None) -> FinetuneResult:
     """Fine-tune the segmenter of ``base_model`` on the corrections in ``feedback``; write a new version."""
     import torch
 
@@ -274,6 +278,9 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
             raise FinetuneError(f"the {what} must be a positive number, got {value}")
     if loss not in FINETUNE_LOSSES:
         raise FinetuneError(f"unknown fine-tuning loss {loss!r}; choose one of {', '.join(FINETUNE_LOSSES)}")
+    for what, value in (("synthetic-lesion fraction", synthetic), ("lung-negative fraction", lung_negatives)):
+        if not (np.isfinite(value) and 0.0 <= value <= 1.0):
+            raise FinetuneError(f"the {what} must lie between 0 and 1, got {value}")
     torch.manual_seed(seed)
     parent = models.get_card(base_model)
     if parent.architecture != "clcs":
@@ -296,7 +303,8 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                             f"{', ...' if len(missing) > 3 else ''}): set LESIONSEG_DATA, or replay none (--replay-cases none)")
     replay_data = [load_training_case(by_name[n], seg["spacing_zyx"], seg["hu_windows"]) for n in replay_names]
     base = Engine(parent, device="cpu", runtime="torch")
-    sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed, synthetic)
+    sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed, synthetic,
+                           lung_negatives if synthetic > 0 else 0.0)
     net = copy.deepcopy(base.segmenter)
     log = train_segmenter(net, sampler, steps, minutes, lr, batch, replay if replay_data else 0.0,
                           span(progress, 0.05, 0.7), cancel, decoder_lr_mult=decoder_lr_mult, loss=loss)
@@ -345,6 +353,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                            "train_cases": [c.case_name for c in train], "held_apart_cases": [c.case_name for c in held],
                            "corrections": {c.case_name: c.counts for c in corrected}, "replay_cases": replay_names,
                            "replay_fraction": replay, "synthetic_fraction": synthetic,
+                           "lung_negative_fraction": sampler.lung_negatives, "lung_negative_patches": sampler.n_lung_negatives,
                            "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls, "lr": lr, "decoder_lr_mult": decoder_lr_mult, "loss": loss, "batch": batch, **log, "classifier": cls_info,
                            "evaluation": _brief(evaluation), "total_minutes": round(seconds / 60, 2), "seed": seed,
                            "threads": torch.get_num_threads(), "device": "cpu"},

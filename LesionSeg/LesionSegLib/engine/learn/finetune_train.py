@@ -1,7 +1,8 @@
 """The segmenter fine-tuning loop and its training patches (used by :mod:`.finetune`).
 
 Patches come from corrected cases (centred on a lesion voxel 1/2, a deleted false positive 1/4
-when there is one, anywhere 1/4; optionally with a synthetic lung lesion, :mod:`.synthetic`) and
+when there is one, anywhere 1/4; optionally lung patches with a synthetic lesion, :mod:`.synthetic`,
+or without one, "lung negatives") and
 from replay cases of the base training data; random flips on every axis.  The loop is AdamW with
 cosine decay (the decoder optionally at a multiple of the rate) with deep supervision, and
 either DiceCE on every patch or :class:`LesionBalancedLoss`; stopped by a step count or a
@@ -42,18 +43,25 @@ class PatchSampler:
     """Training patches from corrected cases (lesion / deleted-FP / random centres) and replay cases.
 
     With ``synthetic > 0``, that fraction of the corrected-case patches is centred in the lung of
-    a corrected case that has lung (:mod:`.synthetic`) and gets one synthetic lesion inserted."""
+    a corrected case that has lung (:mod:`.synthetic`) and gets one synthetic lesion inserted.
+    With ``lung_negatives = q > 0``, a drawn lung patch is left as it is (no synthetic lesion,
+    the real label only) with probability ``q``: lesion-free lung, which the loss pushes towards
+    background, so the inserted lesions do not teach "lung parenchyma is lesion"."""
 
-    def __init__(self, corrected, replay, roi, windows, seed=0, synthetic: float = 0.0):
+    def __init__(self, corrected, replay, roi, windows, seed=0, synthetic: float = 0.0, lung_negatives: float = 0.0):
         import torch
 
         from ..io.preprocess import normalize
         from . import synthetic as syn
 
+        for what, value in (("synthetic-lesion fraction", synthetic), ("lung-negative fraction", lung_negatives)):
+            if not (np.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"the {what} must lie in [0, 1], got {value}")
         self.rng = np.random.default_rng(seed)
         self.roi = tuple(roi)
         self.windows = windows
         self.synthetic = float(synthetic)
+        self.lung_negatives = float(lung_negatives)
         self.corrected = []
         self.lungs = []  # (index into corrected, HU tensor, lung tensor, lung centres) of the cases with lung
         for c in corrected:
@@ -69,7 +77,8 @@ class PatchSampler:
                                        torch.as_tensor(lung[None]), centres, sp))
         self.replay = replay
         self.n_synthetic = 0
-        self.last_kinds: list[str] = []  # "replay" / "synthetic" / "corrected", per patch of the last batch
+        self.n_lung_negatives = 0
+        self.last_kinds: list[str] = []  # "replay" / "synthetic" / "lung-negative" / "corrected", per patch of the last batch
 
     def _pick(self, x, y, pos, neg):
         u = self.rng.random()
@@ -88,25 +97,31 @@ class PatchSampler:
                 xc, yc = xc.flip(axis), yc.flip(axis)
         return xc, yc
 
-    def _synthetic(self):
-        """A lung patch of a corrected case with one synthetic lesion (label = real + synthetic),
-        centred on the drawn lung centre (at least 5 mm inside the lung, as in
-        :func:`.synthetic.synthetic_volume`), not on any lung voxel of the patch, which could be at
-        the lung's edge or the patch's border and give a cut, flattened lesion."""
+    def _synthetic(self) -> tuple:
+        """``(x, y, kind)``: a lung patch of a corrected case, centred on a drawn lung centre (at
+        least 5 mm inside the lung, as in :func:`.synthetic.synthetic_volume`; not on any lung
+        voxel of the patch, which could be at the lung's edge or the patch's border and give a
+        cut, flattened lesion).  With probability ``lung_negatives`` it is returned as it is
+        (kind ``"lung-negative"``, label = the real one), else with one synthetic lesion inserted
+        (kind ``"synthetic"``, label = real + synthetic)."""
         import torch
 
         from ..io.preprocess import normalize
         from .synthetic import insert_lesion
 
+        negative = self.lung_negatives > 0 and self.rng.random() < self.lung_negatives  # no draw when 0: as before
         k, hu, lung, centres, sp = self.lungs[self.rng.integers(len(self.lungs))]
         y = self.corrected[k][1]
         centre = centres[self.rng.integers(len(centres))]
         (hc, yc, lc), lo = _crop_at([hu.float(), y, lung.to(torch.uint8)], centre, self.roi, self.rng)
+        if negative:
+            self.n_lung_negatives += 1
+            return (*self._flip(normalize(hc[0].numpy(), self.windows), yc), "lung-negative")
         real = yc[0].numpy() > 0
         h, mask = insert_lesion(hc[0].numpy(), (lc[0].numpy() > 0) & ~real, sp, self.rng, centre=np.asarray(centre) - lo)
         self.n_synthetic += int(mask.any())
         label = torch.as_tensor((real | mask)[None].astype(np.uint8))
-        return self._flip(normalize(h, self.windows), label)
+        return (*self._flip(normalize(h, self.windows), label), "synthetic")
 
     def batch(self, n: int, replay_fraction: float):
         import torch
@@ -119,8 +134,8 @@ class PatchSampler:
                 xc, yc = self._pick(x, y, pos, [])
                 kinds.append("replay")
             elif self.lungs and self.rng.random() < self.synthetic:
-                xc, yc = self._synthetic()
-                kinds.append("synthetic")
+                xc, yc, kind = self._synthetic()
+                kinds.append(kind)
             else:
                 xc, yc = self._pick(*self.corrected[self.rng.integers(len(self.corrected))])
                 kinds.append("corrected")
