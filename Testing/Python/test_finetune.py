@@ -57,6 +57,8 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
     assert cli_main(["finetune", "--feedback", str(only_rejections.path), "--base-model", base.id,
                      "--synthetic-lesions", "0.5", "--lung-negatives", "2", "--progress", "none"]) == 2
     assert "the lung-negative fraction must lie between 0 and 1, got 2.0" in capsys.readouterr().err
+    with pytest.raises(FinetuneError, match=r"lung negatives \(0.5\) are a share of the synthetic-lesion lung patches"):
+        finetune(only_rejections, base.id, lung_negatives=0.5)  # without --synthetic-lesions they would do nothing
     assert [c.parent.parent.name for c in (tmp_path / "models").glob("*/*/card.json")] in ([], [base.name])
 
 

@@ -283,6 +283,9 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     for what, value in (("synthetic-lesion fraction", synthetic), ("lung-negative fraction", lung_negatives)):
         if not (np.isfinite(value) and 0.0 <= value <= 1.0):
             raise FinetuneError(f"the {what} must lie between 0 and 1, got {value}")
+    if lung_negatives > 0 and not synthetic > 0:
+        raise FinetuneError(f"lung negatives ({lung_negatives:g}) are a share of the synthetic-lesion lung patches, and there "
+                            "are none: add --synthetic-lesions P (P > 0), or leave --lung-negatives at 0")
     torch.manual_seed(seed)
     parent = models.get_card(base_model)
     if parent.architecture != "clcs":
@@ -305,8 +308,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                             f"{', ...' if len(missing) > 3 else ''}): set LESIONSEG_DATA, or replay none (--replay-cases none)")
     replay_data = [load_training_case(by_name[n], seg["spacing_zyx"], seg["hu_windows"]) for n in replay_names]
     base = Engine(parent, device="cpu", runtime="torch")
-    sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed, synthetic,
-                           lung_negatives if synthetic > 0 else 0.0)
+    sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed, synthetic, lung_negatives)
     net = copy.deepcopy(base.segmenter)
     log = train_segmenter(net, sampler, steps, minutes, lr, batch, replay if replay_data else 0.0,
                           span(progress, 0.05, 0.7), cancel, decoder_lr_mult=decoder_lr_mult, loss=loss)
