@@ -31,12 +31,20 @@ def corrections_text(counts: dict) -> str:
 
 
 def result_text(res: dict) -> str:
-    """One line for the panel after a finished fine-tuning (held-apart Dice before -> after when there is one)."""
+    """One line for the panel after a finished fine-tuning (held-apart Dice before -> after when there
+    is one), and the base-domain check's warning when the new network forgets the parent's domain."""
+    from LesionSegLib.engine.learn.finetune import FORGETTING_WARN
+
     m = res.get("metrics", {})
     before, after = m.get("held_apart_dice_before"), m.get("held_apart_dice_after")
     held = (f"held-apart Dice {before:.3f} -> {after:.3f}" if before is not None and after is not None
             else "no corrected case held apart for before/after figures")
-    return f"New version {res['model']} in {res.get('seconds', 0):.0f} s; {held}. Press Activate to use it."
+    text = f"New version {res['model']} in {res.get('seconds', 0):.0f} s; {held}. Press Activate to use it."
+    b, a = m.get("base_domain_dice_before"), m.get("base_domain_dice_after")
+    if b is not None and a is not None and b - a > FORGETTING_WARN:
+        text += (f" Its segmenter forgets part of the parent's own domain (Dice on the parent's training cases "
+                 f"{b:.3f} -> {a:.3f}); see the card's routing.")
+    return text
 
 
 def start_finetune(logic, base_model: str | None = None, output: str | None = None, steps: int | None = None,
@@ -70,6 +78,8 @@ def finish_finetune(logic, job):
     m = res.get("metrics", {})
     rows = [[label, m.get(f"held_apart_{key}_before"), m.get(f"held_apart_{key}_after")]
             for label, key in (("Sensitivity", "sensitivity"), ("FP per case", "fp_per_case"), ("Dice", "dice"))]
+    if m.get("base_domain_dice_before") is not None:  # forgetting: the parent's own (replayed) training cases
+        rows.append(["Parent's own cases: segmenter Dice", m["base_domain_dice_before"], m["base_domain_dice_after"]])
     table = logic._table("finetune", FINETUNE_TABLE)
     fill_table(table, ["Held-apart corrected cases", "Before", "After"], rows)
     table.SetAttribute("LesionSegTraining.Model", res["model"])

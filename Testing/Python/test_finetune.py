@@ -94,6 +94,22 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     for when in ("before", "after"):
         assert ft["evaluation"][held][when]["n_gt"] == 2
         assert card.data["metrics"][f"held_apart_dice_{when}"] is not None
+    # the base-domain check: the parent's and the new segmenter's Dice on the replayed parent case
+    from LesionSegLib.engine.evaluate.metrics import dice_score
+    from LesionSegLib.engine.learn.train_seg import load_training_case
+
+    check = ft["base_domain_check"]
+    assert check["cases"] == ["STS_019"] and "forgetting, not accuracy" in check["what"]
+    x, y = load_training_case(dataset.case("STS_019"), base.part("segmenter")["spacing_zyx"], base.part("segmenter")["hu_windows"])
+    for engine, key in ((Engine(base, device="cpu", runtime="torch"), "dice_before"),
+                        (Engine(card, device="cpu", runtime="torch"), "dice_after")):
+        engine.in_domain = None  # the new network itself, not the routed parent
+        expect = round(dice_score(engine.runner.probability(x.float().numpy()) > 0.5, y[0].numpy() > 0), 4)
+        assert check[key]["STS_019"] == expect
+    assert check["dice_before"]["STS_019"] > 0.5  # a sarcoma training case: the parent segments it
+    assert card.data["metrics"]["base_domain_dice_before"] == check["mean_before"]
+    assert card.data["metrics"]["base_domain_dice_after"] == check["mean_after"]
+    assert "parent's own cases (STS_019): segmenter Dice" in res.summary()
     dom = card.data["domain"]
     assert dom["n_cases"] == base.data.get("domain", {}).get("n_cases", 33) + 2
     # the lesion type and the scanner grid name the corrected cases too, not only the parent's domain
@@ -146,6 +162,28 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     sub.write_text(sub.read_text() + " ")
     with pytest.raises(models.ModelError, match="in-domain model .* fails its checksum"):
         Engine(models.read_card(card.folder), device="cpu")
+
+
+def test_forgetting_is_called_out_beyond_the_warning_drop():
+    import sys
+    from pathlib import Path
+
+    from LesionSegLib.engine.learn.finetune import FORGETTING_WARN, forgetting_text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "LesionSegTraining"))
+    from LesionSegTrainingLib.finetune import result_text  # the Slicer panel's line (no MRML needed)
+
+    check = {"cases": ["STS_001", "STS_002"], "mean_before": 0.77, "mean_after": 0.77 - FORGETTING_WARN / 2}
+    assert forgetting_text(None, True) == ""
+    quiet = forgetting_text(check, False)
+    assert quiet.startswith("parent's own cases (STS_001, STS_002): segmenter Dice 0.770 -> 0.74") and "forgets" not in quiet
+    check["mean_after"] = 0.67
+    assert "forgets part of the parent's domain; scans of that domain are routed to the parent" in forgetting_text(check, True)
+    assert "routing is off, so scans of that domain get the fine-tuned network" in forgetting_text(check, False)
+    res = {"model": "m@2", "seconds": 60, "metrics": {"base_domain_dice_before": 0.77, "base_domain_dice_after": 0.67}}
+    assert "forgets part of the parent's own domain (Dice on the parent's training cases 0.770 -> 0.670)" in result_text(res)
+    res["metrics"]["base_domain_dice_after"] = 0.76
+    assert "forgets" not in result_text(res) and result_text({"model": "m@2", "metrics": {}}).startswith("New version m@2")
 
 
 def test_decoder_learning_rate_groups_split_a_dynunet_at_its_decoder():

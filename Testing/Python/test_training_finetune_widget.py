@@ -123,7 +123,7 @@ def test_tiny_finetune_through_the_button_activate_rollback(widget, monkeypatch)
     assert "held-apart Dice" in status and status in ui.logTextEdit.toPlainText()
     assert seen == sorted(seen) and ui.finetuneProgressBar.isHidden()
     table = {r[0]: r for r in rows(ui.finetuneTableView)}
-    assert set(table) == {"Sensitivity", "FP per case", "Dice"}
+    assert set(table) == {"Sensitivity", "FP per case", "Dice", "Parent's own cases: segmenter Dice"}
     assert all(r[1] != "-" and r[2] != "-" for r in table.values())  # one corrected case held apart: both measured
     card = models.get_card("panel-ft@1")
     assert card.data["parent"]["id"] == widget.base.id and card.data["finetuning"]["steps"] == 2
@@ -131,6 +131,8 @@ def test_tiny_finetune_through_the_button_activate_rollback(widget, monkeypatch)
     assert card.data["finetuning"]["synthetic_fraction"] == 0.5 and card.data["finetuning"]["synthetic_lesions"] == 0
     assert card.folder == widget.tmp / "models" / "panel-ft" / "1"
     assert table["Dice"][2] == f"{card.data['metrics']['held_apart_dice_after']:.3f}"
+    assert card.data["finetuning"]["base_domain_check"]["cases"] == ["STS_019"]  # the replay case
+    assert table["Parent's own cases: segmenter Dice"][1] == f"{card.data['metrics']['base_domain_dice_before']:.3f}"
     versions = {r[0]: r for r in rows(ui.versionsTableView)}
     assert versions["panel-ft@1"][2] == widget.base.id
     assert ui.versionSelector.currentText() == "panel-ft@1"

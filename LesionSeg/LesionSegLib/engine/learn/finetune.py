@@ -60,6 +60,10 @@ DEFAULT_LR = 5e-4
 #: :class:`.finetune_train.PatchSampler`); 0.5 fitted 2 of 7 synthetic training nodules at seed 1, so it is
 #: not the default (finetune_fit_lungneg.json)
 DEFAULT_LUNG_NEGATIVES = 0.0
+#: the base-domain check (:func:`base_domain_check`): the first replay cases, and the Dice drop
+#: beyond which the summary and the Slicer panel say that the fine-tuned network forgets
+BASE_CHECK_CASES = 3
+FORGETTING_WARN = 0.05
 #: with --synthetic-lesions: synthetic copies (3 lesions each) of every corrected case with lung,
 #: added to the classifier's training scans
 SYNTHETIC_COPIES = 2
@@ -84,7 +88,45 @@ class FinetuneResult:
             b, a = ba["before"], ba["after"]
             lines.append(f"  held apart {name}: sensitivity {b['sensitivity']:.2f} -> {a['sensitivity']:.2f}, "
                          f"FP {b['fp']} -> {a['fp']}, Dice {b['dice']:.3f} -> {a['dice']:.3f}")
-        return "\n".join(lines + (["  activated"] if self.activated else []))
+        text = forgetting_text(ft.get("base_domain_check"), (self.card.data.get("routing") or {}).get("enabled", False))
+        return "\n".join(lines + ([f"  {text}"] if text else []) + (["  activated"] if self.activated else []))
+
+
+def base_domain_check(base, new, replay, names) -> dict | None:
+    """How much of the parent's own domain the fine-tuned segmenter forgot: Dice (p > 0.5, on the
+    model grid) of the parent's and of the new segmenter on the first :data:`BASE_CHECK_CASES`
+    replay cases (``replay``: their ``(x, y)`` model-grid tensors; ``names``: their names).  These
+    are the parent's training data, replayed during the fine-tuning, so the figures measure
+    forgetting, not accuracy.  None without replay cases."""
+    from ..evaluate.metrics import dice_score
+
+    pairs = list(zip(names, replay))[:BASE_CHECK_CASES]
+    if not pairs:
+        return None
+    before, after = {}, {}
+    for name, (x, y) in pairs:
+        arr, gt = x.float().numpy(), y[0].numpy() > 0
+        before[name] = round(dice_score(base.runner.probability(arr) > 0.5, gt), 4)
+        after[name] = round(dice_score(new.runner.probability(arr) > 0.5, gt), 4)
+    return {"cases": [n for n, _ in pairs], "dice_before": before, "dice_after": after,
+            "mean_before": round(float(np.mean(list(before.values()))), 4),
+            "mean_after": round(float(np.mean(list(after.values()))), 4),
+            "what": "segmenter Dice (p > 0.5, model grid) of the parent and of the fine-tuned network on the parent's "
+                    "own training cases (replayed during the fine-tuning): forgetting, not accuracy"}
+
+
+def forgetting_text(check: dict | None, routed: bool) -> str:
+    """One line on the base-domain check (:func:`base_domain_check`); a warning when the mean Dice
+    fell by more than :data:`FORGETTING_WARN`.  Empty without a check."""
+    if not check:
+        return ""
+    b, a = check["mean_before"], check["mean_after"]
+    text = f"parent's own cases ({', '.join(check['cases'])}): segmenter Dice {b:.3f} -> {a:.3f}"
+    if b - a > FORGETTING_WARN:
+        text += (" - the fine-tuned network forgets part of the parent's domain; "
+                 + ("scans of that domain are routed to the parent, which keeps them" if routed else
+                    "routing is off, so scans of that domain get the fine-tuned network: check them, or keep the parent"))
+    return text
 
 
 def usable(case) -> bool:
@@ -314,6 +356,10 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                           span(progress, 0.05, 0.7), cancel, decoder_lr_mult=decoder_lr_mult, loss=loss)
     new = Engine(parent, device="cpu", runtime="torch")
     new.segmenter = net
+    if progress:
+        progress(0.71, "checking the parent's own cases")
+    forgetting = base_domain_check(base, new, replay_data, replay_names)
+    check_cancel(cancel, "fine-tuning")
     items = [(c.case_name, grid_image(c.hu, c.geometry), c.label) for c in train]
     n_syn_cls = 0
     if synthetic > 0:  # classifier positives beyond the few real ones: synthetic copies of the cases with lung
@@ -358,10 +404,11 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                            "corrections": {c.case_name: c.counts for c in corrected}, "replay_cases": replay_names,
                            "replay_fraction": replay, "synthetic_fraction": synthetic,
                            "lung_negative_fraction": sampler.lung_negatives, "lung_negative_patches": sampler.n_lung_negatives,
-                           "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls, "lr": lr, "decoder_lr_mult": decoder_lr_mult, "loss": loss, "batch": batch, **log, "classifier": cls_info,
+                           "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls, "base_domain_check": forgetting, "lr": lr, "decoder_lr_mult": decoder_lr_mult, "loss": loss, "batch": batch, **log, "classifier": cls_info,
                            "evaluation": _brief(evaluation), "total_minutes": round(seconds / 60, 2), "seed": seed,
                            "threads": torch.get_num_threads(), "device": "cpu"},
-            "metrics": _metrics(evaluation),
+            "metrics": {**_metrics(evaluation), **({"base_domain_dice_before": forgetting["mean_before"],
+                                                     "base_domain_dice_after": forgetting["mean_after"]} if forgetting else {})},
         })
         data.pop("retraining", None)
         if route["enabled"]:
