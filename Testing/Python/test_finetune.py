@@ -88,6 +88,7 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     ft = card.data["finetuning"]
     assert ft["steps"] == 2 and len(ft["train_cases"]) == 2 and len(ft["held_apart_cases"]) == 1
     assert ft["replay_cases"] == ["STS_019"] and set(ft["corrections"]) == {"case0", "case1", "case2"}
+    assert ft["replay_excluded_held_apart"] == []  # the held-apart phantom is no replay case
     assert "total_minutes" in ft and "classifier" in ft and ft["decoder_lr_mult"] == 3.0
     assert (ft["loss"], ft["lr"]) == ("lesion-balanced", 5e-4)  # the defaults
     held = ft["held_apart_cases"][0]
@@ -162,6 +163,24 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     sub.write_text(sub.read_text() + " ")
     with pytest.raises(models.ModelError, match="in-domain model .* fails its checksum"):
         Engine(models.read_card(card.folder), device="cpu")
+
+
+def test_a_held_apart_case_is_never_replayed():
+    """A held-apart corrected case that is also a replay case (the same scan, by its hash, whatever
+    its name) is dropped from the replay, so its before/after figures stay held apart."""
+    from types import SimpleNamespace
+
+    from LesionSegLib.engine import data as dataset
+    from LesionSegLib.engine.io.images import read_image
+    from LesionSegLib.engine.learn.finetune import replay_without_held
+    from LesionSegLib.engine.segment.pipeline import case_hash
+
+    require_data()
+    by_name = {c.name: c for c in dataset.cases()}
+    held = [SimpleNamespace(case_name="my-review-of-a-thigh", case_hash=case_hash(read_image(by_name["STS_019"].image)))]
+    assert replay_without_held(["STS_018", "STS_019", "STS_020"], by_name, held) == (["STS_018", "STS_020"], ["STS_019"])
+    assert replay_without_held(["STS_018"], by_name, held) == (["STS_018"], [])
+    assert replay_without_held(["STS_019"], by_name, []) == (["STS_019"], [])  # nothing held apart: nothing read
 
 
 def test_forgetting_is_called_out_beyond_the_warning_drop():

@@ -7,7 +7,8 @@ five real scans of ``$LESIONSEG_DATA``: the three chest CTs and two sarcoma trai
 (STS_001, STS_002), into a fresh feedback store.  Then the whole ``lesionseg finetune --feedback DB
 --base-model sts-clcs -o NAME`` command runs as a user would start it (default steps, replay,
 threads, held-apart cases), into a temporary model folder, and its wall time is measured.  The
-JSON holds the command, the wall time, the card's own timing breakdown and the load average.
+JSON holds the command, the wall time, the card's own timing breakdown, its held-apart and
+base-domain figures, and the load average.
 Timing only: the accuracy of fine-tuning is ``finetune_chest.py``'s.
 """
 from __future__ import annotations
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
         "wall_minutes": round(wall / 60, 2), "budget_minutes": BUDGET_MIN, "within_budget": wall / 60 <= BUDGET_MIN,
         "card_timing": {k: ft.get(k) for k in ("minutes", "total_minutes", "steps", "batch", "lr", "threads")},
         "train_cases": ft.get("train_cases"), "held_apart_cases": ft.get("held_apart_cases"),
-        "evaluation": ft.get("evaluation"),
+        "replay_excluded_held_apart": ft.get("replay_excluded_held_apart"),
+        "evaluation": ft.get("evaluation"), "base_domain_check": ft.get("base_domain_check"),
     }
     write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("wall_minutes", "within_budget", "card_timing")}, indent=1))
