@@ -99,8 +99,8 @@ def base_domain_check(base, new, replay, names) -> dict | None:
     """How much of the parent's own domain the fine-tuned segmenter forgot: Dice (p > 0.5, on the
     model grid) of the parent's and of the new segmenter on the first :data:`BASE_CHECK_CASES`
     replay cases (``replay``: their ``(x, y)`` model-grid tensors; ``names``: their names).  These
-    are the parent's training data, replayed during the fine-tuning, so the figures measure
-    forgetting, not accuracy.  None without replay cases."""
+    are, by default, the parent's training data, replayed during the fine-tuning, so the figures
+    measure forgetting, not accuracy.  None without replay cases."""
     from ..evaluate.metrics import dice_score
 
     pairs = list(zip(names, replay))[:BASE_CHECK_CASES]
@@ -114,8 +114,8 @@ def base_domain_check(base, new, replay, names) -> dict | None:
     return {"cases": [n for n, _ in pairs], "dice_before": before, "dice_after": after,
             "mean_before": round(float(np.mean(list(before.values()))), 4),
             "mean_after": round(float(np.mean(list(after.values()))), 4),
-            "what": "segmenter Dice (p > 0.5, model grid) of the parent and of the fine-tuned network on the parent's "
-                    "own training cases (replayed during the fine-tuning): forgetting, not accuracy"}
+            "what": "segmenter Dice (p > 0.5, model grid) of the parent and of the fine-tuned network on the first replay "
+                    "cases (by default the parent's own training split), replayed during the fine-tuning: forgetting, not accuracy"}
 
 
 def forgetting_text(check: dict | None, routed: bool) -> str:
