@@ -33,7 +33,7 @@ def corrections_text(counts: dict) -> str:
 def result_text(res: dict) -> str:
     """One line for the panel after a finished fine-tuning (held-apart Dice before -> after when there
     is one), and the base-domain check's warning when the new network forgets the parent's domain."""
-    from LesionSegLib.engine.learn.finetune import FORGETTING_WARN
+    from LesionSegLib.engine.learn.finetune_checks import FORGETTING_WARN
 
     m = res.get("metrics", {})
     before, after = m.get("held_apart_dice_before"), m.get("held_apart_dice_after")
