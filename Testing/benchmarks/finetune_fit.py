@@ -43,7 +43,7 @@ TRAIN = ["lung2", "LIDC-IDRI-0001"]
 def _score(engine, corrected, replay) -> dict:
     import cc3d
 
-    from LesionSegLib.engine.evaluate.metrics import dice_score
+    from LesionSegLib.engine.learn.finetune_checks import segmenter_dice
     from LesionSegLib.engine.learn.synthetic import synthetic_volume
     from LesionSegLib.engine.runtime.ops import hu_windows
 
@@ -59,7 +59,7 @@ def _score(engine, corrected, replay) -> dict:
             lesions.append({"scan": c.case_name, "real": bool((m & real).any()), "voxels": int(m.sum()),
                             "fraction_p_over_half": round(float((prob[m] > 0.5).mean()), 3), "max_p": round(float(prob[m].max()), 3)})
         outside += int(((prob > 0.5) & ~(lab > 0)).sum())
-    dice = [round(dice_score(engine.runner.probability(x.float().numpy()) > 0.5, y[0].numpy() > 0), 4) for x, y in replay[:3]]
+    dice = [segmenter_dice(engine, x, y) for x, y in replay[:3]]
     fit = [l for l in lesions if l["fraction_p_over_half"] >= 0.5]
     return {"fitted": len(fit), "fitted_real": sum(l["real"] for l in fit), "lesions_real": sum(l["real"] for l in lesions),
             "lesions_synthetic": sum(not l["real"] for l in lesions), "p_over_half_voxels_outside": outside,

@@ -10,22 +10,25 @@ BASE_CHECK_CASES = 3
 FORGETTING_WARN = 0.05
 
 
+def segmenter_dice(engine, x, y) -> float:
+    """Dice (4 decimals) of ``engine``'s segmenter at p > 0.5 against ``y`` on one model-grid case
+    (``x``: its image channels, ``y``: its (1, z, y, x) label, as :func:`.train_seg.load_training_case` gives)."""
+    from ..evaluate.metrics import dice_score
+
+    return round(dice_score(engine.runner.probability(x.float().numpy()) > 0.5, y[0].numpy() > 0), 4)
+
+
 def base_domain_check(base, new, replay, names) -> dict | None:
     """How much of the parent's own domain the fine-tuned segmenter forgot: Dice (p > 0.5, on the
     model grid) of the parent's and of the new segmenter on the first :data:`BASE_CHECK_CASES`
     replay cases (``replay``: their ``(x, y)`` model-grid tensors; ``names``: their names).  These
     are, by default, the parent's training data, replayed during the fine-tuning, so the figures
     measure forgetting, not accuracy.  None without replay cases."""
-    from ..evaluate.metrics import dice_score
-
     pairs = list(zip(names, replay))[:BASE_CHECK_CASES]
     if not pairs:
         return None
-    before, after = {}, {}
-    for name, (x, y) in pairs:
-        arr, gt = x.float().numpy(), y[0].numpy() > 0
-        before[name] = round(dice_score(base.runner.probability(arr) > 0.5, gt), 4)
-        after[name] = round(dice_score(new.runner.probability(arr) > 0.5, gt), 4)
+    before = {name: segmenter_dice(base, x, y) for name, (x, y) in pairs}
+    after = {name: segmenter_dice(new, x, y) for name, (x, y) in pairs}
     return {"cases": [n for n, _ in pairs], "dice_before": before, "dice_after": after,
             "mean_before": round(float(np.mean(list(before.values()))), 4),
             "mean_after": round(float(np.mean(list(after.values()))), 4),
