@@ -99,19 +99,20 @@ def _read_events(proc, until, deadline_s=400):
 
 
 def test_batch_worker_killed_retried_killed_batch_resumed_ctrl_c_clean(tmp_path):
-    # two small crops, then whole chest CTs (lung2 under three more case names): long enough that
-    # the kill of the first run and the Ctrl-C of the second land while chest CTs are still queued
-    # (a small crop takes about half a second, a chest CT one to two seconds)
-    chest = {"lung1": "lung1", "lung2": "lung2", "lung2b": "lung2", "lung2c": "lung2", "lung2d": "lung2"}
-    names = [*SMALL[:2], *chest]
-    man = _manifest(tmp_path, SMALL[:2], [f"{n},{DATA / 'fullscan' / src / 'image.nii.gz'}" for n, src in chest.items()])
+    # one small crop, then whole chest CTs (lung2 under four more case names): the worker is killed
+    # while it runs the first chest CT (one to two seconds; a small crop, half a second, could end
+    # before the kill lands, which made an earlier version of this test flaky), and the kill of
+    # the first run and the Ctrl-C of the second land while chest CTs are still queued
+    chest = {"lung1": "lung1", "lung2": "lung2", "lung2b": "lung2", "lung2c": "lung2", "lung2d": "lung2", "lung2e": "lung2"}
+    names = [*SMALL[:1], *chest]
+    man = _manifest(tmp_path, SMALL[:1], [f"{n},{DATA / 'fullscan' / src / 'image.nii.gz'}" for n, src in chest.items()])
     out = tmp_path / "out"
     p = _batch(man, "-o", out, "--num-workers", "1", start_new_session=True)
     try:
         first = _read_events(p, lambda e: e["event"] == "case")[-1]
         assert first["status"] == "done"
         pid = int(first["worker"].rsplit(":", 1)[1])
-        os.kill(pid, signal.SIGKILL)  # the worker is now running the second case
+        os.kill(pid, signal.SIGKILL)  # the worker is now running the second case, a chest CT
         retry = _read_events(p, lambda e: e["event"] in ("retry", "case"))[-1]
         assert retry["event"] == "retry" and "died" in retry["message"]
         second = _read_events(p, lambda e: e["event"] == "case")[-1]
