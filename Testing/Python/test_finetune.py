@@ -326,9 +326,9 @@ def test_patch_sampler_inserts_synthetic_lesions_only_where_there_is_lung():
     chest = SimpleNamespace(hu=hu.astype(np.int16), label=np.zeros(hu.shape, np.uint8), rejected=np.zeros(hu.shape, bool),
                             geometry={"spacing_zyx": [3.0, 2.0, 2.0]})
     sampler = PatchSampler([chest], [], (16, 32, 32), windows, seed=0, synthetic=1.0)
-    x, y = sampler.batch(4, 0.0)
+    x, y, kinds = sampler.batch(4, 0.0)
     assert x.shape == (4, 2, 16, 32, 32) and y.shape == (4, 1, 16, 32, 32)
-    assert len(sampler.last_kinds) == 4 and set(sampler.last_kinds) <= {"synthetic", "corrected"}
+    assert len(kinds) == 4 and set(kinds) <= {"synthetic", "corrected"}
     assert sampler.n_synthetic >= 3 and int(y.sum()) > 0  # lesions where the real label has none
     limb = SimpleNamespace(hu=np.full((20, 40, 40), 40, np.int16), label=np.zeros((20, 40, 40), np.uint8),
                            rejected=np.zeros((20, 40, 40), bool), geometry={"spacing_zyx": [3.0, 2.0, 2.0]})
@@ -377,20 +377,20 @@ def test_lung_negatives_leave_that_share_of_the_lung_patches_lesion_free():
     sampler = PatchSampler([chest], [], (16, 32, 32), windows, seed=0, synthetic=1.0, lung_negatives=0.5)
     kinds, empty = [], []
     for _ in range(12):
-        _, y = sampler.batch(4, 0.0)
-        kinds += sampler.last_kinds
+        _, y, got = sampler.batch(4, 0.0)
+        kinds += got
         empty += [not bool(t.any()) for t in y]
     assert set(kinds) == {"synthetic", "lung-negative"}
     assert 12 <= kinds.count("lung-negative") <= 36 and sampler.n_lung_negatives == kinds.count("lung-negative")
     assert all(e for e, k in zip(empty, kinds) if k == "lung-negative")  # the real label only: none here
     assert sampler.n_synthetic == sum(not e for e, k in zip(empty, kinds) if k == "synthetic") >= 6
     all_neg = PatchSampler([chest], [], (16, 32, 32), windows, seed=0, synthetic=1.0, lung_negatives=1.0)
-    _, y = all_neg.batch(4, 0.0)
-    assert all_neg.last_kinds == ["lung-negative"] * 4 and not y.any() and all_neg.n_synthetic == 0
+    _, y, got = all_neg.batch(4, 0.0)
+    assert got == ["lung-negative"] * 4 and not y.any() and all_neg.n_synthetic == 0
     none = PatchSampler([chest], [], (16, 32, 32), windows, seed=4, synthetic=1.0)
     for _ in range(3):
-        _, y = none.batch(4, 0.0)
-        assert none.last_kinds == ["synthetic"] * 4 and all(t.any() for t in y)
+        _, y, got = none.batch(4, 0.0)
+        assert got == ["synthetic"] * 4 and all(t.any() for t in y)
     assert none.n_lung_negatives == 0
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="lung-negative fraction must lie in"):

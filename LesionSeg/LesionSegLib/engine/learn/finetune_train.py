@@ -78,7 +78,6 @@ class PatchSampler:
         self.replay = replay
         self.n_synthetic = 0
         self.n_lung_negatives = 0
-        self.last_kinds: list[str] = []  # "replay" / "synthetic" / "lung-negative" / "corrected", per patch of the last batch
 
     def _pick(self, x, y, pos, neg):
         u = self.rng.random()
@@ -124,6 +123,8 @@ class PatchSampler:
         return (*self._flip(normalize(h, self.windows), label), "synthetic")
 
     def batch(self, n: int, replay_fraction: float):
+        """``(x, y, kinds)``: ``n`` patches stacked, and per patch its kind (``"replay"``,
+        ``"synthetic"``, ``"lung-negative"`` or ``"corrected"``), which the loss needs."""
         import torch
 
         xs, ys, kinds = [], [], []
@@ -141,8 +142,7 @@ class PatchSampler:
                 kinds.append("corrected")
             xs.append(xc)
             ys.append(yc)
-        self.last_kinds = kinds
-        return torch.stack(xs), torch.stack(ys)
+        return torch.stack(xs), torch.stack(ys), kinds
 
 
 class LesionBalancedLoss:
@@ -212,11 +212,11 @@ def train_segmenter(net, sampler, steps: int, minutes: float | None, lr: float, 
         frac = step / max(1, steps)
         for g in opt.param_groups:
             g["lr"] = lr * g["mult"] * 0.5 * (1 + np.cos(np.pi * frac))
-        x, y = sampler.batch(batch, replay)
+        x, y, kinds = sampler.batch(batch, replay)
         opt.zero_grad(set_to_none=True)
         out = net(x)
         preds = list(torch.unbind(out, dim=1)) if out.ndim == 6 else [out]
-        value = loss_fn(preds, y, sampler.last_kinds)
+        value = loss_fn(preds, y, kinds)
         value.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
