@@ -14,6 +14,9 @@ every header is parsed just far enough to know how many voxel bytes it declares,
 * MetaImage ``.mha`` / ``.mhd`` (``LOCAL`` or a data file): raw data must be long enough;
   compressed data must be ``CompressedDataSize`` bytes and inflate completely (Adler-32 checked).
 
+ITK's NIfTI reader also turns NaN voxels into 0 (an image that holds them would pass
+:func:`.images.validate_ct`), so a floating-point NIfTI's voxels are counted here for NaN/Inf.
+
 Headers this module does not understand (other encodings, file lists) are left to SimpleITK.
 """
 from __future__ import annotations
@@ -45,9 +48,11 @@ def verified(path: Path) -> Iterator[Path]:
         return
     if name.endswith((".nii", ".nii.gz")):  # a .nii.gz that is not compressed is read as it is
         with open(path, "rb") as fh:
-            expected = _nifti_expected(fh.read(540), path)
+            head = fh.read(540)
+        expected = _nifti_expected(head, path)
         if expected is not None:
             _need(path.stat().st_size, expected, path, "the file")
+            _nifti_finite(path, head, path)
     elif name.endswith((".nrrd", ".nhdr")):
         _check_nrrd(path)
     elif name.endswith((".mha", ".mhd")):
@@ -70,6 +75,31 @@ def _need(available: int, expected: int, source: Path, where: str) -> None:
 # ------------------------------------------------------------------------------ NIfTI
 def _nifti_expected(head: bytes, source: Path) -> int | None:
     """Bytes a single-file NIfTI must hold (header, extensions and voxels); None if not NIfTI."""
+    layout = _nifti_layout(head, source)
+    return None if layout is None else layout["offset"] + layout["count"] * layout["bitpix"] // 8
+
+
+#: NIfTI datatype codes of floating-point voxels: numpy dtype by code
+NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_finite(data: Path, head: bytes, source: Path) -> None:
+    """Refuse a floating-point NIfTI (``data``: a whole, uncompressed ``.nii``) holding NaN/Inf."""
+    layout = _nifti_layout(head, source)
+    if layout is None or layout["datatype"] not in NIFTI_FLOATS:
+        return
+    voxels = np.memmap(data, dtype=np.dtype(layout["end"] + NIFTI_FLOATS[layout["datatype"]]), mode="r",
+                       offset=layout["offset"], shape=(layout["count"],))
+    step = CHUNK
+    bad = sum(int(np.count_nonzero(~np.isfinite(voxels[i:i + step]))) for i in range(0, layout["count"], step))
+    del voxels
+    if bad:
+        raise InputError(f"contains {bad} NaN/Inf voxels", str(source))
+
+
+def _nifti_layout(head: bytes, source: Path) -> dict | None:
+    """``{end, datatype, bitpix, offset, count}`` of a single-file NIfTI-1/-2 header (``offset``:
+    where the voxels start; ``count``: how many there are); None if not NIfTI or malformed."""
     for end in "<>" if len(head) >= 4 else "":
         size = struct.unpack(end + "i", head[:4])[0]
         if size not in (348, 540):
@@ -78,15 +108,16 @@ def _nifti_expected(head: bytes, source: Path) -> int | None:
             raise InputError(f"file is truncated: {len(head)} bytes, shorter than its NIfTI header", str(source))
         if size == 348:
             ndim, *dims = struct.unpack(end + "8h", head[40:56])
-            bitpix = struct.unpack(end + "h", head[72:74])[0]
+            datatype, bitpix = struct.unpack(end + "2h", head[70:74])
             offset = int(struct.unpack(end + "f", head[108:112])[0])
         else:
-            bitpix = struct.unpack(end + "h", head[14:16])[0]
+            datatype, bitpix = struct.unpack(end + "2h", head[12:16])
             ndim, *dims = struct.unpack(end + "8q", head[16:80])
             offset = struct.unpack(end + "q", head[168:176])[0]
         if not 1 <= ndim <= 7 or bitpix <= 0 or any(d < 1 for d in dims[:ndim]):
             return None  # malformed: SimpleITK says what is wrong
-        return max(offset, size) + int(np.prod(dims[:ndim], dtype=np.int64)) * bitpix // 8
+        return {"end": end, "datatype": int(datatype), "bitpix": int(bitpix), "offset": max(int(offset), size),
+                "count": int(np.prod(dims[:ndim], dtype=np.int64))}
     return None
 
 
@@ -105,6 +136,7 @@ def _inflated_nifti(path: Path) -> Iterator[Path]:
         expected = _nifti_expected(bytes(head), path)
         if expected is not None:
             _need(total, expected, path, "its gzip stream")
+            _nifti_finite(Path(tmp), bytes(head), path)
         yield Path(tmp)
     finally:
         with contextlib.suppress(OSError):
