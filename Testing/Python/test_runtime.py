@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from LesionSegLib.engine import data
-from LesionSegLib.engine.errors import LesionSegError
+from LesionSegLib.engine.errors import LesionSegError, ModelError
 from LesionSegLib.engine.io.images import read_image
 from LesionSegLib.engine.io.preprocess import normalize
 from LesionSegLib.engine.models import get_card, read_card, save_weights
@@ -208,6 +208,26 @@ def test_tampered_onnx_cache_is_refused(user_model):
     onnx.write_bytes(onnx.read_bytes()[:1000])
     engine = Engine(user_model, device="cpu", runtime="onnxruntime")
     assert any("refused" in m and "classifier" in m for m in engine.messages)
+
+
+def test_damaged_weights_are_refused_even_with_a_valid_cache(user_model):
+    """A verified export of the weights is cached, then the model's own safetensors is damaged:
+    the ONNX path refuses the model as torch and ``models activate`` do, instead of running the
+    cached export of weights that are no longer there."""
+    _classifier_logits(user_model)  # the classifier's export is now cached and valid
+    onnx_segmenter(user_model, "onnxruntime")
+    for part in ("classifier", "segmenter"):
+        path = user_model.weights_path(part)
+        original = path.read_bytes()
+        damaged = bytearray(original)
+        damaged[len(damaged) // 2] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        try:
+            with pytest.raises(ModelError, match=f"checksum mismatch for {path.name}"):
+                Engine(read_card(user_model.folder), device="cpu", runtime="onnxruntime")
+        finally:
+            path.write_bytes(original)
+    Engine(read_card(user_model.folder), device="cpu", runtime="onnxruntime")  # whole again: it loads
 
 
 # ------------------------------------------------------------------ runtime choice and fallbacks

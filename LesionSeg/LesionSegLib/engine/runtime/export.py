@@ -6,7 +6,8 @@ models, ``<user model folder>/.onnx-cache/``) as ``<part>-<sha256[:16]>.onnx`` w
 ``<part>-<sha256[:16]>.json``: the full sha256 of the source safetensors, the sha256 of the ONNX
 file, the input spec and the exporter versions.  Both files are written atomically.
 
-A cached file is used only when its manifest names the card's current weight checksum and the
+A cached file is used only when the model's weights match the card's sha256 (checked every time,
+so a damaged model folder is refused on this path too), its manifest names that checksum and the
 same input spec, and the ONNX file's own sha256 matches the manifest.  Anything else -- stale
 (retrained weights), edited, truncated -- is refused with a note and exported again from the
 verified weights; nothing unverified is ever loaded.
@@ -57,6 +58,9 @@ def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tupl
     source_sha = card.part(part).get("sha256")
     if not source_sha:
         raise ModelError(f"model {card.id}: card gives no sha256 for {part}; refusing to export it")
+    # The model's own weights must match the card even when a verified export of them is cached: a
+    # damaged model folder is refused on every runtime, as `models activate` and torch refuse it.
+    card.verified_path(part)
     onnx_path, manifest_path = export_paths(card, part)
     folder = onnx_path.parent
     notes: list[str] = []
@@ -65,7 +69,6 @@ def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tupl
         return onnx_path, notes + reference_notes(card, part, manifest)
     if problem != "missing":
         notes.append(f"ONNX cache {onnx_path.name} of model {card.id} refused ({problem}): exported again from the verified weights")
-    card.verified_path(part)  # the weights the export is made from must match the card
     export(build, folder, onnx_path.name, manifest_path.name, source_sha, spec)
     manifest, problem = inspect_cache(onnx_path, manifest_path, source_sha, spec)
     if problem is not None:
