@@ -140,9 +140,10 @@ def test_click_cli_default_model_is_dense(tmp_path):
     assert _dice(lab == 1, gt) > 0.6
     header = (out / "STS_038_click.csv").read_text().splitlines()[0].split(",")
     assert header == list(CSV_COLUMNS)
-    # a bad point writes nothing
+    # a bad point writes nothing; exit code 1 (a bad input, as in segment), 2 for a malformed --point
     bad = tmp_path / "bad"
-    assert cli_main(["click", str(case.image), "--point=9999,0,0", "-o", str(bad), "--device", "cpu"]) == 2
+    assert cli_main(["click", str(case.image), "--point=9999,0,0", "-o", str(bad), "--device", "cpu"]) == 1
+    assert cli_main(["click", str(case.image), "--point=1,2", "-o", str(bad), "--device", "cpu"]) == 2
     assert not bad.exists() or not any(bad.iterdir())
 
 
@@ -167,7 +168,7 @@ def test_fallback_answers_where_the_model_finds_nothing(clcs, monkeypatch, tmp_p
     assert cli_main(["click", str(case.image), f"--point={arg}", "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
     assert (tmp_path / "a" / "STS_041_click.nii.gz").exists()
     assert cli_main(["click", str(case.image), f"--point={arg}", "-o", str(tmp_path / "b"), "--device", "cpu",
-                     "--fallback-model", "none"]) == 2
+                     "--fallback-model", "none"]) == 1
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LesionSegError
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 #: Fixed split of the 41 soft-tissue-sarcoma CTs (documented in README and model cards).
@@ -46,11 +48,18 @@ def cases(group: str | None = None, root: Path | None = None) -> list[Case]:
     return out
 
 
+class UnknownCaseError(LesionSegError, KeyError):
+    """A case name the data folder's manifest does not hold (a KeyError too, for lookups)."""
+
+    def __str__(self) -> str:  # a KeyError would show its message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 def case(name: str, root: Path | None = None) -> Case:
     for c in cases(root=root):
         if c.name == name:
             return c
-    raise KeyError(f"case {name!r} not in manifest under {root or data_root()}")
+    raise UnknownCaseError(f"case {name!r} is not in the manifest of the data folder {root or data_root()}")
 
 
 #: The bundled sample CT (a CC BY 3.0 validation case, see ``LesionSegLib/sample/ATTRIBUTION.md``):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..atomic import TMP_PREFIX, write_text
 from ..errors import InputError
-from ..io.images import GENERIC_STEMS, IMAGE_SUFFIXES, expand_inputs, image_stem, output_stem
+from ..io.images import folder_inputs, output_stem
 from ..models import sha256_file
 
 MARKER_SUFFIX = ".done.json"
@@ -80,20 +80,9 @@ def _name(path: Path) -> str:
 
 
 def _folder_inputs(root: Path) -> list[Path]:
-    """Images directly in ``root``; else one per sub-folder (its ``image.*``, else the folder as a
-    DICOM series)."""
-    direct = [p for p in expand_inputs([root]) if p != root]
-    if direct:
-        return direct
-    out = []
-    for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        files = [f for f in sorted(sub.iterdir()) if f.is_file() and not f.name.startswith(".")]
-        generic = [f for f in files if f.name.lower().endswith(IMAGE_SUFFIXES) and image_stem(f).lower() in GENERIC_STEMS]
-        if generic:
-            out.append(generic[0])
-        elif files and not any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in files):
-            out.append(sub)  # a DICOM series folder
-    return out
+    """The folder's inputs as ``segment`` reads them (:func:`..io.images.folder_inputs`), but
+    never the folder itself: a batch folder holds cases."""
+    return [p for p in folder_inputs(root) if p != root]
 
 
 def _manifest_cases(path: Path) -> list[Case]:

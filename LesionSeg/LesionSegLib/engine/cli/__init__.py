@@ -32,9 +32,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _exit_on_sigterm() -> None:
+    """A terminated command unwinds as on Ctrl-C (temporary files and uncommitted outputs are
+    removed by their context managers) instead of dying where it stands."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv=None) -> int:
+    """Run one command.  Errors a command does not report itself still end in one ``error:``
+    line (exit code 1), never a traceback."""
+    from ..errors import LesionSegError
+    from .common import one_line
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    _exit_on_sigterm()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (LesionSegError, OSError, MemoryError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

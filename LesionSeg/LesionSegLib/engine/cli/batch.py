@@ -13,6 +13,7 @@ import sys
 import time
 
 from ..errors import LesionSegError
+from .common import unit_interval
 
 
 def _model_key(model) -> tuple[str, str]:
@@ -130,7 +131,7 @@ def register(sub) -> None:
     sp.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs per worker (fractions share a GPU; default 0)")
     sp.add_argument("--model", default=None, help="model name, name@version or folder (default: the active model)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--threshold", type=float, default=None, help="as for segment")
+    sp.add_argument("--threshold", type=unit_interval, default=None, help="as for segment")
     sp.add_argument("--force", action="store_true", help="redo cases that are already complete")
     sp.add_argument("--progress", default="tqdm", choices=["tqdm", "json", "none"])
     sp.set_defaults(func=cmd_batch)

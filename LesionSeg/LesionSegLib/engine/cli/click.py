@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LesionSegError
+from .common import one_line, output_problem, positive_int
 
 DEFAULT_CLICK_MODEL = "sts-clcs"  # best click Dice on training-case clicks (see the module)
 
@@ -46,9 +47,17 @@ def cmd_click(args) -> int:
     from ..segment.pipeline import Engine
 
     writer = None
+    problem = output_problem(args.output)  # before the model loads
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         points = [parse_point(p) for p in args.point]
         engine = Engine(args.model or DEFAULT_CLICK_MODEL, args.device, threads=args.threads)
+    except LesionSegError as exc:  # a bad point or model: exit code 2, as segment's setup errors
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    try:
         image = read_image(args.image)
         res = click(engine, image, points, source=str(args.image), fallback=fallback_engine(engine, args))
         stem = output_stem(args.image)
@@ -60,8 +69,10 @@ def cmd_click(args) -> int:
     except (LesionSegError, ValueError, OSError, MemoryError) as exc:
         if writer is not None:
             writer.abort()
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
+        from .segment import error_line
+
+        print(f"error: {error_line(exc, args.image)}", file=sys.stderr)
+        return 1  # the input or a point on it: exit code 1, as a failed input of segment
     for les in res.lesions:
         print(f"point {les.lesion_id}: {les.volume_ml:.2f} ml, diameter {les.diameter_mm:.1f} mm, confidence {les.confidence:.2f}", file=sys.stderr)
     print(f"{len(res.lesions)} lesion(s) -> {Path(args.output) / stem}_click.*  [{res.timings['click']:.2f}s on {res.device}]", file=sys.stderr)
@@ -78,5 +89,5 @@ def register(sub) -> None:
                     help="the model that answers a point where --model finds no lesion (default: sts-detseg for a "
                          "dense model, none for a detseg one; 'none' turns it off)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    sp.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     sp.set_defaults(func=cmd_click)

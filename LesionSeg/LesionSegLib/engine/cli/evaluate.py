@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import data
 from ..errors import LesionSegError
 from ..evaluate.report import MATCHING_RULE, _fmt, evaluate, write_report
+from .common import one_line, output_problem, unit_interval
 
 
 def _case_list(args) -> list[str] | None:
@@ -23,9 +24,16 @@ def cmd_evaluate(args) -> int:
     outdir = Path(args.output) if args.output else Path(args.pred) / "evaluation"
     try:
         report = evaluate(args.pred, args.gt, cases=_case_list(args), dice_threshold=args.dice_threshold)
-        files = write_report(report, outdir)
     except LesionSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = output_problem(outdir)
+    try:
+        if problem:
+            raise LesionSegError(problem)
+        files = write_report(report, outdir)
+    except (LesionSegError, OSError) as exc:
+        print(f"error: the report was not written: {one_line(exc)}", file=sys.stderr)
         return 2
     s = report["summary"]
     print(
@@ -53,10 +61,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, metavar="OUTDIR", help="folder written by `lesionseg segment` (<case>_lesions.nii.gz + .csv)")
     p.add_argument("--gt", required=True, metavar="GTDIR", help="ground truth: <case>/label.nii.gz folders or flat <case>_label/_lesions files")
     p.add_argument("-o", "--output", default=None, metavar="REPORTDIR", help="where to write the report (default: OUTDIR/evaluation)")
-    p.add_argument("--cases", nargs="+", default=None, metavar="CASE", help="evaluate only these cases (names or comma lists); each must exist")
-    p.add_argument("--split", choices=["val", "train"], default=None, help="evaluate the fixed STS validation (STS_034-041) or training split")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--cases", nargs="+", default=None, metavar="CASE", help="evaluate only these cases (names or comma lists); each must exist")
+    which.add_argument("--split", choices=["val", "train"], default=None,
+                       help="evaluate the fixed STS validation (STS_034-041) or training split; every case of it must exist")
     p.add_argument(
-        "--dice-threshold", type=float, default=None, metavar="T",
+        "--dice-threshold", type=unit_interval, default=None, metavar="T",
         help="Dice over lesions with confidence >= T only (default: every lesion in the labelmap)",
     )
     p.set_defaults(func=cmd_evaluate)

@@ -8,7 +8,7 @@ from ..errors import LesionSegError
 from ..learn.labels import MIN_LABELS, MIN_PER_CLASS
 from ..learn.retrain import retrain
 from ..learn.validation import DEFAULT_FOLDS
-from .common import Progress, emit
+from .common import Progress, emit, unit_interval
 
 
 def _cmd_retrain(args) -> int:
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--base-model", default=None, help="model whose classifier is retrained (default: the active model)")
     p.add_argument("--include-gt", default=None, metavar="DIR", help="add labels from DIR/<case>/image.nii.gz + label.nii.gz")
     p.add_argument("--gt-cases", nargs="*", default=None, help="only these case folders of --include-gt")
-    p.add_argument("--gt-prob-threshold", type=float, nargs="+", default=None, metavar="T",
+    p.add_argument("--gt-prob-threshold", type=unit_interval, nargs="+", default=None, metavar="T",
                    help="probability thresholds forming the ground-truth candidates (default: the model's; "
                         "e.g. 0.5 0.3 adds low-probability false positives, as the original classifier training does)")
     p.add_argument("-o", "--output", default=None, metavar="NEW_MODEL",

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import LesionSegError
 from ..io.images import expand_inputs, output_stem
-from .common import Progress, emit
+from .common import Progress, emit, one_line, output_problem, positive_int, unit_interval
 
 
 def save_features(result, path: str, case_hash: str) -> None:
@@ -89,7 +89,7 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
 
 def error_line(exc: BaseException, path) -> str:
     """The one-line error for a failed input, naming it."""
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    msg = one_line(exc)
     return msg if str(path) in msg else f"{path}: {msg}"
 
 
@@ -111,6 +111,11 @@ def cmd_segment(args) -> int:
     if clash:
         emit(args, {"event": "error", "input": None, "message": clash})
         print(f"error: {clash}", file=sys.stderr)
+        return 2
+    problem = output_problem(args.output)  # before the model loads: a bad -o is no input's fault
+    if problem:
+        emit(args, {"event": "error", "input": None, "message": problem})
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         engine = Engine(args.model, args.device, threads=args.threads, runtime=args.runtime, gate=args.gate)
@@ -160,7 +165,7 @@ def register(sub) -> None:
     sp.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     sp.add_argument("--model", default=None, help="model name, name@version or folder (default: the active model)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--threshold", type=float, default=None, help="keep lesions with confidence >= T (default: the model's, 0.5; 0 keeps every candidate)")
+    sp.add_argument("--threshold", type=unit_interval, default=None, help="keep lesions with confidence >= T (default: the model's, 0.5; 0 keeps every candidate)")
     sp.add_argument("--progress", default="bar", choices=["bar", "json", "none"])
     sp.add_argument("--save-features", action="store_true", help="also write <stem>_features.npz (classifier inputs, for review/retraining)")
     sp.add_argument(
@@ -169,7 +174,7 @@ def register(sub) -> None:
         choices=["auto", "openvino", "onnxruntime", "torch"],
         help="network runtime (default: $LESIONSEG_RUNTIME or auto = OpenVINO, else ONNX Runtime, else PyTorch; PyTorch on CUDA)",
     )
-    sp.add_argument("--threads", type=int, default=None, help="CPU threads for the whole command (network runtime and ITK filters)")
+    sp.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the whole command (network runtime and ITK filters)")
     sp.add_argument("--gate", default=None, metavar="DIR|off",
                     help="cascade gate: a gate folder from `lesionseg train-gate`, or 'off' (default: the model card's gate, if any)")
     sp.set_defaults(func=cmd_segment)

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import output_problem
+
 
 #: the settings that made sts-detseg 1.4.0 (README, "DetSeg3D"); the command's defaults
 SHIPPED_RECIPE = {
@@ -57,6 +59,11 @@ def cmd_train_detseg(args) -> int:
             print(f"error: {flag} must be a JSON object of inference keys, e.g. '{{}}': {exc}", file=sys.stderr)
             return 2
     run = Path(args.run or (Path(args.output).parent / (Path(args.output).name + "-run")))
+    for folder in (args.output, run):
+        problem = output_problem(folder)  # now, not after an hour of training
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     base = [python_executable(), "-u", "-m"]
     stage = lambda s, m: base + ["LesionSegLib.engine.learn.train_detseg", "--stage", s, "-o", str(run),  # noqa: E731
                                  "--minutes", str(m), "--threads", str(args.threads)]

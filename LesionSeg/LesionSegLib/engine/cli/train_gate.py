@@ -21,6 +21,15 @@ def add_arguments(ap) -> None:
 
 
 def _run(args) -> int:
+    import sys
+
+    from .common import output_problem
+
+    for folder in filter(None, (args.output, args.card_out)):
+        problem = output_problem(folder)  # now, not after the training budget
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     from ..gate.train import run  # torch and MONAI only when the command runs
 
     return run(args)

@@ -7,6 +7,7 @@ import time
 
 from ..errors import LesionSegError
 from ..learn.jobs import SegmenterTrainingJob, register_segmenter
+from .common import output_problem
 
 
 def _cmd_train_seg(args) -> int:
@@ -18,6 +19,9 @@ def _cmd_train_seg(args) -> int:
     job = SegmenterTrainingJob(args.images, args.output, minutes=args.minutes, max_steps=args.max_steps,
                                val=args.val, extra=[*extra, *(["--nproc", str(args.nproc)] if args.nproc > 1 else [])])
     try:
+        problem = output_problem(args.output)  # now, not after the training budget
+        if problem:
+            raise LesionSegError(problem)
         job.check_inputs()
     except LesionSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

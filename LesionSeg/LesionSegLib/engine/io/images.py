@@ -49,17 +49,50 @@ def image_stem(path: str | os.PathLike) -> str:
     return name
 
 
+def folder_inputs(root: Path) -> list[Path]:
+    """The inputs a folder stands for, as ``segment`` and ``batch`` read it:
+
+    * a case folder (``image.nii.gz`` beside ``label.nii.gz``, any :data:`GENERIC_STEMS` image):
+      that image only, never the label beside it;
+    * a folder of image files: each of them;
+    * a folder of other files (a DICOM series): the folder itself;
+    * a folder of case folders (``<case>/image.*``, or ``<case>/`` holding a DICOM series): one
+      input per case;
+    * anything else: the folder itself, which :func:`read_image` refuses with a reason.
+    """
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return [root]
+    files = [f for f in entries if f.is_file() and not f.name.startswith(".")]
+    images = [f for f in files if f.name.lower().endswith(IMAGE_SUFFIXES)]
+    generic = [f for f in images if image_stem(f).lower() in GENERIC_STEMS]
+    if generic:
+        return generic[:1]
+    if images:
+        return images
+    if files:
+        return [root]
+    out = []
+    for sub in (d for d in entries if d.is_dir() and not d.name.startswith(".")):
+        try:
+            inner = [f for f in sorted(sub.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        except OSError:
+            continue
+        case = [f for f in inner if f.name.lower().endswith(IMAGE_SUFFIXES) and image_stem(f).lower() in GENERIC_STEMS]
+        if case:
+            out.append(case[0])
+        elif inner and not any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in inner):
+            out.append(sub)  # a DICOM series folder
+    return out or [root]
+
+
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand folders of images into image files.  A folder of DICOM files stays a folder."""
+    """Expand folders into their inputs (:func:`folder_inputs`); files are kept as given."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            images = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
-            if images:
-                out.extend(images)
-                continue
-        out.append(p)
+        out.extend(folder_inputs(p) if p.is_dir() else [p])
     return out
 
 

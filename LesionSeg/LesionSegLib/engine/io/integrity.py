@@ -26,6 +26,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -121,9 +122,29 @@ def _nifti_layout(head: bytes, source: Path) -> dict | None:
     return None
 
 
+#: an inflated copy older than this is left over from a killed process (a read takes seconds)
+STALE_SECONDS = 3600.0
+INFLATED_PREFIX = "lesionseg-"
+
+
+def _sweep_stale(folder: Path) -> None:
+    """Remove this user's inflated copies that a killed process (SIGKILL, a crashed batch
+    worker) left in the temporary folder; a terminated command removes its own (the CLI turns
+    SIGTERM into an orderly exit)."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for old in folder.glob(f"{INFLATED_PREFIX}*.nii"):
+            with contextlib.suppress(OSError):
+                st = old.stat()
+                mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()  # no uids on Windows
+                if mine and now - st.st_mtime > STALE_SECONDS:
+                    old.unlink()
+
+
 @contextlib.contextmanager
 def _inflated_nifti(path: Path) -> Iterator[Path]:
-    fd, tmp = tempfile.mkstemp(prefix="lesionseg-", suffix=".nii")
+    _sweep_stale(Path(tempfile.gettempdir()))
+    fd, tmp = tempfile.mkstemp(prefix=INFLATED_PREFIX, suffix=".nii")
     try:
         with os.fdopen(fd, "wb") as out, open(path, "rb") as fh:
             head = bytearray()

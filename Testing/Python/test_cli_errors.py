@@ -1,0 +1,200 @@
+"""Command-line mistakes end in one ``error:`` line, early, never a traceback (a new-user trial).
+
+* a bad option value (a threshold outside [0, 1], zero threads, --cases with --split) is an
+  argparse error before anything runs;
+* an output folder that is a file or cannot be written is refused before a model loads or a
+  training starts, and is not blamed on an input;
+* errors a command does not report itself (an unknown model to ``models activate``, nothing to
+  roll back, an unknown case to ``fit-ood``, an OSError) still give one line from ``cli.main``;
+* a terminated command unwinds: the inflated copy of a ``.nii.gz`` it was reading is removed,
+  and copies left by killed processes are swept once stale.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LesionSegLib.engine import cli
+from LesionSegLib.engine.io import integrity
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ct(path: Path) -> Path:
+    a = np.random.default_rng(0).normal(40, 200, (12, 20, 24)).astype(np.int16)
+    a[:, :4] = -1000
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(path))
+    return path
+
+
+def _one_error(capsys, rc, expected_rc, *texts):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == expected_rc, err
+    assert lines and lines[-1].startswith(("error: ", "lesionseg ")) and "Traceback" not in err, err
+    for t in texts:
+        assert t in lines[-1], (t, err)
+    return lines[-1]
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["segment", "x.nii.gz", "-o", "out", "--threshold", "2"], "--threshold: 2 is not within [0, 1]"),
+    (["segment", "x.nii.gz", "-o", "out", "--threshold", "nan"], "nan is not within [0, 1]"),
+    (["segment", "x.nii.gz", "-o", "out", "--threads", "0"], "--threads: 0 is not >= 1"),
+    (["click", "x.nii.gz", "--point=1,2,3", "-o", "out", "--threads", "-3"], "-3 is not >= 1"),
+    (["evaluate", "--pred", "p", "--gt", "g", "--dice-threshold", "5"], "--dice-threshold: 5 is not within [0, 1]"),
+    (["evaluate", "--pred", "p", "--gt", "g", "--cases", "STS_034", "--split", "val"], "not allowed with argument"),
+    (["batch", "d", "-o", "out", "--threshold", "-0.1"], "is not within [0, 1]"),
+])
+def test_bad_option_values_are_refused_before_anything_runs(argv, text, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    _one_error(capsys, exc.value.code, 2, text)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from LesionSegLib.engine.segment import pipeline
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(pipeline, "Engine", no_model)
+    image = _ct(tmp_path / "case.nrrd")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for argv in (["segment", str(image), "-o", str(afile), "--progress", "none"],
+                 ["click", str(image), "--point=0,0,0", "-o", str(afile)],
+                 ["train-gate", "-o", str(afile)],
+                 ["train-detseg", "-o", str(afile)],
+                 ["train-seg", "--images", str(tmp_path), "-o", str(afile)]):
+        rc = cli.main(argv)
+        line = _one_error(capsys, rc, 2, f"output folder {afile} is a file, not a folder")
+        assert str(image) not in line  # not blamed on the input
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_refused(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc = cli.main(["segment", str(_ct(tmp_path / "case.nrrd")), "-o", str(ro), "--progress", "none"])
+        _one_error(capsys, rc, 2, f"output folder {ro} cannot be written")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_errors_the_commands_do_not_catch_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
+    rc = cli.main(["models", "activate", "no-such-model"])
+    _one_error(capsys, rc, 1, "unknown model 'no-such-model'")
+    rc = cli.main(["models", "rollback"])
+    _one_error(capsys, rc, 1, "nothing to roll back")
+    rc = cli.main(["fit-ood", "--model", "no-such-model"])
+    _one_error(capsys, rc, 1, "unknown model")
+    # an OSError inside a command: one line with its text and file, without "[Errno ..]"
+    import argparse
+
+    def broken(args):
+        raise PermissionError(13, "Permission denied", "/x/active.json")
+
+    def parser():
+        ap = argparse.ArgumentParser()
+        ap.set_defaults(func=broken)
+        return ap
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    line = _one_error(capsys, cli.main([]), 1, "error: Permission denied: /x/active.json")
+    assert "Errno" not in line
+
+
+def test_fit_ood_names_an_unknown_case(tmp_path, capsys, monkeypatch):
+    from LesionSegLib.engine import data
+
+    if not (data.data_root() / "manifest.csv").exists():
+        pytest.skip(f"shared CT data folder {data.data_root()} is absent (set LESIONSEG_DATA)")
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
+    with pytest.raises(data.UnknownCaseError, match="case 'STS_999' is not in the manifest") as exc:
+        data.case("STS_999")
+    assert isinstance(exc.value, KeyError)  # still a lookup error for callers that catch KeyError
+
+
+def test_a_terminated_read_removes_its_inflated_copy(tmp_path):
+    """SIGTERM while a ``.nii.gz`` is inflated: the CLI's handler turns it into SystemExit, so the
+    temporary ``.nii`` is removed and the exit code is 128 + 15."""
+    image = _ct(tmp_path / "case.nii.gz")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from LesionSegLib.engine.cli import _exit_on_sigterm\n"
+        "from LesionSegLib.engine.io.integrity import verified\n"
+        "_exit_on_sigterm()\n"
+        "with verified(Path(sys.argv[1])) as p:\n"
+        "    print(p, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+    )
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=str(ROOT / "LesionSeg"))
+    proc = subprocess.run([sys.executable, "-c", code, str(image)], capture_output=True, text=True, env=env, timeout=60)
+    inflated = Path(proc.stdout.strip())
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert inflated.parent == tmp and inflated.name.startswith("lesionseg-")
+    assert not inflated.exists() and list(tmp.iterdir()) == []
+
+
+def test_stale_inflated_copies_are_swept(tmp_path, monkeypatch):
+    """A copy a SIGKILLed process left behind (older than STALE_SECONDS) is removed by the next
+    read; a fresh one (another process may be reading it) and other files are kept."""
+    monkeypatch.setattr(integrity.tempfile, "tempdir", str(tmp_path))
+    stale, fresh, other = tmp_path / "lesionseg-old.nii", tmp_path / "lesionseg-new.nii", tmp_path / "mine.nii"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"\0" * 10)
+    old = time.time() - integrity.STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    image = _ct(tmp_path / "case.nii.gz")
+    with integrity.verified(image) as inflated:
+        assert inflated.exists()
+    assert not stale.exists() and fresh.exists() and other.exists() and not inflated.exists()
+
+
+def test_folders_expand_as_a_user_lays_them_out(tmp_path):
+    """A case folder gives its image, never the label beside it (``segment STS_041/`` used to
+    segment label.nii.gz too and fail on it); a folder of case folders gives one image per case,
+    as ``batch`` reads it; a folder of scans gives each scan; a DICOM series folder stays itself."""
+    from LesionSegLib.engine.batch.cases import read_cases
+    from LesionSegLib.engine.io.images import expand_inputs
+
+    root = tmp_path / "data"
+    for case in ("c1", "c2"):
+        (root / case).mkdir(parents=True)
+        _ct(root / case / "image.nii.gz")
+        _ct(root / case / "label.nii.gz")
+    (root / "notes.md").write_text("a data folder's README")
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    (dicom / "IM0001").write_bytes(b"\0" * 132)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for n in ("a.nrrd", "b.nii.gz"):
+        _ct(scans / n)
+    assert expand_inputs([root / "c1"]) == [root / "c1" / "image.nii.gz"]
+    assert expand_inputs([root]) == [root]  # files but no image: read_image names the problem
+    (root / "notes.md").unlink()
+    assert expand_inputs([root]) == [root / "c1" / "image.nii.gz", root / "c2" / "image.nii.gz"]
+    assert [c.input for c in read_cases(root)] == [str(p) for p in expand_inputs([root])]
+    assert expand_inputs([scans]) == [scans / "a.nrrd", scans / "b.nii.gz"]
+    assert expand_inputs([dicom, scans / "a.nrrd"]) == [dicom, scans / "a.nrrd"]
