@@ -63,6 +63,20 @@ def test_dense_click_segments_the_lesion_under_the_point(clcs):
 
 
 @needs_data
+def test_two_points_on_one_lesion_give_one_lesion(clcs):
+    """Two clicks on one tumour (its centre, and another voxel of it) are one lesion: label 1 and
+    one row, and a message that point 2 added nothing (the CSV had a row 2 with no voxel 2)."""
+    img, gt = _case("STS_041")
+    centre = _centre_lps(img, gt)
+    inside = np.argwhere(gt)[len(np.argwhere(gt)) // 3]
+    other = img.TransformIndexToPhysicalPoint([int(v) for v in inside[::-1]])
+    res = click(clcs, img, [centre, other])
+    assert set(np.unique(res.labelmap)) == {0, 1} and [les.lesion_id for les in res.lesions] == [1]
+    assert any("point 2" in m and "lies on the lesion of point 1" in m for m in res.messages)
+    assert _dice(res.labelmap == 1, gt) > 0.6
+
+
+@needs_data
 def test_dense_click_grows_the_crop_while_the_lesion_reaches_its_side(clcs, monkeypatch):
     """STS_034's tumour (547 ml, ~12 cm) in an 80 mm crop is cut by the crop; growing it recovers the tumour."""
     img, gt = _case("STS_034")
@@ -138,8 +152,9 @@ def test_click_cli_default_model_is_dense(tmp_path):
     assert cli_main(["click", str(case.image), f"--point={point}", "-o", str(out), "--device", "cpu"]) == 0
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "STS_038_click.nii.gz")))
     assert _dice(lab == 1, gt) > 0.6
-    header = (out / "STS_038_click.csv").read_text().splitlines()[0].split(",")
+    header, row = [line.split(",") for line in (out / "STS_038_click.csv").read_text().splitlines()[:2]]
     assert header == list(CSV_COLUMNS)
+    assert 0.0 <= float(dict(zip(header, row))["scan_ood_score"]) < 1.5  # the scan's OOD score, as segment writes it
     # a bad point writes nothing; exit code 1 (a bad input, as in segment), 2 for a malformed --point
     bad = tmp_path / "bad"
     assert cli_main(["click", str(case.image), "--point=9999,0,0", "-o", str(bad), "--device", "cpu"]) == 1

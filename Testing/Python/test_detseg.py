@@ -343,10 +343,10 @@ def test_click_cli_on_real_case_matches_the_label(tmp_path):
     with open(out / "STS_041_click.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == CSV_COLUMNS and rows[0]["lesion_id"] == "1" and len(rows) == 1
-    # a bad point: one-line error, exit 2, nothing written
+    # a bad point: one-line error, exit 1 (a bad input, as in segment), nothing written
     out2 = tmp_path / "out2"
     rc = cli.main(["click", str(case.image), f"--point={point}", "--point", "9999,0,0", "-o", str(out2), "--model", DETSEG])
-    assert rc == 2 and (not out2.exists() or not any(out2.iterdir()))
+    assert rc == 1 and (not out2.exists() or not any(out2.iterdir()))
     assert cli.main(["click", str(case.image), "--point", "1,2", "-o", str(out2)]) == 2
 
 

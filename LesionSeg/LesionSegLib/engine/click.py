@@ -182,6 +182,11 @@ def _lesion_at(engine, image: sitk.Image, p, idx, cancel=None):
             return crop, start, canonical, hu, sp, found
 
 
+#: a point's lesion with at least this share of its voxels already labelled by earlier points is
+#: one of theirs (two clicks on one lesion), not a new lesion
+SAME_LESION_SHARE = 0.5
+
+
 def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], cancel=None, source: str | None = None,
           fallback=None) -> SegmentationResult:
     """Segment the lesion under each point; lesion ``k`` (label ``k``) is point ``k`` (1-based).
@@ -189,7 +194,9 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
     ``engine``: any :class:`~.segment.pipeline.Engine`.  ``fallback``: an engine, or a function
     that returns one (called at most once, when first needed), that answers a point where
     ``engine`` finds no lesion; the result's messages say which points it answered.  The labelmap
-    is on ``image``'s grid; where two points' lesions overlap the earlier point keeps the voxel.
+    is on ``image``'s grid; where two points' lesions overlap the earlier point keeps the voxel.  A
+    point whose lesion lies mostly (:data:`SAME_LESION_SHARE`) on an earlier point's is that
+    lesion: it gets no label and no row, and a message says so.
     """
     from .io.images import validate_ct
 
@@ -204,6 +211,7 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
     backup = None  # (fallback engine, its scan descriptor), once needed
     full = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint16)
     lesions, n_fallback = [], 0
+    scan_ood: dict[bool, dict | None] = {}  # by "answered by the clicked model" (else the fallback)
     for k, (p, idx) in enumerate(zip(points_lps, idxs), start=1):
         eng, desc = engine, descriptor
         crop, start, canonical, hu, sp, found = _lesion_at(eng, image, p, idx, cancel)
@@ -225,10 +233,17 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
                                            prob_threshold=thr, min_size_mm3=0.0, descriptor=desc)
         if not res.lesions:
             raise InputError(f"no lesion found at point {_fmt(p)}")
+        scan_ood.setdefault(eng is engine, res.ood)  # the scan's OOD record, as segment writes it
         les = res.lesions[0]
         sub = res.labelmap == les.lesion_id
         z0, y0, x0 = start[2], start[1], start[0]
         region = full[z0 : z0 + sub.shape[0], y0 : y0 + sub.shape[1], x0 : x0 + sub.shape[2]]
+        taken = region[sub]
+        if taken.size and np.count_nonzero(taken) >= SAME_LESION_SHARE * taken.size:
+            # an earlier point's lesion: one lesion, one label and one row (not a row without voxels)
+            j = int(np.bincount(taken[taken > 0]).argmax())
+            notes.append(f"point {k} {_fmt(p)} lies on the lesion of point {j}; it adds no lesion (no label {k})")
+            continue
         region[sub & (region == 0)] = k
         (a, b) = les.bbox_ijk
         les.bbox_ijk = (tuple(int(u + s) for u, s in zip(a, start)), tuple(int(u + s) for u, s in zip(b, start)))
@@ -239,4 +254,5 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
     model_id = backup[0].card.id if n_fallback == len(lesions) else primary.card.id
     messages = list(dict.fromkeys(list(res.messages) + notes))  # the engines' notes and the scan's OOD warning
     return SegmentationResult(labelmap=full, lesions=lesions, reference=image, model_id=model_id, threshold=0.0,
-                              timings={"click": time.perf_counter() - t0}, device=str(engine.device), messages=messages)
+                              timings={"click": time.perf_counter() - t0}, device=str(engine.device), messages=messages,
+                              ood=scan_ood.get(True, scan_ood.get(False)))

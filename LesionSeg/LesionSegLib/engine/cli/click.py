@@ -73,6 +73,8 @@ def cmd_click(args) -> int:
 
         print(f"error: {error_line(exc, args.image)}", file=sys.stderr)
         return 1  # the input or a point on it: exit code 1, as a failed input of segment
+    for m in res.messages:  # the scan's OOD warning, which model answered, points on one lesion
+        print(f"note: {m}", file=sys.stderr)
     for les in res.lesions:
         print(f"point {les.lesion_id}: {les.volume_ml:.2f} ml, diameter {les.diameter_mm:.1f} mm, confidence {les.confidence:.2f}", file=sys.stderr)
     print(f"{len(res.lesions)} lesion(s) -> {Path(args.output) / stem}_click.*  [{res.timings['click']:.2f}s on {res.device}]", file=sys.stderr)
