@@ -174,6 +174,10 @@ def test_cli_import_reports_skips_and_refuses_foreign_files_in_one_line(tmp_path
     assert "Traceback" not in err and len(err.strip().splitlines()) == 2
     assert "foreign.csv is not a LesionSeg feedback export" in err and "absent.csv not found" in err
     assert FeedbackStore(db).count() == 1
+    # only missing files: refused before the database is opened, so none is created
+    fresh = tmp_path / "new.db"
+    assert main(["feedback", "import", "--db", str(fresh), str(tmp_path / "absent.csv")]) == 2
+    assert "absent.csv not found; nothing was imported" in capsys.readouterr().err and not fresh.exists()
 
 
 def test_oversized_csv_record_is_skipped(tmp_path):

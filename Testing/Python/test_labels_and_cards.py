@@ -204,3 +204,18 @@ def test_explicit_output_folder_and_default_name(tmp_path, user_models, shipped)
     with pytest.raises(RetrainError, match="exists and is not empty"):
         resolve_output(shipped, str(tmp_path / "full"))
     assert (tmp_path / "full" / "x").read_text(encoding="utf-8") == "keep"
+
+
+def test_saved_weights_are_readable_like_any_file_the_user_writes(tmp_path):
+    """safetensors creates 0600 files; model weights get the mode a plain ``open()`` gives (0666
+    minus the umask), as cards and every other output do, so a shared model folder stays usable."""
+    import stat
+
+    import torch
+
+    from LesionSegLib.engine.atomic import FILE_MODE
+    from LesionSegLib.engine.models import save_weights
+
+    for name, obj in (("dict.safetensors", {"w": torch.zeros(3)}), ("module.safetensors", torch.nn.Linear(2, 2))):
+        save_weights(obj, tmp_path / name)
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == FILE_MODE, name

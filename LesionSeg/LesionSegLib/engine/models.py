@@ -106,10 +106,13 @@ def save_weights(obj: "torch.nn.Module | dict[str, torch.Tensor]", path: str | o
     import torch
     from safetensors.torch import save_file, save_model
 
+    from .atomic import FILE_MODE
+
     if isinstance(obj, torch.nn.Module):
         save_model(obj, str(path))
     else:
         save_file({k: v.detach().cpu().contiguous() for k, v in obj.items()}, str(path))
+    os.chmod(path, FILE_MODE)  # safetensors creates 0600 files: others sharing the model folder could not read them
     return sha256_file(path)
 
 

@@ -63,6 +63,12 @@ def format_import(name, c: dict) -> list[str]:
 
 @_guarded
 def _cmd_import(args) -> int:
+    from pathlib import Path
+
+    if not any(Path(f).is_file() for f in args.files):  # nothing to import: the database is not opened, nor created
+        for f in args.files:
+            print(f"error: {f} {'is a folder' if Path(f).is_dir() else 'not found'}; nothing was imported", file=sys.stderr)
+        return 2
     with FeedbackStore(args.db) as store:
         total = {"inserted": 0, "updated": 0, "unchanged": 0, "rows": 0, "skipped": 0}
         failed = 0
