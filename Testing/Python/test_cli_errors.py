@@ -180,7 +180,8 @@ def test_stale_inflated_copies_are_swept(tmp_path, monkeypatch):
 def test_folders_expand_as_a_user_lays_them_out(tmp_path):
     """A case folder gives its image, never the label beside it (``segment STS_041/`` used to
     segment label.nii.gz too and fail on it); a folder of case folders gives one image per case,
-    as ``batch`` reads it; a folder of scans gives each scan; a DICOM series folder stays itself."""
+    as ``batch`` reads it; a folder of scans gives each scan but the label maps beside them; a
+    DICOM series folder stays itself."""
     from LesionSegLib.engine.batch.cases import read_cases
     from LesionSegLib.engine.io.images import expand_inputs
 
@@ -195,12 +196,16 @@ def test_folders_expand_as_a_user_lays_them_out(tmp_path):
     (dicom / "IM0001").write_bytes(b"\0" * 132)
     scans = tmp_path / "scans"
     scans.mkdir()
-    for n in ("a.nrrd", "b.nii.gz"):
+    for n in ("a.nrrd", "b.nii.gz", "ct.nii.gz", "a_mask.nrrd", "b.seg.nrrd"):
         _ct(scans / n)
     assert expand_inputs([root / "c1"]) == [root / "c1" / "image.nii.gz"]
     assert expand_inputs([root]) == [root]  # files but no image: read_image names the problem
     (root / "notes.md").unlink()
     assert expand_inputs([root]) == [root / "c1" / "image.nii.gz", root / "c2" / "image.nii.gz"]
     assert [c.input for c in read_cases(root)] == [str(p) for p in expand_inputs([root])]
-    assert expand_inputs([scans]) == [scans / "a.nrrd", scans / "b.nii.gz"]
+    assert expand_inputs([scans]) == [scans / "a.nrrd", scans / "b.nii.gz", scans / "ct.nii.gz"]  # no labels
+    labels_only = tmp_path / "labels"
+    labels_only.mkdir()
+    _ct(labels_only / "label.nii.gz")
+    assert expand_inputs([labels_only]) == [labels_only / "label.nii.gz"]  # then read_image says it is no CT
     assert expand_inputs([dicom, scans / "a.nrrd"]) == [dicom, scans / "a.nrrd"]

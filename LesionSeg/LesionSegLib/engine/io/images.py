@@ -28,6 +28,8 @@ SPACING_MAX_MM = 50.0
 
 #: file stems that name no case (``<case>/image.nii.gz``): the folder names the case instead
 GENERIC_STEMS = frozenset({"image", "img", "ct", "volume", "scan"})
+#: parts of a file name that mark a label map, not a scan (skipped beside scans in a folder input)
+LABEL_HINTS = ("label", "mask", "seg", "lesion", "annotation")
 
 
 def output_stem(path: str | os.PathLike) -> str:
@@ -52,9 +54,9 @@ def image_stem(path: str | os.PathLike) -> str:
 def folder_inputs(root: Path) -> list[Path]:
     """The inputs a folder stands for, as ``segment`` and ``batch`` read it:
 
-    * a case folder (``image.nii.gz`` beside ``label.nii.gz``, any :data:`GENERIC_STEMS` image):
-      that image only, never the label beside it;
-    * a folder of image files: each of them;
+    * a folder of image files: each of them, except those named as labels (:data:`LABEL_HINTS`:
+      ``label.nii.gz``, ``case1_mask.nrrd``, ``case1.seg.nrrd``) beside a scan, so a case folder
+      (``image.nii.gz`` beside ``label.nii.gz``) gives its image only;
     * a folder of other files (a DICOM series): the folder itself;
     * a folder of case folders (``<case>/image.*``, or ``<case>/`` holding a DICOM series): one
       input per case;
@@ -66,11 +68,9 @@ def folder_inputs(root: Path) -> list[Path]:
         return [root]
     files = [f for f in entries if f.is_file() and not f.name.startswith(".")]
     images = [f for f in files if f.name.lower().endswith(IMAGE_SUFFIXES)]
-    generic = [f for f in images if image_stem(f).lower() in GENERIC_STEMS]
-    if generic:
-        return generic[:1]
+    scans = [f for f in images if not any(h in image_stem(f).lower() for h in LABEL_HINTS)]
     if images:
-        return images
+        return scans or images  # only labels: read_image / validate_ct say why each is no CT
     if files:
         return [root]
     out = []
