@@ -27,7 +27,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from LesionSegLib import dependencies, mrml, review, sampledata
+from LesionSegLib import dependencies, mrml, ood, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
 from LesionSegLib.parameters import LesionSegParameterNode
 from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
@@ -400,7 +400,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 was = p.StartModify()
                 p.threshold = mrml.get_threshold(node)
                 p.reviewOrder = mrml.get_review_order(node)
-                p.oodWarning = node.GetAttribute(mrml.ATTR_OOD_WARNING) or ""
+                p.oodWarning = ood.warning(node)
                 p.EndModify(was)
             volume = mrml.reference_volume(node)
             if volume is not None and getattr(slicer.app, "layoutManager", lambda: None)() is not None:

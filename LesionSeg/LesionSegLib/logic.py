@@ -97,10 +97,9 @@ class LesionSegLogicCore:
                                                  scene=scene, region=region)
         try:
             table = mrml.create_table_node(seg_node, scene=scene)
-            ood = getattr(result, "ood", None) or {}
-            if ood.get("warning"):  # shown above the lesion table (issue 10: know the domain)
-                seg_node.SetAttribute(mrml.ATTR_OOD_WARNING, ood["warning"])
-            from . import corrections
+            from . import corrections, ood
+
+            ood.annotate(seg_node, result)  # the scan's OOD score and warning, shown above the lesion table
 
             corrections.remember_proposals(seg_node)  # what "Save corrections" diffs against
         except Exception:

@@ -44,9 +44,7 @@ from .volumes import (  # noqa: F401 (re-exported: the module's historical API)
     volume_geometry_lps, volume_to_sitk,
 )
 
-#: Segment tag names.
-#: the scan-level out-of-distribution warning of a result (empty: none)
-ATTR_OOD_WARNING = "LesionSeg.OODWarning"
+#: Segment tag names (a result's scan-level OOD score and warning are node attributes: ``ood.py``).
 TAG = {
     "confidence": "LesionSeg.Confidence",
     "lesion_id": "LesionSeg.LesionId",

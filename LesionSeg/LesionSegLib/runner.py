@@ -203,7 +203,8 @@ class BackgroundSegmentation:
         if self.state != "finished":
             raise RuntimeError(f"no result: the segmentation is {self.state}")
         return load_cli_outputs(self.outdir, self.stem, self.image, threshold=self.threshold,
-                                device=(self.done_event or {}).get("device", self.device), messages=self.notes)
+                                device=(self.done_event or {}).get("device", self.device), messages=self.notes,
+                                ood=(self.done_event or {}).get("ood"))
 
 
 def _safe_stem(stem: str) -> str:
@@ -229,12 +230,14 @@ def process_group_alive(pid: int) -> bool:
 
 
 def load_cli_outputs(outdir, stem: str, reference, threshold: float | None = None, device: str = "cpu",
-                     messages: list[str] | None = None):
+                     messages: list[str] | None = None, ood: dict | None = None):
     """Rebuild an engine ``SegmentationResult`` from ``lesionseg segment`` outputs.
 
     Reads ``<stem>_lesions.nii.gz`` (labelmap), ``<stem>_lesions.csv`` (measurements) and, when
     present, ``<stem>_features.npz`` (classifier features, patches, case hash, model id).
-    ``reference`` is the SimpleITK input image; the labelmap must be on its grid.
+    ``reference`` is the SimpleITK input image; the labelmap must be on its grid.  ``ood``: the
+    scan's OOD record of the run's ``done`` event (score, warning, domain); without it the scan
+    score comes from the CSV's ``scan_ood_score``.  Per-lesion ``ood_score`` comes from the CSV.
     Returns ``(result, case_hash)``.
     """
     import SimpleITK as sitk
@@ -280,11 +283,24 @@ def load_cli_outputs(outdir, stem: str, reference, threshold: float | None = Non
             bbox_ijk=bboxes.get(lid, ((0, 0, 0), (0, 0, 0))),
             features=feats.get(lid, {}),
             patch=patches.get(lid),
+            ood_score=_optional_float(row.get("ood_score")),
         ))
     lesions.sort(key=lambda les: les.lesion_id)
+    if not ood:
+        scan = next((s for s in (_optional_float(r.get("scan_ood_score")) for r in rows) if s is not None), None)
+        ood = None if scan is None else {"scan_score": scan, "warning": ""}
     result = SegmentationResult(labelmap=labelmap, lesions=lesions, reference=reference, model_id=model_id,
-                                threshold=float(threshold or 0.0), device=str(device), messages=list(messages or []))
+                                threshold=float(threshold or 0.0), device=str(device), messages=list(messages or []),
+                                ood=ood)
     return result, case_hash
+
+
+def _optional_float(text) -> float | None:
+    """A CSV cell as a float; None when empty (no OOD statistics) or not a number."""
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
 
 
 def _bboxes(labelmap: np.ndarray) -> dict[int, tuple]:

@@ -443,6 +443,12 @@ def test_background_run_matches_in_process(run):
         np.testing.assert_allclose([d["confidence"] for d in records], [les.confidence for les in run.ref.lesions], atol=1e-5)
         assert mrml.get_threshold(seg) == pytest.approx(0.3)
         assert seg.GetAttribute(mrml.ATTR_CASE_HASH) == run.case_hash
+        # the OOD record travels too (the Segment button runs this path): scan score, warning, per-lesion scores
+        from LesionSegLib import ood
+
+        assert run.ref.ood is not None and ood.score(seg) == pytest.approx(run.ref.ood["scan_score"], abs=1e-4)
+        assert ood.warning(seg) == (run.ref.ood["warning"] or "")
+        np.testing.assert_allclose([d["ood_score"] for d in records], [les.ood_score for les in run.ref.lesions], atol=1e-4)
         from LesionSegLib import export
 
         assert np.array_equal(export.instance_labelmap(seg, [d["lesion_id"] for d in records], run.volume), run.ref.labelmap)
@@ -450,6 +456,26 @@ def test_background_run_matches_in_process(run):
         assert d.patch is not None and d.patch.shape == (3, 32, 32, 32)
     finally:
         mrml.remove_result_nodes(seg)
+
+
+def test_background_run_on_a_chest_scan_shows_the_ood_warning(run, data_dir):
+    """A chest CT segmented with the Segment button (background CLI): the sarcoma model's warning
+    reaches the node and the panel's parameter, as in-process (the CLI's CSV had the scores, but
+    the panel's results carried none)."""
+    from LesionSegLib import mrml, ood
+
+    volume = mrml.load_volume(str(data_dir / "lidc" / "LIDC-IDRI-0001" / "image.nii.gz"), "LIDC-IDRI-0001")
+    try:
+        runner = run.logic.start_background(volume, model=str(run.engine.card.folder), device="cpu")
+        assert runner.wait(timeout=300) == "finished", runner.error
+        seg, _ = run.logic.finish_background(runner, volume)
+        try:
+            assert "unlike the model's training data" in ood.warning(seg) and ood.score(seg) > 1.0
+            assert all(d["ood_score"] is not None for d in mrml.lesions(seg))
+        finally:
+            mrml.remove_result_nodes(seg)
+    finally:
+        volume.GetScene().RemoveNode(volume)
 
 
 def test_background_cancel_leaves_nothing(run):

@@ -87,6 +87,13 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
     return res, names, timings
 
 
+def _json_ood(ood: dict | None) -> dict | None:
+    """A result's scan-level OOD record as JSON types (None without OOD statistics)."""
+    if not ood:
+        return None
+    return {"scan_score": float(ood["scan_score"]), "warning": ood.get("warning") or "", "domain": ood.get("domain")}
+
+
 def error_line(exc: BaseException, path) -> str:
     """The one-line error for a failed input, naming it."""
     msg = one_line(exc)
@@ -143,7 +150,9 @@ def cmd_segment(args) -> int:
         for k, v in timings.items():
             totals[k] = totals.get(k, 0.0) + v
         outputs = [str(Path(args.output) / n) for n in names]
-        emit(args, {"event": "done", "input": str(path), "outputs": outputs, "lesions": len(res.lesions), "timings": timings, "device": res.device, "runtime": engine.runtime})
+        emit(args, {"event": "done", "input": str(path), "outputs": outputs, "lesions": len(res.lesions), "timings": timings,
+                    "device": res.device, "runtime": engine.runtime,
+                    "ood": _json_ood(res.ood)})  # the scan's OOD score and warning (the Slicer panel shows it)
         stage_txt = "  ".join(f"{k} {v:.2f}s" for k, v in timings.items())
         print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / output_stem(path)}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}, {engine.runtime}]", file=sys.stderr)
         for m in res.messages:  # the engine's notes (CPU fallback, out-of-memory retry), each once
