@@ -31,8 +31,8 @@ from LesionSegLib import dependencies, mrml, ood, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
 from LesionSegLib.parameters import LesionSegParameterNode
 from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
-from LesionSegLib.widget_support import (AddLesionTool, DependencyInstaller, LogBox, Shortcuts, panel_feedback_store, reload_package,
-                                         save_corrections_from_panel, save_corrections_on_close, style_color_bar, table_lesion_ids)
+from LesionSegLib.widget_support import (AddLesionTool, DependencyInstaller, LogBox, SegmentWatch, Shortcuts, panel_feedback_store,
+                                         reload_package, save_corrections_from_panel, save_corrections_on_close, style_color_bar, table_lesion_ids)
 
 log = logging.getLogger("LesionSeg")
 
@@ -71,13 +71,10 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._guiTag = None
-        self.runner = None
-        self.runVolume = None
+        self.runner = self.runVolume = None
         self.runStarted = 0.0
-        self.segmentationNode = None
-        self.currentLesion = None
-        self.cudaAvailable = False
-        self.deviceMessage = ""
+        self.segmentationNode = self.currentLesion = None
+        self.cudaAvailable, self.deviceMessage = False, ""
         self._selecting = False
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
@@ -95,6 +92,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = LesionSegLogic()
         self.logBox = LogBox(self.ui.logTextEdit, self.ui.logCollapsibleButton)
         self.addLesionTool = AddLesionTool(self)
+        self.segmentWatch = SegmentWatch(self)  # segments removed or added outside the panel
         self.shortcuts = Shortcuts([("A", lambda: self.onReview("accepted")), ("R", lambda: self.onReview("rejected")),
                                     ("U", lambda: self.onReview("unsure")), ("N", lambda: self.onStep(+1)),
                                     ("P", lambda: self.onStep(-1))], self.parent)
@@ -391,6 +389,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Show ``node`` (a LesionSeg result, e.g. from a reopened scene) in the panel."""
         self.addLesionTool.cancel(quiet=True)
         self.segmentationNode = node
+        self.segmentWatch.watch(node)
         self.currentLesion = None
         table = None
         if node is not None:
@@ -455,6 +454,8 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lesionId = self.currentLesion
         try:
             self.logic.review(self.segmentationNode, lesionId, decision)
+        except KeyError:  # the lesion's segment is gone: the table follows, the status line says so
+            return self.segmentWatch.changed()
         except RuntimeError as exc:  # a sink failed; the scene has the decision
             slicer.util.warningDisplay(str(exc))
         self.ui.statusLabel.setText(_("Lesion {id}: {decision}.").format(id=lesionId, decision=decision))

@@ -42,20 +42,26 @@ def _volume_to_sitk(volume_node):
 
 
 def next_lesion_id(segmentation_node) -> int:
+    """An id no segment and no proposal of this result has had: a removed proposal's id is never
+    reused, since Save corrections matches segments to proposals by id (a reused id made the
+    added lesion an "edit" of the deleted false positive)."""
+    from .corrections import proposal_ids
+
     seg = segmentation_node.GetSegmentation()
     ids = [int(mrml.get_tag(seg.GetSegment(seg.GetNthSegmentID(i)), mrml.TAG["lesion_id"], "0") or 0)
            for i in range(seg.GetNumberOfSegments())]
-    return max(ids, default=0) + 1
+    return max(ids + proposal_ids(segmentation_node), default=0) + 1
 
 
-def shown_lesion_at(segmentation_node, point_ras) -> dict | None:
-    """The lesion shown at the node's threshold whose mask contains ``point_ras``, or None."""
+def lesion_at(segmentation_node, point_ras) -> dict | None:
+    """The lesion of this result (shown, or hidden by the threshold) whose mask contains
+    ``point_ras``, or None."""
     import vtk
 
     rep = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     seg = segmentation_node.GetSegmentation()
     world_to_ijk = vtk.vtkMatrix4x4()
-    for les in mrml.visible_lesions(segmentation_node):
+    for les in mrml.lesions(segmentation_node):
         segment = seg.GetSegment(les["segment_id"])
         image = segment.GetRepresentation(rep) if segment is not None else None
         if image is None:
@@ -98,10 +104,14 @@ def add_lesion(volume_node, segmentation_node, point_ras, engine, store=None, re
     ``fallback``: an engine, or a function returning one, that answers when ``engine`` finds no
     lesion there (:func:`click_fallback`); the record's ``click_model`` names the model that answered."""
     r, a, s = (float(v) for v in point_ras)
-    found = shown_lesion_at(segmentation_node, (r, a, s))
+    found = lesion_at(segmentation_node, (r, a, s))
     if found is not None:
-        raise InputError(f"the point ({r:.1f}, {a:.1f}, {s:.1f}) mm RAS is inside lesion {found['lesion_id']}, which is "
-                         "already shown: review it with Accept / Reject instead of adding it again")
+        where = f"the point ({r:.1f}, {a:.1f}, {s:.1f}) mm RAS is inside lesion {found['lesion_id']}"
+        thr = mrml.get_threshold(segmentation_node)
+        if mrml.shown_at(found, thr):
+            raise InputError(f"{where}, which is already shown: review it with Accept / Reject instead of adding it again")
+        raise InputError(f"{where}, which the model found with confidence {found['confidence']:.2f} but the threshold "
+                         f"({thr:.2f}) hides: lower the threshold to review it instead of adding it again")
     image = _volume_to_sitk(volume_node)
     res = click_engine(engine, image, [(-r, -a, s)], fallback=fallback)
     les = res.lesions[0]

@@ -57,6 +57,15 @@ def remember_proposals(segmentation_node):
     return node
 
 
+def proposal_ids(segmentation_node) -> list[int]:
+    """The lesion ids of the model's proposals for this result (removed ones included)."""
+    node = proposals_node(segmentation_node)
+    try:
+        return [int(k) for k in json.loads(node.GetAttribute(ATTR_PROPOSALS) or "{}")] if node is not None else []
+    except (ValueError, TypeError):
+        return []
+
+
 def _key(d: dict) -> str:
     from .engine.feedback.codec import lesion_key
 

@@ -335,9 +335,10 @@ def get_threshold(segmentation_node) -> float:
 
 
 def shown_at(lesion: dict, threshold: float) -> bool:
-    """Whether a lesion shows at ``threshold``: confidence at or above it, or added by the reviewer
-    (the "Add lesion" tool: a lesion the reviewer said is there is never hidden by the model's confidence)."""
-    return lesion["confidence"] >= float(threshold) - 1e-9 or lesion["review"] == "added"
+    """Whether a lesion shows at ``threshold``: confidence at or above it, or accepted or added by
+    the reviewer (a lesion the reviewer said is there is never hidden by the model's confidence:
+    raising the threshold must not drop it from the table, the counter or the exports)."""
+    return lesion["confidence"] >= float(threshold) - 1e-9 or lesion["review"] in ("accepted", "added")
 
 
 def visible_lesions(segmentation_node, threshold: float | None = None) -> list[dict]:

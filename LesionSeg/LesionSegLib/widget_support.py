@@ -370,3 +370,40 @@ class AddLesionTool:
         w.selectLesion(info["lesion_id"])
         w.ui.statusLabel.setText(text)
         return info
+
+
+class SegmentWatch:
+    """Keeps the panel's lesion table in step with segments added or removed outside the panel
+    (the Segment Editor's Remove, Python): the table is rebuilt from the segments, and a current
+    lesion that is gone is deselected, so Accept / Reject never act on a lesion that is not there."""
+
+    EVENTS = ("SegmentAdded", "SegmentRemoved")
+
+    def __init__(self, widget):
+        self.widget = widget
+        self.segmentation = None
+
+    def watch(self, node) -> None:
+        if self.segmentation is not None:
+            for name in self.EVENTS:
+                self.widget.removeObserver(self.segmentation, getattr(slicer.vtkSegmentation, name), self.changed)
+        self.segmentation = node.GetSegmentation() if node is not None else None
+        if self.segmentation is not None:
+            for name in self.EVENTS:
+                self.widget.addObserver(self.segmentation, getattr(slicer.vtkSegmentation, name), self.changed)
+
+    def changed(self, caller=None, event=None) -> None:
+        from . import mrml
+
+        w = self.widget
+        node = w.segmentationNode
+        if node is None or not slicer.mrmlScene.IsNodePresent(node):
+            return
+        table = mrml.get_table_node(node)
+        if table is not None:
+            mrml.update_table_node(table, node)
+        if w.currentLesion is not None and w.currentLesion not in {d["lesion_id"] for d in mrml.lesions(node)}:
+            w.currentLesion = None
+            w.ui.currentLesionLabel.setText("No lesion selected.")
+            w.ui.statusLabel.setText("The selected lesion was removed from the segmentation.")
+        w.updateGUI()

@@ -154,6 +154,38 @@ def test_table_and_threshold(run):
         mrml.set_threshold(seg, 0.0)
 
 
+def test_a_reviewer_decision_survives_the_threshold_and_hidden_lesions_are_not_added_twice(run):
+    """Raising the threshold above an accepted lesion's confidence keeps it in the table and the
+    exports (it vanished before, counter "0 of 0"); a click on a lesion that the threshold hides
+    is refused with a pointer to the threshold, not added again as a "missed" lesion."""
+    from LesionSegLib import click, export, mrml
+
+    seg, table = run.seg, run.table
+    top = max(run.ref.lesions, key=lambda les: les.confidence)
+    low = min(run.ref.lesions, key=lambda les: les.confidence)
+    try:
+        run.logic.review(seg, top.lesion_id, "accepted")
+        assert mrml.set_threshold(seg, min(1.0, top.confidence + 1e-3)) == 1 == table.GetNumberOfRows()
+        assert [d["lesion_id"] for d in mrml.visible_lesions(seg)] == [top.lesion_id]
+        assert seg.GetDisplayNode().GetSegmentVisibility(mrml.segment_id(top.lesion_id))
+        assert [int(r["lesion_id"]) for r in export.csv_rows(seg)] == [top.lesion_id]  # and it is exported
+        # the low-confidence candidate is hidden at the model's threshold; a click on it is refused
+        mrml.set_threshold(seg, run.engine.default_threshold)
+        assert low.confidence < run.engine.default_threshold
+        ras = (-low.centroid_lps[0], -low.centroid_lps[1], low.centroid_lps[2])
+        if click.lesion_at(seg, ras) is None:  # a non-convex candidate: use one of its voxels
+            k, j, i = np.argwhere(run.ref.labelmap == low.lesion_id)[0]
+            lps = run.file_image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+            ras = (-lps[0], -lps[1], lps[2])
+        n = seg.GetSegmentation().GetNumberOfSegments()
+        with pytest.raises(Exception, match=f"inside lesion {low.lesion_id}, which the model found with confidence .* hides"):
+            click.add_lesion(run.volume, seg, ras, run.engine)
+        assert seg.GetSegmentation().GetNumberOfSegments() == n
+    finally:
+        run.logic.review(seg, top.lesion_id, "unsure")
+        mrml.set_threshold(seg, 0.0)
+
+
 # ------------------------------------------------------------------------------- review
 class _ListSink:
     def __init__(self):

@@ -112,7 +112,7 @@ def test_add_lesion_click(panel, slicer_app, data_dir, monkeypatch):
     ras, gt = _gt_centre_ras(data_dir)
 
     # the automatic pass found this tumour: a click on it is refused (review that lesion instead)
-    found = click.shown_lesion_at(seg, ras)
+    found = click.lesion_at(seg, ras)
     assert found is not None and found["lesion_id"] in before
     n_decisions = len(w.logic.feedback_store.decisions()) if w.logic.feedback_store is not None else 0
     _press_add_lesion(w, slicer_app).AddControlPoint(*ras)
@@ -128,13 +128,20 @@ def test_add_lesion_click(panel, slicer_app, data_dir, monkeypatch):
     mrml.update_table_node(mrml.get_table_node(seg), seg)
     before.discard(found["lesion_id"])
     rows = view.model().rowCount()
-    assert click.shown_lesion_at(seg, ras) is None
+    assert click.lesion_at(seg, ras) is None
     _press_add_lesion(w, slicer_app).AddControlPoint(*ras)
     assert qt_harness.wait_until(lambda: not w.addLesionTool.active, timeout=300), ui.logTextEdit.toPlainText()
     assert errors == [], errors
     _assert_place_mode_left(w, slicer_app)
     [new] = [d for d in mrml.lesions(seg) if d["lesion_id"] not in before]
     assert new["review"] == click.ADDED and mrml.segment_status(seg, new["lesion_id"]) == "completed"
+    # a new id, never the removed proposal's: Save corrections sees a deletion and an addition
+    from LesionSegLib import corrections
+
+    assert new["lesion_id"] > max(corrections.proposal_ids(seg)) >= found["lesion_id"]
+    kinds = {(c["kind"], c["lesion_id"]) for c in corrections.diff(seg)}
+    assert ("deleted", found["lesion_id"]) in kinds and ("added", None) in kinds
+    assert not any(k == "edited" and lid == found["lesion_id"] for k, lid in kinds)
     assert view.model().rowCount() == rows + 1
     assert new["lesion_id"] in _table_ids(view)
     assert w.currentLesion == new["lesion_id"] and "added" in ui.statusLabel.text()
@@ -255,3 +262,35 @@ def test_scene_close_no_discards_and_errors_never_block(panel, slicer_app, data_
     assert slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0 and w.segmentationNode is None
     assert "error: saving corrections on scene close failed: disk full" in w.ui.logTextEdit.toPlainText()
     assert _stored_corrections(w) == []
+
+
+def test_a_segment_removed_outside_the_panel_leaves_the_table_and_review_consistent(panel):
+    """The Segment Editor's Remove on the lesion under review: the table drops its row, the lesion
+    is deselected and Accept asks for a selection (a KeyError escaped from the Qt slot before, and
+    the table kept the row with its counter)."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+
+    from LesionSegLib import mrml
+
+    w, volume, seg, _ = panel
+    w._parameterNode.threshold = 0.0  # every candidate in the table (STS_041 has two)
+    ids = _table_ids(w.ui.lesionTableView)
+    assert len(ids) >= 2
+    w.selectLesion(ids[0])
+    assert w.currentLesion == ids[0]
+    seg.GetSegmentation().RemoveSegment(mrml.segment_id(ids[0]))
+    assert _table_ids(w.ui.lesionTableView) == ids[1:] and w.currentLesion is None
+    assert "removed" in w.ui.statusLabel.text()
+    assert not w.ui.acceptButton.isEnabled()  # no lesion selected: nothing to accept
+    w.onReview("accepted")  # and called anyway (a shortcut): it asks for a selection, raises nothing
+    assert "Select a lesion" in w.ui.statusLabel.text()
+    # a lesion removed while still current in the logic's eyes (no event seen): Accept is refused quietly
+    w.selectLesion(ids[1])
+    w.segmentWatch.watch(None)  # as if the removal were not observed
+    seg.GetSegmentation().RemoveSegment(mrml.segment_id(ids[1]))
+    w.segmentWatch.watch(seg)
+    assert w.currentLesion == ids[1]
+    QTest.mouseClick(w.ui.acceptButton, Qt.LeftButton)
+    assert w.currentLesion is None and ids[1] not in _table_ids(w.ui.lesionTableView)
+    assert "removed" in w.ui.statusLabel.text()
