@@ -325,29 +325,41 @@ def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMA
                dicom_files=None) -> dict[str, Path]:
     """Write the requested formats into ``outdir``; returns {format: path}.
 
-    ``dicomseg`` is skipped (not an error) when the volume did not come from DICOM and no
-    ``dicom_files`` are given.
+    All of them appear together or none does (one :class:`~.engine.atomic.AtomicWriter`): a
+    format that fails leaves no other behind.  What can be known beforehand is refused before
+    anything is written: an output folder that is a file or cannot be written, and a DICOM SEG
+    with no lesion to hold (every shown lesion rejected).  ``dicomseg`` is skipped (not an error)
+    when the volume did not come from DICOM and no ``dicom_files`` are given.
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    stem = _stem(stem or segmentation_node.GetAttribute(mrml.ATTR_CASE_NAME) or segmentation_node.GetName())
-    out: dict[str, Path] = {}
+    from .engine.atomic import AtomicWriter
+    from .engine.cli.common import output_problem
+
     for fmt in formats:
-        if fmt == "seg.nrrd":
-            out[fmt] = export_seg_nrrd(segmentation_node, outdir / f"{stem}.seg.nrrd", include_hidden)
-        elif fmt == "nifti":
-            out[fmt] = export_nifti(segmentation_node, outdir / f"{stem}_lesions.nii.gz", include_hidden)
-        elif fmt == "csv":
-            out[fmt] = export_csv(segmentation_node, outdir / f"{stem}_lesions.csv", include_hidden)
-        elif fmt == "dicomseg":
-            volume = mrml.reference_volume(segmentation_node)
-            files = dicom_files or dicom_source_files(volume)
-            if files:
-                out[fmt] = export_dicom_seg(segmentation_node, outdir / f"{stem}_lesions.dcm", files, include_hidden)
-                if add_to_dicom_database(out[fmt], volume):
-                    out["dicom_database"] = out[fmt]
-        else:
+        if fmt not in FORMATS:
             raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
+    problem = output_problem(outdir)
+    if problem:
+        raise ValueError(problem)
+    volume = mrml.reference_volume(segmentation_node)
+    files = (dicom_files or dicom_source_files(volume)) if "dicomseg" in formats else []
+    if files and not _selected(segmentation_node, include_hidden, include_rejected=False):
+        raise ValueError("no lesion to export as DICOM SEG (every shown lesion is rejected or hidden); "
+                         "nothing was written: export the other formats on their own")
+    outdir = Path(outdir)
+    stem = _stem(stem or segmentation_node.GetAttribute(mrml.ATTR_CASE_NAME) or segmentation_node.GetName())
+    names = {"seg.nrrd": f"{stem}.seg.nrrd", "nifti": f"{stem}_lesions.nii.gz", "csv": f"{stem}_lesions.csv",
+             "dicomseg": f"{stem}_lesions.dcm"}
+    writers = {"seg.nrrd": export_seg_nrrd, "nifti": export_nifti, "csv": export_csv,
+               "dicomseg": lambda node, path, hidden: export_dicom_seg(node, path, files, hidden)}
+    out: dict[str, Path] = {}
+    with AtomicWriter(outdir) as writer:  # commits every file on success, removes them all on an error
+        for fmt in formats:
+            if fmt == "dicomseg" and not files:
+                continue
+            writers[fmt](segmentation_node, writer.path(names[fmt]), include_hidden)
+            out[fmt] = outdir / names[fmt]
+    if "dicomseg" in out and add_to_dicom_database(out["dicomseg"], volume):
+        out["dicom_database"] = out["dicomseg"]
     return out
 
 

@@ -40,6 +40,7 @@ class BackgroundSegmentation:
                  threshold: float | None = 0.0, python: str | None = None, save_features: bool = True,
                  threads: int | None = None, env: dict | None = None):
         self.image = image
+        self.name = str(stem)  # the volume's name: errors say it, not the temporary file the engine read
         self.stem = _safe_stem(stem)
         self.model = model
         self.device = device
@@ -136,7 +137,7 @@ class BackgroundSegmentation:
                 self.state = "failed"
                 if not self.error:
                     tail = [ln for ln in self.stderr_tail if ln.strip()]
-                    self.error = (tail[-1] if tail else f"the engine exited with code {rc}")
+                    self.error = self._named(tail[-1]) if tail else f"the engine exited with code {rc}"
                 self._remove_workdir()
         return events
 
@@ -151,7 +152,13 @@ class BackgroundSegmentation:
         elif kind == "done":
             self.done_event = ev
         elif kind == "error":
-            self.error = str(ev.get("message") or "the engine failed")
+            self.error = self._named(str(ev.get("message") or "the engine failed"))
+
+    def _named(self, text: str) -> str:
+        """``text`` with the temporary input file (gone by then) replaced by the volume's name."""
+        if self.workdir is not None:
+            text = text.replace(str(self.workdir / f"{self.stem}.nrrd"), f"volume '{self.name}'")
+        return text.removeprefix("error: ")
 
     def poll_remaining(self) -> list[dict]:
         out = []

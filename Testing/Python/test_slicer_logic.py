@@ -434,6 +434,26 @@ def test_dicom_seg_export(run, tmp_path):
         expected = number_of[ref.labelmap]
         for u, uid in enumerate(uids):
             assert np.array_equal(pixels[u], expected[datasets[uid]]), f"slice {datasets[uid]} differs"
+        # every lesion rejected: "Export all" refuses before writing anything (it wrote .seg.nrrd,
+        # NIfTI and CSV, then failed on the DICOM SEG and said "Export failed")
+        for les in kept:
+            run.logic.review(seg, les.lesion_id, "rejected")
+        with pytest.raises(ValueError, match="no lesion to export as DICOM SEG .* nothing was written"):
+            run.logic.export(seg, tmp_path / "all")
+        assert not (tmp_path / "all").exists() or list((tmp_path / "all").iterdir()) == []
+        done = run.logic.export(seg, tmp_path / "all", formats=("seg.nrrd", "csv"))
+        assert set(done) == {"seg.nrrd", "csv"}
+        # a format that fails leaves none of the others, and no temporary file
+        afile = tmp_path / "afile"
+        afile.write_text("mine")
+        with pytest.raises(ValueError, match=f"output folder {afile} is a file, not a folder"):
+            run.logic.export(seg, afile)
+        run.logic.review(seg, kept[0].lesion_id, "accepted")
+        blocked = tmp_path / "blocked"
+        (blocked / done["csv"].name).mkdir(parents=True)  # a folder in the way of the CSV
+        with pytest.raises(OSError):
+            run.logic.export(seg, blocked)
+        assert sorted(p.name for p in blocked.iterdir()) == [done["csv"].name]
         mrml.remove_result_nodes(seg)
         assert table.GetScene() is None
     finally:
@@ -541,3 +561,14 @@ def test_background_failure_is_reported(run, tmp_path):
     assert runner.wait(timeout=120) == "failed"
     assert "model" in runner.error.lower()
     assert not workdir.exists()
+    # a bad volume: the error names the volume, not the temporary file the engine read (gone by then)
+    import SimpleITK as sitk
+
+    mask = sitk.Cast(run.file_image > 0, sitk.sitkInt16)  # a label map, 0/1: not CT
+    mask.CopyInformation(run.file_image)
+    runner = BackgroundSegmentation(mask, stem="tumour mask", model=str(run.engine.card.folder), device="cpu")
+    runner.start()
+    workdir = runner.workdir
+    assert runner.wait(timeout=120) == "failed"
+    assert runner.error.startswith("volume 'tumour mask': intensity range [0, 1] is not CT"), runner.error
+    assert str(workdir) not in runner.error and not workdir.exists()

@@ -71,10 +71,20 @@ class AtomicWriter:
 
     def commit(self) -> list[Path]:
         done = []
-        for tmp, final in self._pending:
-            os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600 files
-            os.replace(tmp, final)
-            done.append(final)
+        try:
+            for _, final in self._pending:  # what would stop a rename half-way is found before the first one
+                if final.is_dir():
+                    raise IsADirectoryError(21, "a folder is in the way of an output file", str(final))
+            for tmp, final in self._pending:
+                os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600 files
+                os.replace(tmp, final)
+                done.append(final)
+        except BaseException:  # a rename failed (a folder in the way, a full disk): no temporary file is left
+            for tmp, final in self._pending[len(done):]:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            self._pending = []
+            raise
         self._pending = []
         return done
 
