@@ -172,8 +172,26 @@ def save_corrections(segmentation_node, store, reviewer: str = "") -> dict:
 
 def save_on_close(store, confirm, reviewer: str = "", scene=None) -> dict:
     """On scene close: the results with unsaved corrections are listed to ``confirm(names) -> bool``;
-    when it says yes they are saved.  Returns ``{result name: counts}`` (empty when nothing was saved)."""
+    when it says yes they are saved.  Returns ``{result name: counts}`` (empty when nothing was saved).
+
+    The store keeps one correction set per scan and model, so of several results of one scan by
+    one model only the one edited last is saved; the others are named in the question and get
+    ``{"not saved": "<why>"}`` instead of counts (they used to be reported saved, then replaced)."""
     pending = [n for n in mrml.lesion_segmentation_nodes(scene) if has_unsaved(n)]
-    if not pending or not confirm([n.GetName() for n in pending]):
+    groups: dict[tuple, list] = {}
+    for n in pending:
+        groups.setdefault((n.GetAttribute(mrml.ATTR_CASE_HASH) or n.GetID(), n.GetAttribute(mrml.ATTR_MODEL) or ""), []).append(n)
+    saved, superseded = [], {}
+    for nodes in groups.values():
+        last = max(nodes, key=lambda n: n.GetSegmentation().GetMTime())
+        saved.append(last)
+        for n in nodes:
+            if n is not last:
+                superseded[n.GetName()] = (f"the same scan and model as '{last.GetName()}', whose corrections are saved "
+                                           "(the store keeps one set per scan and model)")
+    names = [n.GetName() for n in saved] + [f"{name} (not saved: {why})" for name, why in superseded.items()]
+    if not pending or not confirm(names):
         return {}
-    return {n.GetName(): save_corrections(n, store, reviewer) for n in pending}
+    out = {n.GetName(): save_corrections(n, store, reviewer) for n in saved}
+    out.update({name: {"not saved": why} for name, why in superseded.items()})
+    return out

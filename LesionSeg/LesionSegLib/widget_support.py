@@ -259,7 +259,10 @@ def save_corrections_on_close(widget) -> dict:
         widget.logBox.append(_one_line(f"error: saving corrections on scene close failed: {exc}"), stamp=True)
         return {}
     for name, counts in saved.items():
-        widget.logBox.append(f"corrections of {name} saved on scene close: {_counts_text(counts)}", stamp=True)
+        if "not saved" in counts:
+            widget.logBox.append(f"corrections of {name} not saved on scene close: {counts['not saved']}", stamp=True)
+        else:
+            widget.logBox.append(f"corrections of {name} saved on scene close: {_counts_text(counts)}", stamp=True)
     return saved
 
 

@@ -97,6 +97,31 @@ def test_edit_add_delete_are_harvested(result, tmp_path):
     assert cr.stats(FeedbackStore(db))["added"] == 0
 
 
+def test_two_results_of_one_scan_save_one_correction_set_and_say_so(result, default_model, tmp_path):  # noqa: F811
+    """The store keeps one correction set per scan and model: of two edited results of one scan,
+    save on close saves the one edited last and names the other as not saved (both were reported
+    saved, and the first was silently replaced)."""
+    from LesionSegLib import corrections, mrml
+    from LesionSegLib.engine.feedback import FeedbackStore
+    from LesionSegLib.engine.feedback import corrections as cr
+    from LesionSegLib.logic import LesionSegLogicCore
+
+    volume, first = result
+    second, _ = LesionSegLogicCore().segment(volume, model=str(default_model.folder), device="cpu", threshold=0.0)
+    try:
+        for seg in (first, second):  # each reviewer pass removes one proposal (the last edit: second)
+            seg.GetSegmentation().RemoveSegment(mrml.find_segment(seg, 2 if seg is first else 1)[0])
+        asked = []
+        saved = corrections.save_on_close(str(tmp_path / "fb.db"), lambda names: asked.append(names) or True)
+        assert saved[second.GetName()]["deleted"] == 1
+        assert "not saved" in saved[first.GetName()] and second.GetName() in saved[first.GetName()]["not saved"]
+        assert asked[0][0] == second.GetName() and "not saved" in asked[0][1]  # the question says so before
+        [case] = cr.load_cases(FeedbackStore(tmp_path / "fb.db"))
+        assert case.case_name == CASE
+    finally:
+        mrml.remove_result_nodes(second)
+
+
 def test_ood_warning_is_kept_on_the_node(slicer_app):  # noqa: F811
     import types
 
