@@ -105,7 +105,18 @@ class LesionSegLogicCore:
         except Exception:
             mrml.remove_result_nodes(seg_node, scene)
             raise
+        self.show_only(seg_node)  # a new result is not drawn over an earlier one of the volume (kept, hidden)
         return seg_node, table
+
+    @staticmethod
+    def show_only(segmentation_node) -> None:
+        """Show ``segmentation_node`` and hide the other LesionSeg results of its volume, so two
+        passes on one scan are never drawn over each other; the result selector switches back."""
+        volume = mrml.reference_volume(segmentation_node)
+        for node in mrml.lesion_segmentation_nodes(segmentation_node.GetScene()):
+            display = node.GetDisplayNode()
+            if display is not None and (node is segmentation_node or mrml.reference_volume(node) is volume):
+                display.SetVisibility(node is segmentation_node)
 
     def reopen(self, segmentation_node):
         """Make a result from a reopened scene (or from a module reload) reviewable: the lesion
@@ -113,6 +124,7 @@ class LesionSegLogicCore:
         if segmentation_node.GetAttribute(mrml.ATTR_ROLE) != "segmentation":
             raise ValueError(f"'{segmentation_node.GetName()}' is not a LesionSeg result")
         mrml.set_threshold(segmentation_node, mrml.get_threshold(segmentation_node), update_table=False)
+        self.show_only(segmentation_node)
         return mrml.ensure_table_node(segmentation_node)
 
     # -------------------------------------------------------------------- background

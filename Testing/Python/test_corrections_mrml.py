@@ -107,8 +107,13 @@ def test_two_results_of_one_scan_save_one_correction_set_and_say_so(result, defa
     from LesionSegLib.logic import LesionSegLogicCore
 
     volume, first = result
-    second, _ = LesionSegLogicCore().segment(volume, model=str(default_model.folder), device="cpu", threshold=0.0)
+    logic = LesionSegLogicCore()
+    second, _ = logic.segment(volume, model=str(default_model.folder), device="cpu", threshold=0.0)
     try:
+        # the new pass is drawn alone; showing the first again (the result selector) hides the second
+        assert second.GetDisplayNode().GetVisibility() and not first.GetDisplayNode().GetVisibility()
+        logic.reopen(first)
+        assert first.GetDisplayNode().GetVisibility() and not second.GetDisplayNode().GetVisibility()
         for seg in (first, second):  # each reviewer pass removes one proposal (the last edit: second)
             seg.GetSegmentation().RemoveSegment(mrml.find_segment(seg, 2 if seg is first else 1)[0])
         asked = []
