@@ -63,7 +63,12 @@ class PanelJob:
         return True
 
     def cancel(self) -> None:
-        """Stop the job's process (and its children); the bar goes back to 0 and hides."""
+        """Stop the job's process (and its children); the bar goes back to 0 and hides.  Once the
+        job has written its model ("done: ..."), it is too late: the job finishes on the next poll,
+        and the panel says so instead of calling a written version cancelled."""
+        if self.job is not None and str(self.job.status).startswith("done"):
+            self.status.setText(_("{what}: too late to cancel, the new version is written.").format(what=self.name))
+            return
         job, self.job = self.job, None
         if job is not None:
             job.cancel()

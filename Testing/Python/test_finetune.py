@@ -41,6 +41,17 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
     with pytest.raises(FinetuneError, match="2 corrected cases in the feedback database, 0 with"):
         finetune(untouched, base.id)
     only_rejections = store_with(tmp_path / "c", [0, 1], kinds=["deleted", "deleted", "deleted"])
+    # corrections stored on another grid than the segmenter's (imported, or saved with another model)
+    from test_corrections import SPACING
+
+    other = tuple(2 * v for v in SPACING)
+    import test_corrections
+
+    monkeypatch.setattr(test_corrections, "SPACING", other)
+    coarse = store_with(tmp_path / "g", [0, 1])
+    monkeypatch.setattr(test_corrections, "SPACING", SPACING)
+    with pytest.raises(FinetuneError, match=r"2 corrected case\(s\) \(case., case.\) are stored on a 4.09x4x6 mm grid, not the segmenter's 2x2x3 mm"):
+        finetune(coarse, base.id, replay_cases=[])
     with pytest.raises(FinetuneError, match="hold no lesion voxel"):
         finetune(only_rejections, base.id, replay_cases=[])
     for bad in ({"lr": -1e-4}, {"decoder_lr_mult": 0.0}, {"decoder_lr_mult": float("nan")}):
@@ -147,7 +158,7 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     assert phantom.model_id == card.id and not any("lies in the domain of" in m for m in phantom.messages)
     # activate and roll back like retrain
     assert versions.activate(card.id) == card.id and models.active_model_id() == card.id
-    assert versions.rollback() == models.DEFAULT_MODEL
+    assert versions.rollback() == models.default_model_id()
     # OOD statistics of another scan descriptor (here: every card's, under a bumped version) switch
     # the cap and the routing off, and the messages say so and how to restore them
     from LesionSegLib.engine.segment import ood as ood_module

@@ -162,6 +162,42 @@ def test_a_folder_in_the_working_directory_never_shadows_a_model_name(tmp_path, 
         models.get_card("only-here")
 
 
+def test_a_version_written_but_never_activated_is_not_the_default(user_models, shipped):
+    """Retrain and fine-tune name their output "base name, next version" (sts-clcs@2): it runs
+    only once activated.  Before, with no activation record, the bare default name resolved to the
+    newest version, so an unactivated retrain silently became what segment ran."""
+    from LesionSegLib.engine.learn import versions
+
+    newer = user_models / shipped.name / "2"
+    shutil.copytree(shipped.folder, newer)
+    data = json.loads((newer / "card.json").read_text(encoding="utf-8"))
+    data["version"] = "2"
+    (newer / "card.json").write_text(json.dumps(data))
+    if shipped.name == models.DEFAULT_MODEL:
+        assert models.default_model_id() == shipped.id
+    assert models.get_card(None).id == shipped.id and models.get_card(shipped.name).id == shipped.id
+    assert versions.active_id() == shipped.id
+    assert versions.activate(f"{shipped.name}@2") == f"{shipped.name}@2"
+    assert models.get_card(None).version == "2" and models.get_card(shipped.name).version == "2"
+    assert versions.rollback() == models.default_model_id()
+    assert models.get_card(None).id == shipped.id
+    # a damaged activation record is said, not silently replaced by the default
+    models.active_file().write_text('{"active": null, "history": [], "log": [1]}')
+    assert "wrong type" in versions.active_state_problem() and models.get_card(None).id == shipped.id
+    models.active_file().write_text('{"active": "gone@9", "history": ["gone@9"], "log": []}')
+    with pytest.raises(ModelError, match="it is the active model .*models rollback"):
+        models.get_card(None)
+    # a model folder outside the registry cannot be activated: the message says to copy it in
+    outside = user_models.parent / "elsewhere" / "b"
+    shutil.copytree(shipped.folder, outside)
+    data = json.loads((outside / "card.json").read_text(encoding="utf-8"))
+    data.update(name="b", version="1")
+    (outside / "card.json").write_text(json.dumps(data))
+    models.active_file().unlink()
+    with pytest.raises(ModelError, match=f"is not the registered b@1; copy it into {user_models}"):
+        versions.activate(str(outside))
+
+
 @pytest.mark.parametrize("bad", ["/etc/hostname", "../card.json", "sub/../../x", "link.safetensors"])
 def test_card_file_paths_are_confined_to_the_model_folder(tmp_path, shipped, bad):
     folder = tmp_path / "m"

@@ -165,8 +165,8 @@ def test_retrain_on_real_features_writes_a_new_version(review_db, base_model, us
     assert versions.activate(card.id) == card.id
     assert models.active_model_id() == card.id and models.get_card(None).id == card.id
     assert [r["id"] for r in versions.list_versions() if r["active"]] == [card.id]
-    assert versions.rollback() == models.DEFAULT_MODEL
-    assert models.active_model_id() == models.DEFAULT_MODEL
+    assert versions.rollback() == models.default_model_id()
+    assert models.active_model_id() == models.default_model_id()
     with pytest.raises(ModelError, match="nothing to roll back"):
         versions.rollback()
     versions.activate(base_model.id)
@@ -231,7 +231,7 @@ def test_cli_retrain_and_models(review_db, base_model, user_models, tmp_path, ca
     rows = json.loads(capsys.readouterr().out)
     assert {"cli-model@1", base_model.id} <= {r["id"] for r in rows}
     assert main(["models", "rollback"]) == 0
-    assert models.active_model_id() == models.DEFAULT_MODEL
+    assert models.active_model_id() == models.default_model_id()
     # refusal is a clean error, exit code 2
     empty = FeedbackStore(tmp_path / "empty.db")
     assert main(["retrain", "--feedback", str(empty.path), "--base-model", base_model.id, "--progress", "none"]) == 2

@@ -141,7 +141,7 @@ def test_tiny_finetune_through_the_button_activate_rollback(widget, monkeypatch)
     assert models.active_model_id() == "panel-ft@1" and "panel-ft@1" in ui.activeModelLabel.text()
     assert [r[0] for r in rows(ui.versionsTableView) if r[1] == "yes"] == ["panel-ft@1"]
     ui.rollbackButton.click()
-    assert models.active_model_id() == models.DEFAULT_MODEL and "rolled back" in ui.activeModelLabel.text()
+    assert models.active_model_id() == models.default_model_id() and "rolled back" in ui.activeModelLabel.text()
     assert not shown
 
 

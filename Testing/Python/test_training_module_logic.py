@@ -127,7 +127,7 @@ def test_retrain_in_background_metrics_plot_versions(env, logic):
     assert "val_cluster_auc" not in card.data["metrics"]
     assert logic.activate("site-model@1") == "site-model@1"
     assert {r["Model"]: r["Active"] for r in table_rows(logic.update_versions_table())}["site-model@1"] == "yes"
-    assert logic.rollback() == models.DEFAULT_MODEL
+    assert logic.rollback() == models.default_model_id()
     assert "yes" not in {r["Model"]: r["Active"] for r in table_rows(logic.update_versions_table())}.get("site-model@1", "")
 
 
@@ -152,6 +152,30 @@ def test_retrain_refusal_and_cancel(env, logic):
     assert not any(c.name == "never" for c in models.list_models())
     leftovers = [p for p in (tmp / "models").rglob("card.json") if "never" in str(p)]
     assert leftovers == []
+
+
+def test_cancel_after_the_model_is_written_lets_the_job_finish(tmp_path):
+    """Between the job's "done" event (the version is on disk) and its exit, Cancel used to
+    report "cancelled" for a model that exists; now the job finishes and says what it wrote."""
+    import json as _json
+    import sys
+
+    from LesionSegLib.engine.learn.jobs import RetrainJob
+
+    class Written(RetrainJob):
+        def command(self):
+            done = _json.dumps({"event": "done", "model": "x@1"})
+            return [sys.executable, "-c", f"import time; print({done!r}, flush=True); time.sleep(1.5)"]
+
+    job = Written(feedback=None).start()
+    deadline = time.monotonic() + 30
+    while not job.status.startswith("done") and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert job.status == "done: x@1" and job.state == "running"
+    job.cancel()
+    assert not job.cancelled
+    assert wait(job) == "finished" and job.result["model"] == "x@1"
 
 
 def _gt_folder(tmp: Path, names):

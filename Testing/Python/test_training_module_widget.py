@@ -176,7 +176,7 @@ def test_review_statistics_retrain_activate_rollback(widget):
     active_rows = [r[0] for r in rows(ui.versionsTableView) if r[1] == "yes"]
     assert active_rows == ["panel-model@1"]
     ui.rollbackButton.click()
-    assert models.active_model_id() == models.DEFAULT_MODEL
+    assert models.active_model_id() == models.default_model_id()
     assert "rolled back" in ui.activeModelLabel.property("text")
 
 

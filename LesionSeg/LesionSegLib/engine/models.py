@@ -302,20 +302,48 @@ def read_active_state() -> dict:
         raise ModelError(f"{f} does not hold a JSON object; fix or delete it")
     state.update({k: data.get(k, state[k]) for k in state})
     if not isinstance(state["active"], (str, type(None))) or not isinstance(state["history"], list) \
-            or not isinstance(state["log"], list):
+            or not isinstance(state["log"], list) or not all(isinstance(h, str) for h in state["history"]) \
+            or not all(isinstance(e, dict) for e in state["log"]):
         raise ModelError(f"{f} has entries of the wrong type; fix or delete it")
     if state["active"] and not state["history"]:
         state["history"] = [state["active"]]
     return state
 
 
+def default_model_id() -> str:
+    """The shipped default model's id (``sts-clcs@<its version>``): what runs until the user
+    activates another model, however many versions of that name retraining has added."""
+    shipped = [c for c in list_models() if c.name == DEFAULT_MODEL and c.builtin]
+    return max(shipped, key=lambda c: _version_key(c.version)).id if shipped else DEFAULT_MODEL
+
+
 def active_model_id() -> str:
-    """The model id that ``segment`` uses when none is named (see :mod:`.learn.versions`); the
-    default model when ``active.json`` is absent or unreadable."""
+    """The model id that ``segment`` uses when none is named (see :mod:`.learn.versions`): the
+    activated one, else the shipped default (:func:`default_model_id`) -- never a version that
+    was only written (retrain and fine-tune name theirs "base name, next version").  An
+    unreadable ``active.json`` falls back to the default; ``models list`` and ``segment`` say so."""
     try:
-        return read_active_state()["active"] or DEFAULT_MODEL
+        return read_active_state()["active"] or default_model_id()
     except ModelError:
-        return DEFAULT_MODEL
+        return default_model_id()
+
+
+def _recorded_active() -> str | None:
+    try:
+        return read_active_state()["active"]
+    except ModelError:
+        return None
+
+
+def _broken_card_text(base: str) -> str:
+    """Why the user folder's cards of ``base`` cannot be read (for an error naming a lost model)."""
+    out = []
+    for card in sorted((user_models_dir() / base).glob(f"*/{CARD_NAME}")) if base else []:
+        try:
+            read_card(card)
+        except ModelError as exc:
+            out.append(str(exc))
+    return "; ".join(out) or "no card found"
 
 
 def get_card(name: str | os.PathLike | None = None) -> ModelCard:
@@ -333,11 +361,19 @@ def get_card(name: str | os.PathLike | None = None) -> ModelCard:
     found = [c for c in list_models() if c.name == base and (not version or c.version == version)]
     if not found:
         known = sorted({c.id for c in list_models()})
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(known) or 'none'}"
-                         + ("" if not Path(name).exists() else f" (to use the folder {name!r}, write ./{name})"))
-    if not version:
+        hint = ""
+        if Path(name).exists():
+            hint = f" (to use the folder {name!r}, write ./{name})"
+        elif name == _recorded_active():
+            hint = (f"; it is the active model (its folder was removed, or its card.json cannot be read: "
+                    f"{_broken_card_text(base)}); `lesionseg models rollback` or `models activate` another")
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(known) or 'none'}{hint}")
+    if not version:  # a bare name: its active version, else its shipped one, else its newest
         active = active_model_id()
         for c in found:
             if c.id == active:
                 return c
+        shipped = [c for c in found if c.builtin]
+        if shipped:
+            return max(shipped, key=lambda c: _version_key(c.version))
     return max(found, key=lambda c: _version_key(c.version))

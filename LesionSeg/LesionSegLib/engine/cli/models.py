@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from ..learn.versions import activate, active_id, history, list_versions, rollback
+from ..learn.versions import activate, active_id, active_state_problem, history, list_versions, rollback
 
 
 def format_versions(rows: list[dict]) -> str:
@@ -23,6 +24,9 @@ def _cmd_list(args) -> int:
     else:
         print(format_versions(rows) if rows else "no models found")
         print(f"active: {active_id()}")
+    note = active_state_problem()
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

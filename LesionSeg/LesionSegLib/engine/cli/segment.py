@@ -119,6 +119,11 @@ def cmd_segment(args) -> int:
         emit(args, {"event": "error", "input": None, "message": clash})
         print(f"error: {clash}", file=sys.stderr)
         return 2
+    if args.model is None:
+        from ..learn.versions import active_state_problem
+
+        if (note := active_state_problem()) is not None:
+            print(f"note: {note}", file=sys.stderr)
     problem = output_problem(args.output)  # before the model loads: a bad -o is no input's fault
     if problem:
         emit(args, {"event": "error", "input": None, "message": problem})

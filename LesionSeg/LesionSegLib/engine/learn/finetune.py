@@ -106,7 +106,10 @@ def split_cases(cases, held_apart: int | None = None):
     return [c for c in cases if c not in held], held
 
 
-def load_corrected(feedback, model_ids=None, min_cases: int = MIN_CASES, cases=None):
+def load_corrected(feedback, model_ids=None, min_cases: int = MIN_CASES, cases=None, spacing_zyx=None):
+    """The usable corrected cases of the store; with ``spacing_zyx`` (the segmenter's grid), a
+    case stored on another grid (imported, or saved with another model) is refused by name: the
+    segmenter would otherwise train on voxels of another size."""
     from ..feedback import FeedbackStore
     from ..feedback.corrections import load_cases
 
@@ -124,6 +127,14 @@ def load_corrected(feedback, model_ids=None, min_cases: int = MIN_CASES, cases=N
             f"too little to learn from: {len(found)} corrected cases in the feedback database, {len(good)} with an "
             f"edited, added or deleted segment; at least {min_cases} are needed. Correct more cases "
             "(edit, add or delete segments, then Save corrections).")
+    if spacing_zyx is not None:
+        other = [c for c in good if not np.allclose(c.geometry["spacing_zyx"], spacing_zyx, rtol=0.01)]
+        if other:
+            mm = lambda sp: "x".join(f"{v:.3g}" for v in reversed(sp))  # noqa: E731  (x, y, z)
+            raise FinetuneError(
+                f"{len(other)} corrected case(s) ({', '.join(c.case_name for c in other[:3])}) are stored on a "
+                f"{mm(other[0].geometry['spacing_zyx'])} mm grid, not the segmenter's {mm(spacing_zyx)} mm (x, y, z): they "
+                "were saved with another model; fine-tune that model, or leave them out with --cases")
     return good
 
 
@@ -297,7 +308,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
         raise FinetuneError(f"model {parent.id} is a {parent.architecture} model: fine-tuning works on a dense "
                             "segmenter (sts-clcs and the models made from it); choose one of those as the base model, "
                             "or retrain this model's confidence classifier from the review (lesionseg retrain)")
-    corrected = load_corrected(feedback, model_ids, min_cases, cases)
+    corrected = load_corrected(feedback, model_ids, min_cases, cases, parent.part("segmenter")["spacing_zyx"])
     train, held = split_cases(corrected, held_apart)
     if not any(c.label.any() for c in train):
         raise FinetuneError(f"the {len(train)} training corrected cases hold no lesion voxel; add or keep at least one lesion")

@@ -165,6 +165,8 @@ class ChildProcessJob:
         after ``grace`` seconds (so a GUI thread waits a few seconds at most)."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        if self.status.startswith("done"):  # the model is written and the process is only exiting:
+            return  # a cancel now would report "cancelled" for a version that exists (it finishes instead)
         self.cancelled = True
         self.status = "cancelling"
         self.proc.terminate(grace)

@@ -62,6 +62,16 @@ def active_id() -> str:
         return active
 
 
+def active_state_problem() -> str | None:
+    """Why the activation record cannot be used (so the default model runs), or None: ``segment``
+    and ``models list`` say it instead of running the default model without a word."""
+    try:
+        models.read_active_state()
+    except ModelError as exc:
+        return f"{exc}; the default model {models.default_model_id()} is used meanwhile"
+    return None
+
+
 def verify(card: models.ModelCard) -> list[str]:
     """Check the sha256 of every weight file the card names; returns the file names checked."""
     checked = []
@@ -115,11 +125,15 @@ def activate(model: str, reason: str = "activate") -> str:
     card = _resolve(model)
     verify(card)
     # the id must resolve back to this card, or segment would load another one
-    if models.get_card(card.id).folder.resolve() != card.folder.resolve():
+    try:
+        registered = models.get_card(card.id).folder.resolve()
+    except ModelError:  # a folder outside the registry: no id leads back to it
+        registered = None
+    if registered != card.folder.resolve():
         raise ModelError(f"{card.folder} is not the registered {card.id}; copy it into {models.user_models_dir()} first")
     with _locked():
         state = read_state()
-        previous = state["active"] or models.DEFAULT_MODEL
+        previous = state["active"] or models.default_model_id()
         if state["history"] and state["history"][-1] == card.id:
             return card.id
         state["history"].append(card.id)
@@ -134,7 +148,7 @@ def rollback() -> str:
     with _locked():
         state = read_state()
         if not state["history"]:
-            raise ModelError(f"nothing to roll back: the default model {models.DEFAULT_MODEL} is active")
+            raise ModelError(f"nothing to roll back: the default model {models.default_model_id()} is active")
         current = state["history"].pop()
         # skip versions that have since been deleted or damaged
         while state["history"]:
@@ -145,7 +159,7 @@ def rollback() -> str:
             except ModelError:
                 state["history"].pop()
         state["active"] = state["history"][-1] if state["history"] else None
-        now_active = state["active"] or models.DEFAULT_MODEL
+        now_active = state["active"] or models.default_model_id()
         state["log"].append({"event": "rollback", "id": now_active, "previous": current, "at": utc_now()})
         _write_state(state)
     return now_active
