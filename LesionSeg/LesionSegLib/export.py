@@ -331,8 +331,7 @@ def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMA
     with no lesion to hold (every shown lesion rejected).  ``dicomseg`` is skipped (not an error)
     when the volume did not come from DICOM and no ``dicom_files`` are given.
     """
-    from .engine.atomic import AtomicWriter
-    from .engine.cli.common import output_problem
+    from .engine.atomic import AtomicWriter, output_problem
 
     for fmt in formats:
         if fmt not in FORMATS:

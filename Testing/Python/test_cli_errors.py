@@ -86,12 +86,12 @@ def test_an_output_folder_that_is_a_file_is_refused_before_the_model_loads(tmp_p
 def test_an_unwritable_output_folder_is_refused(tmp_path, capsys, monkeypatch):
     """A folder the user may not write in (simulated: root writes anywhere, so the probe file's
     creation is made to fail as it does for a user in a read-only or foreign folder)."""
-    from LesionSegLib.engine.cli import common
+    from LesionSegLib.engine import atomic
 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", k.get("dir"))
 
-    monkeypatch.setattr(common.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
     ro = tmp_path / "ro"
     ro.mkdir()
     rc = cli.main(["segment", str(_ct(tmp_path / "case.nrrd")), "-o", str(ro), "--progress", "none"])
@@ -165,6 +165,7 @@ def test_stale_inflated_copies_are_swept(tmp_path, monkeypatch):
     """A copy a SIGKILLed process left behind (older than STALE_SECONDS) is removed by the next
     read; a fresh one (another process may be reading it) and other files are kept."""
     monkeypatch.setattr(integrity.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(integrity, "_SWEPT", set())
     stale, fresh, other = tmp_path / "lesionseg-old.nii", tmp_path / "lesionseg-new.nii", tmp_path / "mine.nii"
     for p in (stale, fresh, other):
         p.write_bytes(b"\0" * 10)

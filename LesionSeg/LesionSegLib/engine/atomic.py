@@ -144,3 +144,26 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def output_problem(folder) -> str | None:
+    """Why ``folder`` cannot take outputs (it is a file, or it or the folder it would be made in
+    cannot be written), or None.  Nothing is created: a refused command leaves no folder behind.
+    Commands check it before loading a model or training, so a wrong ``-o`` costs nothing and
+    is not blamed on an input."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        return f"output folder {path} is a file, not a folder"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"output folder {path} cannot be made: {existing} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lesionseg-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = "" if existing == path else f" (in {existing})"
+        return f"output folder {path} cannot be written{where}: {exc.strerror or exc}"
+    return None

@@ -1,14 +1,14 @@
 """What every ``lesionseg`` command shares: progress reporting, machine-readable events, option
-types that refuse a bad value up front, the output-folder check and the one-line error text."""
+types that refuse a bad value up front, the output-folder check (:func:`..atomic.output_problem`)
+and the one-line error text."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
-from pathlib import Path
+
+from ..atomic import output_problem  # noqa: F401  (the commands' output-folder check, re-exported)
 
 
 class Progress:
@@ -64,30 +64,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-# ------------------------------------------------------------------------------ output folder and errors
-def output_problem(folder) -> str | None:
-    """Why ``folder`` cannot take outputs (it is a file, or it or the folder it would be made in
-    cannot be written), or None.  Nothing is created: a refused command leaves no folder behind.
-    Commands check it before loading a model or training, so a wrong ``-o`` costs nothing and
-    is not blamed on an input."""
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        return f"output folder {path} is a file, not a folder"
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"output folder {path} cannot be made: {existing} is a file, not a folder"
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".lesionseg-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        where = "" if existing == path else f" (in {existing})"
-        return f"output folder {path} cannot be written{where}: {exc.strerror or exc}"
-    return None
-
-
+# ------------------------------------------------------------------------------ errors
 def one_line(exc: BaseException) -> str:
     """An exception as one line for ``error:``; an OSError as 'what: file', without its errno."""
     if isinstance(exc, OSError) and exc.strerror:

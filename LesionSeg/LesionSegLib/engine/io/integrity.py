@@ -127,10 +127,16 @@ STALE_SECONDS = 3600.0
 INFLATED_PREFIX = "lesionseg-"
 
 
+_SWEPT: set[str] = set()  # temporary folders already swept by this process
+
+
 def _sweep_stale(folder: Path) -> None:
     """Remove this user's inflated copies that a killed process (SIGKILL, a crashed batch
-    worker) left in the temporary folder; a terminated command removes its own (the CLI turns
-    SIGTERM into an orderly exit)."""
+    worker) left in the temporary folder, once per process and folder; a terminated command
+    removes its own (the CLI turns SIGTERM into an orderly exit)."""
+    if str(folder) in _SWEPT:
+        return
+    _SWEPT.add(str(folder))
     now = time.time()
     with contextlib.suppress(OSError):
         for old in folder.glob(f"{INFLATED_PREFIX}*.nii"):
