@@ -9,6 +9,7 @@ volume; a few voxels where the network is steep differ by up to a few hundredths
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -228,6 +229,27 @@ def test_damaged_weights_are_refused_even_with_a_valid_cache(user_model):
         finally:
             path.write_bytes(original)
     Engine(read_card(user_model.folder), device="cpu", runtime="onnxruntime")  # whole again: it loads
+
+
+def test_openvino_runs_without_telemetry(tmp_path):
+    """``import openvino`` used to send a usage event and write ``~/intel/openvino_ga_cid`` and
+    ``~/intel/stats`` (outside any folder the user chose, a client id from a clinical tool): the
+    runtime now blocks OpenVINO's telemetry package first.  Checked in a fresh process whose
+    home is empty, through the engine's own runtime choice and backend."""
+    code = (
+        "import numpy as np\n"
+        "from LesionSegLib.engine.runtime import backends\n"
+        "assert backends.importable('openvino')\n"
+        "import openvino\n"
+        "openvino.Core()\n"
+        "import sys\n"
+        "assert sys.modules.get('openvino_telemetry') is None\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[2] / "LesionSeg"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert list(tmp_path.rglob("*")) == [], [str(p) for p in tmp_path.rglob("*")]
 
 
 # ------------------------------------------------------------------ runtime choice and fallbacks

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Callable
 
 import numpy as np
@@ -19,8 +20,19 @@ RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
 AUTO_ORDER = ("openvino", "onnxruntime")
 
 
+def _no_telemetry(name: str) -> None:
+    """``import openvino`` sends a usage event and writes a client id and counters under
+    ``~/intel`` (the ``openvino_telemetry`` package, a dependency of the wheel).  A clinical tool
+    does neither: unless this process loaded that package already, it is blocked before OpenVINO
+    is imported, and OpenVINO falls back to its own no-op stub."""
+    if name == "openvino":
+        for mod in ("openvino_telemetry", "openvino_telemetry.backend"):
+            sys.modules.setdefault(mod, None)  # an import of it raises ImportError
+
+
 def importable(name: str) -> bool:
     """Whether the runtime package ``name`` imports (the import is what a missing package fails)."""
+    _no_telemetry(name)
     try:
         importlib.import_module(name)
         return True
@@ -57,6 +69,7 @@ def open_backend(runtime: str, onnx_path: str | os.PathLike, threads: int | None
     """A callable running the ONNX model at ``onnx_path``: ``f({input: array}) -> first output``
     (or the tuple of the first ``outputs`` outputs when ``outputs > 1``)."""
     if runtime == "openvino":
+        _no_telemetry("openvino")
         import openvino as ov
 
         core = ov.Core()
