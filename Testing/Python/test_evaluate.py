@@ -22,11 +22,13 @@ SHAPE = (12, 20, 20)  # z, y, x
 
 
 # ------------------------------------------------------------------------------ helpers
-def _write_volume(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0)) -> None:
+def _write_volume(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(spacing)
     img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
     sitk.WriteImage(img, str(path), useCompression=True)
 
 
@@ -278,6 +280,11 @@ def test_grid_mismatch_names_both_files(tmp_path):
         run_eval(tmp_path)
     msg = str(exc.value)
     assert "G_lesions.nii.gz" in msg and str(tmp_path / "gt" / "G" / "label.nii.gz") in msg and "grid" in msg
+    # a flipped axis alone: the message shows the directions that differ (size, spacing and origin agree)
+    write_gt(tmp_path / "gt", "G", gt, direction=(-1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    with pytest.raises(InputError) as exc:
+        run_eval(tmp_path)
+    assert "direction (1.0, 0.0, 0.0," in str(exc.value) and "direction (-1.0, 0.0, 0.0," in str(exc.value)
 
 
 def test_missing_or_mismatched_table(tmp_path):

@@ -119,21 +119,27 @@ def test_real_case_cut_in_half_is_refused(tmp_path):
     assert rc == 1 and (not out.exists() or not any(out.iterdir()))
 
 
-def _dicom_series(folder: Path, image: sitk.Image) -> list[Path]:
-    folder.mkdir()
+def _dicom_series(folder: Path, image: sitk.Image, modality: str = "CT", series_uid: str = "1.2.826.0.1.3680043.2.1125.7",
+                  prefix: str = "s", z_of=None) -> list[Path]:
+    """``image`` as a DICOM series in ``folder``; ``z_of(k)``: slice k's offset from slice 0 (mm)
+    along the slice normal, for irregular series (default: k x the image's z spacing)."""
+    folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     direction = image.GetDirection()
+    normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
+    first = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, 0)), dtype=float)
     files = []
     for k in range(image.GetSize()[2]):
         sl = image[:, :, k]
-        for tag, val in [("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.7"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.8"),
-                         ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k))))),
+        pos = image.TransformIndexToPhysicalPoint((0, 0, k)) if z_of is None else tuple(first + z_of(k) * normal)
+        for tag, val in [("0008|0060", modality), ("0020|000e", series_uid), ("0020|000d", "1.2.826.0.1.3680043.2.1125.8"),
+                         ("0020|0032", "\\".join(map(str, pos))),
                          ("0020|0037", "\\".join(map(str, (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])))),
                          ("0020|0013", str(k + 1)), ("0028|0030", f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}"),
                          ("0018|0050", str(image.GetSpacing()[2]))]:
             sl.SetMetaData(tag, val)
-        files.append(folder / f"s{k:03d}.dcm")
+        files.append(folder / f"{prefix}{k:03d}.dcm")
         writer.SetFileName(str(files[-1]))
         writer.Execute(sl)
     return files
@@ -151,6 +157,34 @@ def test_dicom_series_missing_or_short_slice_is_refused(tmp_path):
     files = _dicom_series(tmp_path / "short", ct)
     _cut(files[6], 0.6)
     _refused(files[0].parent, files[6].name)
+
+
+def test_dicom_series_irregular_other_modality_several_series_and_dicomdir(tmp_path):
+    """Found by an audit: an irregular series was put on one even spacing without a word (lesions
+    placed and measured wrongly); an MR series with CT-like values ran; of two series in a folder
+    one was taken silently; a DICOMDIR layout was "no image files and no DICOM series"."""
+    from LesionSegLib.engine.io.images import read_note
+
+    ct = _ct()  # 12 slices, 2.5 mm apart
+    ramp = _dicom_series(tmp_path / "ramp", ct, z_of=lambda k: 2.5 * k + 0.04 * k * k)  # gaps 2.54-3.34 mm, none 1.5x
+    _refused(ramp[0].parent, "slice spacing varies from 2.54 to 3.34 mm")
+    jitter = _dicom_series(tmp_path / "jitter", ct, z_of=lambda k: 2.5 * k + (0.01 if k % 2 else 0.0))  # scanner jitter
+    assert read_image(jitter[0].parent).GetSize() == ct.GetSize()
+    mr = _dicom_series(tmp_path / "mr", ct, modality="MR")
+    _refused(mr[0].parent, "modality is MR, not CT")
+    two = tmp_path / "two"
+    _dicom_series(two, ct)
+    _dicom_series(two, ct[:, :, :4], series_uid="1.2.826.0.1.3680043.2.1125.9", prefix="t")
+    img = read_image(two)
+    assert img.GetSize() == ct.GetSize()
+    assert "2 DICOM series in this folder; segmented the one with the most slices (12), not the others (4 slice(s))" in read_note(img)
+    assert read_note(read_image(jitter[0].parent)) is None
+    proc = _cli("segment", str(two), "-o", str(tmp_path / "out"), "--progress", "none", "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0 and "note: " in proc.stderr and "2 DICOM series in this folder" in proc.stderr, proc.stderr
+    cd = tmp_path / "cd"
+    _dicom_series(cd / "PT0" / "SE0", ct)
+    (cd / "DICOMDIR").write_bytes(b"\0" * 256)
+    _refused(cd, f"folder holds a DICOMDIR whose series are in sub-folders; give one of them: {cd / 'PT0' / 'SE0'}")
 
 
 # ------------------------------------------------------------------------------ error texts

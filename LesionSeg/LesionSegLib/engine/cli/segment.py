@@ -58,7 +58,7 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
     (their names are returned and they are committed last: ``batch`` writes its done-marker so).
     Returns ``(result, output names, stage timings)``; raises on a bad input, writing nothing."""
     from ..atomic import AtomicWriter
-    from ..io.images import read_image
+    from ..io.images import read_image, read_note
 
     stem = stem or output_stem(path)
     writer = AtomicWriter(outdir)
@@ -70,6 +70,8 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
         if save_feats:
             kw["keep_patches"] = True
         res = engine.segment(image, threshold=threshold, source=str(path), **kw)
+        if (note := read_note(image)) is not None:  # e.g. several DICOM series in the folder: which one ran
+            res.messages.append(note)
         t = time.perf_counter()
         names = res.write_outputs(writer, stem)
         if save_feats:

@@ -167,7 +167,7 @@ def _read_volume(path: Path, what: str) -> sitk.Image:
 
 def _grid_text(img: sitk.Image) -> str:
     r = lambda v: tuple(round(x, 3) for x in v)  # noqa: E731
-    return f"size {img.GetSize()}, spacing {r(img.GetSpacing())}, origin {r(img.GetOrigin())}"
+    return f"size {img.GetSize()}, spacing {r(img.GetSpacing())}, origin {r(img.GetOrigin())}, direction {r(img.GetDirection())}"
 
 
 def read_table(path: Path) -> dict[int, dict[str, float]]:

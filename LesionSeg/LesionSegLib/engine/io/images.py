@@ -132,8 +132,12 @@ def _read_series(folder: Path) -> sitk.Image:
     except RuntimeError as exc:  # pragma: no cover - GDCM error text varies
         raise InputError(f"cannot scan folder for DICOM: {_first_line(exc)}", src) from None
     if not series:
+        inner = _series_folders_below(folder) if (folder / "DICOMDIR").exists() else []
+        if inner:  # a CD / DICOMDIR layout: the slices sit in sub-folders
+            raise InputError(f"folder holds a DICOMDIR whose series are in sub-folders; give one of them: "
+                             f"{', '.join(str(p) for p in inner[:3])}", src)
         raise InputError("folder holds no image files and no DICOM series", src)
-    # Several series in one folder: take the one with most slices, as a viewer would.
+    # Several series in one folder: take the one with most slices, as a viewer would, and say so.
     files = {uid: reader.GetGDCMSeriesFileNames(src, uid) for uid in series}
     uid = max(files, key=lambda u: len(files[u]))
     reader.SetFileNames(files[uid])
@@ -143,7 +147,37 @@ def _read_series(folder: Path) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(f"cannot read DICOM series: {_first_line(exc)}", src) from None
     check_series(folder, uid, {f for names in files.values() for f in names}, reader, image)
+    if len(files) > 1:
+        others = ", ".join(f"{len(files[u])} slice(s)" for u in files if u != uid)
+        image.SetMetaData(NOTE_KEY, f"{src}: {len(files)} DICOM series in this folder; segmented the one with the most "
+                                    f"slices ({len(files[uid])}), not the others ({others}); give a folder per series to choose")
     return image
+
+
+#: a note a reader leaves on the image (SimpleITK metadata) for the command to print
+NOTE_KEY = "LesionSeg.ReadNote"
+
+
+def read_note(image: sitk.Image) -> str | None:
+    """The note :func:`read_image` left on ``image`` (several DICOM series in one folder), or None."""
+    return image.GetMetaData(NOTE_KEY) if image.HasMetaDataKey(NOTE_KEY) else None
+
+
+def _series_folders_below(folder: Path, limit: int = 3) -> list[Path]:
+    """Up to ``limit`` sub-folders of ``folder`` holding a DICOM series (a DICOMDIR layout)."""
+    found = []
+    reader = sitk.ImageSeriesReader()
+    for root, _dirs, names in sorted(os.walk(folder)):
+        if Path(root) == folder or not names:
+            continue
+        try:
+            if reader.GetGDCMSeriesIDs(root):
+                found.append(Path(root))
+        except RuntimeError:
+            continue
+        if len(found) >= limit:
+            break
+    return found
 
 
 @contextlib.contextmanager

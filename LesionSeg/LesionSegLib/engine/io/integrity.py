@@ -329,6 +329,9 @@ def _inflate_zlib(fh, source: Path) -> int:
 # ------------------------------------------------------------------------------ DICOM
 #: a gap this many times the usual slice step means slices are missing
 MISSING_SLICE_GAP = 1.5
+#: slice gaps that differ by more than this share of the median gap make an irregular series
+#: (scanners jitter by far less than 1 %; a tilted or variable-thickness series by far more)
+IRREGULAR_SLICES = 0.05
 
 
 def check_series(folder: Path, uid: str, listed: set[str], reader, image) -> None:
@@ -343,6 +346,9 @@ def check_series(folder: Path, uid: str, listed: set[str], reader, image) -> Non
             head = fh.read(1 << 16)
         if needle and needle in head:
             raise InputError(f"slice file {f.name} of the DICOM series is truncated or unreadable", str(folder))
+    modality = reader.GetMetaData(0, "0008|0060").strip().upper() if reader.HasMetaDataKey(0, "0008|0060") else ""
+    if modality and modality != "CT":
+        raise InputError(f"DICOM series modality is {modality}, not CT; LesionSeg segments CT", str(folder))
     n = image.GetSize()[2]
     try:
         positions = np.array([[float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")] for k in range(n)])
@@ -358,5 +364,13 @@ def check_series(folder: Path, uid: str, listed: set[str], reader, image) -> Non
         raise InputError(
             f"DICOM series has missing slices: {float(steps[k]):g} mm between slices {k + 1} and {k + 2}, "
             f"where the others are {usual:g} mm apart",
+            str(folder),
+        )
+    if usual > 0 and float(steps.max() - steps.min()) > IRREGULAR_SLICES * usual:
+        # ITK would put every slice on one spacing: lesions placed and measured wrongly
+        raise InputError(
+            f"DICOM series slice spacing varies from {float(steps.min()):.3g} to {float(steps.max()):.3g} mm (median "
+            f"{usual:.3g} mm): it is not on a regular grid; resample it to even slices first (e.g. Slicer's DICOM "
+            "acquisition-geometry regularization)",
             str(folder),
         )
