@@ -174,6 +174,12 @@ def test_cli_import_reports_skips_and_refuses_foreign_files_in_one_line(tmp_path
     assert "Traceback" not in err and len(err.strip().splitlines()) == 2
     assert "foreign.csv is not a LesionSeg feedback export" in err and "absent.csv not found" in err
     assert FeedbackStore(db).count() == 1
+    # a header too long to read is said as such, not as "missing columns"
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(["case_hash", "model_id", "decision"] + [f"c{i}" for i in range(20000)]) + "\n")
+    assert main(["feedback", "import", "--db", str(db), str(wide)]) == 2
+    err = capsys.readouterr().err
+    assert "header line is longer than 65536 bytes" in err and "missing columns" not in err
     # only missing files: refused before the database is opened, so none is created
     fresh = tmp_path / "new.db"
     assert main(["feedback", "import", "--db", str(fresh), str(tmp_path / "absent.csv")]) == 2

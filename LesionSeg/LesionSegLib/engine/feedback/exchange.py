@@ -330,7 +330,10 @@ def _split(text: str, patch_last: bool) -> list[str]:
 
 def _csv_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
     with open(src, "rb") as fh:
-        first, header = next(_records(fh, MAX_HEADER_BYTES), (1, None))
+        first, header = next(_records(fh, MAX_HEADER_BYTES), (1, ""))
+        if header is None:  # a header record too long (or not UTF-8) to read: not "missing columns"
+            raise FeedbackStoreError(f"{src} is not a LesionSeg feedback export (its header line is longer than "
+                                     f"{MAX_HEADER_BYTES} bytes or not UTF-8 text)")
         try:
             columns = next(csv.reader([header.rstrip("\r\n")], strict=True)) if header else []
         except csv.Error:

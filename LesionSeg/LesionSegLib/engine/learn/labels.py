@@ -77,7 +77,7 @@ class TrainingData:
 #: why a ground-truth label was left out when merging
 REVIEW_WINS = "ground-truth label of a reviewed lesion (the review wins)"
 SUPERSEDED = "superseded by a later review"
-OTHER_SEGMENTER = "made with a model of another segmenter"
+OTHER_SEGMENTER = "made with a model of another segmenter or one not installed (--all-models or --only-model takes them)"
 
 
 def patient_of(case_name: str, case_hash: str = "") -> str:
