@@ -322,13 +322,11 @@ def active_model_id() -> str:
     activated one, else the shipped default (:func:`default_model_id`) -- never a version that
     was only written (retrain and fine-tune name theirs "base name, next version").  An
     unreadable ``active.json`` falls back to the default; ``models list`` and ``segment`` say so."""
-    try:
-        return read_active_state()["active"] or default_model_id()
-    except ModelError:
-        return default_model_id()
+    return _recorded_active() or default_model_id()
 
 
 def _recorded_active() -> str | None:
+    """The activated model id of ``active.json``; None when there is none or it is unreadable."""
     try:
         return read_active_state()["active"]
     except ModelError:

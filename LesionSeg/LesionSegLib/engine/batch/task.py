@@ -17,7 +17,8 @@ def run_case(engine, case: str, input_path: str, outdir: str, model_key: str, th
              worker: str) -> dict:
     """Segment ``input_path`` into ``outdir`` under the stem ``case``.  Never raises for a bad
     input: returns ``{"status": "done"|"failed", "error", "seconds", "lesions", "worker"}``."""
-    from ..cli.segment import error_line, write_case
+    from ..cli.common import error_line
+    from ..cli.segment import write_case
 
     t0 = time.perf_counter()
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LesionSegError
-from .common import one_line, output_problem, positive_int
+from .common import error_line, one_line, output_problem, positive_int
 
 DEFAULT_CLICK_MODEL = "sts-clcs"  # best click Dice on training-case clicks (see the module)
 
@@ -69,8 +69,6 @@ def cmd_click(args) -> int:
     except (LesionSegError, ValueError, OSError, MemoryError) as exc:
         if writer is not None:
             writer.abort()
-        from .segment import error_line
-
         print(f"error: {error_line(exc, args.image)}", file=sys.stderr)
         return 1  # the input or a point on it: exit code 1, as a failed input of segment
     for m in res.messages:  # the scan's OOD warning, which model answered, points on one lesion

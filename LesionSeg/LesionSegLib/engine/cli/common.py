@@ -71,3 +71,9 @@ def one_line(exc: BaseException) -> str:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def error_line(exc: BaseException, path) -> str:
+    """The one-line error for a failed input (segment, click, batch), naming it."""
+    msg = one_line(exc)
+    return msg if str(path) in msg else f"{path}: {msg}"

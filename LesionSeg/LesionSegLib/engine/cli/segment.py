@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import LesionSegError
 from ..io.images import expand_inputs, output_stem
-from .common import Progress, emit, one_line, output_problem, positive_int, unit_interval
+from .common import Progress, emit, error_line, output_problem, positive_int, unit_interval
 
 
 def save_features(result, path: str, case_hash: str) -> None:
@@ -94,12 +94,6 @@ def _json_ood(ood: dict | None) -> dict | None:
     if not ood:
         return None
     return {"scan_score": float(ood["scan_score"]), "warning": ood.get("warning") or "", "domain": ood.get("domain")}
-
-
-def error_line(exc: BaseException, path) -> str:
-    """The one-line error for a failed input, naming it."""
-    msg = one_line(exc)
-    return msg if str(path) in msg else f"{path}: {msg}"
 
 
 def cmd_segment(args) -> int:
