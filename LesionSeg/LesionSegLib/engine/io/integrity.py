@@ -50,10 +50,7 @@ def verified(path: Path) -> Iterator[Path]:
     if name.endswith((".nii", ".nii.gz")):  # a .nii.gz that is not compressed is read as it is
         with open(path, "rb") as fh:
             head = fh.read(540)
-        expected = _nifti_expected(head, path)
-        if expected is not None:
-            _need(path.stat().st_size, expected, path, "the file")
-            _nifti_finite(path, head, path)
+        _check_nifti(path, head, path, path.stat().st_size, "the file")
     elif name.endswith((".nrrd", ".nhdr")):
         _check_nrrd(path)
     elif name.endswith((".mha", ".mhd")):
@@ -74,20 +71,24 @@ def _need(available: int, expected: int, source: Path, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------ NIfTI
-def _nifti_expected(head: bytes, source: Path) -> int | None:
-    """Bytes a single-file NIfTI must hold (header, extensions and voxels); None if not NIfTI."""
+def _check_nifti(data: Path, head: bytes, source: Path, available: int, where: str) -> None:
+    """Refuse a single-file NIfTI (``data``: whole and uncompressed, ``available`` bytes) that holds
+    fewer bytes than its header declares (header, extensions and voxels), or NaN/Inf voxels;
+    nothing to check if ``head`` is not a NIfTI header."""
     layout = _nifti_layout(head, source)
-    return None if layout is None else layout["offset"] + layout["count"] * layout["bitpix"] // 8
+    if layout is None:
+        return
+    _need(available, layout["offset"] + layout["count"] * layout["bitpix"] // 8, source, where)
+    _nifti_finite(data, layout, source)
 
 
 #: NIfTI datatype codes of floating-point voxels: numpy dtype by code
 NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
 
-def _nifti_finite(data: Path, head: bytes, source: Path) -> None:
+def _nifti_finite(data: Path, layout: dict, source: Path) -> None:
     """Refuse a floating-point NIfTI (``data``: a whole, uncompressed ``.nii``) holding NaN/Inf."""
-    layout = _nifti_layout(head, source)
-    if layout is None or layout["datatype"] not in NIFTI_FLOATS:
+    if layout["datatype"] not in NIFTI_FLOATS:
         return
     voxels = np.memmap(data, dtype=np.dtype(layout["end"] + NIFTI_FLOATS[layout["datatype"]]), mode="r",
                        offset=layout["offset"], shape=(layout["count"],))
@@ -160,10 +161,7 @@ def _inflated_nifti(path: Path) -> Iterator[Path]:
                     head += block[: 540 - len(head)]
                 out.write(block)
                 total += len(block)
-        expected = _nifti_expected(bytes(head), path)
-        if expected is not None:
-            _need(total, expected, path, "its gzip stream")
-            _nifti_finite(Path(tmp), bytes(head), path)
+        _check_nifti(Path(tmp), bytes(head), path, total, "its gzip stream")
         yield Path(tmp)
     finally:
         with contextlib.suppress(OSError):
