@@ -27,10 +27,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from LesionSegLib import dependencies, mrml, ood, review, sampledata
+from LesionSegLib import dependencies, mrml, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
 from LesionSegLib.parameters import LesionSegParameterNode
 from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
+from LesionSegLib.panel_sync import ensure_table, follow_parameters, show_result_parameters, volume_missing
 from LesionSegLib.widget_support import (AddLesionTool, DependencyInstaller, LogBox, SegmentWatch, Shortcuts, panel_feedback_store,
                                          reload_package, save_corrections_from_panel, save_corrections_on_close, style_color_bar, table_lesion_ids)
 
@@ -177,14 +178,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        if p.resultSegmentation is not self.segmentationNode:
-            self.setSegmentationNode(p.resultSegmentation)
-        elif self.segmentationNode is not None:
-            node = self.segmentationNode
-            if abs(mrml.get_threshold(node) - p.threshold) > 1e-9:
-                self.logic.set_threshold(node, p.threshold)
-            if mrml.get_review_order(node) != p.reviewOrder:
-                self.logic.set_review_order(node, p.reviewOrder)
+        follow_parameters(self)  # input volume <-> result, threshold, order
         self.ui.oodWarningLabel.setText(p.oodWarning)
         self.ui.oodWarningLabel.setVisible(bool(p.oodWarning))
         self.updateGUI()
@@ -255,7 +249,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller=None, event=None):
         save_corrections_on_close(self)  # asks first; never stops the close
         self.addLesionTool.cancel(quiet=True)
-        self.cancelSegmentation(quiet=True)
+        self.cancelSegmentation(reason=_("the scene was closed"))
         self.setParameterNode(None)
         self.setSegmentationNode(None)
 
@@ -267,6 +261,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self.segmentationNode
         if node is not None and not slicer.mrmlScene.IsNodePresent(node):
             self.setSegmentationNode(None)
+        ensure_table(self)  # a deleted table node is rebuilt
         return self.segmentationNode is not None
 
     def updateGUI(self):
@@ -292,6 +287,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.setEnabled(haveResult)
         self.ui.exportDicomSegButton.setEnabled(haveResult and bool(self.dicomFiles()))
         self.ui.addLesionButton.setEnabled(haveResult or self.addLesionTool.active)
+        volume_missing(self)  # what needs the result's scan waits for it
         for widget in (self.ui.inputVolumeSelector, self.ui.modelSelector, self.ui.deviceSelector):
             widget.setEnabled(not running)
         if haveResult:
@@ -371,7 +367,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runVolume = None
         self.updateGUI()
 
-    def cancelSegmentation(self, quiet=False):
+    def cancelSegmentation(self, quiet=False, reason=""):
         if self.runner is None:
             return
         self.pollTimer.stop()
@@ -380,8 +376,8 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runVolume = None
         self.ui.progressBar.setVisible(False)
         if not quiet:
-            self.ui.statusLabel.setText(_("Segmentation cancelled."))
-            self.logBox.append("segmentation cancelled", stamp=True)
+            self.ui.statusLabel.setText(_("Segmentation cancelled: {reason}.").format(reason=reason) if reason else _("Segmentation cancelled."))
+            self.logBox.append(f"segmentation cancelled{': ' + reason if reason else ''}", stamp=True)
         self.updateGUI()
 
     # ------------------------------------------------------------------------- result
@@ -394,13 +390,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = None
         if node is not None:
             table = self.logic.reopen(node)
-            p = self._parameterNode
-            if p is not None:  # the panel follows the result's own threshold and order
-                was = p.StartModify()
-                p.threshold = mrml.get_threshold(node)
-                p.reviewOrder = mrml.get_review_order(node)
-                p.oodWarning = ood.warning(node)
-                p.EndModify(was)
+            show_result_parameters(self, node)  # the panel follows the result's threshold, order and scan
             volume = mrml.reference_volume(node)
             if volume is not None and getattr(slicer.app, "layoutManager", lambda: None)() is not None:
                 slicer.util.setSliceViewerLayers(background=volume, fit=True)

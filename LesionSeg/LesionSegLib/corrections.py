@@ -69,7 +69,7 @@ def proposal_ids(segmentation_node) -> list[int]:
 def _key(d: dict) -> str:
     from .engine.feedback.codec import lesion_key
 
-    return lesion_key(d["centroid_lps"], d["lesion_id"])
+    return lesion_key(d["key_centroid_lps"], d["lesion_id"])
 
 
 def _segment_mask(segmentation_node, segment_id: str, volume) -> np.ndarray:
@@ -126,8 +126,9 @@ def _digest(changes: list[dict]) -> str:
 
 
 def has_unsaved(segmentation_node) -> bool:
-    """Whether the reviewer changed something since the last save (False without proposals)."""
-    if proposals_node(segmentation_node) is None:
+    """Whether the reviewer changed something since the last save (False without proposals, and
+    for a result whose scan was removed from the scene: there is no image to save them with)."""
+    if proposals_node(segmentation_node) is None or mrml.reference_volume(segmentation_node) is None:
         return False
     changes = diff(segmentation_node)
     if not any(c["kind"] != "kept" for c in changes):
@@ -176,8 +177,16 @@ def save_on_close(store, confirm, reviewer: str = "", scene=None) -> dict:
 
     The store keeps one correction set per scan and model, so of several results of one scan by
     one model only the one edited last is saved; the others are named in the question and get
-    ``{"not saved": "<why>"}`` instead of counts (they used to be reported saved, then replaced)."""
-    pending = [n for n in mrml.lesion_segmentation_nodes(scene) if has_unsaved(n)]
+    ``{"not saved": "<why>"}`` instead of counts (they used to be reported saved, then replaced).
+    A result that cannot be read or saved gets ``{"not saved": "<error>", "error": True}``, and
+    never costs the other results theirs; a result whose scan was removed has nothing to save."""
+    pending, failed = [], {}
+    for n in mrml.lesion_segmentation_nodes(scene):  # one result that cannot be read never costs the others theirs
+        try:
+            if has_unsaved(n):
+                pending.append(n)
+        except Exception as exc:  # noqa: BLE001
+            failed[n.GetName()] = f"its corrections could not be read: {exc}"
     groups: dict[tuple, list] = {}
     for n in pending:
         groups.setdefault((n.GetAttribute(mrml.ATTR_CASE_HASH) or n.GetID(), n.GetAttribute(mrml.ATTR_MODEL) or ""), []).append(n)
@@ -191,7 +200,13 @@ def save_on_close(store, confirm, reviewer: str = "", scene=None) -> dict:
                                            "(the store keeps one set per scan and model)")
     names = [n.GetName() for n in saved] + [f"{name} (not saved: {why})" for name, why in superseded.items()]
     if not pending or not confirm(names):
-        return {}
-    out = {n.GetName(): save_corrections(n, store, reviewer) for n in saved}
+        return {name: {"not saved": why, "error": True} for name, why in failed.items()}
+    out = {}
+    for n in saved:
+        try:
+            out[n.GetName()] = save_corrections(n, store, reviewer)
+        except Exception as exc:  # noqa: BLE001 (the next result is still saved)
+            out[n.GetName()] = {"not saved": f"saving failed: {exc}", "error": True}
     out.update({name: {"not saved": why} for name, why in superseded.items()})
+    out.update({name: {"not saved": why, "error": True} for name, why in failed.items()})
     return out

@@ -205,7 +205,7 @@ class LesionSegLogicCore:
             decision=decision,
             confidence=info["confidence"],
             model_id=info["model_id"] or segmentation_node.GetAttribute(mrml.ATTR_MODEL) or "",
-            centroid_lps=tuple(info["centroid_lps"]),
+            centroid_lps=tuple(info["key_centroid_lps"]),  # the proposal's: one lesion, one row, edited or not
             volume_ml=info["volume_ml"],
             diameter_mm=info["diameter_mm"],
             bbox_ijk=info["bbox_ijk"],

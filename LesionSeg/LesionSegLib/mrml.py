@@ -68,6 +68,8 @@ TAG = {
     "ood_score": "LesionSeg.OODScore",
 }
 #: Node attributes of a LesionSeg segmentation node.
+#: the proposal's centroid, kept when the reviewer's edit re-measures a lesion (see measure.py)
+KEY_CENTROID_TAG = "LesionSeg.KeyCentroidLPS"
 ATTR_THRESHOLD = "LesionSeg.Threshold"
 ATTR_MODEL = "LesionSeg.Model"
 ATTR_CASE_HASH = "LesionSeg.CaseHash"
@@ -272,7 +274,14 @@ def lesion_info(segment, segment_id_: str = "") -> dict:
         except ValueError:
             return default
 
-    centroid = tuple(float(v) for v in get_tag(segment, TAG["centroid_lps"], "0,0,0").split(","))
+    def point(tag):
+        try:
+            xyz = tuple(float(v) for v in get_tag(segment, tag, "0,0,0").split(","))
+        except ValueError:
+            return (0.0, 0.0, 0.0)
+        return xyz if len(xyz) == 3 else (0.0, 0.0, 0.0)
+
+    centroid = point(TAG["centroid_lps"])
     bbox = [int(v) for v in get_tag(segment, TAG["bbox_ijk"], "0,0,0,0,0,0").split(",")]
     feats = get_tag(segment, TAG["features"], "")
     review = get_tag(segment, TAG["review"], "unreviewed") or "unreviewed"
@@ -287,7 +296,9 @@ def lesion_info(segment, segment_id_: str = "") -> dict:
         "n_voxels": int(f("n_voxels", 0)),
         "mean_probability": f("mean_probability"),
         "max_probability": f("max_probability"),
-        "centroid_lps": centroid if len(centroid) == 3 else (0.0, 0.0, 0.0),
+        "centroid_lps": centroid,
+        # the lesion's identity in the feedback store: the proposal's centroid, kept when an edit re-measures it (measure.py)
+        "key_centroid_lps": point(KEY_CENTROID_TAG) if segment.HasTag(KEY_CENTROID_TAG) else centroid,
         "bbox_ijk": (tuple(bbox[:3]), tuple(bbox[3:])) if len(bbox) == 6 else ((0, 0, 0), (0, 0, 0)),
         "features": json.loads(feats) if feats else {},
         "model_id": get_tag(segment, TAG["model"], ""),
@@ -403,7 +414,8 @@ def review_progress(segmentation_node) -> tuple[int, int]:
 # -------------------------------------------------------------------------------- review
 def set_review(segmentation_node, lesion_id: int, decision: str, queue_position: int = 0, order: str = "",
                seconds: float = 0.0) -> dict:
-    """Set a lesion's review state: tags, Slicer segment status, colour; refresh its table row.
+    """Set a lesion's review state: tags, Slicer segment status, colour, visibility at the
+    threshold (:func:`shown_at`); refresh its table row.
 
     ``decision``: 'accepted', 'rejected', 'unsure' or 'unreviewed'.  The queue position, order and
     seconds of the decision are kept in tags too.  Returns the lesion record.
@@ -424,10 +436,14 @@ def set_review(segmentation_node, lesion_id: int, decision: str, queue_position:
         segment.SetColor(*status_color(decision, confidence))
     finally:
         segmentation_node.EndModify(was)
+    info = lesion_info(segment, sid)
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:  # drawn as the table lists it: an accepted lesion shows, a rejected one below the threshold hides
+        display.SetSegmentVisibility(sid, shown_at(info, get_threshold(segmentation_node)))
     table = get_table_node(segmentation_node)
     if table is not None:
         update_table_node(table, segmentation_node)
-    return lesion_info(segment, sid)
+    return info
 
 
 def review_state(segmentation_node, lesion_id: int) -> str:

@@ -20,6 +20,7 @@ import time
 
 import qt
 import slicer
+import vtk
 
 log = logging.getLogger("LesionSeg")
 
@@ -260,7 +261,8 @@ def save_corrections_on_close(widget) -> dict:
         return {}
     for name, counts in saved.items():
         if "not saved" in counts:
-            widget.logBox.append(f"corrections of {name} not saved on scene close: {counts['not saved']}", stamp=True)
+            error = "error: " if counts.get("error") else ""
+            widget.logBox.append(_one_line(f"{error}corrections of {name} not saved on scene close: {counts['not saved']}"), stamp=True)
         else:
             widget.logBox.append(f"corrections of {name} saved on scene close: {_counts_text(counts)}", stamp=True)
     return saved
@@ -376,24 +378,83 @@ class AddLesionTool:
 
 
 class SegmentWatch:
-    """Keeps the panel's lesion table in step with segments added or removed outside the panel
-    (the Segment Editor's Remove, Python): the table is rebuilt from the segments, and a current
-    lesion that is gone is deselected, so Accept / Reject never act on a lesion that is not there."""
+    """Keeps the panel's lesion table in step with the segments as the Segment Editor (or Python)
+    changes them: the table is rebuilt when segments are added or removed, and a current lesion
+    that is gone is deselected, so Accept / Reject never act on a lesion that is not there.  A
+    segment whose mask was painted or erased is measured again, and a segment drawn by hand becomes
+    an added lesion (:mod:`.measure`); edits made while another result was shown are caught by
+    :func:`.measure.refresh` when this one is shown."""
 
     EVENTS = ("SegmentAdded", "SegmentRemoved")
 
     def __init__(self, widget):
         self.widget = widget
         self.segmentation = None
+        self.stamps: dict[str, int | None] = {}  # segment id -> its mask's modified time when last measured
+        self.pending: set[str] = set()  # segments modified since the last flush
+        self._busy = False
+
+    def _observe(self, add: bool) -> None:
+        method = self.widget.addObserver if add else self.widget.removeObserver
+        for name in self.EVENTS:
+            method(self.segmentation, getattr(slicer.vtkSegmentation, name), self.changed)
+        method(self.segmentation, slicer.vtkSegmentation.SegmentModified, self.modified)
 
     def watch(self, node) -> None:
+        from . import measure, mrml
+
         if self.segmentation is not None:
-            for name in self.EVENTS:
-                self.widget.removeObserver(self.segmentation, getattr(slicer.vtkSegmentation, name), self.changed)
+            self._observe(False)
         self.segmentation = node.GetSegmentation() if node is not None else None
-        if self.segmentation is not None:
-            for name in self.EVENTS:
-                self.widget.addObserver(self.segmentation, getattr(slicer.vtkSegmentation, name), self.changed)
+        self.stamps, self.pending = {}, set()
+        if self.segmentation is None:
+            return
+        self._observe(True)
+        if mrml.reference_volume(node) is not None:
+            self._guarded(lambda: measure.refresh(node))
+        self.stamps = {self.segmentation.GetNthSegmentID(i): measure.stamp(node, self.segmentation.GetNthSegmentID(i))
+                       for i in range(self.segmentation.GetNumberOfSegments())}
+
+    def _guarded(self, work):
+        """Run ``work`` with this watch's own tag changes ignored; an error is logged, never raised
+        out of a VTK observer."""
+        self._busy = True
+        try:
+            return work()
+        except Exception as exc:  # noqa: BLE001 (an observer must not raise into VTK)
+            log.error("LesionSeg: could not measure the edited lesion: %s", exc)
+            return None
+        finally:
+            self._busy = False
+
+    @vtk.calldata_type(vtk.VTK_STRING)
+    def modified(self, caller=None, event=None, segment_id=None) -> None:
+        """A segment changed (mask, name, colour, tags): measure it again once the operation that
+        changed it is over (events fire midway through Slicer's own labelmap operations, such as
+        merging layers on save, when a segment's voxels are not yet where they end up)."""
+        if self._busy or not segment_id:
+            return
+        if not self.pending:
+            qt.QTimer.singleShot(0, self.flush)
+        self.pending.add(segment_id)
+
+    def flush(self) -> None:
+        """Measure the segments modified since the last flush whose mask changed (:mod:`.measure`)."""
+        from . import measure, mrml
+
+        pending, self.pending = self.pending, set()
+        node = self.widget.segmentationNode
+        if node is None or not slicer.mrmlScene.IsNodePresent(node) or mrml.reference_volume(node) is None:
+            return
+        changed = False
+        for segment_id in sorted(pending):
+            now = measure.stamp(node, segment_id)
+            if now is None or self.stamps.get(segment_id) == now:
+                continue
+            self.stamps[segment_id] = now
+            changed |= bool(self._guarded(lambda: measure.update(node, segment_id)))
+        if changed:
+            self.changed()
 
     def changed(self, caller=None, event=None) -> None:
         from . import mrml

@@ -260,7 +260,7 @@ def test_scene_close_no_discards_and_errors_never_block(panel, slicer_app, data_
     monkeypatch.setattr(corrections, "save_corrections", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     slicer_app.scene.Clear(False)
     assert slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0 and w.segmentationNode is None
-    assert "error: saving corrections on scene close failed: disk full" in w.ui.logTextEdit.toPlainText()
+    assert "error: corrections of STS_041 lesions not saved on scene close: saving failed: disk full" in w.ui.logTextEdit.toPlainText()
     assert _stored_corrections(w) == []
 
 
