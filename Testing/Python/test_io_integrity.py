@@ -120,9 +120,10 @@ def test_real_case_cut_in_half_is_refused(tmp_path):
 
 
 def _dicom_series(folder: Path, image: sitk.Image, modality: str = "CT", series_uid: str = "1.2.826.0.1.3680043.2.1125.7",
-                  prefix: str = "s", z_of=None) -> list[Path]:
+                  prefix: str = "s", z_of=None, sideways: float = 0.0) -> list[Path]:
     """``image`` as a DICOM series in ``folder``; ``z_of(k)``: slice k's offset from slice 0 (mm)
-    along the slice normal, for irregular series (default: k x the image's z spacing)."""
+    along the slice normal, for irregular series (default: k x the image's z spacing);
+    ``sideways``: mm each slice steps along the image's j axis too (a gantry tilt)."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -133,6 +134,7 @@ def _dicom_series(folder: Path, image: sitk.Image, modality: str = "CT", series_
     for k in range(image.GetSize()[2]):
         sl = image[:, :, k]
         pos = image.TransformIndexToPhysicalPoint((0, 0, k)) if z_of is None else tuple(first + z_of(k) * normal)
+        pos = tuple(np.asarray(pos) + k * sideways * np.asarray(direction, dtype=float).reshape(3, 3)[:, 1])
         for tag, val in [("0008|0060", modality), ("0020|000e", series_uid), ("0020|000d", "1.2.826.0.1.3680043.2.1125.8"),
                          ("0020|0032", "\\".join(map(str, pos))),
                          ("0020|0037", "\\".join(map(str, (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])))),
@@ -185,6 +187,35 @@ def test_dicom_series_irregular_other_modality_several_series_and_dicomdir(tmp_p
     _dicom_series(cd / "PT0" / "SE0", ct)
     (cd / "DICOMDIR").write_bytes(b"\0" * 256)
     _refused(cd, f"folder holds a DICOMDIR whose series are in sub-folders; give one of them: {cd / 'PT0' / 'SE0'}")
+
+
+def test_gantry_tilted_sheared_and_oblique_scans(tmp_path):
+    """Found by an audit: a gantry-tilted series was stacked along its slice normal (a lesion came
+    out 31 mm from where it is, with no word), a sheared NRRD lost its shear in the NIfTI output and
+    its volumes were wrong, and an oblique scan, which the model segments less well, gave no note."""
+    from LesionSegLib.engine.io.preprocess import oblique_note
+
+    ct = _ct()  # 2.5 mm slices, 0.8 x 0.9 mm in plane
+    tilt = _dicom_series(tmp_path / "tilt", ct, sideways=0.91)  # 20 degrees
+    _refused(tilt[0].parent, "gantry-tilted or sheared: its slices step 20.0 degrees off their normal (10.0 mm sideways")
+    rounding = _dicom_series(tmp_path / "rounding", ct, sideways=0.02)  # 0.2 mm over the stack: header rounding
+    assert read_image(rounding[0].parent).GetSize() == ct.GetSize()
+
+    sheared = sitk.Image(ct)
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    sheared.SetDirection((1, 0, 0, 0, 1, s, 0, 0, c))  # the k axis leans 20 degrees towards j
+    sitk.WriteImage(sheared, str(tmp_path / "sheared.nrrd"))
+    _refused(tmp_path / "sheared.nrrd", "sheared voxel grid: its axes are not at right angles (i-j 90.0, i-k 90.0, j-k 70.0 degrees)")
+
+    oblique = sitk.Image(ct)
+    oblique.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))  # rotated 20 degrees about z: a regular, oblique grid
+    sitk.WriteImage(oblique, str(tmp_path / "oblique.nrrd"))
+    assert "axes lie 20 degrees off the patient axes" in oblique_note(read_image(tmp_path / "oblique.nrrd"))
+    permuted = sitk.PermuteAxes(ct, [2, 0, 1])  # sagittal storage: axis-aligned, no note
+    assert oblique_note(permuted) is None and oblique_note(sitk.Flip(ct, [True, False, True])) is None
+    proc = _cli("segment", str(tmp_path / "oblique.nrrd"), "-o", str(tmp_path / "out"), "--progress", "none", "--device", "cpu",
+                cwd=tmp_path)
+    assert proc.returncode == 0 and "note: the scan is oblique: its axes lie 20 degrees" in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------------------ error texts

@@ -207,7 +207,9 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
     t0 = time.perf_counter()
     primary = engine
     engine, descriptor, note = _scan_context(engine, image)
-    notes = [note] if note else []
+    from .io.preprocess import oblique_note
+
+    notes = [n for n in (note, oblique_note(image)) if n]
     backup = None  # (fallback engine, its scan descriptor), once needed
     full = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint16)
     lesions, n_fallback = [], 0

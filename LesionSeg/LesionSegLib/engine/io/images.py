@@ -234,6 +234,12 @@ def validate_ct(image: sitk.Image, source: str | None = None) -> None:
             f"absurd voxel spacing {_num(spacing)} mm; expected {SPACING_MIN_MM:g}-{SPACING_MAX_MM:g} mm",
             source,
         )
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.all(np.isfinite(direction)) or np.abs(direction.T @ direction - np.eye(3)).max() > SHEAR_TOLERANCE:
+        raise InputError(f"sheared voxel grid: its axes are not at right angles ({_axis_angles(direction)}), as a "
+                         "gantry-tilted acquisition gives; NIfTI outputs cannot hold such a grid and volumes would be "
+                         "wrong: resample it onto a regular grid first (e.g. Slicer's DICOM acquisition-geometry "
+                         "regularization, or Resample Scalar Volume)", source)
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(arr)))
@@ -254,6 +260,19 @@ def validate_ct(image: sitk.Image, source: str | None = None) -> None:
             "-100 HU and soft tissue above 0 HU); is this an MR or an unrescaled CT?",
             source,
         )
+
+
+#: largest |D^T D - I| entry of a direction matrix taken as orthonormal (rounding in headers)
+SHEAR_TOLERANCE = 1e-3
+
+
+def _axis_angles(direction: np.ndarray) -> str:
+    """The angles between a direction matrix's axes, e.g. "i-j 90.0, i-k 90.0, j-k 70.0 degrees"."""
+    cols = direction / np.maximum(np.linalg.norm(direction, axis=0), 1e-12)
+    out = []
+    for a, b, name in ((0, 1, "i-j"), (0, 2, "i-k"), (1, 2, "j-k")):
+        out.append(f"{name} {np.degrees(np.arccos(np.clip(cols[:, a] @ cols[:, b], -1, 1))):.1f}")
+    return ", ".join(out) + " degrees"
 
 
 def read_label(path: str | os.PathLike, reference: sitk.Image | None = None) -> sitk.Image:

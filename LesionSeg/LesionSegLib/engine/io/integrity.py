@@ -355,6 +355,7 @@ def check_series(folder: Path, uid: str, listed: set[str], reader, image) -> Non
     if n < 3 or positions.shape != (n, 3):
         return
     normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    _check_tilt(positions, normal, min(image.GetSpacing()[:2]), folder)
     steps = np.abs(np.diff(positions @ normal))
     usual = float(np.median(steps))
     k = int(np.argmax(steps))
@@ -370,5 +371,22 @@ def check_series(folder: Path, uid: str, listed: set[str], reader, image) -> Non
             f"DICOM series slice spacing varies from {float(steps.min()):.3g} to {float(steps.max()):.3g} mm (median "
             f"{usual:.3g} mm): it is not on a regular grid; resample it to even slices first (e.g. Slicer's DICOM "
             "acquisition-geometry regularization)",
+            str(folder),
+        )
+
+
+def _check_tilt(positions: np.ndarray, normal: np.ndarray, in_plane_mm: float, folder: Path) -> None:
+    """Refuse a series whose slices step off their own normal (a gantry tilt, or a sheared stack):
+    ITK stacks the slices along the normal, so every lesion would be placed up to the stack's
+    sideways drift away from where it is, and measured on a wrong slice spacing."""
+    stack = positions[-1] - positions[0]
+    along = float(stack @ normal)
+    drift = float(np.linalg.norm(stack - along * normal))
+    if drift > 0.5 * in_plane_mm:
+        degrees = float(np.degrees(np.arctan2(drift, abs(along))))
+        raise InputError(
+            f"DICOM series is gantry-tilted or sheared: its slices step {degrees:.1f} degrees off their normal "
+            f"({drift:.1f} mm sideways over the stack), which a regular voxel grid cannot hold; resample it first "
+            "(e.g. Slicer's DICOM acquisition-geometry regularization)",
             str(folder),
         )

@@ -48,6 +48,28 @@ def from_canonical(array: np.ndarray, canonical: sitk.Image, original: sitk.Imag
     return out
 
 
+#: an input whose axes lie further than this off the patient axes gets a note (:func:`oblique_note`)
+OBLIQUE_NOTE_DEGREES = 5.0
+
+
+def obliquity_degrees(image: sitk.Image) -> float:
+    """How far (degrees) the image's axes lie from the nearest patient axes (0 for an axial,
+    sagittal or coronal grid, however permuted or flipped)."""
+    direction = np.abs(np.asarray(image.GetDirection(), dtype=float).reshape(3, 3))
+    return float(np.degrees(np.arccos(np.clip(direction.max(axis=0), -1.0, 1.0))).max())
+
+
+def oblique_note(image: sitk.Image) -> str | None:
+    """A note for an oblique scan: the networks see its voxels as they are (only permuted and
+    flipped, never interpolated), so its anatomy is rotated against what they learnt on."""
+    degrees = obliquity_degrees(image)
+    if degrees <= OBLIQUE_NOTE_DEGREES:
+        return None
+    return (f"the scan is oblique: its axes lie {degrees:.0f} degrees off the patient axes, and the model learnt on "
+            "axis-aligned scans, so it may find and outline lesions less well; resample it onto an axial grid "
+            "(e.g. Slicer's Resample Scalar Volume with an axial reference) for the model's usual accuracy")
+
+
 def spacing_zyx(image: sitk.Image) -> tuple[float, float, float]:
     sx, sy, sz = image.GetSpacing()
     return (sz, sy, sx)

@@ -25,7 +25,8 @@ from .features import adaptive_patch, feature_matrix, tabular_features
 from .inference import Segmenter
 from ..io.images import validate_ct
 from ..models import ModelCard, get_card
-from ..io.preprocess import CANONICAL, body_box, from_canonical, orientation_of, spacing_zyx, target_shape, to_canonical
+from ..io.preprocess import (CANONICAL, body_box, from_canonical, oblique_note, orientation_of, spacing_zyx, target_shape,
+                             to_canonical)
 from ..io.resample import resample as resample_antialiased
 from ..runtime.ops import hu_windows, resize_linear
 from .ood import OODModel, scan_descriptor
@@ -209,6 +210,8 @@ class Engine:
             image, canonical, hu, sp, prob, timings, threshold, progress, cancel, keep_patches, keep_probability,
             descriptor=descriptor,
         )
+        if (note := oblique_note(image)) is not None:
+            res.messages.append(note)
         if self.gate is not None and self.gate_info:
             g = self.gate_info
             res.messages.append(f"cascade gate: segmenter ran on {g['open']} of {g['slabs']} slabs ({g['skipped_fraction']:.0%} skipped)")
