@@ -12,10 +12,16 @@ and say whether CUDA can be used, all without importing torch into Slicer's proc
   here).  When that extension itself is missing it is installed from the extension server and a
   pending-install marker is written to the settings (``settings.PENDING_INSTALL_KEY``): Slicer
   must restart before ``PyTorchUtils`` can be imported, and the module finishes the installation
-  after the restart (:func:`resume_pending`).  Everything else goes through
+  after the restart (:func:`resume_pending`); the marker holds what the user confirmed, and
+  anything more that :func:`check` reports then is asked about again (:func:`unconfirmed`).  An
+  installed torch that does not fit is replaced in place by ``installTorch`` (never uninstalled
+  first, so a failed download keeps it).  Everything else goes through
   ``slicer.packaging``/``slicer.pydeps`` ``pip_ensure`` where this Slicer has it, else
   ``slicer.util.pip_install``.  An upgrade of a package Slicer had already imported asks for a
   restart too.
+* The fast runtimes (``requirements-runtime.txt``, :func:`runtime_problems`) are optional: the
+  panel offers them in a question of their own and :func:`install` installs them, best-effort,
+  only when passed (the user said yes); a "no" is remembered (:func:`decline_runtimes`).
 * Nothing is ever installed while a module self-test runs (:func:`self_test` context): the test
   skips with the reason instead.
 * :func:`cuda_status` asks the CUDA driver (``cuInit``/``cuDeviceGetCount`` through ctypes) and
@@ -32,7 +38,9 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +59,8 @@ OPTIONAL_REQUIREMENTS_FILE = HERE / "requirements-dicom.txt"
 #: fast CPU runtimes for the networks (engine/runtime): installed best-effort after the required
 #: packages; without them segmentation runs on PyTorch, so they never block the module
 RUNTIME_REQUIREMENTS_FILE = HERE / "requirements-runtime.txt"
+#: settings key of the runtime requirements the user declined (JSON list)
+DECLINED_RUNTIMES_KEY = "LesionSeg/DeclinedRuntimes"
 PYTORCH_EXTENSION = "PyTorch"
 
 _SELF_TEST = False
@@ -211,46 +221,82 @@ def _imported(dist_names: list[str]) -> list[str]:
     return sorted(out)
 
 
-def _install_torch(problem: Problem) -> InstallResult | None:
-    """torch through PyTorchUtils; an InstallResult when a restart must come first."""
+def _write_pending(problems, runtimes, reason: str) -> None:
+    """The pending-install marker (``settings.PENDING_INSTALL_KEY``): what the user confirmed
+    (required requirements and optional runtimes), why, and this process's id (a marker written by
+    this very process means Slicer has not restarted yet)."""
+    data = {"requirements": [str(p.requirement) for p in problems], "runtimes": [str(p.requirement) for p in runtimes],
+            "reason": reason, "pid": os.getpid()}
+    store = settings.user_settings()
+    store.setValue(settings.PENDING_INSTALL_KEY, json.dumps(data))
+    store.sync()  # the restart may come at once
+
+
+def _pytorch_extension_missing(problem: Problem, problems, runtimes) -> InstallResult:
+    """PyTorchUtils cannot be imported: install the PyTorch extension (a restart follows), or say
+    why it cannot be used when it is installed already (no restart loop)."""
     slicer = _slicer()
+    manager = getattr(getattr(slicer, "app", None), "extensionsManagerModel", lambda: None)()
+    if manager is None:
+        raise RuntimeError(f"LesionSeg needs PyTorch ({problem.requirement}). Install the '{PYTORCH_EXTENSION}' extension "
+                           "from the Extensions Manager, restart Slicer, and press Segment again.")
+    if manager.isExtensionInstalled(PYTORCH_EXTENSION):
+        pending = settings.pending_install()
+        if not (pending and pending.get("pid") == os.getpid()):  # installed before this Slicer started
+            enabled = getattr(manager, "isExtensionEnabled", None)
+            state = "disabled" if callable(enabled) and not enabled(PYTORCH_EXTENSION) else "installed but cannot be loaded"
+            raise RuntimeError(f"The '{PYTORCH_EXTENSION}' extension is {state} (its PyTorchUtils module cannot be imported). "
+                               "Check it in the Extensions Manager (enable, update or reinstall it); if you installed it "
+                               "during this Slicer session, restart Slicer once.")
+    elif not manager.installExtensionFromServer(PYTORCH_EXTENSION, False):
+        raise RuntimeError(f"The '{PYTORCH_EXTENSION}' extension could not be installed from the extension server; "
+                           "install it from the Extensions Manager, then restart Slicer.")
+    reason = f"the '{PYTORCH_EXTENSION}' extension was installed; restart Slicer to finish installing LesionSeg's packages"
+    _write_pending(problems, runtimes, reason)
+    return InstallResult(True, reason)
+
+
+def _install_torch(problem: Problem, problems=(), runtimes=()) -> InstallResult | None:
+    """torch through PyTorchUtils; an InstallResult when a restart must come first.
+
+    ``installTorch`` runs ``light-the-torch install torch<requirement> torchvision`` (pip): an
+    installed torch that does not fit is upgraded (or downgraded) in place, and pip keeps it when
+    the new one cannot be downloaded or installed.  So torch is never uninstalled first: a failed
+    installation leaves the torch that was there (other extensions may use it)."""
     try:
         import PyTorchUtils  # the "PyTorch" Slicer extension
-    except ModuleNotFoundError:
-        manager = getattr(getattr(slicer, "app", None), "extensionsManagerModel", lambda: None)()
-        if manager is None:
-            raise RuntimeError(f"LesionSeg needs PyTorch ({problem.requirement}). Install the '{PYTORCH_EXTENSION}' extension "
-                               "from the Extensions Manager, restart Slicer, and press Segment again.") from None
-        if not manager.isExtensionInstalled(PYTORCH_EXTENSION):
-            if not manager.installExtensionFromServer(PYTORCH_EXTENSION, False):
-                raise RuntimeError(f"The '{PYTORCH_EXTENSION}' extension could not be installed from the extension server; "
-                                   "install it from the Extensions Manager, then restart Slicer.") from None
-        reason = f"the '{PYTORCH_EXTENSION}' extension was installed; restart Slicer to finish installing LesionSeg's packages"
-        settings.set_pending_install([str(r) for r in requirements()], reason)
-        return InstallResult(True, reason)
+    except ImportError:
+        return _pytorch_extension_missing(problem, problems or [problem], runtimes)
     logic = PyTorchUtils.PyTorchUtilsLogic()
-    if problem.installed is not None and hasattr(logic, "uninstallTorch"):
-        logic.uninstallTorch()  # too old or too new: replace it with a fitting build
-    torch = _call_supported(logic.installTorch, askConfirmation=False, torchVersionRequirement=str(problem.requirement.specifier))
-    if torch is None:
-        raise RuntimeError("PyTorch was not installed")
+    error = None
+    try:
+        torch = _call_supported(logic.installTorch, askConfirmation=False, torchVersionRequirement=str(problem.requirement.specifier))
+    except Exception as exc:  # offline, pip error: PyTorchUtils raises (CalledProcessError) or returns None
+        torch, error = None, exc
+    importlib.invalidate_caches()
+    have = installed_version("torch")
+    if torch is None or not satisfied(problem.requirement, have):
+        kept = f"torch {have} is still installed" if have else "no torch is installed"
+        raise RuntimeError(f"PyTorch ({problem.requirement}) could not be installed"
+                           f"{f' ({error})' if error else ''}; {kept}.")
     return None
 
 
-def install(problems, requester: str = "LesionSeg") -> InstallResult:
-    """Install what ``problems`` (from :func:`check`) lists; the caller asked the user first.
+def install(problems, requester: str = "LesionSeg", runtimes=()) -> InstallResult:
+    """Install what ``problems`` (from :func:`check`) lists, and the optional ``runtimes`` (from
+    :func:`runtime_problems`) best-effort; the caller asked the user about both first.
 
     Returns whether Slicer must restart (the PyTorch extension was just installed, or a package
     that Slicer had imported was upgraded).  Raises ``RuntimeError`` naming what is still wrong.
     """
+    problems, runtimes = list(problems), list(runtimes)
     if _SELF_TEST:
-        raise InstallRefused("a module self-test never installs packages: " + describe(problems))
+        raise InstallRefused("a module self-test never installs packages: " + describe(problems + runtimes))
     slicer = _slicer()
-    problems = list(problems)
     upgraded = [p.name for p in problems if p.installed is not None]
     torch = [p for p in problems if p.name == "torch"]
     if torch:
-        pending = _install_torch(torch[0])
+        pending = _install_torch(torch[0], problems, runtimes)
         if pending is not None:
             return pending
     rest = [p.requirement for p in problems if p.name != "torch"]
@@ -264,28 +310,85 @@ def install(problems, requester: str = "LesionSeg") -> InstallResult:
     importlib.invalidate_caches()
     names = {p.name for p in problems}
     still = [p for p in check(optional=any(p.optional for p in problems)) if p.name in names]
-    stale = _imported(upgraded)
-    if stale:
-        return InstallResult(True, "restart Slicer to use the new versions of " + ", ".join(stale))
     if still:
         raise RuntimeError("these packages still do not fit after installation: " + describe(still))
+    missing = {p.name for p in install_runtimes(runtimes)}
+    note = f"; the optional {', '.join(sorted(missing))} could not be installed: segmentation runs on PyTorch" if missing else ""
+    stale = _imported(upgraded)
+    if stale:
+        return InstallResult(True, "restart Slicer to use the new versions of " + ", ".join(stale) + note)
     settings.clear_pending_install()
-    install_runtimes()
-    return InstallResult(False, "installed " + ", ".join(str(p.requirement) for p in problems))
+    done = [str(p.requirement) for p in problems + runtimes if p.name not in missing]
+    return InstallResult(False, ("installed " + ", ".join(done) if done else "nothing installed") + note)
 
 
-def install_runtimes() -> list[str]:
-    """Install the missing fast runtimes (OpenVINO, ONNX Runtime) best-effort; returns what is still
-    missing.  A failure is logged, never raised: the engine then runs the networks on PyTorch."""
-    missing = [r for r in load_requirements(RUNTIME_REQUIREMENTS_FILE)
-               if installed_version(r.name) is None or not r.specifier.contains(installed_version(r.name), prereleases=True)]
-    if missing and not _SELF_TEST:
-        try:
-            _slicer().util.pip_install([str(r) for r in missing])
-            importlib.invalidate_caches()
-        except Exception as exc:  # best effort: PyTorch remains the runtime
-            log.warning("could not install the fast runtimes (%s): segmentation runs on PyTorch", exc)
-    return [str(r) for r in missing if installed_version(r.name) is None]
+# ------------------------------------------------------------------ the fast runtimes
+def runtime_problems() -> list[Problem]:
+    """The fast runtimes (OpenVINO, ONNX Runtime, onnx) that are missing or do not fit (optional)."""
+    importlib.invalidate_caches()
+    reqs = [r for r in load_requirements(RUNTIME_REQUIREMENTS_FILE) if r.marker is None or r.marker.evaluate()]
+    return [Problem(r, installed_version(r.name), True) for r in reqs if not satisfied(r, installed_version(r.name))]
+
+
+def declined_runtimes() -> set[str]:
+    """The runtime requirements the user said no to (not offered again until the list changes)."""
+    try:
+        value = json.loads(settings._text(settings.user_settings().value(DECLINED_RUNTIMES_KEY)) or "[]")
+    except ValueError:
+        return set()
+    return {str(v) for v in value} if isinstance(value, list) else set()
+
+
+def decline_runtimes(runtimes) -> list:
+    """Remember that the user declined these runtimes; returns the empty list of what to install."""
+    store = settings.user_settings()
+    store.setValue(DECLINED_RUNTIMES_KEY, json.dumps(sorted(declined_runtimes() | {str(p.requirement) for p in runtimes})))
+    store.sync()
+    return []
+
+
+def runtimes_to_offer() -> list[Problem]:
+    declined = declined_runtimes()
+    return [p for p in runtime_problems() if str(p.requirement) not in declined]
+
+
+def install_runtimes(runtimes) -> list[Problem]:
+    """Install these runtimes (the user agreed) best-effort; returns those still missing or unfit.
+    A failure is logged, never raised: the engine then runs the networks on PyTorch."""
+    wanted = {p.name for p in runtimes}
+    if not wanted or _SELF_TEST:
+        return list(runtimes)
+    try:
+        _slicer().util.pip_install([str(p.requirement) for p in runtimes])
+    except Exception as exc:  # best effort: PyTorch remains the runtime
+        log.warning("could not install the fast runtimes (%s): segmentation runs on PyTorch", exc)
+    return [p for p in runtime_problems() if p.name in wanted]
+
+
+# ------------------------------------------------------------- texts and the restart
+def confirmation_text(problems, new=()) -> str:
+    """The question asked before installing the required ``problems``."""
+    since = f"\n\nSince the restart, Slicer also reports: {describe(new)}." if new else ""
+    return ("LesionSeg needs these Python packages, which are missing or at an unsuitable version in Slicer: "
+            f"{describe(problems)}.{since}\n\nInstall them now? This downloads several hundred MB and can take a few minutes.")
+
+
+def runtimes_text(runtimes) -> str:
+    return ("Optional: these packages run LesionSeg's networks faster on the CPU: "
+            f"{describe(runtimes)}. Without them segmentation runs on PyTorch.\n\n"
+            "Install them now? If you answer no, you are not asked again for these versions.")
+
+
+def unconfirmed(problems, pending: dict) -> list[Problem]:
+    """The problems that are not among what the user confirmed before the restart (the marker)."""
+    confirmed = {str(r) for r in (pending.get("requirements") or [])}  # written as str(Requirement)
+    return [p for p in problems if str(p.requirement) not in confirmed]
+
+
+def pending_runtimes(pending: dict) -> list[Problem]:
+    """The confirmed runtimes of the marker that are still to install."""
+    confirmed = {str(r) for r in (pending.get("runtimes") or [])}  # written as str(Requirement)
+    return [p for p in runtime_problems() if str(p.requirement) in confirmed]
 
 
 def resume_pending() -> dict | None:

@@ -153,37 +153,42 @@ def style_color_bar(bar_label, accepted_label, rejected_label) -> None:
 
 
 class DependencyInstaller:
-    """The panel's side of ``dependencies``: ask, install (torch through PyTorchUtils), report in the
-    log box, offer the restart the PyTorch extension or an upgraded imported package needs, and
-    finish an installation that waited for that restart."""
+    """The panel's side of ``dependencies``: ask (the optional fast runtimes in a question of their
+    own, once a session), install (torch through PyTorchUtils), report in the log box, offer the
+    restart the PyTorch extension or an upgraded imported package needs, and finish an installation
+    that waited for that restart (asking again about anything not confirmed before it)."""
 
     def __init__(self, log_box: LogBox, status_label, on_installed=None):
         self.log_box = log_box
         self.status_label = status_label
         self.on_installed = on_installed
+        self.runtimes_offered = False
 
     def ensure(self) -> bool:
         """True when every requirement is met (after installing, if the user agrees)."""
         from . import dependencies
 
         problems = dependencies.check()
-        if not problems:
+        runtimes = [] if self.runtimes_offered else dependencies.runtimes_to_offer()
+        if not problems and not runtimes:
             return True
-        text = ("LesionSeg needs these Python packages, which are missing or at an unsuitable version in Slicer: "
-                f"{dependencies.describe(problems)}.\n\nInstall them now? This downloads several hundred MB and can take a few minutes.")
-        if not slicer.util.confirmOkCancelDisplay(text, windowTitle="LesionSeg: install dependencies"):
+        if problems and not slicer.util.confirmOkCancelDisplay(dependencies.confirmation_text(problems), windowTitle="LesionSeg: install dependencies"):
             self.status_label.setText(f"Segmentation needs {dependencies.describe(problems)}.")
             return False
-        return self.install(problems)
+        self.runtimes_offered = self.runtimes_offered or bool(runtimes)
+        if runtimes and not slicer.util.confirmOkCancelDisplay(dependencies.runtimes_text(runtimes), windowTitle="LesionSeg: optional packages"):
+            runtimes = dependencies.decline_runtimes(runtimes)  # remembered; returns []
+        return self.install(problems, runtimes) if problems or runtimes else True
 
-    def install(self, problems) -> bool:
+    def install(self, problems, runtimes=()) -> bool:
         from . import dependencies
 
-        self.status_label.setText(f"Installing {dependencies.describe(problems)}...")
-        self.log_box.append("installing: " + dependencies.describe(problems), stamp=True)
+        wanted = dependencies.describe(list(problems) + list(runtimes))
+        self.status_label.setText(f"Installing {wanted}...")
+        self.log_box.append("installing: " + wanted, stamp=True)
         slicer.app.processEvents()
         try:
-            result = dependencies.install(problems)
+            result = dependencies.install(problems, runtimes=runtimes)
         except Exception as exc:
             self.status_label.setText("Dependencies are missing.")
             self.log_box.show_error(f"Installing the LesionSeg dependencies failed: {exc}")
@@ -199,18 +204,24 @@ class DependencyInstaller:
         return True
 
     def resume(self) -> bool:
-        """Continue the installation started before the restart (the pending-install marker)."""
+        """Continue the installation started before the restart (the pending-install marker);
+        asks first when ``check`` reports more than the user confirmed then."""
         from . import dependencies, settings
 
         pending = dependencies.resume_pending()
         if pending is None:
             return False
         self.log_box.append(f"continuing the installation started before the restart ({pending.get('reason', '')})", stamp=True)
-        problems = dependencies.check()
-        if not problems:
+        problems, runtimes = dependencies.check(), dependencies.pending_runtimes(pending)
+        new = dependencies.unconfirmed(problems, pending)
+        if new and not slicer.util.confirmOkCancelDisplay(dependencies.confirmation_text(problems, new), windowTitle="LesionSeg: install dependencies"):
+            settings.clear_pending_install()
+            self.status_label.setText(f"Segmentation needs {dependencies.describe(problems)}.")
+            return False
+        if not problems and not runtimes:
             settings.clear_pending_install()
             return True
-        return self.install(problems)
+        return self.install(problems, runtimes)
 
 
 def save_corrections_from_panel(widget) -> dict | None:

@@ -66,7 +66,10 @@ def _fitting(req) -> str:
     return "1.0"
 
 
-def _fake_pytorch_utils(deps):
+def _fake_pytorch_utils(deps, fail=None):
+    """PyTorchUtils as the extension has it: ``installTorch`` runs ``ltt install torch<spec>``, which
+    replaces a torch that does not fit in place; ``fail`` (an exception) models an offline pip."""
+
     class Logic:
         def torchInstalled(self):
             return deps.installed.get("torch") is not None
@@ -77,6 +80,8 @@ def _fake_pytorch_utils(deps):
 
         def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None, torchvisionVersionRequirement=None):
             deps.calls.append(("installTorch", askConfirmation, torchVersionRequirement))
+            if fail is not None:
+                raise fail  # pip failed before touching the installed torch
             deps.installed["torch"] = torchVersionRequirement.split(",")[0].lstrip(">=")
             return types.SimpleNamespace(__version__=deps.installed["torch"])
 
@@ -131,7 +136,7 @@ def test_install_with_pytorchutils_and_pip_install(deps):
     deps.monkeypatch.setattr(deps.d, "_imported", lambda names: [])
     result = deps.d.install(deps.d.check())
     assert not result.restart_required and result.message.startswith("installed")
-    assert ("uninstallTorch",) in deps.calls  # the old torch is replaced, not kept
+    assert ("uninstallTorch",) not in deps.calls  # installTorch replaces the old torch in place
     assert ("installTorch", False, ">=2.13.0") in deps.calls
     pip = [c for c in deps.calls if c[0] == "pip_install"]
     assert pip == [("pip_install", ["monai<1.8,>=1.6.1", "connected-components-3d<5,>=4.1"])]
@@ -287,3 +292,171 @@ def test_panel_install_flow(deps):
     finally:
         w.cleanup()
         w.parent.close()
+
+
+# ------------------------------------------------- the installer's audit (D1-D5)
+@pytest.fixture
+def panel(deps):
+    """The panel's DependencyInstaller with recording stand-ins: its log box, status label, the
+    dialogs (``answers`` pops the replies, yes by default) and the restart."""
+    import os
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    import qt_harness
+
+    qt_harness.install()
+    from LesionSegLib.widget_support import DependencyInstaller
+
+    ns = types.SimpleNamespace(asked=[], answers=[], restarts=[], errors=[], status=[])
+
+    def confirm(text, **kw):
+        ns.asked.append(text)
+        return ns.answers.pop(0) if ns.answers else True
+
+    deps.monkeypatch.setattr(deps.slicer.util, "confirmOkCancelDisplay", confirm)
+    deps.monkeypatch.setattr(deps.slicer.util, "restart", lambda: ns.restarts.append(1), raising=False)
+    for r in deps.d.load_requirements(deps.d.RUNTIME_REQUIREMENTS_FILE):  # the runtimes fit unless a test says not
+        deps.installed[r.name.lower()] = _fitting(r)
+    log_box = types.SimpleNamespace(append=lambda text, stamp=False: None, show_error=lambda summary, *a, **k: ns.errors.append(summary))
+    label = types.SimpleNamespace(setText=ns.status.append)
+    ns.new = lambda: DependencyInstaller(log_box, label)  # the panel of a new Slicer session
+    return ns
+
+
+RUNTIMES = ["openvino<2027,>=2026.4", "onnxruntime<2,>=1.32", "onnx<2,>=1.23"]
+
+
+def test_failed_torch_upgrade_keeps_the_old_torch(deps):
+    """D1: offline, the new torch cannot be installed: the older torch (another extension's) stays."""
+    deps.installed.update({"torch": "2.5.1"})
+    _fake_pytorch_utils(deps, fail=subprocess.CalledProcessError(1, ["light_the_torch", "install"]))
+    with pytest.raises(RuntimeError, match=r"torch>=2\.13\.0\) could not be installed.*torch 2\.5\.1 is still installed"):
+        deps.d.install(deps.d.check())
+    assert deps.calls == [("installTorch", False, ">=2.13.0")]  # never uninstallTorch, nothing after the failure
+    assert deps.installed["torch"] == "2.5.1"
+    # a PyTorchUtils that returns None (nothing installed) is a failure too
+    logic = types.SimpleNamespace(installTorch=lambda **kw: None, uninstallTorch=lambda: deps.installed.update(torch=None))
+    deps.monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=lambda: logic))
+    with pytest.raises(RuntimeError, match="torch 2.5.1 is still installed"):
+        deps.d.install(deps.d.check())
+    assert deps.installed["torch"] == "2.5.1"
+
+
+def test_fast_runtimes_only_after_a_yes(deps, panel):
+    """D2: the runtimes are asked about in a question of their own; "no" installs none of them."""
+    _fake_pytorch_utils(deps)
+    deps.installed.update({"monai": "1.4.0", "openvino": None, "onnxruntime": None, "onnx": None})
+    deps.d.install(deps.d.check())  # what check() lists, nothing more
+    assert deps.calls == [("pip_install", ["monai<1.8,>=1.6.1"])]
+    assert {p.name for p in deps.d.runtime_problems()} == {"openvino", "onnxruntime", "onnx"}
+
+    deps.calls.clear()
+    deps.installed["monai"] = "1.4.0"
+    panel.answers[:] = [True, False]  # yes to the required packages, no to the optional runtimes
+    assert panel.new().ensure() is True
+    assert len(panel.asked) == 2 and "monai" in panel.asked[0] and "openvino" not in panel.asked[0]
+    assert panel.asked[1].startswith("Optional") and all(n in panel.asked[1] for n in RUNTIMES)
+    assert deps.calls == [("pip_install", ["monai<1.8,>=1.6.1"])]
+    panel.asked.clear()
+    assert panel.new().ensure() is True and panel.asked == []  # the "no" is remembered
+    deps.settings.user_settings().remove(deps.d.DECLINED_RUNTIMES_KEY)
+    assert panel.new().ensure() is True  # asked, "yes": installed
+    assert len(panel.asked) == 1 and "openvino" in panel.asked[0]
+    assert deps.calls[-1] == ("pip_install", RUNTIMES) and deps.d.runtime_problems() == []
+
+
+def test_restart_path_installs_or_offers_the_runtimes(deps, panel):
+    """D3: an upgrade that needs a restart still installs the confirmed runtimes, and the panel
+    offers runtimes that are missing after the restart (check() itself is then empty)."""
+    deps.monkeypatch.setattr(deps.d, "_imported", lambda names: list(names))  # scipy imported in Slicer already
+    deps.installed.update({"scipy": "1.10.0", "openvino": None, "onnxruntime": None, "onnx": None})
+    assert panel.new().ensure() is False
+    assert panel.restarts == [1] and len(panel.asked) == 3  # the packages, the runtimes, the restart
+    assert deps.calls == [("pip_install", ["scipy<2,>=1.14"]), ("pip_install", RUNTIMES)]
+    assert deps.d.runtime_problems() == []
+
+    deps.monkeypatch.setattr(deps.d, "_imported", lambda names: [])  # after the restart
+    deps.installed["openvino"] = None  # e.g. its download had failed
+    deps.calls.clear()
+    panel.asked.clear()
+    assert deps.d.check() == []
+    assert panel.new().ensure() is True
+    assert len(panel.asked) == 1 and "openvino" in panel.asked[0]
+    assert deps.calls == [("pip_install", ["openvino<2027,>=2026.4"])]
+
+
+def test_pytorch_extension_installed_but_not_loadable(deps, panel):
+    """D4: the extension is installed but PyTorchUtils cannot be imported: say so, no restart loop."""
+    class Manager:
+        def isExtensionInstalled(self, name):
+            return True
+
+        def installExtensionFromServer(self, *a):
+            raise AssertionError("already installed")
+
+    deps.slicer.app.extensionsManager = Manager()
+    deps.installed.update({"torch": None})
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="installed but cannot be loaded.*Extensions Manager"):
+            deps.d.install(deps.d.check())
+    assert deps.settings.pending_install() is None
+    deps.settings.set_pending_install(["torch>=2.13.0"], "an earlier Slicer process installed it")  # the restart happened
+    Manager.isExtensionEnabled = lambda self, name: False
+    with pytest.raises(RuntimeError, match="'PyTorch' extension is disabled"):
+        deps.d.install(deps.d.check())
+    assert panel.new().ensure() is False
+    assert panel.restarts == [] and len(panel.asked) == 1 and "cannot be imported" in panel.errors[0]
+    # installed by this very Slicer process, restart declined: the restart is still what it needs
+    del Manager.isExtensionEnabled
+    deps.d._write_pending(deps.d.check(), [], "the 'PyTorch' extension was installed")
+    assert deps.d.install(deps.d.check()).restart_required
+
+
+def test_resume_asks_about_more_than_was_confirmed(deps, panel):
+    """D5: the marker holds what the user confirmed; after the restart anything more is asked about."""
+    import json
+
+    class Manager:
+        installed = False
+
+        def isExtensionInstalled(self, name):
+            return self.installed
+
+        def installExtensionFromServer(self, name, restart=True, update=False):
+            self.installed = True
+            return True
+
+    deps.slicer.app.extensionsManager = Manager()
+    deps.installed.update({"torch": None, "openvino": None})
+    panel.answers[:] = [True, True, False]  # the packages, the runtime, not restarting now
+    assert panel.new().ensure() is False
+    pending = deps.settings.pending_install()
+    assert pending["requirements"] == ["torch>=2.13.0"] and pending["runtimes"] == ["openvino<2027,>=2026.4"]
+    assert deps.calls == []
+
+    # the restart: PyTorchUtils can be imported; meanwhile another extension downgraded scikit-learn
+    _fake_pytorch_utils(deps)
+    real_find_spec = deps.d.importlib.util.find_spec
+    deps.monkeypatch.setattr(deps.d.importlib.util, "find_spec", lambda name, *a: object() if name == "PyTorchUtils" else real_find_spec(name, *a))
+    deps.installed["scikit-learn"] = "1.2.0"
+    panel.asked.clear()
+    panel.answers[:] = [False]
+    assert panel.new().resume() is False
+    assert len(panel.asked) == 1 and "scikit-learn" in panel.asked[0].split("Since the restart")[1]
+    assert deps.calls == [] and deps.settings.pending_install() is None
+
+    def restarted():
+        deps.settings.user_settings().setValue(deps.settings.PENDING_INSTALL_KEY, json.dumps(pending))
+        panel.asked.clear()
+        deps.calls.clear()
+
+    restarted()
+    assert panel.new().resume() is True  # "yes": all of it, and the confirmed runtime without a question
+    assert len(panel.asked) == 1
+    assert deps.calls == [("installTorch", False, ">=2.13.0"), ("pip_install", ["scikit-learn<2,>=1.6"]),
+                          ("pip_install", ["openvino<2027,>=2026.4"])]
+    assert deps.settings.pending_install() is None
+    deps.installed.update({"torch": None, "openvino": None})
+    restarted()
+    assert panel.new().resume() is True and panel.asked == []  # nothing beyond the marker: no question
+    assert deps.calls == [("installTorch", False, ">=2.13.0"), ("pip_install", ["openvino<2027,>=2026.4"])]
