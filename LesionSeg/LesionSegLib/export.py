@@ -24,6 +24,7 @@ import vtk
 
 from . import mrml
 from .engine.atomic import atomic_file
+from .engine.io.csv_cells import safe_cell
 
 CSV_COLUMNS = (
     "lesion_id", "name", "confidence", "status", "volume_ml", "diameter_mm", "mean_hu", "n_voxels",
@@ -145,13 +146,16 @@ def csv_rows(segmentation_node, include_hidden: bool = False) -> list[dict]:
 
 
 def export_csv(segmentation_node, path, include_hidden: bool = False) -> Path:
-    """The lesion table (plus centroid, probabilities, model and case) as CSV; centroids in LPS mm."""
+    """The lesion table (plus centroid, probabilities, model and case) as CSV; centroids in LPS mm.
+    Text that a spreadsheet would run as a formula (a segment named ``=HYPERLINK(...)``) is written
+    with a leading apostrophe (``engine.io.csv_cells``)."""
     path = Path(path)
     with atomic_file(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
             writer.writeheader()
-            writer.writerows(csv_rows(segmentation_node, include_hidden))
+            # a segment name is typed by the reviewer: no cell may start a spreadsheet formula (CSV injection)
+            writer.writerows({k: safe_cell(v) for k, v in row.items()} for row in csv_rows(segmentation_node, include_hidden))
     return path
 
 

@@ -283,3 +283,17 @@ def test_scene_close_during_a_segment_run_says_it_cancelled_it(harness, slicer_a
     finally:
         _close(w)
         slicer_app.reset()
+
+
+def test_the_csv_export_never_starts_a_spreadsheet_formula(panel, tmp_path):
+    """A segment name is typed by the reviewer; Excel runs a cell that starts with = + - @ as a
+    formula (CSV injection): it is written with a leading apostrophe, numbers stay numbers."""
+    from LesionSegLib import mrml
+
+    w, volume, seg, _ = panel
+    lesion = mrml.lesions(seg)[0]
+    mrml.find_segment(seg, lesion["lesion_id"])[1].SetName('=HYPERLINK("http://example.org","x")')
+    _click(w.ui.exportCsvButton)
+    row = _csv(tmp_path / "export" / "STS_041_lesions.csv")[lesion["lesion_id"]]
+    assert row["name"] == "'=HYPERLINK(\"http://example.org\",\"x\")"
+    assert float(row["centroid_x"]) == pytest.approx(lesion["centroid_lps"][0], abs=1e-3) and row["centroid_x"].startswith("-")

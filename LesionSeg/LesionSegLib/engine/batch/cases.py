@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..atomic import TMP_PREFIX, write_text
 from ..errors import InputError
+from ..io.csv_cells import safe_cell
 from ..io.images import folder_inputs, output_stem
 from ..models import sha256_file
 
@@ -188,8 +189,8 @@ def write_report(outdir: str | os.PathLike, cases: list[Case]) -> Path:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
     w.writeheader()
-    for c in cases:
-        w.writerow(c.report_row())
+    for c in cases:  # a case named after a file "=cmd|..." must not run as a spreadsheet formula (CSV injection)
+        w.writerow({k: safe_cell(v) for k, v in c.report_row().items()})
     return write_text(Path(outdir) / REPORT_NAME, buf.getvalue())
 
 

@@ -44,10 +44,17 @@ def _cmd_stats(args) -> int:
 
 @_guarded
 def _cmd_export(args) -> int:
+    from ..feedback.exchange import check_output
+
+    check_output(args.output)  # a bad output name or folder is refused before the database is opened
     with FeedbackStore(args.db, readonly=True) as store:
-        n = store.export(args.output, patches=not args.no_patches, model_ids=args.model or None)
+        n, n_corr, removed = cx.export_all(store, args.output, patches=not args.no_patches,
+                                           model_ids=args.model or None)
     print(f"exported {n} decisions to {args.output}")
-    cx.cli_export(args.db, args.output)
+    if n_corr is not None:
+        print(f"exported {n_corr} corrections to {cx.sidecar(args.output)}")
+    if removed:
+        print(f"removed {cx.sidecar(args.output)}, left by an earlier export (this database holds no corrections)")
     return 0
 
 
@@ -61,20 +68,43 @@ def format_import(name, c: dict) -> list[str]:
     return lines
 
 
+def _importable(f) -> str | None:
+    """Why ``f`` cannot be imported (read from its header only), or None."""
+    from ..feedback.exchange import check_file
+
+    try:
+        if cx.is_corrections_file(f):
+            cx.check_file(f)
+        else:
+            check_file(f)
+    except FeedbackStoreError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read {f}: {exc.strerror or exc}"
+    return None
+
+
 @_guarded
 def _cmd_import(args) -> int:
-    from pathlib import Path
-
-    if not any(Path(f).is_file() for f in args.files):  # nothing to import: the database is not opened, nor created
-        for f in args.files:
-            print(f"error: {f} {'is a folder' if Path(f).is_dir() else 'not found'}; nothing was imported", file=sys.stderr)
+    problems = {f: _importable(f) for f in args.files}
+    for f, why in problems.items():
+        if why:
+            print(f"error: {why}; nothing was imported from it", file=sys.stderr)
+    good = [f for f in args.files if not problems[f]]
+    if not good:  # nothing to import: the database is not opened, nor created
         return 2
-    with FeedbackStore(args.db) as store:
+    failed = len(args.files) - len(good)
+    with FeedbackStore(args.db, on_wait=_waiting) as store:
         total = {"inserted": 0, "updated": 0, "unchanged": 0, "rows": 0, "skipped": 0}
-        failed = 0
-        for f in args.files:
-            if cx.cli_import(store, f):
-                continue
+        for f in good:
+            try:
+                if cx.cli_import(store, f):
+                    continue
+            except FeedbackStoreError as exc:  # a bad corrections file: its decisions file is still imported
+                print(f"error: {exc}", file=sys.stderr)
+                failed += 1
+                if cx.is_corrections_file(f):
+                    continue
             try:
                 c = store.import_file(f)
             except FeedbackStoreError as exc:  # the other files are still imported
@@ -87,6 +117,10 @@ def _cmd_import(args) -> int:
         print(f"{store.path}: {total['inserted']} new, {total['updated']} updated, {total['skipped']} rows skipped; "
               f"now {store.count()} decisions")
     return 2 if failed else 0
+
+
+def _waiting(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 @_guarded

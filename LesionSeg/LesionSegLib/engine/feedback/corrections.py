@@ -64,13 +64,25 @@ def encode_image(hu: np.ndarray) -> bytes:
     return blob
 
 
+def _inflate(blob: bytes, expected: int, what: str) -> bytes:
+    """``blob`` decompressed, never inflating more than ``expected`` bytes (+1 to see an
+    overlong blob): a crafted blob (a zlib bomb) cannot exhaust memory."""
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(bytes(blob), expected + 1)
+    except zlib.error as exc:
+        raise FeedbackStoreError(f"corrupt correction {what} ({exc})") from None
+    if len(raw) > expected or (len(raw) == expected and (not d.eof or d.unused_data)):
+        raise FeedbackStoreError(f"correction {what} decompresses to more than the {expected} bytes its shape allows")
+    return raw
+
+
 def decode_image(blob: bytes, shape) -> np.ndarray:
     shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1 or int(np.prod(shape)) > MAX_IMAGE_VOXELS:
+        raise FeedbackStoreError(f"correction image shape {shape} is invalid or over the limit of {MAX_IMAGE_VOXELS} voxels")
     n = int(np.prod(shape))
-    try:
-        raw = np.frombuffer(zlib.decompress(blob, bufsize=2 * n), dtype=np.uint8)
-    except zlib.error as exc:
-        raise FeedbackStoreError(f"corrupt correction image ({exc})") from None
+    raw = np.frombuffer(_inflate(blob, 2 * n, "image"), dtype=np.uint8)
     if raw.size != 2 * n:
         raise FeedbackStoreError(f"correction image holds {raw.size // 2} voxels, its shape {shape} says {n}")
     return np.ascontiguousarray(raw.reshape(2, -1).T).view(np.int16).reshape(shape).copy()
@@ -95,11 +107,8 @@ def decode_mask(bbox, blob: bytes, n_voxels: int | None = None) -> np.ndarray:
     shape = tuple(int(v) for v in hi - lo)
     if len(shape) != 3 or min(shape) < 1 or int(np.prod(shape)) > MAX_MASK_VOXELS:
         raise FeedbackStoreError(f"invalid correction mask box {bbox}")
-    try:
-        bits = np.unpackbits(np.frombuffer(zlib.decompress(blob), dtype=np.uint8))
-    except zlib.error as exc:
-        raise FeedbackStoreError(f"corrupt correction mask ({exc})") from None
     n = int(np.prod(shape))
+    bits = np.unpackbits(np.frombuffer(_inflate(blob, (n + 7) // 8, "mask"), dtype=np.uint8))
     if bits.size < n or bits.size - n >= 8:
         raise FeedbackStoreError(f"correction mask holds {bits.size} bits, its box {shape} needs {n}")
     m = bits[:n].reshape(shape).astype(bool)

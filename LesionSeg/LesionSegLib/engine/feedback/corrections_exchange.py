@@ -3,32 +3,43 @@
 ``export OUT.csv`` (or ``.parquet``) writes the decisions to ``OUT.csv`` and, when the store holds
 corrections, the corrected cases' images and corrections to ``OUT.corrections.csv`` (same
 format; blobs base64-encoded in CSV, binary in Parquet).  One row per image (``record=image``)
-and one per correction (``record=correction``).
+and one per correction (``record=correction``).  Both files are renamed into place together; a
+``.corrections`` sibling left by an earlier export is removed when the store holds none, so it is
+never imported with the new file.  CSV text cells are escaped against spreadsheet formulas
+(:mod:`..io.csv_cells`).
 
 ``import`` of a decisions file also imports its ``.corrections`` sibling when present; a
 corrections file can also be imported on its own.  Every row is validated before anything is
-written (kind, case hash, codec, shapes, the mask against its box and voxel count, the box
-inside its case's image, the limits of :mod:`.corrections`); one bad row refuses the whole file
-with a one-line error naming the row, and the store is left as it was.
+written (kind, case hash, codec, shapes, the image geometry, the mask against its box and voxel
+count, the box inside its case's image, finite numbers, short printable texts, a decision time
+not in the future, the limits of :mod:`.corrections`; see :mod:`.corrections_checks`); blobs are
+inflated with a bound (no decompression bomb); one bad row refuses the whole file with a
+one-line error naming the row, and the store is left as it was.  The newer row wins, comparing
+times, not text.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import datetime as _dt
 import json
-import sys
+import os
 from pathlib import Path
 
-import numpy as np
-
-from ..atomic import atomic_file
+from ..atomic import AtomicWriter, atomic_file
+from ..io.csv_cells import safe_cell, unescape_cell
 from . import corrections as cr
-from .schema import FeedbackStoreError, _now
+from . import corrections_checks as ck
+from .exchange import _format_of, _pyarrow, check_output, output_errors, write_decisions
+from .schema import FeedbackStoreError, is_newer
 
 FIELDS = ("record", "uid", "case_hash", "case_name", "model_id", "kind", "target_key", "proposal_key",
           "proposal_lesion_id", "proposal_confidence", "bbox", "shape", "geometry", "codec", "n_voxels", "volume_ml",
           "reviewer", "decided_at", "blob")
 SUFFIX = ".corrections"
+#: the longest CSV field accepted: a compressed image of the largest size, in base64
+MAX_FIELD_CHARS = 4 * (cr.MAX_BLOB_BYTES + 2) // 3 + 16
 
 
 def sidecar(path: str | Path) -> Path:
@@ -43,126 +54,219 @@ def is_corrections_file(path: str | Path) -> bool:
 
 def export(store, out: str | Path) -> int:
     """Write images + corrections to ``out`` (.csv or .parquet); returns the correction count."""
-    out = Path(out)
+    out = check_output(out, corrections_ok=True)
+    with output_errors(out), atomic_file(out) as tmp:
+        return write_corrections(store, tmp, _format_of(out))
+
+
+def write_corrections(store, tmp, fmt: str) -> int:
+    """Write images + corrections to the file ``tmp`` in format ``fmt``; returns the correction count."""
     images, corr = cr.rows(store)
     recs = [{"record": "image", "case_hash": i["case_hash"], "case_name": i["case_name"], "shape": i["shape"],
              "geometry": i["geometry"], "codec": i["codec"], "blob": i["image"]} for i in images]
     recs += [{"record": "correction", **{k: c[k] for k in FIELDS if k in c}, "blob": c["mask"]} for c in corr]
-    with atomic_file(out) as tmp:
-        if out.suffix.lower() == ".csv":
-            with open(tmp, "w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(FIELDS)
-                for r in recs:
-                    w.writerow([_csv_value(k, r.get(k)) for k in FIELDS])
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            cols = {k: pa.array([None if r.get(k) is None else str(r[k]) for r in recs], type=pa.string())
-                    for k in FIELDS if k != "blob"}
-            cols["blob"] = pa.array([r["blob"] for r in recs], type=pa.binary())
-            pq.write_table(pa.table(cols), tmp, compression="zstd")
+    if fmt == "csv":
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(FIELDS)
+            for r in recs:
+                w.writerow([_csv_value(k, r.get(k)) for k in FIELDS])
+    else:
+        pa, pq = _pyarrow()
+        cols = {k: pa.array([None if r.get(k) is None else str(r[k]) for r in recs], type=pa.string())
+                for k in FIELDS if k != "blob"}
+        cols["blob"] = pa.array([r["blob"] for r in recs], type=pa.binary())
+        pq.write_table(pa.table(cols), tmp, compression="zstd")
     return len(corr)
+
+
+def export_all(store, out, patches: bool = True, model_ids=None) -> tuple[int, int | None, bool]:
+    """``feedback export OUT``: the decisions to ``OUT`` and, when the store holds corrections,
+    them to ``OUT``'s ``.corrections`` sibling, both renamed into place together.  A sibling left
+    by an earlier export of a store with corrections is removed, so it is never imported with the
+    new file.  Returns (decisions, corrections or None, whether a stale sibling was removed)."""
+    out = check_output(out)
+    side = sidecar(out)
+    fmt = _format_of(out)
+    has_corr = bool(store._query("SELECT COUNT(*) FROM corrections")[0][0])
+    removed = False
+    with output_errors(out):
+        w = AtomicWriter(out.parent)  # the folder exists (check_output): nothing is created
+        try:
+            n = write_decisions(store, w.path(out.name), fmt, patches, model_ids)
+            n_corr = write_corrections(store, w.path(side.name), fmt) if has_corr else None
+            if not has_corr and (side.exists() or side.is_symlink()):
+                if side.is_dir():
+                    raise FeedbackStoreError(f"cannot write {out}: a folder {side.name} is beside it")
+                os.unlink(side)  # last step before the renames: never a new export with an old sibling
+                removed = True
+        except BaseException:
+            w.abort()
+            raise
+        w.commit()
+    return n, n_corr, removed
 
 
 def _csv_value(key, v):
     if v is None:
         return ""
-    return base64.b64encode(v).decode("ascii") if key == "blob" else v
+    return base64.b64encode(v).decode("ascii") if key == "blob" else safe_cell(v)
+
+
+@contextlib.contextmanager
+def _field_size_limit(n: int):
+    """``csv``'s field size limit raised to ``n`` for the block, then put back."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(n)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
 
 def _read(src: Path) -> list[dict]:
     if src.suffix.lower() == ".csv":
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with open(src, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if "record" not in (reader.fieldnames or []) or "blob" not in (reader.fieldnames or []):
-                raise FeedbackStoreError(f"{src} is not a LesionSeg corrections export (no 'record'/'blob' columns)")
-            out = []
-            for r in reader:
-                r = {k: (v if v != "" else None) for k, v in r.items()}
-                try:
-                    r["blob"] = base64.b64decode(r["blob"] or "", validate=True)
-                except ValueError:
-                    raise FeedbackStoreError(f"{src}: a row's blob is not valid base64") from None
-                out.append(r)
-            return out
-    import pyarrow.parquet as pq
-
+        try:
+            with _field_size_limit(MAX_FIELD_CHARS), open(src, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                names = reader.fieldnames or []
+                if "record" not in names or "blob" not in names:
+                    raise FeedbackStoreError(f"{src} is not a LesionSeg corrections export (no 'record'/'blob' columns)")
+                out = []
+                for r in reader:
+                    if None in r or None in r.values():
+                        raise FeedbackStoreError(f"{src} line {reader.line_num}: {len(r) - (None in r)} fields where the "
+                                                 f"header has {len(names)}")
+                    r = {k: (None if v == "" else v if k == "blob" else unescape_cell(v)) for k, v in r.items()}
+                    try:
+                        r["blob"] = base64.b64decode(r["blob"] or "", validate=True)
+                    except ValueError:
+                        raise FeedbackStoreError(f"{src} line {reader.line_num}: the blob is not valid base64") from None
+                    out.append(r)
+                return out
+        except UnicodeDecodeError as exc:
+            raise FeedbackStoreError(f"{src} is not a LesionSeg corrections export (not UTF-8 text at byte "
+                                     f"{exc.start})") from None
+        except csv.Error as exc:
+            raise FeedbackStoreError(f"{src} is not a LesionSeg corrections export (not CSV: {exc})") from None
+    pa, pq = _pyarrow()
     try:
-        table = pq.read_table(src)
+        pf = pq.ParquetFile(src)
     except Exception as exc:
-        raise FeedbackStoreError(f"cannot read {src} as Parquet: {exc}") from None
-    if "record" not in table.column_names or "blob" not in table.column_names:
+        raise FeedbackStoreError(f"cannot read {src} as Parquet: {str(exc).splitlines()[0][:200]}") from None
+    names = pf.schema_arrow.names
+    if "record" not in names or "blob" not in names:
         raise FeedbackStoreError(f"{src} is not a LesionSeg corrections export (no 'record'/'blob' columns)")
-    return table.to_pylist()
+    meta = pf.metadata
+    for g in range(meta.num_row_groups):  # from the metadata, before anything is decompressed
+        rg = meta.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            per_row = cr.MAX_BLOB_BYTES if col.path_in_schema == "blob" else 4 * ck.LIMITS.get(col.path_in_schema, 1024)
+            if col.total_uncompressed_size > rg.num_rows * per_row + 65536:
+                raise FeedbackStoreError(f"{src}: column {col.path_in_schema!r} would decompress to "
+                                         f"{col.total_uncompressed_size} bytes, more than a LesionSeg export holds")
+    try:
+        return pf.read().to_pylist()
+    except Exception as exc:
+        raise FeedbackStoreError(f"cannot read {src} as Parquet: {str(exc).splitlines()[0][:200]}") from None
+
+
+def check_file(src) -> None:
+    """Refuse (one line) a file that is not a corrections export, before any database is opened."""
+    src = Path(src)
+    _format_of(src)
+    if not src.is_file():
+        raise FeedbackStoreError(f"import file {src} {'is not a file' if src.exists() else 'not found'}")
+    if src.suffix.lower() != ".csv":  # Parquet: the schema, from the footer
+        pa, pq = _pyarrow()
+        try:
+            names = pq.ParquetFile(src).schema_arrow.names
+        except Exception as exc:
+            raise FeedbackStoreError(f"cannot read {src} as Parquet: {str(exc).splitlines()[0][:200]}") from None
+        if "record" not in names or "blob" not in names:
+            raise FeedbackStoreError(f"{src} is not a LesionSeg corrections export (no 'record'/'blob' columns)")
+        return
+    with open(src, "rb") as fh:
+        raw = fh.readline(65536)
+    try:
+        head = raw.decode("utf-8").lstrip("\ufeff").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise FeedbackStoreError(f"{src} is not a LesionSeg corrections export (its header is not UTF-8 text)") from None
+    try:
+        names = next(csv.reader([head]), []) if head else []
+    except csv.Error:
+        names = []
+    if "record" not in names or "blob" not in names:
+        raise FeedbackStoreError(f"{src} is not a LesionSeg corrections export (no 'record'/'blob' columns)")
 
 
 def _validate(src: Path, recs: list[dict], store) -> tuple[dict, list[dict]]:
     images: dict[str, dict] = {}
     corr = []
+    now = _dt.datetime.now(_dt.timezone.utc)
     for i, r in enumerate(recs, start=2):
         where = f"{src.name} row {i}"
-        h = r.get("case_hash") or ""
+        if not isinstance(r.get("blob"), (bytes, bytearray)):
+            raise FeedbackStoreError(f"{where}: the blob is not binary")
+        h = ck.text(r, "case_hash", where, required=True)
         if not cr._HEX64.match(h):
             raise FeedbackStoreError(f"{where}: invalid case hash {h[:20]!r}")
-        if r.get("record") == "image":
-            if r.get("codec") != cr.IMAGE_CODEC:
-                raise FeedbackStoreError(f"{where}: unknown image codec {r.get('codec')!r}")
+        record = ck.text(r, "record", where)
+        if record == "image":
+            if ck.text(r, "codec", where) != cr.IMAGE_CODEC:
+                raise FeedbackStoreError(f"{where}: unknown image codec {str(r.get('codec'))[:40]!r}")
+            shape = ck.shape(r, where)
+            geometry = ck.geometry(r, where)
+            if len(r["blob"]) > cr.MAX_BLOB_BYTES:
+                raise FeedbackStoreError(f"{where}: image blob of {len(r['blob'])} bytes is over the limit of {cr.MAX_BLOB_BYTES}")
             try:
-                shape = [int(v) for v in json.loads(r["shape"])]
-                json.loads(r["geometry"])
-            except (TypeError, ValueError):
-                raise FeedbackStoreError(f"{where}: invalid image shape or geometry") from None
-            if len(shape) != 3 or min(shape) < 1 or int(np.prod(shape)) > cr.MAX_IMAGE_VOXELS or len(r["blob"]) > cr.MAX_BLOB_BYTES:
-                raise FeedbackStoreError(f"{where}: image of shape {shape} is invalid or over the limits")
-            cr.decode_image(r["blob"], shape)  # raises on a corrupt blob
-            images[h] = {"case_hash": h, "case_name": r.get("case_name") or "", "shape": json.dumps(shape),
-                         "geometry": r["geometry"], "image": r["blob"], "codec": r["codec"]}
-        elif r.get("record") == "correction":
+                cr.decode_image(r["blob"], shape)  # raises on a corrupt blob (bounded: never a bomb)
+            except FeedbackStoreError as exc:
+                raise ck.fail(where, exc) from None
+            images[h] = {"case_hash": h, "case_name": ck.text(r, "case_name", where), "shape": json.dumps(shape),
+                         "geometry": geometry, "image": bytes(r["blob"]), "codec": cr.IMAGE_CODEC}
+        elif record == "correction":
             corr.append((where, r))
         else:
-            raise FeedbackStoreError(f"{where}: unknown record type {r.get('record')!r}")
+            raise FeedbackStoreError(f"{where}: unknown record type {record[:20]!r}")
     shapes = {h: json.loads(im["shape"]) for h, im in images.items()}
     for h, s in store._query("SELECT case_hash, shape FROM correction_images"):
         shapes.setdefault(h, json.loads(s))
     out = []
     for where, r in corr:
-        if r.get("kind") not in cr.KINDS:
-            raise FeedbackStoreError(f"{where}: invalid correction kind {r.get('kind')!r}")
-        if r.get("codec") != cr.MASK_CODEC or not r.get("model_id") or not r.get("target_key"):
+        kind = ck.text(r, "kind", where)
+        if kind not in cr.KINDS:
+            raise FeedbackStoreError(f"{where}: invalid correction kind {kind[:20]!r}")
+        model_id = ck.text(r, "model_id", where)
+        target = ck.plain_key(r, "target_key", where)
+        if ck.text(r, "codec", where) != cr.MASK_CODEC or not model_id or not target:
             raise FeedbackStoreError(f"{where}: a correction needs model_id, target_key and codec {cr.MASK_CODEC!r}")
         if r["case_hash"] not in shapes:
             raise FeedbackStoreError(f"{where}: no image for case {r['case_hash'][:12]} in the file or the store")
-        try:
-            bbox = json.loads(r["bbox"])
-            n = int(float(r["n_voxels"]))
-        except (TypeError, ValueError):
-            raise FeedbackStoreError(f"{where}: invalid bbox or n_voxels") from None
-        shape = shapes[r["case_hash"]]
-        ok = (isinstance(bbox, list) and len(bbox) == 2 and all(len(b) == 3 for b in bbox)
-              and all(0 <= a < b <= s for a, b, s in zip(bbox[0], bbox[1], shape)))
-        if not ok:
-            raise FeedbackStoreError(f"{where}: mask box {r['bbox']} lies outside its image {shape}")
+        bbox = ck.bbox(r, where, shapes[r["case_hash"]])
+        n = ck.number(r, "n_voxels", where, 1, cr.MAX_MASK_VOXELS, integer=True, required=True)
         try:
             cr.decode_mask(bbox, r["blob"], n)
         except FeedbackStoreError as exc:
-            raise FeedbackStoreError(f"{where}: {exc}") from None
-        out.append({**{k: r.get(k) for k in FIELDS}, "mask": r["blob"], "n_voxels": n,
-                    "proposal_lesion_id": int(float(r["proposal_lesion_id"])) if r.get("proposal_lesion_id") not in (None, "") else None,
-                    "proposal_confidence": float(r["proposal_confidence"]) if r.get("proposal_confidence") not in (None, "") else None,
-                    "volume_ml": float(r["volume_ml"] or 0.0), "case_name": r.get("case_name") or "",
-                    "reviewer": r.get("reviewer") or "", "decided_at": r.get("decided_at") or _now()})
+            raise ck.fail(where, exc) from None
+        out.append({"uid": ck.uid(r, where), "case_hash": r["case_hash"], "case_name": ck.text(r, "case_name", where),
+                    "model_id": model_id, "kind": kind, "target_key": target,
+                    "proposal_key": ck.plain_key(r, "proposal_key", where) or None,
+                    "proposal_lesion_id": ck.number(r, "proposal_lesion_id", where, 0, 2**31 - 1, integer=True),
+                    "proposal_confidence": ck.number(r, "proposal_confidence", where, 0.0, 1.0),
+                    "bbox": json.dumps(bbox), "mask": bytes(r["blob"]), "codec": cr.MASK_CODEC, "n_voxels": n,
+                    "volume_ml": ck.number(r, "volume_ml", where, 0.0, 1e7) or 0.0,
+                    "reviewer": ck.text(r, "reviewer", where), "decided_at": ck.decided_at(r, where, now)})
     return images, out
 
 
 def import_file(store, src: str | Path, source: str | None = None) -> dict:
-    """Validate then merge a corrections export; the newer row wins per (case, model, target)."""
+    """Validate then merge a corrections export; the newer row wins per (case, model, target)
+    ("newer" compares times, not text)."""
     src = Path(src)
-    if not src.exists():
-        raise FeedbackStoreError(f"import file {src} not found")
-    source = source or f"import:{src.name}"
+    check_file(src)
+    source = source or f"import:{src.name[:180]}"
     images, corr = _validate(src, _read(src), store)
     counts = {"images": 0, "inserted": 0, "updated": 0, "unchanged": 0}
     with store.transaction() as con:
@@ -173,7 +277,7 @@ def import_file(store, src: str | Path, source: str | None = None) -> dict:
         for r in corr:
             cur = con.execute("SELECT id, decided_at FROM corrections WHERE case_hash = ? AND model_id = ? AND target_key = ?",
                               (r["case_hash"], r["model_id"], r["target_key"])).fetchone()
-            if cur is not None and str(r["decided_at"]) <= str(cur["decided_at"]):
+            if cur is not None and not is_newer(r["decided_at"], cur["decided_at"]):
                 counts["unchanged"] += 1
                 continue
             if cur is not None:
@@ -195,17 +299,6 @@ def format_stats(c: dict) -> str:
     return (f"  corrections on {c['cases']} cases: {c['edited']} edited, {c['added']} added (missed), "
             f"{c['deleted']} deleted (rejected), {c['kept']} kept; images {c['image_bytes'] / 1e6:.1f} MB, "
             f"masks {c['mask_bytes'] / 1e3:.1f} kB")
-
-
-def cli_export(db, output) -> None:
-    """After ``feedback export OUT``: write ``OUT``'s corrections sibling when there are corrections."""
-    from .store import FeedbackStore
-
-    with FeedbackStore(db, readonly=True) as store:
-        if not store._query("SELECT COUNT(*) FROM corrections")[0][0]:
-            return
-        n = export(store, sidecar(output))
-    print(f"exported {n} corrections to {sidecar(output)}")
 
 
 def cli_import(store, f) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -39,6 +40,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..atomic import atomic_file
+from ..io.csv_cells import safe_cell, unescape_cell
 from .codec import MAX_PATCH_BYTES, PATCH_CODEC, PATCH_CODECS, decode_patch, lesion_key, max_blob_bytes
 from .schema import DECISION_VALUES, SCHEMA_VERSION, FeedbackStoreError, parse_time
 from .store import COLUMNS, FEATURE_PREFIX
@@ -68,40 +70,73 @@ class RowError(Exception):
 
 # ----------------------------------------------------------------------------- export
 def export(store, out, patches: bool = True, model_ids: Sequence[str] | None = None) -> int:
-    """Write the current decisions to ``.csv`` or ``.parquet`` (by suffix); returns the row count."""
+    """Write the current decisions to ``.csv`` or ``.parquet`` (by suffix); returns the row count.
+    An existing ``out`` is replaced atomically; a missing folder is not created."""
+    out = check_output(out)
+    with output_errors(out), atomic_file(out) as tmp:
+        return write_decisions(store, tmp, _format_of(out), patches, model_ids)
+
+
+def check_output(out, corrections_ok: bool = False) -> Path:
+    """``out`` after checking that an export can be written there (one-line error otherwise):
+    a known format, not a ``.corrections`` name (those are the corrections written beside an
+    export), not a folder, in a folder that exists (nothing is created outside it)."""
     out = Path(out)
-    fmt = _format_of(out)
+    _format_of(out)
+    if not corrections_ok and out.stem.lower().endswith(".corrections"):
+        raise FeedbackStoreError(f"{out}: names ending .corrections{out.suffix} are kept for the corrections written "
+                                 "beside an export; choose another output name")
+    if out.is_dir():
+        raise FeedbackStoreError(f"cannot write {out}: it is a folder")
+    if not out.parent.is_dir():
+        raise FeedbackStoreError(f"cannot write {out}: the folder {out.parent} does not exist")
+    return out
+
+
+@contextlib.contextmanager
+def output_errors(out: Path):
+    """An OS error while writing ``out`` (its temporary file, the rename) as one line naming ``out``."""
+    try:
+        yield
+    except OSError as exc:
+        raise FeedbackStoreError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def write_decisions(store, tmp, fmt: str, patches: bool = True, model_ids: Sequence[str] | None = None) -> int:
+    """Write the current decisions to the file ``tmp`` in format ``fmt``; returns the row count.
+    CSV text cells are written so that a spreadsheet does not run them (:mod:`..io.csv_cells`)."""
     rows = store.decisions(model_ids, patches=patches)
     feat_names = sorted({k for r in rows for k in r["features"]})
     columns = list(COLUMNS) + [FEATURE_PREFIX + n for n in feat_names]
     if patches:
         columns += ["patch_shape", "patch_codec", "patch"]  # the patch last: see the module notes
-    with atomic_file(out) as tmp:
-        if fmt == "csv":
-            with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                w = csv.writer(fh)
-                w.writerow(columns)
-                for r in rows:
-                    vals = [r[c] for c in COLUMNS] + [r["features"].get(n, "") for n in feat_names]
-                    if patches:
-                        vals += [r["patch_shape"] or "", r["patch_codec"] or "",
-                                 base64.b64encode(r["patch"]).decode("ascii") if r["patch"] is not None else ""]
-                    w.writerow(["" if v is None else v for v in vals])
-        else:
-            pa, pq = _pyarrow()
-            types = {c: pa.string() for c in COLUMNS}
-            types.update({c: pa.float64() for c in ("confidence", "centroid_x", "centroid_y", "centroid_z",
-                                                     "volume_ml", "diameter_mm")})
-            types.update({"lesion_id": pa.int64(), "revision": pa.int64()})
-            arrays = {c: pa.array([r[c] for r in rows], type=types[c]) for c in COLUMNS}
-            for n in feat_names:
-                arrays[FEATURE_PREFIX + n] = pa.array([r["features"].get(n) for r in rows], type=pa.float64())
-            if patches:
-                arrays["patch_shape"] = pa.array([r["patch_shape"] for r in rows], type=pa.string())
-                arrays["patch_codec"] = pa.array([r["patch_codec"] for r in rows], type=pa.string())
-                arrays["patch"] = pa.array([r["patch"] for r in rows], type=pa.binary())
-            table = pa.table(arrays).replace_schema_metadata({"lesionseg.feedback.schema": str(SCHEMA_VERSION)})
-            pq.write_table(table, tmp, compression="zstd", row_group_size=BATCH_ROWS)
+    if fmt == "csv":
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(columns)
+            for r in rows:
+                vals = [r[c] for c in COLUMNS] + [r["features"].get(n, "") for n in feat_names]
+                if patches:
+                    vals += [r["patch_shape"] or "", r["patch_codec"] or ""]
+                vals = [safe_cell("" if v is None else v) for v in vals]
+                if patches:  # base64 (it may begin with '+') is not escaped: the patch is never text
+                    vals.append(base64.b64encode(r["patch"]).decode("ascii") if r["patch"] is not None else "")
+                w.writerow(vals)
+    else:
+        pa, pq = _pyarrow()
+        types = {c: pa.string() for c in COLUMNS}
+        types.update({c: pa.float64() for c in ("confidence", "centroid_x", "centroid_y", "centroid_z",
+                                                 "volume_ml", "diameter_mm")})
+        types.update({"lesion_id": pa.int64(), "revision": pa.int64()})
+        arrays = {c: pa.array([r[c] for r in rows], type=types[c]) for c in COLUMNS}
+        for n in feat_names:
+            arrays[FEATURE_PREFIX + n] = pa.array([r["features"].get(n) for r in rows], type=pa.float64())
+        if patches:
+            arrays["patch_shape"] = pa.array([r["patch_shape"] for r in rows], type=pa.string())
+            arrays["patch_codec"] = pa.array([r["patch_codec"] for r in rows], type=pa.string())
+            arrays["patch"] = pa.array([r["patch"] for r in rows], type=pa.binary())
+        table = pa.table(arrays).replace_schema_metadata({"lesionseg.feedback.schema": str(SCHEMA_VERSION)})
+        pq.write_table(table, tmp, compression="zstd", row_group_size=BATCH_ROWS)
     return len(rows)
 
 
@@ -339,6 +374,9 @@ def _csv_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
         except csv.Error:
             columns = []
         _checked_columns(src, columns)
+        if "patch" in columns and columns[-1] != "patch":  # the record reader needs the patch last
+            raise FeedbackStoreError(f"{src}: its 'patch' column is not the last one (column {columns.index('patch') + 1} "
+                                     f"of {len(columns)}); LesionSeg exports write it last. Re-export the file")
         patch_last = columns[-1] == "patch"
         fcols = [(i, c[len(FEATURE_PREFIX):]) for i, c in enumerate(columns) if c.startswith(FEATURE_PREFIX)]
         for start, text in _records(fh, MAX_RECORD_BYTES, lineno=first):
@@ -352,6 +390,7 @@ def _csv_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
                 vals = _split(text, patch_last)
                 if len(vals) != len(columns):
                     raise RowError("malformed record", f"{len(vals)} fields, the header has {len(columns)}")
+                vals = [v if c == "patch" else unescape_cell(v) for c, v in zip(columns, vals)]
                 raw = dict(zip(columns, vals))
                 blob = None
                 if raw.get("patch"):
@@ -374,6 +413,7 @@ def _parquet_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
     except Exception as exc:
         raise FeedbackStoreError(f"cannot read {src} as Parquet: {str(exc).splitlines()[0][:200]}") from None
     _checked_columns(src, pf.schema_arrow.names)
+    _checked_sizes(src, pf)
     fcols = [c for c in pf.schema_arrow.names if c.startswith(FEATURE_PREFIX)]
     n = 0
     try:
@@ -390,3 +430,40 @@ def _parquet_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
                     yield where, exc
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise FeedbackStoreError(f"cannot read {src} as Parquet after {n} rows: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _checked_sizes(src: Path, pf) -> None:
+    """Refuse, from the file's metadata and before anything is decompressed, a Parquet file whose
+    columns would inflate beyond what valid rows can hold (a 400 MB text compresses to a few kB)."""
+    meta = pf.metadata
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            name = col.path_in_schema
+            per_row = 4 * max_blob_bytes(MAX_PATCH_BYTES) if name == "patch" else 4 * TEXT_LIMITS.get(name, 1024)
+            if col.total_uncompressed_size > rg.num_rows * per_row + 65536:
+                raise FeedbackStoreError(
+                    f"{src}: column {name!r} would decompress to {col.total_uncompressed_size} bytes for {rg.num_rows} "
+                    "rows, more than a LesionSeg export holds")
+
+
+def check_file(src) -> None:
+    """Refuse (one line) a file that cannot be a decisions export, reading only its header:
+    missing, not a file, an unknown format, missing columns.  Nothing is opened for writing."""
+    src = Path(src)
+    fmt = _format_of(src)
+    if not src.exists():
+        raise FeedbackStoreError(f"import file {src} not found")
+    if not src.is_file():
+        raise FeedbackStoreError(f"import file {src} is not a file")
+    if fmt == "csv":
+        next(iter(_csv_rows(src, _dt.datetime.now(_dt.timezone.utc))), None)  # reads and checks the header
+        return
+    pa, pq = _pyarrow()
+    try:
+        pf = pq.ParquetFile(src)
+    except Exception as exc:
+        raise FeedbackStoreError(f"cannot read {src} as Parquet: {str(exc).splitlines()[0][:200]}") from None
+    _checked_columns(src, pf.schema_arrow.names)
+    _checked_sizes(src, pf)

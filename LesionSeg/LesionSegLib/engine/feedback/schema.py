@@ -163,7 +163,7 @@ def rollback(con: sqlite3.Connection) -> None:
 
 
 # ----------------------------------------------------------------------------- file checks
-def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
+def inspect_file(path: str | os.PathLike, check: bool = False, _locked: bool = False) -> dict:
     """Read-only look at ``path``: ``{"exists", "schema_version", "empty"}``; raises on a bad file.
 
     Never writes to the file: a non-SQLite file, a foreign SQLite database, a newer schema or
@@ -187,8 +187,12 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
             f"{p} is not a LesionSeg feedback database (not an SQLite file, or its header is corrupt); "
             "it was left untouched. Choose another file."
         )
+    quiet = not _locked and not has_wal(p) and not os.path.exists(f"{p}-journal")
+    before = _stamp(p)
+    if quiet:  # the header is the whole truth: refuse what it shows before SQLite touches the folder
+        _check_header(p, head, size)
     try:
-        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+        con = sqlite3.connect(read_uri(p, immutable=quiet), uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
                               isolation_level=None)
     except sqlite3.Error as exc:
         raise FeedbackStoreError(f"cannot open {p} read-only: {exc}") from None
@@ -207,10 +211,18 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
             else:  # cheap: walks the tables' b-trees, not the patch pages
                 problems = _light_check(con, head, size, tables)
     except sqlite3.DatabaseError as exc:
-        raise FeedbackStoreError(f"{p} is a corrupt SQLite database ({exc}); it was left untouched") from None
-    finally:
-        rollback(con)  # ends the read transaction
+        rollback(con)
         con.close()
+        if quiet and _stamp(p) != before:  # a writer opened it while it was read without locks: again, locked
+            return inspect_file(p, check, _locked=True)
+        if not folder_writable(p) and "unable to open" in str(exc):
+            raise FeedbackStoreError(f"cannot read {p}: its folder is read-only and the database has unsaved "
+                                     f"changes (a -wal file) that SQLite cannot open there ({exc})") from None
+        raise FeedbackStoreError(f"{p} is a corrupt SQLite database ({exc}); it was left untouched") from None
+    rollback(con)  # ends the read transaction
+    con.close()
+    if quiet and _stamp(p) != before and (app_id != APPLICATION_ID or problems != ["ok"]):
+        return inspect_file(p, check, _locked=True)  # read while a writer started: look again, locked
     if app_id != APPLICATION_ID:
         if app_id == 0 and not tables:
             return {"exists": True, "schema_version": 0, "empty": True}
@@ -229,6 +241,52 @@ def inspect_file(path: str | os.PathLike, check: bool = False) -> dict:
             f"({SCHEMA_VERSION}); update LesionSeg. The file was left untouched."
         )
     return {"exists": True, "schema_version": int(version), "empty": False}
+
+
+def _stamp(p: Path) -> tuple:
+    """What changes when another program writes ``p``: its size and time, its -wal / -journal."""
+    st = p.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino, has_wal(p), os.path.exists(f"{p}-journal")
+
+
+def has_wal(path) -> bool:
+    """Whether ``path`` has a ``-wal`` file (a writer has it open, or left changes in it)."""
+    return os.path.exists(f"{path}-wal")
+
+
+def folder_writable(path) -> bool:
+    """Whether files can be created in ``path``'s folder (SQLite needs that to write, and to
+    read a database in WAL mode without locks on the file itself)."""
+    return os.access(Path(path).resolve().parent, os.W_OK)
+
+
+def read_uri(path, immutable: bool = False) -> str:
+    """SQLite URI to read ``path`` only.  ``immutable``: without locks or ``-wal``/``-shm`` files
+    (only when no ``-wal`` exists, so the main file holds every committed change)."""
+    return f"{Path(path).resolve().as_uri()}?{'immutable=1' if immutable else 'mode=ro'}"
+
+
+def _check_header(p: Path, head: bytes, size: int) -> None:
+    """Refuse from the raw 100-byte header (no connection, nothing created beside the file): a
+    truncated header or file, another application's id, a newer LesionSeg schema."""
+    if len(head) < 100:
+        raise FeedbackStoreError(f"{p} is a corrupt SQLite database (its header is truncated to {len(head)} bytes); "
+                                 "it was left untouched")
+    version, app_id = int.from_bytes(head[60:64], "big"), int.from_bytes(head[68:72], "big")
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    change, valid_for, n_pages = (int.from_bytes(head[i:i + 4], "big") for i in (24, 92, 28))
+    if n_pages and change == valid_for and n_pages * page_size > size:
+        raise FeedbackStoreError(f"{p} is a corrupt feedback database (the file is truncated: {size} bytes, its header "
+                                 f"says {n_pages * page_size}); it was left untouched")
+    if app_id not in (0, APPLICATION_ID):
+        raise FeedbackStoreError(
+            f"{p} is an SQLite database of another application (application id {app_id:#x}), not a LesionSeg "
+            "feedback database; it was left untouched. Choose another file.")
+    if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
+        raise FeedbackStoreError(
+            f"{p} has feedback schema version {version}, newer than this LesionSeg supports "
+            f"({SCHEMA_VERSION}); update LesionSeg. The file was left untouched.")
 
 
 def _light_check(con: sqlite3.Connection, head: bytes, size: int, tables: set) -> list[str]:
@@ -259,11 +317,49 @@ def _retry_busy(fn, timeout_s: float = BUSY_TIMEOUT_MS / 1000):
             time.sleep(random.uniform(0.01, 0.05))
 
 
-def _migrate(con: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
-    """Run the migrations from the file's version up to ``target`` in one transaction."""
-    con.execute("BEGIN IMMEDIATE")
+def begin_immediate(con: sqlite3.Connection, path, on_wait=None) -> None:
+    """``BEGIN IMMEDIATE`` (the write lock).  When another program holds it, ``on_wait`` is told
+    (one line) and the lock is waited for up to :data:`BUSY_TIMEOUT_MS`; then a one-line
+    :class:`FeedbackStoreError` says the database is busy."""
+    con.execute("PRAGMA busy_timeout = 200")
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        return
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
+            raise _write_error(path, exc) from None
+    finally:
+        con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if on_wait is not None:
+        on_wait(f"{path} is busy: another program is writing to it; waiting up to {BUSY_TIMEOUT_MS // 1000} s...")
+    try:
+        _retry_busy(lambda: con.execute("BEGIN IMMEDIATE"), BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc).lower() or "busy" in str(exc).lower():
+            raise FeedbackStoreError(
+                f"{path} is busy: another program has been writing to it for {BUSY_TIMEOUT_MS // 1000} s; nothing was "
+                "written. Try again when it has finished") from None
+        raise _write_error(path, exc) from None
+
+
+def _write_error(path, exc) -> FeedbackStoreError:
+    if "readonly" in str(exc).lower() or "read-only" in str(exc).lower():
+        return FeedbackStoreError(f"cannot write to {path}: it is read-only ({exc})")
+    return FeedbackStoreError(f"cannot write to {path}: {exc}")
+
+
+def _migrate(con: sqlite3.Connection, target: int = SCHEMA_VERSION, backup=None, path=None, on_wait=None) -> int:
+    """Run the migrations from the file's version up to ``target`` in one transaction.  ``backup``
+    (called with the old version) copies an older file first, under the write lock and after the
+    version was read again, so two programs opening the file at once back up the old file once."""
+    if path is None:
+        con.execute("BEGIN IMMEDIATE")
+    else:
+        begin_immediate(con, path, on_wait)
     try:
         current = con.execute("PRAGMA user_version").fetchone()[0]
+        if backup is not None and 0 < current < target:
+            backup(current)
         for version in range(current + 1, target + 1):
             for stmt in MIGRATIONS[version - 1].split(";"):
                 if stmt.strip():

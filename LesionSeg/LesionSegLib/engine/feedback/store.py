@@ -36,13 +36,13 @@ import os
 import sqlite3
 import threading
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .codec import PATCH_CODEC, decision_row, decode_patch, lesion_key
+from .labelled import LABELLED_PATCH_BYTES_LIMIT, LabelledSet, labelled  # noqa: F401  (re-exported)
 from .schema import (
     BUSY_TIMEOUT_MS,
     DECISION_VALUES,
@@ -51,38 +51,15 @@ from .schema import (
     _migrate,
     _now,
     _retry_busy,
+    begin_immediate,
     default_path,
+    folder_writable,
+    has_wal,
     inspect_file,
     is_newer,
+    read_uri,
     rollback,
 )
-
-#: :meth:`FeedbackStore.labelled` holds every patch it returns in one float16 array; it refuses
-#: (with the count and a way out) to build one larger than this
-LABELLED_PATCH_BYTES_LIMIT = 4 * 1024**3
-
-
-# ----------------------------------------------------------------------------- records
-@dataclass
-class LabelledSet:
-    """Reviewed lesions as classifier training data."""
-
-    labels: np.ndarray  # (N,) 1 = accepted (true lesion), 0 = rejected
-    features: list[dict]  # feature name -> value, per lesion
-    patches: np.ndarray | None  # (N, C, z, y, x) float16 or None when not loaded / missing
-    case_hashes: list[str]
-    case_names: list[str]
-    model_ids: list[str]
-    confidences: np.ndarray  # confidence shown at decision time
-    uids: list[str]
-    centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
-    skipped: dict = field(default_factory=dict)  # reason -> count
-    lesion_keys: list[str] = field(default_factory=list)  # the stored identity within (case, model)
-    decided_at: list[str] = field(default_factory=list)  # when each decision was made (ISO 8601)
-
-    def __len__(self) -> int:
-        return int(len(self.labels))
-
 
 COLUMNS = (
     "uid", "case_name", "case_hash", "model_id", "lesion_id", "lesion_key", "decision", "confidence",
@@ -98,11 +75,17 @@ class FeedbackStore:
     Safe to use from several threads (one connection per thread) and several processes.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False, check: bool = False):
+    def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False, check: bool = False,
+                 on_wait=None):
         """Open (and create or migrate, unless ``readonly``) the database at ``path``.  ``check``
-        runs ``PRAGMA quick_check`` first, which reads the whole file: ask for it explicitly."""
+        runs ``PRAGMA quick_check`` first, which reads the whole file: ask for it explicitly.
+        ``on_wait`` (a function of one line of text) is told (once) when another program holds the write
+        lock and this one waits for it."""
         self.path = Path(path).expanduser() if path else default_path()
         self.readonly = readonly
+        self.on_wait = on_wait
+        self._waited = False
+        self._immutable = False
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -115,16 +98,36 @@ class FeedbackStore:
                     f"{self.path} has the older feedback schema {info['schema_version']}; open it once for "
                     "writing to migrate it"
                 )
+            # a folder that cannot be written (a read-only share): read the file as it is, without
+            # the lock files SQLite would otherwise create beside it
+            self._immutable = not folder_writable(self.path) and not has_wal(self.path)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if info["exists"] and not info["empty"] and info["schema_version"] < SCHEMA_VERSION:
-                self._backup(info["schema_version"])
+            self._check_writable()
         con = self._conn()
-        if not readonly:
+        if not readonly and info["schema_version"] != SCHEMA_VERSION:  # current: no write lock needed
             try:
-                _retry_busy(lambda: _migrate(con))
+                _retry_busy(lambda: _migrate(con, backup=self._backup, path=self.path, on_wait=self._notify))
             except sqlite3.Error as exc:
                 raise FeedbackStoreError(f"cannot initialise or migrate {self.path}: {exc}") from None
+
+    def _notify(self, message: str) -> None:
+        """Tell ``on_wait`` the first time this store waits for another program's write lock."""
+        if self.on_wait is not None and not self._waited:
+            self._waited = True
+            self.on_wait(message)
+
+    def _check_writable(self) -> None:
+        """Refuse (one line) a database that cannot be written, before anything is created."""
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise FeedbackStoreError(f"cannot write to {self.path}: the file is read-only")
+        if not self.path.parent.exists():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FeedbackStoreError(f"cannot create the folder of {self.path}: {exc.strerror or exc}") from None
+        if not folder_writable(self.path):
+            raise FeedbackStoreError(f"cannot write to {self.path}: its folder is read-only (SQLite needs to create "
+                                     "its journal files there)")
 
     @classmethod
     def default(cls) -> "FeedbackStore":
@@ -137,7 +140,7 @@ class FeedbackStore:
             return con
         def connect() -> sqlite3.Connection:
             if self.readonly:
-                c = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                c = sqlite3.connect(read_uri(self.path, immutable=self._immutable), uri=True,
                                     timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             else:
                 c = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -185,15 +188,30 @@ class FeedbackStore:
         return f"FeedbackStore({str(self.path)!r})"
 
     def _backup(self, old_version: int) -> Path:
-        dest = self.path.with_name(f"{self.path.name}.schema{old_version}.bak")
-        src = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        """Copy the file (schema ``old_version``) to ``<file>.schema<N>.bak`` before migrating it;
+        called under the write lock.  An existing backup is never overwritten (``.schema<N>.1.bak``...)."""
+        for k in range(1000):
+            dest = self.path.with_name(f"{self.path.name}.schema{old_version}{f'.{k}' if k else ''}.bak")
+            if not dest.exists():
+                break
+        else:
+            raise FeedbackStoreError(f"too many backups of {self.path}; remove old ones")
+        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{dest.name}")
+        src = sqlite3.connect(read_uri(self.path), uri=True)
         try:
-            dst = sqlite3.connect(str(dest))
-            with dst:
-                src.backup(dst)
-            dst.close()
+            dst = sqlite3.connect(str(tmp))
+            try:
+                with dst:
+                    src.backup(dst)
+            finally:
+                dst.close()
+            os.link(tmp, dest)  # fails rather than replace a backup made meanwhile
+        except (OSError, sqlite3.Error) as exc:
+            raise FeedbackStoreError(f"cannot back up {self.path} to {dest} before upgrading it: {exc}") from None
         finally:
             src.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         return dest
 
     @contextlib.contextmanager
@@ -205,10 +223,7 @@ class FeedbackStore:
         if con.in_transaction:  # nested: join the outer transaction
             yield con
             return
-        try:
-            con.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise FeedbackStoreError(f"{self.path} is busy or read-only: {exc}") from None
+        begin_immediate(con, self.path, self._notify)
         try:
             yield con
         except sqlite3.Error as exc:
@@ -374,101 +389,9 @@ class FeedbackStore:
         return [r[0] for r in self._query("SELECT DISTINCT model_id FROM decisions ORDER BY model_id")]
 
     def labelled(self, model_ids: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
-                 with_patches: bool = True) -> LabelledSet:
-        """Accepted (1) and rejected (0) lesions as training data; unsure ones are left out.
-
-        With ``model_ids``, only decisions made with those models (and only their unsure ones are
-        counted); with ``feature_names``, lesions lacking any of them are skipped; with
-        ``with_patches``, lesions without a patch, or whose stored patch cannot be decoded (bad
-        blob, shape or codec), are skipped.  Skipped lesions are counted by reason in ``skipped``;
-        a bad row never stops the others.
-
-        Memory: the patches are decoded one row at a time straight into one float16 array of
-        ``N x patch size`` (N x 192 KiB for today's 3 x 32^3 patches: 500 lesions ~ 94 MiB); a
-        set needing more than :data:`LABELLED_PATCH_BYTES_LIMIT` is refused with the count.
-        """
-        where = " WHERE decision != 'unsure'"
-        params: list = []
-        model_sql = ""
-        if model_ids:
-            model_sql = f" AND model_id IN ({','.join('?' * len(model_ids))})"
-            params = list(model_ids)
-        skipped: dict[str, int] = {}
-
-        def skip(reason: str) -> None:
-            skipped[reason] = skipped.get(reason, 0) + 1
-
-        n_unsure = self._query("SELECT COUNT(*) FROM decisions WHERE decision = 'unsure'" + model_sql, params)[0][0]
-        if n_unsure:
-            skipped["unsure"] = int(n_unsure)
-        n_rows = int(self._query("SELECT COUNT(*) FROM decisions" + where + model_sql, params)[0][0])
-        sql = ("SELECT uid, case_hash, case_name, model_id, lesion_key, decision, confidence, features, decided_at, "
-               "centroid_x, centroid_y, centroid_z" + (", patch, patch_shape, patch_codec" if with_patches else "")
-               + " FROM decisions" + where + model_sql + " ORDER BY id")
-        cols: dict[str, list] = {k: [] for k in ("labels", "feats", "hashes", "names", "models", "confs", "uids",
-                                                 "cents", "keys", "times")}
-        patches = None
-        n = 0
-        con = self._conn()
-        try:
-            for r in con.execute(sql, params):
-                try:
-                    f = json.loads(r["features"] or "{}")
-                    if not isinstance(f, dict):
-                        raise ValueError
-                except ValueError:
-                    skip("unreadable features")
-                    continue
-                if feature_names is not None and any(k not in f for k in feature_names):
-                    skip("missing features")
-                    continue
-                if with_patches:
-                    try:
-                        p = decode_patch(r["patch"], r["patch_shape"], r["patch_codec"])
-                    except (FeedbackStoreError, ValueError):
-                        skip("unreadable patch")
-                        continue
-                    if p is None:
-                        skip("no patch")
-                        continue
-                    if patches is None:
-                        need = n_rows * p.nbytes
-                        if need > LABELLED_PATCH_BYTES_LIMIT:
-                            raise FeedbackStoreError(
-                                f"{self.path}: {n_rows} labelled lesions need {need / 2**30:.1f} GiB of patches, more "
-                                f"than {LABELLED_PATCH_BYTES_LIMIT / 2**30:.0f} GiB; choose fewer models (--only-model)")
-                        patches = np.empty((n_rows, *p.shape), np.float16)
-                    elif p.shape != patches.shape[1:]:
-                        skip("patch shape")
-                        continue
-                    patches[n] = p
-                n += 1
-                cols["labels"].append(1 if r["decision"] == "accepted" else 0)
-                cols["feats"].append(f)
-                cols["hashes"].append(r["case_hash"])
-                cols["names"].append(r["case_name"])
-                cols["models"].append(r["model_id"])
-                cols["confs"].append(r["confidence"])
-                cols["uids"].append(r["uid"])
-                cols["cents"].append((r["centroid_x"] or 0.0, r["centroid_y"] or 0.0, r["centroid_z"] or 0.0))
-                cols["keys"].append(r["lesion_key"])
-                cols["times"].append(r["decided_at"])
-        except sqlite3.DatabaseError as exc:
-            raise FeedbackStoreError(f"cannot read {self.path}: {exc}") from None
-        return LabelledSet(
-            labels=np.asarray(cols["labels"], dtype=np.int64),
-            features=cols["feats"],
-            patches=patches[:n] if patches is not None and n else None,
-            case_hashes=cols["hashes"],
-            case_names=cols["names"],
-            model_ids=cols["models"],
-            confidences=np.asarray(cols["confs"], dtype=float),
-            uids=cols["uids"],
-            centroids=np.asarray(cols["cents"], dtype=float).reshape(-1, 3),
-            skipped=skipped,
-            lesion_keys=cols["keys"],
-            decided_at=cols["times"],
-        )
+                 with_patches: bool = True, patch_shape: Sequence[int] | None = None) -> LabelledSet:
+        """Accepted (1) and rejected (0) lesions as training data (see :func:`.labelled.labelled`)."""
+        return labelled(self, model_ids, feature_names, with_patches, patch_shape)
 
     def verify(self) -> list[str]:
         """Full ``PRAGMA integrity_check``; ``["ok"]`` when the file is sound."""
