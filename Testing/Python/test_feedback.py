@@ -94,6 +94,9 @@ def test_changing_a_decision_updates_and_keeps_history(tmp_path):
     assert [h["decision"] for h in hist] == ["accepted", "rejected", "unsure"]
     assert [h["revision"] for h in hist] == [1, 2, 3]
     assert hist[1]["reviewer"] == "second-opinion" and hist[1]["decided_at"] == "2030-01-01T00:00:00+00:00"
+    # the panel keys decisions by centroid; its lesion id (the last one recorded) finds them too
+    assert [h["decision"] for h in store.history(d.case_hash, d.model_id, 17)] == ["accepted", "rejected", "unsure"]
+    assert store.history(d.case_hash, d.model_id, 5) == []
     assert store.stats()["changes"] == 2
     # the patch recorded first is kept when later decisions carry none
     d4 = synthetic_decision(5, "accepted", with_patch=False)

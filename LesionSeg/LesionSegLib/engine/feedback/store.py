@@ -370,13 +370,17 @@ class FeedbackStore:
         return rows
 
     def history(self, case_hash: str, model_id: str, lesion: int | Sequence[float]) -> list[dict]:
-        """All revisions of one lesion, oldest first (``lesion``: centroid or lesion id)."""
-        key = lesion_key(lesion, 0) if isinstance(lesion, (tuple, list, np.ndarray)) else lesion_key(None, lesion)
+        """All revisions of one lesion, oldest first (``lesion``: its centroid, or its lesion id in
+        that model's result: the panel keys decisions by centroid, so an id matches those too)."""
+        if isinstance(lesion, (tuple, list, np.ndarray)):
+            where, args = "d.lesion_key = ?", (lesion_key(lesion, 0),)
+        else:
+            where, args = "(d.lesion_key = ? OR d.lesion_id = ?)", (lesion_key(None, lesion), int(lesion))
         rows = self._query(
             "SELECT h.revision, h.decision, h.confidence, h.reviewer, h.decided_at, h.recorded_at, h.source "
             "FROM history h JOIN decisions d ON d.id = h.decision_id "
-            "WHERE d.case_hash = ? AND d.model_id = ? AND d.lesion_key = ? ORDER BY h.revision",
-            (case_hash, model_id, key),
+            f"WHERE d.case_hash = ? AND d.model_id = ? AND {where} ORDER BY h.revision",
+            (case_hash, model_id, *args),
         )
         return [dict(r) for r in rows]
 
