@@ -417,7 +417,9 @@ def test_dicom_seg_export(run, tmp_path):
         desc = dcm.get_segment_description(1)
         assert desc.segmented_property_category.value == "49755003"  # the segment's terminology travels
         assert desc.segmented_property_type.value == "4147007"
-        assert desc.algorithm_identification[0].AlgorithmVersion == run.engine.card.id
+        name, _, version = run.engine.card.id.partition("@")
+        assert desc.algorithm_identification[0].AlgorithmName == f"LesionSeg {name}"
+        assert desc.algorithm_identification[0].AlgorithmVersion == version
         assert len(desc.RecommendedDisplayCIELabValue) == 3  # the segment colour travels too
         assert str(dcm.StudyInstanceUID) == str(pydicom.dcmread(files[0]).StudyInstanceUID)
         # masks per source slice equal the labelmap slices (segment n = n-th kept lesion)
