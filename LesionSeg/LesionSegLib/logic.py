@@ -62,11 +62,11 @@ class LesionSegLogicCore:
 
     def engine(self, model=None, device: str = "auto"):
         """A loaded engine, cached per (model, device)."""
-        from .engine.segment.pipeline import Engine
+        from .engine.segment.pipeline import load_engine
 
         key = (str(model or ""), device)
-        if key not in self._engines:
-            self._engines[key] = Engine(model, device)
+        if key not in self._engines:  # a model that cannot be loaded is a ModelError naming it (never blamed on the CT)
+            self._engines[key] = load_engine(model, device)
         return self._engines[key]
 
     # ----------------------------------------------------------------------- segment

@@ -37,8 +37,7 @@ from .errors import ModelError
 if TYPE_CHECKING:
     import torch
 
-# torch / safetensors are imported where used, so the Slicer module can list model cards (and
-# offer to install torch) in an environment that does not have torch yet.
+# torch / safetensors are imported where used: the Slicer module lists cards without torch.
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = "sts-clcs"
@@ -46,6 +45,7 @@ CARD_NAME = "card.json"
 #: a model name or version: letters, digits, '-', '_' and '.', not starting with '.'
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_WEIGHTS_BYTES = 2 * 1024**3  # a weight file larger than this is refused before reading it
+ARRAY_LAYOUT = {"ood": {"scans": 2, "lesions": 2}}  # part -> {array: its number of dimensions} (load_arrays)
 
 
 def is_explicit_path(text: str | os.PathLike) -> bool:
@@ -90,7 +90,32 @@ def confined(folder: Path, name: str, what: str = "file") -> Path:
 
 
 def user_models_dir() -> Path:
-    return Path(os.environ.get("LESIONSEG_MODELS", Path.home() / ".lesionseg" / "models")).expanduser()
+    """``$LESIONSEG_MODELS`` (an empty or blank value counts as unset), else ``~/.lesionseg/models``."""
+    env = os.environ.get("LESIONSEG_MODELS", "")
+    return Path(env).expanduser() if env.strip() else Path.home() / ".lesionseg" / "models"
+
+
+def user_models_problem(create: bool = False) -> str | None:
+    """Why the user model folder cannot hold models, naming ``LESIONSEG_MODELS`` when it is set;
+    None when it is a folder (made now when ``create``) this process can write."""
+    d = user_models_dir()
+    what = f"LESIONSEG_MODELS={d}" if os.environ.get("LESIONSEG_MODELS", "").strip() else f"the user model folder {d}"
+    try:
+        if create and not d.exists():
+            d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{what} cannot be created ({exc.strerror or exc})"
+    if d.exists() and not d.is_dir():
+        return f"{what} is not a folder"
+    return f"{what} is not writable" if d.is_dir() and not os.access(d, os.W_OK | os.X_OK) else None
+
+
+def require_user_models_dir() -> Path:
+    """The user model folder, created if needed; :class:`ModelError` naming the problem otherwise."""
+    problem = user_models_problem(create=True)
+    if problem:
+        raise ModelError(f"{problem}; set LESIONSEG_MODELS to a folder you can write (or unset it for ~/.lesionseg/models)")
+    return user_models_dir()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -158,23 +183,38 @@ class ModelCard:
     def part(self, key: str) -> dict:
         if key not in self.data:
             raise ModelError(f"model {self.id}: card has no '{key}' section")
+        if not isinstance(self.data[key], dict):
+            raise ModelError(f"model {self.id}: the card's '{key}' section is not an object")
         return self.data[key]
 
     def weights_path(self, key: str) -> Path:
         """The weight file of ``key``, confined to the model folder (not checked against its sha256)."""
-        return confined(self.folder, self.part(key).get("file", ""), f"'{key}' file")
+        name = self.part(key).get("file", "")
+        if not isinstance(name, str):
+            raise ModelError(f"model {self.id}: {key}.file in {self.folder / CARD_NAME} must be a file name, not {str(name)[:60]!r}")
+        return confined(self.folder, name, f"'{key}' file")
 
     def verified_bytes(self, key: str) -> bytes:
-        """The content of ``key``'s weight file, read once, after its sha256 matched the card."""
+        """The content of ``key``'s weight file, read once, after its sha256 matched the card.
+        Only a regular file is read (a FIFO or device would block or never end)."""
+        import stat
+
         path = self.weights_path(key)
         expected = self.part(key).get("sha256")
         if not expected:
             raise ModelError(f"model {self.id}: card gives no sha256 for {path.name}; refusing to load it")
+        if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
+            raise ModelError(f"model {self.id}: {key}.sha256 in {self.folder / CARD_NAME} is not 64 hex digits")
         try:
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size > MAX_WEIGHTS_BYTES:
-                    raise ModelError(f"model {self.id}: {path.name} is {size / 1e9:.1f} GB, larger than any LesionSeg weight file")
+            # O_NONBLOCK: opening a FIFO does not wait for a writer; fstat then refuses it
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a special file (FIFO, socket or device)"
+                    raise ModelError(f"model {self.id}: {path} is {kind}, not a weight file")
+                if st.st_size > MAX_WEIGHTS_BYTES:
+                    raise ModelError(f"model {self.id}: {path.name} is {st.st_size / 1e9:.1f} GB, larger than any LesionSeg weight file")
                 data = fh.read()
         except FileNotFoundError:
             raise ModelError(f"model {self.id}: weight file {path} is missing") from None
@@ -191,8 +231,7 @@ class ModelCard:
         return data
 
     def verified_path(self, key: str) -> Path:
-        """The weight file of ``key`` after its sha256 matched the card (to check a file in place;
-        loading uses :meth:`verified_bytes`, which has no check-then-reopen window)."""
+        """The weight file of ``key`` after its sha256 matched the card (loading uses :meth:`verified_bytes`)."""
         self.verified_bytes(key)
         return self.weights_path(key)
 
@@ -202,35 +241,53 @@ class ModelCard:
 
         data = self.verified_bytes(key)
         try:
-            return load(data)
+            state = load(data)
         except Exception as exc:  # safetensors raises its own error types
-            raise ModelError(f"model {self.id}: cannot read {self.part(key)['file']} as safetensors: {exc}") from None
+            raise ModelError(f"model {self.id}: cannot read {self.part(key)['file']} as safetensors: {one_line_text(exc)}") from None
+        for name, t in state.items():
+            if t.is_floating_point() and not bool(t.isfinite().all()):
+                raise ModelError(f"model {self.id}: {self.part(key)['file']} holds NaN or infinite values ({name}); refusing to load it")
+        return state
 
     def load_arrays(self, key: str) -> dict:
-        """The checksum-verified tensors of ``key`` as numpy arrays (no torch import: the ONNX path uses it)."""
+        """The checksum-verified tensors of ``key`` as float numpy arrays, all finite (no torch
+        import: the ONNX path uses it)."""
+        import numpy as np
         from safetensors.numpy import load
 
         data = self.verified_bytes(key)
         try:
-            return load(data)
+            arrays = load(data)
         except Exception as exc:  # safetensors raises its own error types
-            raise ModelError(f"model {self.id}: cannot read {self.part(key)['file']} as safetensors: {exc}") from None
+            raise ModelError(f"model {self.id}: cannot read {self.part(key)['file']} as safetensors: {one_line_text(exc)}") from None
+        for name, ndim in ARRAY_LAYOUT.get(key, {}).items():
+            if name not in arrays or arrays[name].ndim != ndim:
+                raise ModelError(f"model {self.id}: {self.part(key)['file']} lacks the {ndim}-D array {name!r}; refusing to load it")
+        for name, a in arrays.items():
+            if a.dtype not in (np.float32, np.float64):
+                raise ModelError(f"model {self.id}: {self.part(key)['file']} holds {name} as {a.dtype}, not float32/float64; refusing to load it")
+            if not np.isfinite(a).all():
+                raise ModelError(f"model {self.id}: {self.part(key)['file']} holds NaN or infinite values ({name}); refusing to load it")
+        return arrays
 
     def load_into(self, key: str, module: torch.nn.Module) -> torch.nn.Module:
         """Load the checksum-verified weights of ``key`` into ``module`` (strict; tensors that the
         module shares between two names, stored once by ``save_model``, count as loaded)."""
         state = self.load_state(key)
+        problem = state_mismatch(module, state)
+        if problem:
+            raise ModelError(f"model {self.id}: {self.part(key)['file']} does not fit the network the card describes: {problem}")
         try:
             missing, unexpected = load_state_shared(module, state)
         except Exception as exc:
-            raise ModelError(f"model {self.id}: cannot load {self.part(key)['file']} into the network: {exc}") from None
+            raise ModelError(f"model {self.id}: cannot load {self.part(key)['file']} into the network: {one_line_text(exc)}") from None
         if missing or unexpected:
             raise ModelError(f"model {self.id}: {self.part(key)['file']} does not fit the network "
                              f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
         return module
 
     def summary(self) -> str:
-        m = self.data.get("metrics", {})
+        m = self.data["metrics"] if isinstance(self.data.get("metrics"), dict) else {}
         figures = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
         return f"{self.id} [{self.architecture}] {self.data.get('description', '')} {figures}".strip()
 
@@ -241,39 +298,93 @@ class ModelCard:
         return write_text(self.folder / CARD_NAME, json.dumps(self.data, indent=2) + "\n")
 
 
+def one_line_text(exc: BaseException) -> str:
+    """The first line of an exception's text (a library's multi-line error as one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def state_mismatch(module: "torch.nn.Module", state: dict) -> str | None:
+    """The first tensor of ``state`` whose shape or dtype differs from ``module``'s, and how many
+    more differ (one line); None when every shared name fits."""
+    own = module.state_dict()
+    bad = []
+    for k, v in state.items():
+        if k in own and (tuple(v.shape) != tuple(own[k].shape) or v.dtype != own[k].dtype):
+            bad.append((k, v, own[k]))
+    if not bad:
+        return None
+    k, v, want = bad[0]
+    text = (f"{k} has shape {tuple(v.shape)}, the network needs {tuple(want.shape)}" if tuple(v.shape) != tuple(want.shape)
+            else f"{k} is {str(v.dtype).replace('torch.', '')}, the network needs {str(want.dtype).replace('torch.', '')}")
+    return text + (f" (and {len(bad) - 1} more tensor(s) that do not fit)" if len(bad) > 1 else "")
+
+
 def read_card(path: str | os.PathLike) -> ModelCard:
+    """The card at ``path`` (a folder or its card.json), with the structure every card has
+    (:func:`.card_schema.check_structure`); :class:`ModelError` when it cannot be read."""
+    from .card_schema import check_structure
+
     p = Path(path)
     if p.is_dir():
         p = p / CARD_NAME
     if not p.exists():
         raise ModelError(f"no model card at {p}")
+    if not p.is_file():
+        raise ModelError(f"model card {p} is not a regular file")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"model card {p} is not valid JSON: {exc}") from None
-    if "name" not in data:
-        raise ModelError(f"model card {p} has no 'name'")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"model card {p} is not valid JSON: {one_line_text(exc)[:200]}") from None
+    check_structure(data, str(p))
     return ModelCard(p.parent, data)
+
+
+def checked_card(card: ModelCard) -> ModelCard:
+    """``card`` after :func:`.card_schema.check_card` (every field the engine uses is valid)."""
+    from .card_schema import check_card
+
+    check_card(card.data, str(card.folder / CARD_NAME))
+    return card
 
 
 def registry_roots() -> list[Path]:
     return [BUILTIN_DIR, user_models_dir()]
 
 
-def list_models() -> list[ModelCard]:
-    """Every model card found in the registry roots (builtin first)."""
+def list_models(problems: list[str] | None = None) -> list[ModelCard]:
+    """Every model card found in the registry roots (builtin first).  A card that cannot be
+    read is skipped (one broken card must not hide the others); why goes into ``problems``."""
     cards: list[ModelCard] = []
     for root in registry_roots():
-        if not root.exists():
+        try:
+            if not root.is_dir():
+                continue
+            found = sorted(root.glob(f"**/{CARD_NAME}"))
+        except OSError:
             continue
-        for card in sorted(root.glob(f"**/{CARD_NAME}")):
+        for card in found:
             if len(card.relative_to(root).parts) > 4:
                 continue
             try:
                 cards.append(read_card(card))
-            except ModelError:
-                continue  # a broken card in the user folder must not hide the others
+            except ModelError as exc:
+                if problems is not None:
+                    problems.append(f"skipped: {exc}")
     return cards
+
+
+def shadowed(cards: list[ModelCard]) -> list[str]:
+    """A line per card that no id reaches because an earlier card (a shipped one) has its id."""
+    first: dict[str, ModelCard] = {}
+    out = []
+    for c in cards:
+        if c.id in first:
+            out.append(f"{c.folder} is never used: {c.id} leads to {'the shipped model' if first[c.id].builtin else first[c.id].folder} "
+                       f"of the same id; give it another version (or name) in its card.json to use it")
+        else:
+            first[c.id] = c
+    return out
 
 
 def _version_key(v: str):
@@ -336,12 +447,16 @@ def _recorded_active() -> str | None:
 def _broken_card_text(base: str) -> str:
     """Why the user folder's cards of ``base`` cannot be read (for an error naming a lost model)."""
     out = []
-    for card in sorted((user_models_dir() / base).glob(f"*/{CARD_NAME}")) if base else []:
+    try:
+        found = sorted((user_models_dir() / base).glob(f"*/{CARD_NAME}")) if base and NAME_RE.match(base) else []
+    except OSError:
+        found = []
+    for card in found:
         try:
             read_card(card)
         except ModelError as exc:
             out.append(str(exc))
-    return "; ".join(out) or "no card found"
+    return "; ".join(out)
 
 
 def get_card(name: str | os.PathLike | None = None) -> ModelCard:
@@ -352,19 +467,26 @@ def get_card(name: str | os.PathLike | None = None) -> ModelCard:
     if is_explicit_path(name):
         p = Path(name).expanduser()
         if (p.is_dir() and (p / CARD_NAME).exists()) or (p.is_file() and p.name.endswith(".json")):
-            return read_card(p)
+            return checked_card(read_card(p))
         raise ModelError(f"no model card at {p}")
-    name = str(name)
+    return checked_card(_find_card(str(name)))
+
+
+def _find_card(name: str) -> ModelCard:
+    """The registered card ``name`` or ``name@version`` (see :func:`get_card`)."""
     base, _, version = name.partition("@")
     found = [c for c in list_models() if c.name == base and (not version or c.version == version)]
     if not found:
         known = sorted({c.id for c in list_models()})
         hint = ""
+        broken = _broken_card_text(base)
         if Path(name).exists():
             hint = f" (to use the folder {name!r}, write ./{name})"
         elif name == _recorded_active():
             hint = (f"; it is the active model (its folder was removed, or its card.json cannot be read: "
-                    f"{_broken_card_text(base)}); `lesionseg models rollback` or `models activate` another")
+                    f"{broken or 'no card found'}); `lesionseg models rollback` or `models activate` another")
+        elif broken:
+            hint = f"; a card in {user_models_dir() / base} cannot be read: {broken}"
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(known) or 'none'}{hint}")
     if not version:  # a bare name: its active version, else its shipped one, else its newest
         active = active_model_id()

@@ -11,22 +11,25 @@ def format_versions(rows: list[dict]) -> str:
     lines = [f"{'':2s}{'model':28s} {'parent':24s} {'created':26s} metrics"]
     for r in rows:
         m = r["metrics"]
-        figs = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in list(m.items())[:4])
+        figs = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={str(v)[:40]}" for k, v in list(m.items())[:4])
         mark = "* " if r["active"] else "  "
         lines.append(f"{mark}{r['id']:28s} {str(r['parent'] or '-'):24s} {r['created'] or ('builtin' if r['builtin'] else '-'):26s} {figs}")
     return "\n".join(lines)
 
 
 def _cmd_list(args) -> int:
-    rows = list_versions(args.name)
+    from ..models import user_models_problem
+
+    problems: list[str] = []
+    rows = list_versions(args.name, problems)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(format_versions(rows) if rows else "no models found")
         print(f"active: {active_id()}")
-    note = active_state_problem()
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    for note in [active_state_problem(), user_models_problem(), *problems]:
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -53,10 +56,12 @@ def _cmd_export(args) -> int:
 
     from ..errors import LesionSegError
 
+    from .common import one_line
+
     try:
         return _export(args)
     except (LesionSegError, OSError) as exc:  # one line, never a traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -64,12 +69,12 @@ def _export(args) -> int:
     from ..errors import InputError
     from ..models import get_card
     from ..runtime.export import CACHE_DIR, card_record, export_paths
-    from ..segment.pipeline import Engine
+    from .segment import load_engine
 
     if args.runtime == "torch":
         raise InputError("the torch runtime runs no ONNX export; use --runtime auto, openvino or onnxruntime")
     card = get_card(args.model)
-    engine = Engine(card, device="cpu", runtime=args.runtime)
+    engine = load_engine(card, device="cpu", runtime=args.runtime)
     if engine.runtime == "torch":
         raise InputError("neither openvino nor onnxruntime can be imported, so nothing was exported")
     getattr(engine, "click_runner", None)  # a card's click segmenter is exported on first use: now
@@ -78,7 +83,7 @@ def _export(args) -> int:
     record = card_record(card, parts)
     for part, r in record.items():
         print(f"{part:14s} {export_paths(card, part)[0]}  sha256 {r['sha256']}  (torch {r['torch']}, opset {r['opset']})")
-    for note in engine.messages:
+    for note in dict.fromkeys(engine.messages):
         print(f"note: {note}")
     if args.write_card:
         card.data["onnx"] = record

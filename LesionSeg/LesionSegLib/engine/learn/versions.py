@@ -27,8 +27,7 @@ LOG_LIMIT = 200
 @contextlib.contextmanager
 def _locked():
     """An exclusive lock on ``active.json.lock`` (POSIX; no-op where fcntl is missing)."""
-    d = models.user_models_dir()
-    d.mkdir(parents=True, exist_ok=True)
+    d = models.require_user_models_dir()  # names LESIONSEG_MODELS when it is a file or cannot be made
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -73,7 +72,9 @@ def active_state_problem() -> str | None:
 
 
 def verify(card: models.ModelCard) -> list[str]:
-    """Check the sha256 of every weight file the card names; returns the file names checked."""
+    """Check the card (:func:`models.checked_card`: the parts its architecture needs, with valid
+    values) and the sha256 of every weight file it names; returns the file names checked."""
+    models.checked_card(card)
     checked = []
     for key, part in card.data.items():
         if isinstance(part, dict) and "file" in part:
@@ -84,11 +85,24 @@ def verify(card: models.ModelCard) -> list[str]:
     return checked
 
 
-def list_versions(name: str | None = None) -> list[dict]:
-    """Every model version in the registry (builtin and user), oldest first per name."""
-    active = active_id()
+def _active_folder():
+    """The folder of the card the active id leads to (None when it leads nowhere)."""
+    try:
+        return models.get_card(models.active_model_id()).folder.resolve()
+    except ModelError:
+        return None
+
+
+def list_versions(name: str | None = None, problems: list[str] | None = None) -> list[dict]:
+    """Every model version in the registry (builtin and user), oldest first per name; only the
+    card the active id leads to is marked active (a user copy with a shipped id is not).  Cards
+    that cannot be read, or whose id another card has, are left out of or noted in ``problems``."""
+    active = _active_folder()
     out = []
-    cards = [c for c in models.list_models() if name is None or c.name == name]
+    found = models.list_models(problems)
+    if problems is not None:
+        problems.extend(models.shadowed(found))
+    cards = [c for c in found if name is None or c.name == name]
     cards.sort(key=lambda c: (c.name, models._version_key(c.version)))
     for c in cards:
         parent = c.data.get("parent") or {}
@@ -98,12 +112,12 @@ def list_versions(name: str | None = None) -> list[dict]:
                 "name": c.name,
                 "version": c.version,
                 "architecture": c.architecture,
-                "active": c.id == active,
+                "active": c.folder.resolve() == active,
                 "builtin": c.builtin,
                 "parent": parent.get("id") if isinstance(parent, dict) else parent,
-                "created": c.data.get("created", ""),
-                "description": c.data.get("description", ""),
-                "metrics": c.data.get("metrics", {}),
+                "created": str(c.data.get("created") or ""),
+                "description": str(c.data.get("description") or ""),
+                "metrics": c.data["metrics"] if isinstance(c.data.get("metrics"), dict) else {},
                 "folder": str(c.folder),
             }
         )

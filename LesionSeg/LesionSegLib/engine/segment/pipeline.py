@@ -57,6 +57,23 @@ def case_hash(image: sitk.Image) -> str:
 ARCHITECTURES = {"clcs": ".pipeline:ClcsEngine", "detseg": "..detseg.engine:DetSegEngine"}
 
 
+def load_engine(model=None, device: str = "auto", **kw) -> "Engine":
+    """``Engine(model, device, **kw)``; any failure that is not already a LesionSeg error (a card
+    value a network library rejects, an allocation a card asks for) becomes a :class:`ModelError`
+    naming the model, so it is never blamed on the CT that is segmented next (the CLI and the
+    Slicer module load engines through it)."""
+    from ..errors import LesionSegError, ModelError
+    from ..models import one_line_text
+
+    card = model if isinstance(model, ModelCard) else get_card(model)  # a bad card is named by its schema check
+    try:
+        return Engine(card, device, **kw)
+    except (LesionSegError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"model {card.id} ({card.folder}) cannot be loaded ({type(exc).__name__}: {one_line_text(exc)[:300]})") from None
+
+
 def engine_class(architecture: str) -> type["Engine"]:
     """The engine class registered for ``architecture`` (a model card's ``architecture``)."""
     import importlib
@@ -116,18 +133,29 @@ class Engine:
         """The parent model kept inside a fine-tuned one for the parent's own domain (``routing``
         in the card, written by ``lesionseg finetune`` when the corrected cases lie outside the
         parent's domain); its card is checksum-verified like a weight file."""
+        from ..errors import LesionSegError, ModelError
+        from ..models import checked_card, confined, read_card, sha256_file
+
         routing = self.card.data.get("routing")
-        if not routing or not routing.get("enabled"):
+        if not routing:
             return None
-        from ..models import read_card, sha256_file
-
-        folder = self.card.folder / routing["folder"]
+        if not isinstance(routing, dict) or not isinstance(routing.get("enabled", False), bool):
+            raise ModelError(f"model {self.card.id}: the card's routing section must be an object with enabled true or false")
+        if not routing.get("enabled"):
+            return None
+        if not isinstance(routing.get("folder"), str) or not isinstance(routing.get("card_sha256"), str):
+            raise ModelError(f"model {self.card.id}: the card's routing section needs a folder and a card_sha256 (texts)")
+        folder = confined(self.card.folder, routing["folder"], "routing folder")  # never outside this model's folder
         card_file = folder / "card.json"
-        if not card_file.is_file() or sha256_file(card_file) != routing.get("card_sha256"):
-            from ..errors import ModelError
-
+        if folder.is_symlink() or not card_file.is_file() or card_file.is_symlink() \
+                or sha256_file(card_file) != routing["card_sha256"]:
             raise ModelError(f"model {self.card.id}: the in-domain model {folder} is missing or fails its checksum")
-        parent = Engine(read_card(folder), device=device, threads=threads, runtime=runtime)
+        try:
+            parent = Engine(checked_card(read_card(folder)), device=device, threads=threads, runtime=runtime)
+        except LesionSegError:
+            raise
+        except Exception as exc:  # a bad kept copy is this model's fault, never the CT's
+            raise ModelError(f"model {self.card.id}: its in-domain model {folder} cannot be loaded: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         if parent.ood is None:  # no usable OOD statistics in the kept copy: nothing can be routed
             self.messages.append(f"model {self.card.id}: routing to {parent.card.id} is off, because the copy of it kept in this "
                                  f"model has no usable out-of-distribution statistics; every scan runs this model's fine-tuned "
