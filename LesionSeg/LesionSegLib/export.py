@@ -24,6 +24,7 @@ import vtk
 
 from . import mrml
 from .engine.atomic import atomic_file
+from .engine.errors import InputError
 from .engine.io.csv_cells import safe_cell
 
 CSV_COLUMNS = (
@@ -211,126 +212,58 @@ def dicom_source_files(volume_node) -> list[str]:
     return files
 
 
-def _rgb_to_cielab(rgb):
-    import highdicom as hd
-
-    return hd.color.CIELabColor.from_rgb(*[int(round(255 * float(c))) for c in rgb]) if hasattr(hd.color.CIELabColor, "from_rgb") else None
-
-
 def export_dicom_seg(segmentation_node, path, source_files=None, include_hidden: bool = False,
                      include_rejected: bool = False, series_description: str = "LesionSeg lesions") -> Path:
-    """A DICOM Segmentation (binary, one segment per lesion) referencing the source CT series.
+    """A DICOM Segmentation (binary, one segment per lesion) referencing the source CT series
+    (built by :mod:`.engine.io.dicom_seg`, which ``lesionseg segment --dicom-seg`` uses too).
 
     Each segment: label ``Lesion <id> (<confidence>) <status>`` (or the reviewer's own ASCII name),
     tracking id ``LesionSeg lesion <id>``, property category / type / anatomic region from the
     segment's terminology (SNOMED CT Morphologically Altered Structure / Mass by default),
     algorithm ``LesionSeg <model name>`` version ``<model version>`` (AUTOMATIC; SEMIAUTOMATIC once
     reviewed or added by a click; MANUAL, with no algorithm, for a lesion drawn by hand), display
-    colour = the segment's colour.  Lesions with no voxel (erased) are left out.  The mask of every
-    source slice is sampled from the instance labelmap through the slice's own
-    ImagePositionPatient / ImageOrientationPatient, so any slice order or orientation is handled;
-    a volume that no longer matches its series (moved by a hardened transform, resampled, edited:
-    its voxels differ from the series' pixels they map onto) is refused, since the SEG would mark
-    other anatomy.
+    colour = the segment's colour.  Lesions with no voxel (erased) are left out.  A volume that no
+    longer matches its series (moved by a hardened transform, resampled, edited: its voxels differ
+    from the series' pixels they map onto) is refused, since the SEG would mark other anatomy.
     """
-    import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
-
-    def coded(code):
-        return hd.sr.CodedConcept(value=code[1], scheme_designator=code[0], meaning=code[2])
+    from .engine.io import dicom_seg
 
     path = Path(path)
     volume = mrml.reference_volume(segmentation_node)
     files = list(source_files) if source_files else dicom_source_files(volume)
     if not files:
         raise RuntimeError(f"volume '{volume.GetName()}' was not loaded from DICOM: no DICOM SEG can reference it")
-    datasets = [pydicom.dcmread(f) for f in files]
+    datasets = dicom_seg.read_series(files)
     rows = _selected(segmentation_node, include_hidden, include_rejected)
     if not rows:
         raise RuntimeError("no lesion to export (all hidden or rejected)")
-    ids = [d["lesion_id"] for d in rows]
-    labelmap = instance_labelmap(segmentation_node, ids, volume)
+    labelmap = instance_labelmap(segmentation_node, [d["lesion_id"] for d in rows], volume)
     present = set(np.unique(labelmap).tolist())
     rows = [d for d in rows if d["lesion_id"] in present]  # a lesion erased in the Segment Editor holds no pixel
     if not rows:
         raise RuntimeError("no lesion to export: every exported lesion is empty (erased)")
-    ids = [d["lesion_id"] for d in rows]
-    # lesion id -> DICOM segment number (1..n, consecutive as the standard requires)
-    lut = np.zeros(int(labelmap.max()) + 1 if labelmap.size else 1, dtype=np.uint16)
-    for number, lid in enumerate(ids, start=1):
-        if lid < lut.size:
-            lut[lid] = number
     # the DICOM geometry describes the volume's own (untransformed) frame
-    ras_to_ijk = np.linalg.inv(mrml.ijk_to_ras(volume))
-    voxels = slicer.util.arrayFromVolume(volume)
-    frames = np.zeros((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), dtype=np.uint16)
-    differ = inside_total = 0
-    for f, ds in enumerate(datasets):
-        (k, j, i), inside = _slice_voxels(ds, ras_to_ijk, labelmap.shape)
-        frames[f] = np.where(inside, lut[labelmap[k, j, i]], 0)
-        differ += _differing_pixels(ds, voxels[k, j, i], inside)
-        inside_total += int(inside.sum())
-    if not inside_total or differ > SOURCE_MISMATCH * inside_total:
-        raise RuntimeError(
-            f"volume '{volume.GetName()}' no longer matches the DICOM series it was loaded from ("
-            + (f"{differ / inside_total:.0%} of the series' pixels differ from the voxels that were segmented"
-               if inside_total else "no slice of the series lies inside it")
-            + "): it was moved (a hardened transform), resampled or edited after loading, so a DICOM SEG would "
-            "mark other anatomy on the series; reload the series and segment it again, or export .seg.nrrd / NIfTI")
-    model_id = segmentation_node.GetAttribute(mrml.ATTR_MODEL) or rows[0]["model_id"] or "unknown"
-    name, _, version = model_id.partition("@")  # DICOM LO: 64 characters at most
-    algorithm = hd.AlgorithmIdentificationSequence(name=f"LesionSeg {name}"[:64], family=codes.cid7162.ArtificialIntelligence,
-                                                   version=(version or name)[:64])
-    descriptions = []
-    for number, d in enumerate(rows, start=1):
-        drawn = mrml.get_tag(mrml.find_segment(segmentation_node, d["lesion_id"])[1], "LesionSeg.Source") == "drawn"
-        kwargs = {} if drawn else {"algorithm_identification": algorithm}  # a lesion the reviewer drew is no algorithm's
-        color = _rgb_to_cielab(d["color"])
-        if color is not None:
-            kwargs["display_color"] = color
-        terms = mrml.terminology_codes(mrml.find_segment(segmentation_node, d["lesion_id"])[1])
-        if terms["region"]:
-            kwargs["anatomic_regions"] = [coded(terms["region"])]
-        kind = (hd.seg.SegmentAlgorithmTypeValues.MANUAL if drawn
-                else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if d["review"] in ("accepted", "rejected", "added")
-                else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC)
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=_segment_label(d, drawn),
-            segmented_property_category=coded(terms["category"] or mrml.LESION_CATEGORY),
-            segmented_property_type=coded(terms["type"] or mrml.LESION_TYPE),
-            algorithm_type=kind,
-            tracking_uid=hd.UID(),
-            tracking_id=f"LesionSeg lesion {d['lesion_id']}",
-            **kwargs,
+    lps_to_ijk = np.linalg.inv(mrml.ijk_to_ras(volume)) @ np.diag([-1.0, -1.0, 1.0, 1.0])
+    try:
+        pixels = dicom_seg.frames(datasets, labelmap, lps_to_ijk, slicer.util.arrayFromVolume(volume),
+                                  {d["lesion_id"]: n for n, d in enumerate(rows, start=1)}, f"volume '{volume.GetName()}'")
+    except InputError as exc:
+        raise RuntimeError(exc.problem) from None
+    segments = []
+    for d in rows:
+        segment = mrml.find_segment(segmentation_node, d["lesion_id"])[1]
+        drawn = mrml.get_tag(segment, "LesionSeg.Source") == "drawn"
+        terms = mrml.terminology_codes(segment)
+        segments.append(dicom_seg.Segment(
+            value=d["lesion_id"], label=_segment_label(d, drawn), color_rgb=d["color"], region=terms["region"],
+            kind="MANUAL" if drawn else "SEMIAUTOMATIC" if d["review"] in ("accepted", "rejected", "added") else "AUTOMATIC",
+            category=terms["category"] or mrml.LESION_CATEGORY, type=terms["type"] or mrml.LESION_TYPE,
         ))
-    seg = hd.seg.Segmentation(
-        source_images=datasets,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=int(getattr(datasets[0], "SeriesNumber", 0) or 0) + 1000,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="LesionSeg",
-        manufacturer_model_name="LesionSeg 3D Slicer module",
-        software_versions=model_id if len(model_id) <= 64 else (version or name)[:64],
-        device_serial_number="0",
-        series_description=series_description,
-        content_label="LESIONS",
-        content_description=f"LesionSeg lesions, model {model_id}"[:64],
-        omit_empty_frames=True,
-    )
+    model_id = segmentation_node.GetAttribute(mrml.ATTR_MODEL) or rows[0]["model_id"] or "unknown"
+    seg = dicom_seg.build(datasets, pixels, segments, model_id, series_description, "LesionSeg 3D Slicer module")
     with atomic_file(path) as tmp:
-        seg.save_as(tmp)
+        dicom_seg.save(seg, tmp)
     return path
-
-
-#: share of a DICOM series' pixels that may differ from the volume's voxels they map onto (rounding
-#: of rescaled values); beyond it the volume was moved or changed after loading and the export is refused
-SOURCE_MISMATCH = 0.01
 
 
 def _segment_label(d: dict, drawn: bool) -> str:
@@ -339,37 +272,6 @@ def _segment_label(d: dict, drawn: bool) -> str:
     default = f"Lesion {d['lesion_id']}" + ("" if drawn else f" ({d['confidence']:.2f})")
     name = d["name"] if d["name"].isascii() and d["name"].isprintable() and d["name"].strip() else default
     return f"{name} {'drawn' if drawn else d['review']}"[:64]
-
-
-def _slice_voxels(ds, ras_to_ijk: np.ndarray, shape) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """The volume voxel (k, j, i) nearest to each pixel of one DICOM slice (its own
-    ImagePositionPatient / ImageOrientationPatient / PixelSpacing), and which pixels fall inside
-    a volume of ``shape`` (k, j, i); outside pixels get index 0."""
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
-    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    # DICOM: x direction (iop[:3]) goes along a row (increasing column index), spacing PixelSpacing[1]
-    lps = ipp[None, None, :] + c[..., None] * col_spacing * iop[None, None, :3] + r[..., None] * row_spacing * iop[None, None, 3:]
-    ras = lps * np.array([-1.0, -1.0, 1.0])
-    idx = np.rint(ras @ ras_to_ijk[:3, :3].T + ras_to_ijk[:3, 3]).astype(np.int64)
-    k_max, j_max, i_max = shape
-    inside = (idx[..., 0] >= 0) & (idx[..., 0] < i_max) & (idx[..., 1] >= 0) & (idx[..., 1] < j_max) & (idx[..., 2] >= 0) & (idx[..., 2] < k_max)
-    idx[~inside] = 0
-    return (idx[..., 2], idx[..., 1], idx[..., 0]), inside
-
-
-def _differing_pixels(ds, voxels: np.ndarray, inside: np.ndarray) -> int:
-    """How many pixels of a DICOM slice (rescaled to HU) inside the volume differ from the voxels
-    they map onto; 0 when the slice holds no readable pixel data (nothing to compare)."""
-    try:
-        pixels = ds.pixel_array.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
-    except Exception:  # noqa: BLE001 (compressed without a decoder: the geometry alone decides)
-        return 0
-    if pixels.shape != inside.shape:
-        return 0
-    return int(np.count_nonzero(np.abs(pixels[inside] - voxels[inside].astype(np.float64)) > 0.5))
 
 
 # ---------------------------------------------------------------------------------- all

@@ -11,11 +11,11 @@ from __future__ import annotations
 import slicer
 import vtk
 
+from .engine.io.dicom_seg import LESION_CATEGORY, LESION_TYPE  # noqa: F401 (re-exported: the DICOM SEG codes)
+
 #: Terminology of every lesion segment (coding scheme, code value, code meaning).
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 REGION_CONTEXT = "Anatomic codes - DICOM master list"
-LESION_CATEGORY = ("SCT", "49755003", "Morphologically Altered Structure")
-LESION_TYPE = ("SCT", "4147007", "Mass")
 
 
 # ------------------------------------------------------------------------------ terminology

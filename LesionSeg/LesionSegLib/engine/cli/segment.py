@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import LesionSegError
 from ..io.images import expand_inputs, output_stem
-from .common import Progress, emit, error_line, output_problem, positive_int, unit_interval
+from .common import Progress, emit, error_line, one_line, output_problem, positive_int, unit_interval
 
 
 def save_features(result, path: str, case_hash: str) -> None:
@@ -52,10 +52,13 @@ def unique_inputs(inputs: list[Path]) -> tuple[list[Path], str | None]:
     return out, None
 
 
-def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, save_feats=False, extra=None):
+def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, save_feats=False, extra=None,
+               dicom_seg=False):
     """Read, segment and write one input into ``outdir``: all its files appear together, or none
     (:class:`~..atomic.AtomicWriter`).  ``extra(writer, result, names, timings)`` may add files
     (their names are returned and they are committed last: ``batch`` writes its done-marker so).
+    ``dicom_seg``: also ``<stem>_lesions.dcm``, a DICOM SEG on the source series of a DICOM input
+    (:mod:`..io.dicom_seg`; a note instead when the input is not DICOM or has no lesion).
     Returns ``(result, output names, stage timings)``; raises on a bad input, writing nothing."""
     from ..atomic import AtomicWriter
     from ..io.images import read_image, read_note
@@ -79,6 +82,8 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
 
             names.append(f"{stem}_features.npz")
             save_features(res, writer.path(names[3]), case_hash(image))
+        if dicom_seg:
+            names += _write_dicom_seg(writer, image, path, res, stem)
         timings = {"read": read_s, **res.timings, "write": time.perf_counter() - t}
         if extra is not None:
             names += extra(writer, res, names, timings)
@@ -89,6 +94,20 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
     return res, names, timings
 
 
+def _write_dicom_seg(writer, image, path, res, stem) -> list[str]:
+    """``<stem>_lesions.dcm`` when the input is a DICOM series with lesions; else a note, no file."""
+    from ..io import dicom_seg
+
+    seg = dicom_seg.from_result(image, path, res)
+    if seg is None:
+        why = "no lesion to hold" if dicom_seg.source_files(image, path) else "the input is not a DICOM series"
+        res.messages.append(f"{path}: no DICOM SEG written ({why})")
+        return []
+    name = f"{stem}_lesions.dcm"
+    dicom_seg.save(seg, writer.path(name))
+    return [name]
+
+
 def _json_ood(ood: dict | None) -> dict | None:
     """A result's scan-level OOD record as JSON types (None without OOD statistics)."""
     if not ood:
@@ -97,8 +116,6 @@ def _json_ood(ood: dict | None) -> dict | None:
 
 
 def cmd_segment(args) -> int:
-    from ..segment.pipeline import Engine
-
     names = list(args.inputs)
     if args.sample:
         from ..data import SAMPLE_IMAGE
@@ -125,11 +142,13 @@ def cmd_segment(args) -> int:
         emit(args, {"event": "error", "input": None, "message": problem})
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from ..segment.pipeline import load_engine
+
     try:
-        engine = Engine(args.model, args.device, threads=args.threads, runtime=args.runtime, gate=args.gate)
+        engine = load_engine(args.model, args.device, threads=args.threads, runtime=args.runtime, gate=args.gate)
     except LesionSegError as exc:
-        emit(args, {"event": "error", "input": None, "message": str(exc)})
-        print(f"error: {exc}", file=sys.stderr)
+        emit(args, {"event": "error", "input": None, "message": one_line(exc)})
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     failed = 0
     totals: dict[str, float] = {}
@@ -139,7 +158,7 @@ def cmd_segment(args) -> int:
         t0 = time.perf_counter()
         try:
             res, names, timings = write_case(engine, path, args.output, threshold=args.threshold, progress=prog,
-                                             save_feats=args.save_features)
+                                             save_feats=args.save_features, dicom_seg=args.dicom_seg)
         except (LesionSegError, ValueError, RuntimeError, OSError, MemoryError) as exc:
             prog.close()
             failed += 1
@@ -178,6 +197,8 @@ def register(sub) -> None:
     sp.add_argument("--threshold", type=unit_interval, default=None, help="keep lesions with confidence >= T (default: the model's, 0.5; 0 keeps every candidate)")
     sp.add_argument("--progress", default="bar", choices=["bar", "json", "none"])
     sp.add_argument("--save-features", action="store_true", help="also write <stem>_features.npz (classifier inputs, for review/retraining)")
+    sp.add_argument("--dicom-seg", action="store_true",
+                    help="also write <stem>_lesions.dcm, a DICOM SEG referencing the source series, for a DICOM series input")
     sp.add_argument(
         "--runtime",
         default=None,

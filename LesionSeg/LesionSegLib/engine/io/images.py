@@ -147,6 +147,7 @@ def _read_series(folder: Path) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(f"cannot read DICOM series: {_first_line(exc)}", src) from None
     check_series(folder, uid, {f for names in files.values() for f in names}, reader, image)
+    image.SetMetaData(SERIES_KEY, uid)  # for a DICOM SEG that references this series (io.dicom_seg)
     if len(files) > 1:
         others = ", ".join(f"{len(files[u])} slice(s)" for u in files if u != uid)
         image.SetMetaData(NOTE_KEY, f"{src}: {len(files)} DICOM series in this folder; segmented the one with the most "
@@ -156,6 +157,8 @@ def _read_series(folder: Path) -> sitk.Image:
 
 #: a note a reader leaves on the image (SimpleITK metadata) for the command to print
 NOTE_KEY = "LesionSeg.ReadNote"
+#: the SeriesInstanceUID of the DICOM series an image was read from (SimpleITK metadata)
+SERIES_KEY = "LesionSeg.SeriesUID"
 
 
 def read_note(image: sitk.Image) -> str | None:
