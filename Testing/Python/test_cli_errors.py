@@ -210,3 +210,51 @@ def test_folders_expand_as_a_user_lays_them_out(tmp_path):
     _ct(labels_only / "label.nii.gz")
     assert expand_inputs([labels_only]) == [labels_only / "label.nii.gz"]  # then read_image says it is no CT
     assert expand_inputs([dicom, scans / "a.nrrd"]) == [dicom, scans / "a.nrrd"]
+
+
+# ------------------------------------------------------------------------- memory and progress
+def test_running_out_of_memory_is_said_as_such(tmp_path, capsys, monkeypatch):
+    """Found by an audit of whole-body scans: ITK failing to allocate the image was reported as a
+    corrupt file (a radiologist would discard a good scan), and OpenVINO's "can't alloc" while
+    compiling the model ended in a traceback, then in "model cannot be loaded"."""
+    from LesionSegLib.engine.io import images
+    from LesionSegLib.engine.segment import pipeline
+
+    scan = _ct(tmp_path / "scan.nrrd")
+
+    def no_memory(*a, **k):
+        raise RuntimeError("Exception thrown in SimpleITK ReadImage: itkImportImageContainer.hxx:192: Failed to allocate memory for image.")
+
+    with monkeypatch.context() as m:
+        m.setattr(images.sitk, "ReadImage", no_memory)
+        with pytest.raises(MemoryError, match="scan.nrrd: not enough memory to read this scan \\(the file is not damaged"):
+            images.read_image(scan)
+        rc = cli.main(["segment", str(scan), "-o", str(tmp_path / "out"), "--progress", "none"])
+        _one_error(capsys, rc, 1, "not enough memory to read this scan")
+
+    def cannot_compile(*a, **k):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nException from src/plugins/intel_cpu/src/plugin.cpp:59: can't alloc")
+
+    monkeypatch.setattr(pipeline, "Engine", cannot_compile)
+    with pytest.raises(MemoryError, match="not enough memory to load model sts-clcs@1.1.0 .*can't alloc|not enough memory to load model"):
+        pipeline.load_engine("sts-clcs", "cpu")
+    rc = cli.main(["segment", str(scan), "-o", str(tmp_path / "out2"), "--progress", "none"])
+    _one_error(capsys, rc, 1, "not enough memory to load model sts-clcs@1.1.0")
+
+
+def test_progress_covers_reading_detection_clusters_and_writing(tmp_path, capsys):
+    """The bar stood still for most of a whole-body DetSeg run (the detector's eight flips reported
+    nothing) and through reading, resizing, clustering and writing (an audit)."""
+    import json
+
+    from LesionSegLib.engine.data import SAMPLE_IMAGE
+
+    rc = cli.main(["segment", str(SAMPLE_IMAGE), "-o", str(tmp_path / "out"), "--model", "sts-detseg", "--progress", "json",
+                   "--device", "cpu"])
+    assert rc == 0
+    events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    steps = [(e["stage"], e["fraction"]) for e in events if e["event"] == "progress"]
+    stages = list(dict.fromkeys(s for s, _ in steps))
+    assert stages[0] == "read" and stages[-1] == "write" and {"detect", "roi_segmentation", "clusters"} <= set(stages)
+    detect = [f for s, f in steps if s == "detect"]
+    assert len(detect) >= 9 and detect == sorted(detect) and detect[0] == pytest.approx(0.1)  # start, then each of 8 flips

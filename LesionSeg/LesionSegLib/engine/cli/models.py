@@ -69,7 +69,7 @@ def _export(args) -> int:
     from ..errors import InputError
     from ..models import get_card
     from ..runtime.export import CACHE_DIR, card_record, export_paths
-    from .segment import load_engine
+    from ..segment.pipeline import load_engine
 
     if args.runtime == "torch":
         raise InputError("the torch runtime runs no ONNX export; use --runtime auto, openvino or onnxruntime")

@@ -67,6 +67,8 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
     writer = AtomicWriter(outdir)
     try:
         t = time.perf_counter()
+        if progress is not None:
+            progress(0.0, "read")
         image = read_image(path, validate=False)  # Engine.segment validates it, once
         read_s = time.perf_counter() - t
         kw = {"progress": progress} if progress is not None else {}
@@ -76,6 +78,8 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
         if (note := read_note(image)) is not None:  # e.g. several DICOM series in the folder: which one ran
             res.messages.append(note)
         t = time.perf_counter()
+        if progress is not None:
+            progress(1.0, "write")
         names = res.write_outputs(writer, stem)
         if save_feats:
             from ..segment.pipeline import case_hash

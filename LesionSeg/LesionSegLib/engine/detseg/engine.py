@@ -75,16 +75,17 @@ class DetSegEngine(Engine):
         self.run_detector, self.run_roi = eager(self.detector), eager(self.roi_net)
 
     # ------------------------------------------------------------------------------ stage 1
-    def detect(self, hu: np.ndarray, spacing, lo=None, hi=None) -> np.ndarray:
+    def detect(self, hu: np.ndarray, spacing, lo=None, hi=None, report=None) -> np.ndarray:
         """Detections ``(N, 8)`` on the canonical array (box mm, calibrated score, raw logit),
-        best first, over array voxels ``[lo, hi)`` (default: the body box)."""
+        best first, over array voxels ``[lo, hi)`` (default: the body box); ``report(fraction)``
+        after each test-time flip."""
         if lo is None:
             box = body_box(hu, spacing)
             lo, hi = box.lo, box.hi
         cfg = self.det_cfg
         grid = grid_over(lo, hi, spacing, cfg["grid_spacing_zyx"], detector_divisor(cfg["network"]))
         # tta_flips (card): the maps averaged over flipped inputs; a flip negates its axis' centre offset
-        out = flip_average(self.run_detector, grid.sample(hu, spacing, cfg["hu_windows"])[None], cfg.get("tta_flips"), _unflip_offsets)[0]
+        out = flip_average(self.run_detector, grid.sample(hu, spacing, cfg["hu_windows"])[None], cfg.get("tta_flips"), _unflip_offsets, report)[0]
         dets = decode(out, grid.origin, grid.spacing, float(cfg.get("threshold", 0.1)), int(cfg.get("max_detections", 32)))
         dets = nms(dets, float(cfg.get("nms_iou", 0.25)))
         if len(dets):
@@ -117,7 +118,8 @@ class DetSegEngine(Engine):
     def probability(self, canonical_hu: np.ndarray, spacing, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
         timings = {}
         t = time.perf_counter()
-        dets = self.detect(canonical_hu, spacing)
+        _report(progress, "detect", 0.0)
+        dets = self.detect(canonical_hu, spacing, **({"report": lambda f: _report(progress, "detect", f)} if progress else {}))
         self.last_detections = dets
         timings["detect"] = time.perf_counter() - t
         _report(progress, "detect", 1.0)

@@ -68,12 +68,14 @@ def roi_input(hu: np.ndarray, roi: RoI, hu_windows) -> np.ndarray:
     return windows(crop(hu, roi), hu_windows)
 
 
-def flip_average(run, x: np.ndarray, flips, undo=None) -> np.ndarray:
+def flip_average(run, x: np.ndarray, flips, undo=None, report=None) -> np.ndarray:
     """Test-time augmentation by flips: the mean over ``flips`` (lists of spatial axes 0-2 = z, y,
     x; ``[]`` is the input as is) of ``run`` on the flipped batch ``x`` (n, C, z, y, x), each output
-    flipped back; ``undo(out, axes)`` then fixes what a flip changes beyond position (in place)."""
+    flipped back; ``undo(out, axes)`` then fixes what a flip changes beyond position (in place).
+    ``report(fraction)`` is called after each flip."""
     total = None
-    for axes in flips or [[]]:
+    n = len(flips or [[]])
+    for done, axes in enumerate(flips or [[]], start=1):
         dims = [2 + int(a) for a in axes]
         out = run(np.ascontiguousarray(np.flip(x, dims)) if dims else x)
         if dims:
@@ -81,4 +83,6 @@ def flip_average(run, x: np.ndarray, flips, undo=None) -> np.ndarray:
             if undo is not None:
                 undo(out, axes)
         total = out if total is None else total + out
-    return total / max(1, len(flips or [[]]))
+        if report is not None:
+            report(done / n)
+    return total / max(1, n)

@@ -118,6 +118,7 @@ def read_image(path: str | os.PathLike, validate: bool = True) -> sitk.Image:
                 try:
                     image = sitk.ReadImage(str(readable))
                 except RuntimeError as exc:
+                    _not_memory(exc, src)
                     raise InputError(f"cannot read image (corrupt or unsupported format): {_first_line(exc)}", src) from None
     if validate:
         validate_ct(image, src)
@@ -145,6 +146,7 @@ def _read_series(folder: Path) -> sitk.Image:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
+        _not_memory(exc, src)
         raise InputError(f"cannot read DICOM series: {_first_line(exc)}", src) from None
     check_series(folder, uid, {f for names in files.values() for f in names}, reader, image)
     image.SetMetaData(SERIES_KEY, uid)  # for a DICOM SEG that references this series (io.dicom_seg)
@@ -153,6 +155,13 @@ def _read_series(folder: Path) -> sitk.Image:
         image.SetMetaData(NOTE_KEY, f"{src}: {len(files)} DICOM series in this folder; segmented the one with the most "
                                     f"slices ({len(files[uid])}), not the others ({others}); give a folder per series to choose")
     return image
+
+
+def _not_memory(exc: RuntimeError, src: str) -> None:
+    """ITK failing to allocate the image is the machine's memory, not a corrupt file: say so."""
+    text = _first_line(exc)
+    if "allocate" in text.lower() or "bad_alloc" in text.lower():
+        raise MemoryError(f"{src}: not enough memory to read this scan (the file is not damaged; ITK: {text})") from None
 
 
 #: a note a reader leaves on the image (SimpleITK metadata) for the command to print
@@ -287,6 +296,7 @@ def read_label(path: str | os.PathLike, reference: sitk.Image | None = None) -> 
         with quiet_itk(), verified(Path(path)) as readable:
             label = sitk.ReadImage(str(readable))
     except RuntimeError as exc:
+        _not_memory(exc, src)
         raise InputError(f"cannot read label (corrupt or unsupported format): {_first_line(exc)}", src) from None
     if reference is not None and not same_grid(label, reference):
         raise InputError("label grid (size, spacing, origin, direction) differs from its image", src)

@@ -30,25 +30,28 @@ class ClusterStats:
 def find_clusters(prob: np.ndarray, threshold: float, spacing_zyx, min_size_mm3: float) -> tuple[np.ndarray, list[ClusterStats]]:
     """Threshold ``prob``, take 26-connected components, drop those below ``min_size_mm3``.
 
-    Returns a uint32 label image (1..n, consecutive, in raster order of their first voxel) and
-    the clusters' statistics.  Components and statistics are computed once, inside the box
-    that holds the thresholded voxels.
+    Returns a label image (1..n, consecutive, in raster order of their first voxel; uint16, or
+    uint32 beyond 65,535 clusters: a whole-body scan's label image is half the size) and the
+    clusters' statistics.  Components and statistics are computed once, inside the box that holds
+    the thresholded voxels.
     """
     mask = np.asarray(prob) >= threshold
-    labels = np.zeros(mask.shape, dtype=np.uint32)
     box = nonzero_box(mask)
     if box is None:
-        return labels, []
+        return np.zeros(mask.shape, dtype=np.uint16), []
     sub = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=26)
+    del mask
     st = cc3d.statistics(sub)
     voxel_mm3 = float(np.prod(spacing_zyx))
     min_voxels = int(np.ceil(min_size_mm3 / voxel_mm3)) if min_size_mm3 > 0 else 0
     counts = np.asarray(st["voxel_counts"])
     keep = counts >= max(1, min_voxels)
     keep[0] = False
-    lut = np.zeros(len(counts), dtype=np.uint32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-    labels[box] = lut[sub] if not keep[1:].all() else sub
+    dtype = np.uint16 if int(keep.sum()) < 65536 else np.uint32
+    lut = np.zeros(len(counts), dtype=dtype)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=dtype)
+    labels = np.zeros(prob.shape, dtype=dtype)
+    labels[box] = lut[sub]
     return labels, _collect(st, np.flatnonzero(keep), lut, box)
 
 

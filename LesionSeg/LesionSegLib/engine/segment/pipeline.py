@@ -71,7 +71,19 @@ def load_engine(model=None, device: str = "auto", **kw) -> "Engine":
     except (LesionSegError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001
+        if out_of_memory(exc):  # OpenVINO's "can't alloc", a std::bad_alloc: the machine's memory, not the model
+            raise MemoryError(f"not enough memory to load model {card.id} ({one_line_text(exc)[:200]})") from None
         raise ModelError(f"model {card.id} ({card.folder}) cannot be loaded ({type(exc).__name__}: {one_line_text(exc)[:300]})") from None
+
+
+#: what native libraries (ITK, OpenVINO, ONNX Runtime, the C++ runtime) say when an allocation fails
+OUT_OF_MEMORY_TEXTS = ("failed to allocate", "can't alloc", "cannot allocate", "bad_alloc", "out of memory", "unable to allocate")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (any library's error) reports a failed memory allocation."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(t in text for t in OUT_OF_MEMORY_TEXTS)
 
 
 def engine_class(architecture: str) -> type["Engine"]:
@@ -274,6 +286,7 @@ class Engine:
         timings = dict(timings)
         prob_threshold = self.prob_threshold if prob_threshold is None else prob_threshold
         t = time.perf_counter()
+        _report(progress, "clusters", 0.0)  # a whole-body scan spends seconds here: the bar says where
         labels, stats = find_clusters(prob, prob_threshold, sp, self.min_size_mm3 if min_size_mm3 is None else min_size_mm3)
         n = len(stats)
         timings["clusters"] = time.perf_counter() - t
