@@ -22,26 +22,18 @@ import pytest
 
 from slicer_app_shim import data_dir, default_model, slicer_app  # noqa: F401 (fixtures)
 from test_slicer_widget import _close, _make_widget, harness  # noqa: F401 (fixture)
-from test_slicer_widget_corrections import _show_result, _stored_corrections, _table_ids
+from test_slicer_widget_corrections import _stored_corrections, _table_ids
+from test_slicer_widget_corrections import panel as corrections_panel  # noqa: F401 (fixture)
 
 OTHER = "STS_032"  # a second scan, for two results side by side
 _OTHER: dict = {}
 
 
 @pytest.fixture
-def panel(harness, slicer_app, data_dir, default_model, tmp_path, monkeypatch):
-    from LesionSegLib import settings
-
-    _, qt_harness, module = harness
-    slicer_app.reset()
-    monkeypatch.setenv("LESIONSEG_FEEDBACK", str(tmp_path / "unused.db"))
-    settings.set_feedback_database_path(tmp_path / "feedback.db")
-    w = _make_widget(module, slicer_app, tmp_path=tmp_path)
-    volume, seg = _show_result(w, slicer_app, data_dir, default_model)
-    w._parameterNode.threshold = 0.0
-    yield w, volume, seg, qt_harness
-    _close(w)
-    slicer_app.reset()
+def panel(corrections_panel):
+    """The corrections panel (STS_041 and a real result shown, exports to tmp_path / "export"), at threshold 0."""
+    corrections_panel[0]._parameterNode.threshold = 0.0
+    return corrections_panel
 
 
 def _click(button):

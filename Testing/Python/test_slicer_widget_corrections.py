@@ -47,7 +47,7 @@ def panel(harness, slicer_app, data_dir, default_model, tmp_path, monkeypatch):
     slicer_app.reset()
     monkeypatch.setenv("LESIONSEG_FEEDBACK", str(tmp_path / "unused.db"))
     settings.set_feedback_database_path(tmp_path / "feedback.db")
-    w = _make_widget(module, slicer_app)
+    w = _make_widget(module, slicer_app, tmp_path=tmp_path)  # exports go to tmp_path / "export"
     volume, seg = _show_result(w, slicer_app, data_dir, default_model)
     yield w, volume, seg, qt_harness
     _close(w)

@@ -28,22 +28,10 @@ def fail(where: str, exc: Exception) -> FeedbackStoreError:
 
 
 def text(r: dict, key: str, where: str, required: bool = False) -> str:
-    """A text field of row ``r`` (``""`` when empty and not ``required``)."""
-    v = r.get(key)
+    """A text field of row ``r`` (``""`` when empty and not ``required``): the decisions' limits
+    for their columns, :data:`LIMITS` for the corrections' own."""
     try:
-        if key in TEXT_LIMITS:
-            return _text(lambda k: v, key, required)
-        if v is None or v == "":
-            if required:
-                raise RowError("missing field", f"no '{key}'")
-            return ""
-        if not isinstance(v, str):
-            raise RowError("wrong type", f"'{key}' is a {type(v).__name__}, not text")
-        if len(v) > LIMITS.get(key, 512):
-            raise RowError("text too long", f"'{key}' has {len(v)} characters (at most {LIMITS.get(key, 512)})")
-        if _CONTROL.search(v):
-            raise RowError("control characters", f"'{key}' holds control characters")
-        return v
+        return _text(lambda k: r.get(key), key, required, {**LIMITS, **TEXT_LIMITS})
     except RowError as exc:
         raise fail(where, exc) from None
 

@@ -200,7 +200,9 @@ def _pyarrow():
 
 
 # ----------------------------------------------------------------------------- row checks
-def _text(get, key: str, required: bool = False) -> str:
+def _text(get, key: str, required: bool = False, limits: dict | None = None) -> str:
+    """A text field (``limits``: characters allowed per key, default :data:`TEXT_LIMITS`; 512 for others)."""
+    limits = TEXT_LIMITS if limits is None else limits
     v = get(key)
     if v is None or v == "":
         if required:
@@ -208,8 +210,8 @@ def _text(get, key: str, required: bool = False) -> str:
         return ""
     if not isinstance(v, str):
         raise RowError("wrong type", f"'{key}' is a {type(v).__name__}, not text")
-    if len(v) > TEXT_LIMITS.get(key, 512):
-        raise RowError("text too long", f"'{key}' has {len(v)} characters (at most {TEXT_LIMITS.get(key, 512)})")
+    if len(v) > limits.get(key, 512):
+        raise RowError("text too long", f"'{key}' has {len(v)} characters (at most {limits.get(key, 512)})")
     if _CONTROL.search(v):
         raise RowError("control characters", f"'{key}' holds control characters")
     return v
@@ -406,7 +408,8 @@ def _csv_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
 
 
 # ----------------------------------------------------------------------------- Parquet
-def _parquet_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
+def _parquet_file(src: Path):
+    """The open ``pyarrow.parquet.ParquetFile``, its columns and its uncompressed sizes checked."""
     pa, pq = _pyarrow()
     try:
         pf = pq.ParquetFile(src)
@@ -414,6 +417,12 @@ def _parquet_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
         raise FeedbackStoreError(f"cannot read {src} as Parquet: {str(exc).splitlines()[0][:200]}") from None
     _checked_columns(src, pf.schema_arrow.names)
     _checked_sizes(src, pf)
+    return pf
+
+
+def _parquet_rows(src: Path, now) -> Iterator[tuple[str, dict | RowError]]:
+    pa, _ = _pyarrow()
+    pf = _parquet_file(src)
     fcols = [c for c in pf.schema_arrow.names if c.startswith(FEATURE_PREFIX)]
     n = 0
     try:
@@ -460,10 +469,4 @@ def check_file(src) -> None:
     if fmt == "csv":
         next(iter(_csv_rows(src, _dt.datetime.now(_dt.timezone.utc))), None)  # reads and checks the header
         return
-    pa, pq = _pyarrow()
-    try:
-        pf = pq.ParquetFile(src)
-    except Exception as exc:
-        raise FeedbackStoreError(f"cannot read {src} as Parquet: {str(exc).splitlines()[0][:200]}") from None
-    _checked_columns(src, pf.schema_arrow.names)
-    _checked_sizes(src, pf)
+    _parquet_file(src)
