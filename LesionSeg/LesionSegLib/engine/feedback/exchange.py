@@ -145,12 +145,7 @@ def import_file(store, src, source: str | None = None) -> dict:
     """Merge an exported CSV/Parquet file (see the module notes).  Returns the counts:
     ``rows``, ``inserted``, ``updated``, ``unchanged``, ``skipped``, ``skipped_by_reason`` and the
     first :data:`MAX_ERRORS_KEPT` row errors (``errors``)."""
-    src = Path(src)
-    fmt = _format_of(src)
-    if not src.exists():
-        raise FeedbackStoreError(f"import file {src} not found")
-    if not src.is_file():
-        raise FeedbackStoreError(f"import file {src} is not a file")
+    src, fmt = _import_source(src)
     source = source or f"import:{src.name[:180]}"
     counts = {"rows": 0, "inserted": 0, "updated": 0, "unchanged": 0, "skipped": 0, "skipped_by_reason": {}, "errors": []}
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -457,15 +452,21 @@ def _checked_sizes(src: Path, pf) -> None:
                     "rows, more than a LesionSeg export holds")
 
 
-def check_file(src) -> None:
-    """Refuse (one line) a file that cannot be a decisions export, reading only its header:
-    missing, not a file, an unknown format, missing columns.  Nothing is opened for writing."""
+def _import_source(src) -> tuple[Path, str]:
+    """(path, "csv" or "parquet") of a file to import: refused when missing or not a file."""
     src = Path(src)
     fmt = _format_of(src)
     if not src.exists():
         raise FeedbackStoreError(f"import file {src} not found")
     if not src.is_file():
         raise FeedbackStoreError(f"import file {src} is not a file")
+    return src, fmt
+
+
+def check_file(src) -> None:
+    """Refuse (one line) a file that cannot be a decisions export, reading only its header:
+    missing, not a file, an unknown format, missing columns.  Nothing is opened for writing."""
+    src, fmt = _import_source(src)
     if fmt == "csv":
         next(iter(_csv_rows(src, _dt.datetime.now(_dt.timezone.utc))), None)  # reads and checks the header
         return
