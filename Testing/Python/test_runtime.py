@@ -52,6 +52,10 @@ def test_resize_linear_matches_torch_trilinear(shape, new):
     got = resize_linear(a, new)
     assert got.shape == tuple(ref.shape)
     assert np.abs(got - ref.numpy()).max() < 1e-5
+    # written into a view of a larger array (the scan's probability map): the same values, nothing else touched
+    host = np.full((got.shape[0] + 3,) + got.shape[1:], -1.0, dtype=np.float32)
+    assert resize_linear(a, new, out=host[1:-2]) is not None and np.array_equal(host[1:-2], got)
+    assert (host[0] == -1).all() and (host[-2:] == -1).all()
 
 
 def test_hu_windows_matches_normalize():

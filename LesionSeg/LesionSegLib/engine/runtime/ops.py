@@ -22,26 +22,31 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return i0, i1, w1
 
 
-def resize_linear(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Resample the last ``len(shape)`` axes of ``array`` to ``shape`` (float32, field of view kept)."""
-    out = np.asarray(array, dtype=np.float32)
-    lead = out.ndim - len(shape)
+def resize_linear(array: np.ndarray, shape: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    """Resample the last ``len(shape)`` axes of ``array`` to ``shape`` (float32, field of view kept).
+    ``out``: a float32 array (or view) of the result's shape to write into; when the last pass runs
+    along the outermost axis (upsampling a probability map to the scan), it is written there slab by
+    slab, with no full-size temporary (a whole-body map is hundreds of MB)."""
+    res = np.asarray(array, dtype=np.float32)
+    lead = res.ndim - len(shape)
     # Shrinking axes first (less data for the later passes); growing axes innermost first, so the
     # largest pass runs along the outermost axis, where it copies whole contiguous slabs.
-    ratios = [shape[a] / out.shape[lead + a] for a in range(len(shape))]
+    ratios = [shape[a] / res.shape[lead + a] for a in range(len(shape))]
     order = sorted(range(len(shape)), key=lambda a: (ratios[a] > 1, -a if ratios[a] > 1 else ratios[a]))
-    for a in order:
-        axis = lead + a
-        n_in, n_out = out.shape[axis], int(shape[a])
-        if n_in != n_out:
-            out = _resize_axis(out, axis, n_out)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    passes = [lead + a for a in order if res.shape[lead + a] != int(shape[a])]
+    for n, axis in enumerate(passes, start=1):
+        res = _resize_axis(res, axis, int(shape[axis - lead]), out if n == len(passes) and axis == 0 else None)
+    if out is None:
+        return np.ascontiguousarray(res, dtype=np.float32)
+    if res is not out:
+        out[...] = res
+    return out
 
 
-def _resize_axis(src: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+def _resize_axis(src: np.ndarray, axis: int, n_out: int, out: np.ndarray | None = None) -> np.ndarray:
     i0, i1, w1 = _axis_weights(src.shape[axis], n_out)
     if axis == 0:  # slab by slab: no gathered temporaries of the full output size
-        out = np.empty((n_out,) + src.shape[1:], dtype=np.float32)
+        out = np.empty((n_out,) + src.shape[1:], dtype=np.float32) if out is None else out
         for k in range(n_out):
             np.subtract(src[i1[k]], src[i0[k]], out=out[k])
             out[k] *= w1[k]

@@ -428,7 +428,7 @@ class ClcsEngine(Engine):
             prob_model, self.gate_info = self.gate.apply(x, infer)
         self.used_device = runner.used_device
         prob = np.zeros(canonical_hu.shape, dtype=np.float32)
-        prob[box.slices] = resize_linear(prob_model, crop.shape)
+        resize_linear(prob_model, crop.shape, out=prob[box.slices])  # straight into the map: no full-size temporary
         timings["inference"] = time.perf_counter() - t
         return prob, timings
 
