@@ -26,11 +26,12 @@ from .engine.cli.click import DEFAULT_CLICK_MODEL
 from .engine.click import click as click_engine
 from .engine.click import default_fallback
 from .engine.errors import InputError
+from .engine.feedback.store import MISSED
 from .engine.segment.colors import status_color
 from .review import Decision
 
 ADDED = "added"  # review state of a lesion added by the reviewer
-MISSED_SOURCE = "missed"  # feedback-store source of a lesion the automatic pass did not find
+MISSED_SOURCE = MISSED  # feedback-store source of a lesion the automatic pass did not find
 
 
 def _volume_to_sitk(volume_node):

@@ -7,7 +7,8 @@
 
    * a proposal segment whose mask changed (Segment Editor: paint, erase, islands, smoothing)
      is **edited**; its current mask is the correction;
-   * a segment without a LesionSeg lesion id (painted by hand, or from the click tool) is **added**;
+   * a segment that no proposal had (painted by hand, or from the click tool) is **added**, unless
+     the reviewer rejected it (then it is left out: no lesion, and no proposal to call false);
    * a proposal segment that was removed, emptied, or rejected is **deleted**; its proposed mask
      is kept (a false positive);
    * a shown proposal left as it was is **kept** (so the case's whole label is known).
@@ -93,8 +94,8 @@ def diff(segmentation_node) -> list[dict]:
         segment = seg.GetSegment(sid)
         lid = mrml.get_tag(segment, mrml.TAG["lesion_id"], "")
         mask = _segment_mask(segmentation_node, sid, volume)
-        if not lid or lid not in info:
-            if mask.any():
+        if not lid or lid not in info:  # drawn or click-added: a lesion, unless the reviewer rejected it
+            if mask.any() and mrml.get_tag(segment, mrml.TAG["review"], "") != "rejected":
                 out.append({"kind": "added", "mask": mask, "lesion_id": None, "key": None, "confidence": None})
             continue
         present.add(lid)

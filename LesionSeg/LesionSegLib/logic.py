@@ -193,6 +193,8 @@ class LesionSegLogicCore:
         """
         if decision not in ("accepted", "rejected", "unsure"):
             raise ValueError(f"decision must be accepted, rejected or unsure, not {decision!r}")
+        if mrml.lesion_info(mrml.find_segment(segmentation_node, lesion_id)[1])["erased"]:
+            raise KeyError(f"lesion {lesion_id} has no voxel left (erased in the Segment Editor): nothing to decide on")
         queue = mrml.review_queue(segmentation_node)
         order = mrml.get_review_order(segmentation_node)
         position = queue.index(int(lesion_id)) + 1 if int(lesion_id) in queue else 0

@@ -308,6 +308,8 @@ def lesion_info(segment, segment_id_: str = "") -> dict:
         "review_order": get_tag(segment, TAG["review_order"], ""),
         "review_seconds": f("review_seconds"),
         "ood_score": f("ood_score") if segment.HasTag(TAG["ood_score"]) else None,
+        # erased in the Segment Editor (measure.py writes 0 voxels): gone from the table, the exports and the review
+        "erased": segment.HasTag(TAG["n_voxels"]) and get_tag(segment, TAG["n_voxels"]) == "0",
         "color": tuple(segment.GetColor()),
     }
 
@@ -348,7 +350,10 @@ def get_threshold(segmentation_node) -> float:
 def shown_at(lesion: dict, threshold: float) -> bool:
     """Whether a lesion shows at ``threshold``: confidence at or above it, or accepted or added by
     the reviewer (a lesion the reviewer said is there is never hidden by the model's confidence:
-    raising the threshold must not drop it from the table, the counter or the exports)."""
+    raising the threshold must not drop it from the table, the counter or the exports); never
+    once erased to no voxel."""
+    if lesion.get("erased"):  # no voxel left: nothing to show, review or export
+        return False
     return lesion["confidence"] >= float(threshold) - 1e-9 or lesion["review"] in ("accepted", "added")
 
 

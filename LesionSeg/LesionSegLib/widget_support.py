@@ -477,7 +477,7 @@ class SegmentWatch:
         table = mrml.get_table_node(node)
         if table is not None:
             mrml.update_table_node(table, node)
-        if w.currentLesion is not None and w.currentLesion not in {d["lesion_id"] for d in mrml.lesions(node)}:
+        if w.currentLesion is not None and w.currentLesion not in {d["lesion_id"] for d in mrml.lesions(node) if not d["erased"]}:
             w.currentLesion = None
             w.ui.currentLesionLabel.setText("No lesion selected.")
             w.ui.statusLabel.setText("The selected lesion was removed from the segmentation.")

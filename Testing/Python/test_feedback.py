@@ -314,3 +314,29 @@ def test_cli_stats_export_import(tmp_path, capsys):
     assert "6 new" in capsys.readouterr().out
     assert main(["feedback", "check", "--db", str(tmp_path / "new.db")]) == 0
     assert "integrity ok" in capsys.readouterr().out
+
+
+def test_a_missed_lesion_stays_missed_and_an_edit_updates_the_size(tmp_path):
+    """Found by an audit of the review-to-retrain loop: a later decision on a lesion added by a click
+    turned its source "missed" into "review" (and an exchange into "import:..."), and a decision
+    repeated or changed after the reviewer edited the mask kept the proposal's volume and diameter."""
+    from LesionSegLib.engine.feedback import exchange
+
+    store = FeedbackStore(tmp_path / "fb.db")
+    d = synthetic_decision(7, "accepted")
+    store.record(d, source="missed")
+    d2 = synthetic_decision(7, "rejected")
+    d2.volume_ml, d2.diameter_mm = 1.25, 9.5  # measured again after an edit
+    assert store.record(d2, source="review") == "updated"
+    row = store.decisions()[0]
+    assert row["source"] == "missed" and (row["volume_ml"], row["diameter_mm"]) == (1.25, 9.5)
+    assert [h["source"] for h in store.history(d.case_hash, d.model_id, d.centroid_lps)] == ["missed", "review"]
+    d3 = synthetic_decision(7, "rejected")
+    d3.volume_ml, d3.diameter_mm = 0.5, 4.0  # edited again, the same decision
+    assert store.record(d3, source="review") == "unchanged"
+    assert (store.decisions()[0]["volume_ml"], store.decisions()[0]["diameter_mm"]) == (0.5, 4.0)
+
+    exchange.export(store, tmp_path / "x.csv")
+    other = FeedbackStore(tmp_path / "other.db")
+    assert exchange.import_file(other, tmp_path / "x.csv")["inserted"] == 1
+    assert other.decisions()[0]["source"] == "missed"  # through an exchange too

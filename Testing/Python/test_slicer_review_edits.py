@@ -115,6 +115,28 @@ def test_a_lesion_painted_by_hand_is_an_added_lesion_everywhere(panel, tmp_path)
     _click(w.ui.saveCorrectionsButton)
     assert "1 added" in w.ui.statusLabel.text()
     assert [c["kind"] for c in _stored_corrections(w)].count("added") == 1
+    w.selectLesion(info["lesion_id"])
+    _click(w.ui.rejectButton)  # the reviewer takes it back: no lesion for fine-tuning (it was stored as one)
+    _click(w.ui.saveCorrectionsButton)
+    assert "0 added" in w.ui.statusLabel.text() and "added" not in [c["kind"] for c in _stored_corrections(w)]
+
+
+def test_a_lesion_erased_to_nothing_is_gone_from_review_and_exports(panel, tmp_path):
+    import slicer
+
+    from LesionSegLib import mrml
+
+    w, volume, seg, _ = panel
+    small = min(mrml.lesions(seg), key=lambda d: d["n_voxels"])
+    w.selectLesion(small["lesion_id"])
+    _paint(np.zeros(slicer.util.arrayFromVolume(volume).shape, dtype=np.uint8), seg, small["segment_id"], volume)
+    assert small["lesion_id"] not in _table_ids(w.ui.lesionTableView) and w.currentLesion is None
+    with pytest.raises(KeyError, match="no voxel left"):
+        w.logic.review(seg, small["lesion_id"], "accepted")
+    _click(w.ui.exportCsvButton)
+    assert small["lesion_id"] not in _csv(tmp_path / "export" / "STS_041_lesions.csv")
+    _click(w.ui.saveCorrectionsButton)
+    assert [c["kind"] for c in _stored_corrections(w) if c["proposal_lesion_id"] == small["lesion_id"]] == ["deleted"]
 
 
 # ---------------------------------------------------------------------- painted / erased
@@ -146,6 +168,7 @@ def test_an_edit_measures_the_lesion_again_and_its_decisions_stay_one(panel, tmp
     _click(w.ui.rejectButton)  # a change of mind after the edit: the same lesion's row, revised
     rows = [r for r in w.logic.feedback_store.decisions() if r["lesion_id"] == lesion["lesion_id"]]
     assert len(rows) == 1 and rows[0]["decision"] == "rejected"
+    assert rows[0]["volume_ml"] == pytest.approx(ml, rel=1e-3)  # the edited lesion's size, not the proposal's
 
     _click(w.ui.exportCsvButton)
     assert int(_csv(tmp_path / "export" / "STS_041_lesions.csv")[lesion["lesion_id"]]["n_voxels"]) == n

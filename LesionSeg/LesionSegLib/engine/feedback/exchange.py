@@ -43,7 +43,7 @@ from ..atomic import atomic_file
 from ..io.csv_cells import safe_cell, unescape_cell
 from .codec import MAX_PATCH_BYTES, PATCH_CODEC, PATCH_CODECS, decode_patch, lesion_key, max_blob_bytes
 from .schema import DECISION_VALUES, SCHEMA_VERSION, FeedbackStoreError, parse_time
-from .store import COLUMNS, FEATURE_PREFIX
+from .store import COLUMNS, FEATURE_PREFIX, MISSED
 
 CLOCK_SKEW = _dt.timedelta(minutes=5)
 MAX_FEATURES = 256
@@ -302,6 +302,8 @@ def _validated(get, features: list[tuple[str, object]], blob, now: _dt.datetime)
         "decided_at": decided.strip(),
         "features": json.dumps(feats, sort_keys=True),
         "patch": patch, "patch_shape": shape, "patch_codec": codec,
+        # a lesion the automatic pass missed stays "missed" through an exchange (FROC counts it)
+        "kept_source": MISSED if get("source") == MISSED else None,
     })
     return row
 

@@ -67,6 +67,9 @@ COLUMNS = (
     "decided_at", "created_at", "updated_at", "revision", "source",
 )
 FEATURE_PREFIX = "f."
+#: the source of a lesion the automatic pass missed (added by a click): kept by every later
+#: decision on it and through an exchange, since it is what the lesion is, not where a decision came from
+MISSED = "missed"
 
 
 class FeedbackStore:
@@ -269,8 +272,9 @@ class FeedbackStore:
         if row["decision"] not in DECISION_VALUES:
             raise FeedbackStoreError(f"invalid decision {row['decision']!r}; expected one of {DECISION_VALUES}")
         now = _now()
+        source = row.get("kept_source") or source
         cur = con.execute(
-            "SELECT id, decision, reviewer, revision, decided_at, patch FROM decisions "
+            "SELECT id, decision, reviewer, revision, decided_at, patch, volume_ml, diameter_mm, bbox FROM decisions "
             "WHERE case_hash = ? AND model_id = ? AND lesion_key = ?",
             (row["case_hash"], row["model_id"], row["lesion_key"]),
         ).fetchone()
@@ -297,19 +301,25 @@ class FeedbackStore:
             if cur["patch"] is None and row["patch"] is not None:  # fill in a missing patch
                 con.execute("UPDATE decisions SET patch = ?, patch_shape = ?, patch_codec = ? WHERE id = ?",
                             (row["patch"], row["patch_shape"], row["patch_codec"], cur["id"]))
+            if not only_if_newer and (cur["volume_ml"], cur["diameter_mm"], cur["bbox"]) != (row["volume_ml"], row["diameter_mm"], row["bbox"]):
+                # the reviewer edited the lesion's mask: the same decision on its new measurements
+                con.execute("UPDATE decisions SET volume_ml = ?, diameter_mm = ?, bbox = ?, updated_at = ? WHERE id = ?",
+                            (row["volume_ml"], row["diameter_mm"], row["bbox"], now, cur["id"]))
             return "unchanged"
         if only_if_newer and not is_newer(row["decided_at"], cur["decided_at"]):
             return "unchanged"
         rev = int(cur["revision"]) + 1
         con.execute(
             "UPDATE decisions SET decision = ?, confidence = ?, reviewer = ?, decided_at = ?, updated_at = ?, "
-            "revision = ?, lesion_id = ?, case_name = ?, source = ?, "
+            "revision = ?, lesion_id = ?, case_name = ?, source = CASE WHEN source = ? THEN source ELSE ? END, "
+            "volume_ml = ?, diameter_mm = ?, bbox = ?, "
             "features = CASE WHEN ? = '{}' THEN features ELSE ? END, "
             "patch = COALESCE(?, patch), patch_shape = COALESCE(?, patch_shape), "
             "patch_codec = CASE WHEN ? IS NULL THEN patch_codec ELSE ? END WHERE id = ?",
             (
                 row["decision"], row["confidence"], row["reviewer"], row["decided_at"], now, rev,
-                row["lesion_id"], row["case_name"], source, row["features"], row["features"],
+                row["lesion_id"], row["case_name"], MISSED, source, row["volume_ml"], row["diameter_mm"], row["bbox"],
+                row["features"], row["features"],
                 row["patch"], row["patch_shape"], row["patch"], row["patch_codec"], cur["id"],
             ),
         )
