@@ -318,6 +318,9 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                  "Press Activate to use it.").format(model=result["model"], total=labels["total"], positive=labels["positive"],
                                                      negative=labels["negative"], seconds=result["seconds"],
                                                      validation=result["metrics"]["validation"])
+        skipped = labels.get("skipped") or {}
+        if skipped:  # e.g. a lesion drawn by hand: no classifier features or patch to learn from
+            text += " " + _("Left out: {reasons}.").format(reasons=", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
         self.showNewVersion(result["model"], self.ui.retrainStatusLabel, text)
 
     def showNewVersion(self, model, status_label, text):

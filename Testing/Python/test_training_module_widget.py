@@ -9,6 +9,8 @@ creates a database file.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import sqlite3
 import sys
@@ -124,6 +126,9 @@ def test_review_statistics_retrain_activate_rollback(widget):
     n_pos = sum(d.decision == "accepted" for d in labelled)
     assert len(labelled) >= MIN_LABELS and min(n_pos, len(labelled) - n_pos) >= MIN_PER_CLASS, (
         f"the test decisions must pass the retraining guards: {len(labelled)} labels, {n_pos} true")
+    # a lesion drawn by hand in the Segment Editor and accepted: no classifier features or patch
+    decisions.append(dataclasses.replace(decisions[0], lesion_id=9999, centroid_lps=(1.0, 2.0, 3.0), features={}, patch=None,
+                                         confidence=1.0, decision="accepted"))
     # a LesionSeg session writes to the database while the panel is open
     with FeedbackStore(widget.tmp / "feedback.db") as other_session:
         other_session.record_many(decisions)
@@ -144,6 +149,7 @@ def test_review_statistics_retrain_activate_rollback(widget):
     assert ui.retrainButton.text() == "Retrain"
     status = ui.retrainStatusLabel.property("text")
     assert status.startswith("New version panel-model@1"), status + "\n" + ui.logTextEdit.toPlainText()
+    assert "Left out: 1 missing features, " in status  # the drawn lesion (and the unsure ones): said, not silently dropped
     assert seen == sorted(seen)
     assert "retraining " + widget.base.id in ui.logTextEdit.toPlainText() and status in ui.logTextEdit.toPlainText()
     metrics = {r[0]: r for r in rows(ui.metricsTableView)}
