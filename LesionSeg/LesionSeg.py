@@ -31,7 +31,7 @@ from LesionSegLib import dependencies, mrml, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
 from LesionSegLib.parameters import LesionSegParameterNode
 from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
-from LesionSegLib.panel_sync import ensure_table, follow_parameters, show_result_parameters, volume_missing
+from LesionSegLib.panel_sync import confirm_replace, ensure_table, follow_parameters, show_result_parameters, volume_missing
 from LesionSegLib.widget_support import (AddLesionTool, DependencyInstaller, LogBox, SegmentWatch, Shortcuts, panel_feedback_store,
                                          reload_package, save_corrections_from_panel, save_corrections_on_close, style_color_bar, table_lesion_ids)
 
@@ -249,6 +249,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller=None, event=None):
         save_corrections_on_close(self)  # asks first; never stops the close
         self.addLesionTool.cancel(quiet=True)
+        self.ui.statusLabel.setText("")  # nothing said about the scene that is closing outlives it
         self.cancelSegmentation(reason=_("the scene was closed"))
         self.setParameterNode(None)
         self.setSegmentationNode(None)
@@ -314,6 +315,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.runner = self.logic.start_background(volume, model=self.currentModel(), device=self.currentDevice())
         except Exception as exc:
             self.runner = None
+            self.ui.statusLabel.setText(_("Segmentation not started."))
             self.logBox.show_error(_("Cannot start the segmentation: {error}").format(error=exc))
             return
         self.runVolume = volume
@@ -345,7 +347,11 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.stop()
         self.runner = None
         self.ui.progressBar.setVisible(False)
-        if runner.state == "finished":
+        if runner.state == "finished" and not slicer.mrmlScene.IsNodePresent(self.runVolume):
+            runner.cleanup()
+            self.ui.statusLabel.setText(_("Segmentation discarded: volume '{name}' was removed from the scene while it ran.").format(
+                name=self.runVolume.GetName()))
+        elif runner.state == "finished":
             try:
                 segNode, _table = self.logic.finish_background(runner, self.runVolume, threshold=self._parameterNode.threshold)
             except Exception as exc:
@@ -461,9 +467,12 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         outdir = str(self._parameterNode.outputDirectory)
         formats = [f for f in formats if f != "dicomseg" or self.dicomFiles()]
+        if not confirm_replace(self, outdir, formats):
+            return None
         try:
             paths = self.logic.export(self.segmentationNode, outdir, formats=formats, dicom_files=self.dicomFiles() or None)
         except Exception as exc:
+            self.ui.statusLabel.setText(_("Export failed."))
             self.logBox.show_error(_("Export failed: {error}").format(error=exc))
             return
         names = sorted({os.path.basename(str(p)) for p in paths.values()})

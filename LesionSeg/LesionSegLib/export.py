@@ -278,6 +278,20 @@ def _segment_label(d: dict, drawn: bool) -> str:
 FORMATS = ("seg.nrrd", "nifti", "csv", "dicomseg")
 
 
+def export_names(segmentation_node, stem: str | None = None) -> dict[str, str]:
+    """{format: file name} of an export: named after the scan (the result's case name)."""
+    stem = _stem(stem or segmentation_node.GetAttribute(mrml.ATTR_CASE_NAME) or segmentation_node.GetName())
+    return {"seg.nrrd": f"{stem}.seg.nrrd", "nifti": f"{stem}_lesions.nii.gz", "csv": f"{stem}_lesions.csv",
+            "dicomseg": f"{stem}_lesions.dcm"}
+
+
+def existing_outputs(segmentation_node, outdir, formats=FORMATS) -> list[Path]:
+    """The files an export of ``formats`` into ``outdir`` would replace (another result of the same
+    scan, or an earlier export): the panel asks before replacing them."""
+    names = export_names(segmentation_node)
+    return [Path(outdir) / names[f] for f in formats if f in names and (Path(outdir) / names[f]).exists()]
+
+
 def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMATS, include_hidden: bool = False,
                dicom_files=None) -> dict[str, Path]:
     """Write the requested formats into ``outdir``; returns {format: path}.
@@ -302,9 +316,7 @@ def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMA
         raise ValueError("no lesion to export as DICOM SEG (every shown lesion is rejected, hidden or erased); "
                          "nothing was written: export the other formats on their own")
     outdir = Path(outdir)
-    stem = _stem(stem or segmentation_node.GetAttribute(mrml.ATTR_CASE_NAME) or segmentation_node.GetName())
-    names = {"seg.nrrd": f"{stem}.seg.nrrd", "nifti": f"{stem}_lesions.nii.gz", "csv": f"{stem}_lesions.csv",
-             "dicomseg": f"{stem}_lesions.dcm"}
+    names = export_names(segmentation_node, stem)
     writers = {"seg.nrrd": export_seg_nrrd, "nifti": export_nifti, "csv": export_csv,
                "dicomseg": lambda node, path, hidden: export_dicom_seg(node, path, files, hidden)}
     out: dict[str, Path] = {}

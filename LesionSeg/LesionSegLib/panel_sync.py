@@ -10,6 +10,8 @@ drives the widget's Qt controls; the MRML work is in :mod:`.mrml` and :mod:`.log
 * A result whose scan was removed from the scene can still be reviewed and its CSV exported, but
   what needs the scan (the labelmap exports, Save corrections, Add lesion) is disabled, and the
   status line says why.
+* An export that would replace files already in the folder (exports are named after the scan, so
+  two results of one scan share names) asks first.
 """
 from __future__ import annotations
 
@@ -88,3 +90,19 @@ def volume_missing(widget) -> bool:
 
 SCAN_REMOVED = ("The scan of this result was removed from the scene: load it again to export labelmaps, "
                 "save corrections or add lesions (the CSV export and the review still work).")
+
+
+def confirm_replace(widget, outdir: str, formats) -> bool:
+    """Before an export: when it would replace files already in ``outdir`` (an earlier export, or
+    another result of the same scan, which is named the same), ask first; True to go on."""
+    from . import export
+
+    existing = export.existing_outputs(widget.segmentationNode, outdir, formats)
+    if not existing:
+        return True
+    if slicer.util.confirmOkCancelDisplay(
+            f"{', '.join(p.name for p in existing)} already in {outdir} (an earlier export, or another result of this "
+            "scan) will be replaced. Replace them?", windowTitle="LesionSeg: export"):
+        return True
+    widget.ui.statusLabel.setText("Export cancelled: nothing was replaced.")
+    return False

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine.io.images import output_stem
 from .engine.process import ChildProcess, child_env, python_executable, tree_alive
 
 __all__ = ["BackgroundSegmentation", "load_cli_outputs", "process_group_alive", "python_executable"]
@@ -42,6 +43,7 @@ class BackgroundSegmentation:
         self.image = image
         self.name = str(stem)  # the volume's name: errors say it, not the temporary file the engine read
         self.stem = _safe_stem(stem)
+        self.out_stem = self.stem
         self.model = model
         self.device = device
         self.threshold = threshold
@@ -88,6 +90,7 @@ class BackgroundSegmentation:
         self.outdir = self.workdir / "out"
         try:
             input_path = self.workdir / f"{self.stem}.nrrd"  # NRRD keeps the geometry in double precision
+            self.out_stem = output_stem(input_path)  # the CLI's name for the outputs: a volume named "image" is named after its folder
             sitk.WriteImage(self.image, str(input_path), useCompression=False)
             self.proc = ChildProcess(self.command(str(input_path)), env=child_env(extra=self.extra_env),
                                      cwd=self.workdir, on_line=self._on_line).start()
@@ -203,13 +206,13 @@ class BackgroundSegmentation:
 
     # --------------------------------------------------------------------------- results
     def output(self, suffix: str) -> Path:
-        return Path(self.outdir) / f"{self.stem}{suffix}"
+        return Path(self.outdir) / f"{self.out_stem}{suffix}"
 
     def load_result(self):
         """(SegmentationResult on the input grid, case hash) of a finished run."""
         if self.state != "finished":
             raise RuntimeError(f"no result: the segmentation is {self.state}")
-        return load_cli_outputs(self.outdir, self.stem, self.image, threshold=self.threshold,
+        return load_cli_outputs(self.outdir, self.out_stem, self.image, threshold=self.threshold,
                                 device=(self.done_event or {}).get("device", self.device), messages=self.notes,
                                 ood=(self.done_event or {}).get("ood"))
 

@@ -56,13 +56,20 @@ def volume_to_sitk(volume_node):
     """
     import SimpleITK as sitk
 
-    if volume_node is None or volume_node.GetImageData() is None:
-        raise ValueError("the input volume has no image data")
+    from .engine.errors import InputError
+
+    if volume_node is None:
+        raise ValueError("no input volume")
+    where = f"volume '{volume_node.GetName()}'"
+    if volume_node.GetImageData() is None:
+        raise InputError("has no image data (no voxels loaded)", where)
     if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise ValueError(f"volume '{volume_node.GetName()}' has several components per voxel; a single-channel CT is required")
+        raise InputError("has several components per voxel; a single-channel CT is required", where)
+    spacing, origin, direction = volume_geometry_lps(volume_node)
+    if not all(np.isfinite(v) and v > 0 for v in spacing):  # ITK refuses to hold it: say it as the engine would
+        raise InputError(f"zero, negative or non-finite voxel spacing {tuple(round(float(v), 6) for v in spacing)} mm", where)
     arr = slicer.util.arrayFromVolume(volume_node)
     image = sitk.GetImageFromArray(np.ascontiguousarray(arr))  # copies
-    spacing, origin, direction = volume_geometry_lps(volume_node)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
     image.SetDirection(direction)

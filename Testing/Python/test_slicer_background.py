@@ -124,3 +124,21 @@ def test_background_failure_is_reported(run, tmp_path):
     assert runner.wait(timeout=120) == "failed"
     assert runner.error.startswith("volume 'tumour mask': intensity range [0, 1] is not CT"), runner.error
     assert str(workdir) not in runner.error and not workdir.exists()
+
+
+def test_a_volume_named_image_is_segmented_in_the_background(run):
+    """Found by an audit: a volume named "image", "CT", "Volume", "scan" or "img" (Add Data names
+    STS_041/image.nii.gz "image") ran to the end, then "Cannot load the segmentation result": the
+    CLI names a generic file after its folder, and the runner looked for "image_lesions.nii.gz"."""
+    from LesionSegLib import mrml
+
+    name = run.volume.GetName()
+    run.volume.SetName("image")
+    try:
+        runner = run.logic.start_background(run.volume, model=str(run.engine.card.folder), device="cpu")
+        assert runner.wait(timeout=300) == "finished", runner.error
+        seg, _table = run.logic.finish_background(runner, run.volume, threshold=0.3)
+        assert [d["lesion_id"] for d in mrml.lesions(seg)] == [les.lesion_id for les in run.ref.lesions]
+        mrml.remove_result_nodes(seg)
+    finally:
+        run.volume.SetName(name)

@@ -312,3 +312,60 @@ def test_the_csv_export_never_starts_a_spreadsheet_formula(panel, tmp_path):
     row = _csv(tmp_path / "export" / "STS_041_lesions.csv")[lesion["lesion_id"]]
     assert row["name"] == "'=HYPERLINK(\"http://example.org\",\"x\")"
     assert float(row["centroid_x"]) == pytest.approx(lesion["centroid_lps"][0], abs=1e-3) and row["centroid_x"].startswith("-")
+
+
+# ----------------------------------------------------------------------------- inputs and exports
+def test_an_export_asks_before_replacing_files_of_another_result(panel, tmp_path, monkeypatch):
+    """Exports are named after the scan, so a second result of it (another model, a re-run) wrote
+    over the first one's files without a word (an audit)."""
+    import slicer
+
+    w, volume, seg, _ = panel
+    csv_path = tmp_path / "export" / "STS_041_lesions.csv"
+    _click(w.ui.exportCsvButton)
+    csv_path.write_text("the first result's export\n")
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
+    _click(w.ui.exportCsvButton)
+    assert len(asked) == 1 and "STS_041_lesions.csv already in" in asked[0]
+    assert csv_path.read_text() == "the first result's export\n" and w.ui.statusLabel.text() == "Export cancelled: nothing was replaced."
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: True)
+    _click(w.ui.exportCsvButton)
+    assert csv_path.read_text().startswith("lesion_id,") and w.ui.statusLabel.text().startswith("Exported")
+
+
+def test_volumes_the_engine_cannot_take_are_named(panel):
+    """Zero spacing gave ITK's multi-line error; a volume without voxels was not named (an audit)."""
+    import slicer
+
+    from LesionSegLib import mrml
+    from LesionSegLib.engine.errors import InputError
+
+    w, volume, seg, _ = panel
+    flat = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty one")
+    with pytest.raises(InputError, match="volume 'empty one': has no image data"):
+        mrml.volume_to_sitk(flat)
+    volume.SetSpacing(0.0, 1.0, 1.0)
+    with pytest.raises(InputError, match=r"volume 'STS_041': zero, negative or non-finite voxel spacing \(0.0, 1.0, 1.0\) mm"):
+        mrml.volume_to_sitk(volume)
+
+
+def test_a_volume_removed_while_it_is_segmented_is_said_so(harness, slicer_app, data_dir, default_model, tmp_path):
+    from LesionSegLib import mrml, settings
+
+    _, qt_harness, module = harness
+    slicer_app.reset()
+    settings.set_feedback_database_path(tmp_path / "feedback.db")
+    w = _make_widget(module, slicer_app, model=default_model, tmp_path=tmp_path)
+    try:
+        volume = mrml.load_volume(str(data_dir / "sts" / "STS_041" / "image.nii.gz"), "STS_041")
+        w.ui.inputVolumeSelector.setCurrentNode(volume)
+        _click(w.ui.segmentButton)
+        runner = w.runner
+        slicer_app.scene.RemoveNode(volume)
+        assert qt_harness.wait_until(lambda: w.runner is None, timeout=300)
+        assert w.ui.statusLabel.text() == "Segmentation discarded: volume 'STS_041' was removed from the scene while it ran."
+        assert w.segmentationNode is None and not runner.workdir.exists()
+    finally:
+        _close(w)
+        slicer_app.reset()
