@@ -276,28 +276,33 @@ def test_scene_close_saves_a_result_when_another_lost_its_scan(panel, slicer_app
     assert [c["kind"] for c in _stored_corrections(w)].count("deleted") == 1
 
 
-def test_scene_close_during_a_segment_run_says_it_cancelled_it(harness, slicer_app, data_dir, default_model, tmp_path, monkeypatch):
+@pytest.fixture
+def segmenting(harness, slicer_app, data_dir, default_model, tmp_path):
+    """A fresh panel that has just started a Segment run (background) on STS_041: (widget, volume, runner, qt harness)."""
     from LesionSegLib import mrml, settings
-    from LesionSegLib.runner import process_group_alive
 
     _, qt_harness, module = harness
     slicer_app.reset()
     settings.set_feedback_database_path(tmp_path / "feedback.db")
     w = _make_widget(module, slicer_app, model=default_model, tmp_path=tmp_path)
-    try:
-        volume = mrml.load_volume(str(data_dir / "sts" / "STS_041" / "image.nii.gz"), "STS_041")
-        w.ui.inputVolumeSelector.setCurrentNode(volume)
-        _click(w.ui.segmentButton)
-        runner = w.runner
-        assert runner is not None
-        qt_harness.wait_until(lambda: runner.stage != "" or runner.state != "running", timeout=60)
-        slicer_app.scene.Clear(False)
-        assert w.runner is None and not process_group_alive(runner.proc.pid) and not runner.workdir.exists()
-        assert w.ui.statusLabel.text() == "Segmentation cancelled: the scene was closed."
-        assert "segmentation cancelled: the scene was closed" in w.ui.logTextEdit.toPlainText()
-    finally:
-        _close(w)
-        slicer_app.reset()
+    volume = mrml.load_volume(str(data_dir / "sts" / "STS_041" / "image.nii.gz"), "STS_041")
+    w.ui.inputVolumeSelector.setCurrentNode(volume)
+    _click(w.ui.segmentButton)
+    assert w.runner is not None
+    yield w, volume, w.runner, qt_harness
+    _close(w)
+    slicer_app.reset()
+
+
+def test_scene_close_during_a_segment_run_says_it_cancelled_it(segmenting, slicer_app):
+    from LesionSegLib.runner import process_group_alive
+
+    w, volume, runner, qt_harness = segmenting
+    qt_harness.wait_until(lambda: runner.stage != "" or runner.state != "running", timeout=60)
+    slicer_app.scene.Clear(False)
+    assert w.runner is None and not process_group_alive(runner.proc.pid) and not runner.workdir.exists()
+    assert w.ui.statusLabel.text() == "Segmentation cancelled: the scene was closed."
+    assert "segmentation cancelled: the scene was closed" in w.ui.logTextEdit.toPlainText()
 
 
 def test_the_csv_export_never_starts_a_spreadsheet_formula(panel, tmp_path):
@@ -350,22 +355,9 @@ def test_volumes_the_engine_cannot_take_are_named(panel):
         mrml.volume_to_sitk(volume)
 
 
-def test_a_volume_removed_while_it_is_segmented_is_said_so(harness, slicer_app, data_dir, default_model, tmp_path):
-    from LesionSegLib import mrml, settings
-
-    _, qt_harness, module = harness
-    slicer_app.reset()
-    settings.set_feedback_database_path(tmp_path / "feedback.db")
-    w = _make_widget(module, slicer_app, model=default_model, tmp_path=tmp_path)
-    try:
-        volume = mrml.load_volume(str(data_dir / "sts" / "STS_041" / "image.nii.gz"), "STS_041")
-        w.ui.inputVolumeSelector.setCurrentNode(volume)
-        _click(w.ui.segmentButton)
-        runner = w.runner
-        slicer_app.scene.RemoveNode(volume)
-        assert qt_harness.wait_until(lambda: w.runner is None, timeout=300)
-        assert w.ui.statusLabel.text() == "Segmentation discarded: volume 'STS_041' was removed from the scene while it ran."
-        assert w.segmentationNode is None and not runner.workdir.exists()
-    finally:
-        _close(w)
-        slicer_app.reset()
+def test_a_volume_removed_while_it_is_segmented_is_said_so(segmenting, slicer_app):
+    w, volume, runner, qt_harness = segmenting
+    slicer_app.scene.RemoveNode(volume)
+    assert qt_harness.wait_until(lambda: w.runner is None, timeout=300)
+    assert w.ui.statusLabel.text() == "Segmentation discarded: volume 'STS_041' was removed from the scene while it ran."
+    assert w.segmentationNode is None and not runner.workdir.exists()
