@@ -398,3 +398,21 @@ def test_real_case_segment_then_evaluate(tmp_path, capsys):
     assert s["n_clusters"] == n_rows == len(np.unique(pred)) - 1
     d = rep["detection"]
     assert d["n_detected"] + d["n_fp_clusters"] + d["n_duplicates"] == n_rows
+
+
+def test_the_prediction_folder_is_refused_as_its_own_ground_truth(tmp_path):
+    """An audit: ``evaluate --pred out --gt out`` took each <case>_lesions.nii.gz as its own ground
+    truth and reported Dice 1.0, sensitivity 1.0, with no word."""
+    import SimpleITK as sitk
+
+    from LesionSegLib.engine.errors import InputError
+    from LesionSegLib.engine.evaluate.pairing import pair_cases
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lab = np.zeros((8, 16, 16), np.uint16)
+    lab[2:5, 4:8, 4:8] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(lab), str(out / "case1_lesions.nii.gz"))
+    (out / "case1_lesions.csv").write_text("lesion_id,confidence\n1,0.9\n")
+    with pytest.raises(InputError, match="the ground truth found for case 'case1' is its own prediction"):
+        pair_cases(out, out)

@@ -91,7 +91,9 @@ def cluster_auc(scores: Sequence[float], is_tp: Sequence[bool]) -> float | None:
 
 
 def calibration(scores: Sequence[float], is_tp: Sequence[bool], n_bins: int = ECE_BINS) -> dict | None:
-    """ECE (count-weighted, ``n_bins`` equal-width bins on [0, 1]) and the reliability-diagram bins."""
+    """ECE (count-weighted, ``n_bins`` equal-width bins on [0, 1]) and the reliability-diagram bins.
+    MONAI's binning closes each bin on the right: a score exactly on an edge (0.5) falls in the bin
+    below it, (0.4, 0.5]; the first bin is [0, 0.1]."""
     import torch
     from monai.metrics import CalibrationErrorMetric, calibration_binning
 

@@ -146,6 +146,9 @@ def pair_cases(pred_dir, gt_dir, cases: Sequence[str] | None = None) -> tuple[li
         preds = [have[c] for c in wanted]
     for p in preds:
         p.label = find_label(gt, p)
+        if p.label.resolve() == Path(p.labelmap).resolve():  # --gt is the prediction folder: every case scores 1.0
+            raise InputError(f"the ground truth found for case {p.case!r} is its own prediction ({p.label}): give the "
+                             "folder of the reference labels as --gt, not the segment output folder", str(gt))
     used = {p.label.resolve() for p in preds}
     unpredicted = sorted(c for c, path in list_ground_truth(gt).items() if path.resolve() not in used)
     if cases:
