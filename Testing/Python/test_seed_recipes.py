@@ -297,6 +297,7 @@ def test_train_seg_cli_passes_unlabeled_and_recipe_to_the_trainer(tmp_path, monk
     for f in ("image.nii.gz", "label.nii.gz"):
         (tmp_path / "imgs" / "c1" / f).write_bytes(b"")
     seen = {}
+    monkeypatch.setattr(jobs, "check_case_files", lambda *a, **k: None)  # empty stand-in files: only the arguments are checked here
     monkeypatch.setattr(jobs.SegmenterTrainingJob, "start", lambda self: seen.setdefault("cmd", self.command()) and None)
     monkeypatch.setattr(jobs.SegmenterTrainingJob, "poll", lambda self: 1)
     monkeypatch.setattr(jobs.SegmenterTrainingJob, "returncode", 1, raising=False)

@@ -37,12 +37,17 @@ def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "call", call)
     monkeypatch.setattr(subprocess, "Popen", Popen)
-    rc = cli.main(["train-detseg", "-o", str(tmp_path / "m"), "--version", "1.1.0", "--detector-init", "d.safetensors",
+    import torch
+    from safetensors.torch import save_file
+
+    init = str(tmp_path / "d.safetensors")  # --detector-init is opened before any stage starts: a real file
+    save_file({"w": torch.zeros(2)}, init)
+    rc = cli.main(["train-detseg", "-o", str(tmp_path / "m"), "--version", "1.1.0", "--detector-init", init,
                    "--roi-init-from", "sts-clcs", "--detector-minutes", "1", "--roi-minutes", "1",
                    "--roi-lr", "1e-3", "--no-parallel", "--roi-inference", "{}", "--detector-inference", "{}"])
     assert rc == 0 and len(calls) == 3 and not started
     det, roi, card = calls
-    assert det[det.index("--stage") + 1] == "detector" and det[det.index("--init") + 1] == "d.safetensors"
+    assert det[det.index("--stage") + 1] == "detector" and det[det.index("--init") + 1] == init
     assert roi[roi.index("--stage") + 1] == "roi" and roi[roi.index("--init-from") + 1] == "sts-clcs" and "--init" not in roi
     assert float(roi[roi.index("--lr") + 1]) == 1e-3 and "--lr" not in det  # the detector keeps its stage default
     assert "LesionSegLib.engine.learn.detseg_card" in card and "--classifier-own" in card

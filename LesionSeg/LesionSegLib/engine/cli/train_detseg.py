@@ -47,6 +47,22 @@ def record_wall_clock(folder: Path, minutes: float, parallel: bool, threads: int
     card.save()
 
 
+def weights_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable safetensors file (None when it is): checked before any stage starts."""
+    p = Path(path)
+    if not p.is_file():
+        return "file not found" if not p.exists() else "not a file"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as fh:
+            if not list(fh.keys()):
+                return "holds no tensors"
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for any malformed header
+        return f"not a readable safetensors file ({' '.join(str(exc).split())[:200]})"
+    return None
+
+
 def cmd_train_detseg(args) -> int:
     from ..learn.jobs import python_executable
 
@@ -57,6 +73,11 @@ def cmd_train_detseg(args) -> int:
                 raise ValueError("not a JSON object")
         except ValueError as exc:
             print(f"error: {flag} must be a JSON object of inference keys, e.g. '{{}}': {exc}", file=sys.stderr)
+            return 2
+    if args.detector_init:
+        problem = weights_problem(args.detector_init)
+        if problem:
+            print(f"error: --detector-init {args.detector_init}: {problem}", file=sys.stderr)
             return 2
     run = Path(args.run or (Path(args.output).parent / (Path(args.output).name + "-run")))
     for folder in (args.output, run):

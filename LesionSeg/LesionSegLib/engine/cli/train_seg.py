@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..errors import LesionSegError
-from ..learn.jobs import SegmenterTrainingJob, register_segmenter
+from ..learn.jobs import SegmenterTrainingJob, check_register_name, register_segmenter
 from .common import output_problem
 
 
@@ -22,6 +22,8 @@ def _cmd_train_seg(args) -> int:
         problem = output_problem(args.output)  # now, not after the training budget
         if problem:
             raise LesionSegError(problem)
+        if args.register is not None:  # name, version and collisions now, not after the training
+            check_register_name(args.register, args.base_model)
         job.check_inputs()
     except LesionSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,7 +35,14 @@ def load_gate_case(case: dataset.Case, spacing, windows) -> tuple[torch.Tensor, 
     img = read_image(case.image)
     can = to_canonical(img)
     hu = sitk.GetArrayFromImage(can).astype(np.float32)
-    lab = sitk.GetArrayFromImage(to_canonical(read_label(case.label, img))).astype(np.float32)
+    lab = sitk.GetArrayFromImage(to_canonical(read_label(case.label, img)))
+    bad = lab[(lab != 0) & (lab != 1)]
+    if bad.size:
+        from ..errors import InputError
+
+        found = ", ".join(f"{v:g}" for v in np.unique(bad)[:5])
+        raise InputError(f"label values must be 0 (background) or 1 (lesion); found {found}", str(case.label))
+    lab = lab.astype(np.float32)
     box = body_box(hu, spacing_zyx(can))
     shape = target_shape(hu[box.slices].shape, spacing_zyx(can), spacing)
     x = normalize(torch.from_numpy(resample_antialiased(hu[box.slices], shape)), windows)
@@ -105,6 +112,29 @@ def main(argv=None) -> int:
     return run(ap.parse_args(argv))
 
 
+def case_list_problem(train_names, val_names) -> str | None:
+    """One line about repeated case names, or cases both in training and calibration."""
+    for what, names in (("--train/--extra-cases", train_names), ("--val", val_names)):
+        dup = sorted({n for n in names if list(names).count(n) > 1})
+        if dup:
+            return f"cases {dup} are given more than once in {what}"
+    both = sorted(set(train_names) & set(val_names))
+    if both:
+        return f"cases {both} are both training and calibration cases"
+    return None
+
+
+def slab_problem(train_labels, train_names, val, slab, min_voxels) -> str | None:
+    """One line when the training slabs hold no lesion, or the calibration cases no lesion slab."""
+    if int(np.asarray(train_labels).sum()) == 0:
+        return (f"the training cases {list(train_names)} have no slab with >= {min_voxels} lesion voxels; "
+                "the gate cannot learn what a lesion slab is")
+    if not any(slab_labels(y, slab, min_voxels).sum() for _, y in val.values()):
+        return (f"the calibration cases {list(val)} have no slab with >= {min_voxels} lesion voxels; "
+                "the threshold cannot be calibrated for recall")
+    return None
+
+
 def run(args) -> int:
     from monai.losses import FocalLoss
     from monai.utils import set_determinism
@@ -117,13 +147,18 @@ def run(args) -> int:
     spacing, windows = seg["spacing_zyx"], seg["hu_windows"]
     train_names = (args.train or dataset.STS_TRAIN) + list(args.extra_cases)
     val_names = args.val or dataset.STS_VAL
-    if set(train_names) & set(val_names):
-        print(f"error: cases {sorted(set(train_names) & set(val_names))} are both training and calibration cases", file=sys.stderr)
+    problem = case_list_problem(train_names, val_names)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     t0 = time.time()
     train = [load_gate_case(dataset.case(n), spacing, windows) for n in train_names]
     val = {n: load_gate_case(dataset.case(n), spacing, windows) for n in val_names}
     labels = np.concatenate([slab_labels(y, args.slab, args.min_voxels) for _, y in train])
+    problem = slab_problem(labels, train_names, val, args.slab, args.min_voxels)
+    if problem:  # now, not after the training budget
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     print(f"loaded {len(train)} training cases ({int(labels.sum())} lesion / {int((labels == 0).sum())} lesion-free slabs) "
           f"and {len(val)} calibration cases in {time.time() - t0:.1f}s", flush=True)
 

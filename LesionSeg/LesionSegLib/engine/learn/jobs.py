@@ -44,6 +44,47 @@ def gt_case_dirs(images: str | os.PathLike) -> list[Path]:
     return [d for d in sorted(root.iterdir()) if d.is_dir() and (d / "image.nii.gz").exists() and (d / "label.nii.gz").exists()]
 
 
+def check_case_files(cases: Sequence[Path], train: Sequence[str] | None = None) -> None:
+    """Read every case's image and label once and refuse, in one line naming the file, a corrupt
+    or non-CT image, a label on another grid or with values other than 0/1, and a training set
+    (the cases named in ``train``; all when None) without any lesion voxel."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ..errors import InputError
+    from ..io.images import read_image, read_label
+
+    lesion = 0
+    for case in cases:
+        image = read_image(case / "image.nii.gz")
+        label = read_label(case / "label.nii.gz", image)
+        if label.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("label has several components per voxel; give one 0/1 value per voxel", str(case / "label.nii.gz"))
+        a = sitk.GetArrayViewFromImage(label)
+        bad = a[(a != 0) & (a != 1)]
+        if bad.size:
+            found = ", ".join(f"{v:g}" for v in np.unique(bad)[:5])
+            raise InputError(f"label values must be 0 (background) or 1 (lesion); found {found}", str(case / "label.nii.gz"))
+        if train is None or case.name in train:
+            lesion += int(np.count_nonzero(a))
+    if not lesion:
+        raise TrainingJobError("the training labels hold no lesion voxel at all; nothing to learn from")
+
+
+def check_register_name(output: str | None, base_model: str | None):
+    """(parent card, name, version, folder) of ``--register NAME[@VERSION]``, checked: a model
+    name (no path separator, no '..'), a valid version, and no existing or shipped model of that id."""
+    from .model_writer import resolve_output
+
+    text = "" if output is None else str(output)
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(c in text for c in seps) or ".." in text or text.startswith(("~", ".")):
+        raise TrainingJobError(f"--register {text!r} is not a model name: give NAME[@VERSION] "
+                               "(letters, digits, '-', '_' and '.'; no path separator or '..')")
+    parent = models.get_card(base_model)
+    return (parent, *resolve_output(parent, text or None))
+
+
 class ChildProcessJob:
     """A child process whose output lines are read by a thread and parsed by :meth:`_parse`."""
 
@@ -187,9 +228,18 @@ class SegmenterTrainingJob(ChildProcessJob):
         self.loss: float | None = None
         self.val_dice: float | None = None
         self._t_loaded: float | None = None
+        self._checked: list[Path] | None = None
 
     def check_inputs(self) -> list[Path]:
+        if self._checked is not None:  # the CLI checks before start(), which checks again: read the files once
+            return self._checked
         cases = gt_case_dirs(self.images)
+        unlabeled = [d for d in sorted(self.images.iterdir()) if d.is_dir() and (d / "image.nii.gz").exists()
+                     and not (d / "label.nii.gz").exists()]
+        if unlabeled:
+            raise TrainingJobError(f"{unlabeled[0]} holds image.nii.gz but no label.nii.gz"
+                                   + (f" (and {len(unlabeled) - 1} more case folders)" if len(unlabeled) > 1 else "")
+                                   + "; add the label or move the case out of the training folder")
         if len(cases) < 1:
             raise TrainingJobError(f"{self.images} holds no <case>/image.nii.gz + <case>/label.nii.gz folders")
         names = {c.name for c in cases}
@@ -201,7 +251,9 @@ class SegmenterTrainingJob(ChildProcessJob):
                 raise TrainingJobError("every case is a validation case; nothing is left to train on")
         if self.minutes <= 0 and self.max_steps <= 0:
             raise TrainingJobError("give a positive --minutes budget or --max-steps")
+        check_case_files(cases, [c.name for c in cases if not self.val or c.name not in self.val])
         self.output.mkdir(parents=True, exist_ok=True)
+        self._checked = cases
         return cases
 
     def command(self) -> list[str]:
@@ -243,6 +295,11 @@ class SegmenterTrainingJob(ChildProcessJob):
             self._update_fraction()
         elif self.status == "starting":
             self.status = "loading cases"
+
+    def cancel(self, grace: float = 3.0) -> None:
+        super().cancel(grace)
+        if self.cancelled and not (self.output / "segmenter.json").exists():
+            (self.output / "segmenter.safetensors").unlink(missing_ok=True)  # a checkpoint without its description is no model
 
     def _finished(self, rc: int) -> None:
         if rc == 0 and not self.cancelled and not (self.output / "segmenter.json").exists():
@@ -319,7 +376,7 @@ def register_segmenter(seg_dir: str | os.PathLike, base_model: str | None, outpu
     import hashlib
 
     from ..common import utc_now
-    from .model_writer import inherited, parent_link, resolve_output, write_version
+    from .model_writer import inherited, parent_link, write_version
 
     seg_dir = Path(seg_dir)
     cfg_path = seg_dir / "segmenter.json"
@@ -333,8 +390,7 @@ def register_segmenter(seg_dir: str | os.PathLike, base_model: str | None, outpu
         raise TrainingJobError(f"{cfg_path} is not a usable segmenter description: {exc}") from None
     if hashlib.sha256(blob).hexdigest() != seg_cfg.get("sha256"):
         raise ModelError(f"{weights} does not match the sha256 in {cfg_path}")
-    parent = models.get_card(base_model)
-    name, version, folder = resolve_output(parent, output or parent.name)
+    parent, name, version, folder = check_register_name(output, base_model)
     training = seg_cfg.pop("training", {})
     dice = training.get("final_val_dice_model_grid") or {}
 

@@ -338,5 +338,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _main_one_line_errors() -> int:
+    """:func:`main`, with an engine error (a bad case file...) as one ``error: <file>: <problem>``
+    line on stderr (what :meth:`ChildProcessJob.error_text` shows), never a traceback."""
+    from ..errors import LesionSegError
+
+    try:
+        return main()
+    except LesionSegError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr, flush=True)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_one_line_errors())
