@@ -476,7 +476,11 @@ class SegmentWatch:
             return
         table = mrml.get_table_node(node)
         if table is not None:
-            mrml.update_table_node(table, node)
+            w._selecting = True  # a rebuilt table may move the view's current row: that selects no lesion
+            try:
+                mrml.update_table_node(table, node)
+            finally:
+                w._selecting = False
         if w.currentLesion is not None and w.currentLesion not in {d["lesion_id"] for d in mrml.lesions(node) if not d["erased"]}:
             w.currentLesion = None
             w.ui.currentLesionLabel.setText("No lesion selected.")
