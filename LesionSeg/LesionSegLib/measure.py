@@ -64,21 +64,22 @@ def measure(segmentation_node, segment_id: str, volume=None) -> dict:
     }
 
 
-def _write(segment, m: dict) -> None:
-    segment.SetTag(mrml.TAG["n_voxels"], str(int(m["n_voxels"])))
-    if not m["n_voxels"]:  # emptied: a deleted lesion for Save corrections; nothing left to measure
-        segment.SetTag(mrml.TAG["volume_ml"], f"{0.0:.4f}")
-        segment.SetTag(mrml.TAG["diameter_mm"], f"{0.0:.2f}")
-        return
-    if not segment.HasTag(KEY_CENTROID_TAG) and segment.HasTag(mrml.TAG["centroid_lps"]):
-        segment.SetTag(KEY_CENTROID_TAG, mrml.get_tag(segment, mrml.TAG["centroid_lps"]))
+def _tag_values(m: dict) -> dict[str, str]:
+    """The measurement tags (``mrml.TAG`` keys) of measurements ``m``: an emptied lesion keeps
+    only 0 voxels, 0 ml and 0 mm (a deleted lesion for Save corrections; nothing left to measure)."""
+    if not m["n_voxels"]:
+        return {"n_voxels": "0", "volume_ml": f"{0.0:.4f}", "diameter_mm": f"{0.0:.2f}"}
     x, y, z = m["centroid_lps"]
     (i0, j0, k0), (i1, j1, k1) = m["bbox_ijk"]
-    segment.SetTag(mrml.TAG["volume_ml"], f"{m['volume_ml']:.4f}")
-    segment.SetTag(mrml.TAG["diameter_mm"], f"{m['diameter_mm']:.2f}")
-    segment.SetTag(mrml.TAG["mean_hu"], f"{m['mean_hu']:.2f}")
-    segment.SetTag(mrml.TAG["centroid_lps"], f"{x:.3f},{y:.3f},{z:.3f}")
-    segment.SetTag(mrml.TAG["bbox_ijk"], f"{i0},{j0},{k0},{i1},{j1},{k1}")
+    return {"n_voxels": str(int(m["n_voxels"])), "volume_ml": f"{m['volume_ml']:.4f}", "diameter_mm": f"{m['diameter_mm']:.2f}",
+            "mean_hu": f"{m['mean_hu']:.2f}", "centroid_lps": f"{x:.3f},{y:.3f},{z:.3f}", "bbox_ijk": f"{i0},{j0},{k0},{i1},{j1},{k1}"}
+
+
+def _write(segment, values: dict[str, str]) -> None:
+    if values["n_voxels"] != "0" and not segment.HasTag(KEY_CENTROID_TAG) and segment.HasTag(mrml.TAG["centroid_lps"]):
+        segment.SetTag(KEY_CENTROID_TAG, mrml.get_tag(segment, mrml.TAG["centroid_lps"]))  # the proposal's: its identity
+    for key, value in values.items():
+        segment.SetTag(mrml.TAG[key], value)
 
 
 def _adopt(segmentation_node, segment, m: dict) -> int:
@@ -113,27 +114,23 @@ def update(segmentation_node, segment_id: str, volume=None) -> bool:
     if segment is None:
         return False
     m = measure(segmentation_node, segment_id, volume)
+    values = _tag_values(m)
     was = segmentation_node.StartModify()
     try:
         if not segment.HasTag(mrml.TAG["lesion_id"]):
             if not m["n_voxels"]:
                 return False
             _adopt(segmentation_node, segment, m)
-        elif all(mrml.get_tag(segment, mrml.TAG[k]) == v for k, v in _formatted(m).items()):
-            return False
-        _write(segment, m)
+        elif all(mrml.get_tag(segment, mrml.TAG[k]) == values[k] for k in CHANGE_KEYS if k in values):
+            return False  # a modified event that changed no voxel (a rename, a colour, a decision)
+        _write(segment, values)
     finally:
         segmentation_node.EndModify(was)
     return True
 
 
-def _formatted(m: dict) -> dict:
-    """The tag values ``m`` gives (to tell a real change from a modified event that changed no voxel)."""
-    out = {"n_voxels": str(int(m["n_voxels"]))}
-    if m["n_voxels"]:
-        x, y, z = m["centroid_lps"]
-        out.update(volume_ml=f"{m['volume_ml']:.4f}", mean_hu=f"{m['mean_hu']:.2f}", centroid_lps=f"{x:.3f},{y:.3f},{z:.3f}")
-    return out
+#: the tags that tell a changed mask from a modified event that changed no voxel
+CHANGE_KEYS = ("n_voxels", "volume_ml", "mean_hu", "centroid_lps")
 
 
 def layer_counts(segmentation_node) -> dict[str, int]:

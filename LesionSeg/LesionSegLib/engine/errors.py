@@ -25,3 +25,14 @@ class ModelError(LesionSegError):
 
 class CancelledError(LesionSegError):
     """Raised inside the pipeline when the caller asked to cancel."""
+
+
+#: what native libraries (ITK, OpenVINO, ONNX Runtime, the C++ runtime) say when an allocation fails
+OUT_OF_MEMORY_TEXTS = ("allocate", "can't alloc", "bad_alloc", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (any library's error) reports a failed memory allocation: the machine's
+    memory, not a damaged file or model."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(t in text for t in OUT_OF_MEMORY_TEXTS)

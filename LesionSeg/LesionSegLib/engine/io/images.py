@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import InputError, out_of_memory
 from .integrity import check_series, verified
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -159,9 +159,8 @@ def _read_series(folder: Path) -> sitk.Image:
 
 def _not_memory(exc: RuntimeError, src: str) -> None:
     """ITK failing to allocate the image is the machine's memory, not a corrupt file: say so."""
-    text = _first_line(exc)
-    if "allocate" in text.lower() or "bad_alloc" in text.lower():
-        raise MemoryError(f"{src}: not enough memory to read this scan (the file is not damaged; ITK: {text})") from None
+    if out_of_memory(exc):
+        raise MemoryError(f"{src}: not enough memory to read this scan (the file is not damaged; ITK: {_first_line(exc)})") from None
 
 
 #: a note a reader leaves on the image (SimpleITK metadata) for the command to print

@@ -62,7 +62,7 @@ def load_engine(model=None, device: str = "auto", **kw) -> "Engine":
     value a network library rejects, an allocation a card asks for) becomes a :class:`ModelError`
     naming the model, so it is never blamed on the CT that is segmented next (the CLI and the
     Slicer module load engines through it)."""
-    from ..errors import LesionSegError, ModelError
+    from ..errors import LesionSegError, ModelError, out_of_memory
     from ..models import one_line_text
 
     card = model if isinstance(model, ModelCard) else get_card(model)  # a bad card is named by its schema check
@@ -74,16 +74,6 @@ def load_engine(model=None, device: str = "auto", **kw) -> "Engine":
         if out_of_memory(exc):  # OpenVINO's "can't alloc", a std::bad_alloc: the machine's memory, not the model
             raise MemoryError(f"not enough memory to load model {card.id} ({one_line_text(exc)[:200]})") from None
         raise ModelError(f"model {card.id} ({card.folder}) cannot be loaded ({type(exc).__name__}: {one_line_text(exc)[:300]})") from None
-
-
-#: what native libraries (ITK, OpenVINO, ONNX Runtime, the C++ runtime) say when an allocation fails
-OUT_OF_MEMORY_TEXTS = ("failed to allocate", "can't alloc", "cannot allocate", "bad_alloc", "out of memory", "unable to allocate")
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` (any library's error) reports a failed memory allocation."""
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or any(t in text for t in OUT_OF_MEMORY_TEXTS)
 
 
 def engine_class(architecture: str) -> type["Engine"]:
