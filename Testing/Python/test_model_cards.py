@@ -271,6 +271,27 @@ def test_a_forged_onnx_cache_is_never_run(tmp_path, user_dir, with_record):
     assert export.sha256_file(forged) != forged_sha  # exported again from the verified weights
 
 
+def test_an_onnx_file_swapped_after_its_check_is_not_run(tmp_path, user_dir, monkeypatch):
+    """The runtime loads the bytes that were verified, not the file again: swapping the cached
+    export between its check and its load (whoever can write the cache folder could) runs nothing forged."""
+    genuine = read_card(_copy("sts-clcs", tmp_path / "m"))
+    _, good = _logits(genuine)  # the cache now holds the genuine export
+    other = _rewrite_classifier(_copy("sts-clcs", tmp_path / "other"), lambda s: s["head.3.bias"].add_(3.0))
+    _, shifted = _logits(other)
+    forged_bytes = export.export_paths(other, "classifier")[0].read_bytes()
+    onnx_path = export.export_paths(genuine, "classifier")[0]
+    checked = export.reference_notes  # called once the cached file passed its check, before it is used
+
+    def swap_after_check(*args, **kwargs):
+        onnx_path.write_bytes(forged_bytes)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(export, "reference_notes", swap_after_check)
+    model, logits = _logits(read_card(genuine.folder))
+    assert onnx_path.read_bytes() == forged_bytes  # the swap happened in the window
+    assert np.abs(logits - good).max() < 1e-5 and np.abs(logits - shifted).max() > 1.0, "the swapped-in export was run"
+
+
 def test_a_signed_cache_made_by_another_user_or_folder_is_not_trusted(tmp_path, user_dir, monkeypatch):
     card = read_card(_copy("sts-clcs", tmp_path / "m", lambda c: c.pop("onnx")))
     _logits(card)

@@ -65,16 +65,19 @@ def _threads(threads: int | None) -> int:
     return int(threads) if threads else max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def open_backend(runtime: str, onnx_path: str | os.PathLike, threads: int | None = None, outputs: int = 1) -> Callable[[dict], np.ndarray]:
-    """A callable running the ONNX model at ``onnx_path``: ``f({input: array}) -> first output``
-    (or the tuple of the first ``outputs`` outputs when ``outputs > 1``)."""
+def open_backend(runtime: str, onnx: bytes, threads: int | None = None, outputs: int = 1) -> Callable[[dict], np.ndarray]:
+    """A callable running the ONNX model ``onnx`` (the verified bytes of the export, never a path to
+    read again): ``f({input: array}) -> first output`` (or the tuple of the first ``outputs``
+    outputs when ``outputs > 1``)."""
+    if not isinstance(onnx, (bytes, bytearray)):
+        raise TypeError("open_backend takes the verified bytes of an ONNX model")
     if runtime == "openvino":
         _no_telemetry("openvino")
         import openvino as ov
 
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": _threads(threads), "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        compiled = core.compile_model(str(onnx_path), "CPU", config)
+        compiled = core.compile_model(core.read_model(bytes(onnx)), "CPU", config)
         request = compiled.create_infer_request()
 
         def run_ov(feeds: dict):
@@ -89,7 +92,7 @@ def open_backend(runtime: str, onnx_path: str | os.PathLike, threads: int | None
         opts.intra_op_num_threads = _threads(threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(bytes(onnx), opts, providers=["CPUExecutionProvider"])
 
         def run_ort(feeds: dict):
             res = session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})

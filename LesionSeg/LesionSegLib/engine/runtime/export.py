@@ -164,6 +164,21 @@ def _regular(path: Path) -> bool:
         return False
 
 
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of ``path`` read through one descriptor (never through a link), or None when it is
+    not a regular file or cannot be read.  The bytes verified are the bytes run: nobody can swap
+    the file between its check and its use."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # a FIFO never blocks
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            return fh.read() if stat.S_ISREG(os.fstat(fh.fileno()).st_mode) else None
+        except OSError:
+            return None
+
+
 def _reference(card: ModelCard, part: str, spec) -> dict | None:
     """The card's record of the export of these very weights for these inputs, or None."""
     ref = card.data.get("onnx")
@@ -174,8 +189,9 @@ def _reference(card: ModelCard, part: str, spec) -> dict | None:
     return ref
 
 
-def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tuple]) -> tuple[Path, list[str]]:
-    """Path of a verified ONNX export of ``card``'s ``part`` (segmenter, classifier, detector, roi_segmenter), and notes.
+def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tuple]) -> tuple[bytes, list[str]]:
+    """The bytes of a verified ONNX export of ``card``'s ``part`` (segmenter, classifier, detector,
+    roi_segmenter), and notes.  The runtimes load these very bytes, never the file again.
 
     ``spec``: JSON-able description of the inputs (names, shapes, dynamic axes) -- part of the key.
     ``build()`` -> (torch module in eval mode, example inputs tuple, input names, output names,
@@ -190,15 +206,17 @@ def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tupl
     folder, notes = cache_location(card)
     stem = f"{part}-{source_sha[:16]}"
     onnx_path, manifest_path = folder / f"{stem}.onnx", folder / f"{stem}.json"
-    made, problem = inspect_cache(onnx_path, manifest_path, source_sha, spec, _reference(card, part, spec))
+    data = _read_regular(onnx_path)
+    made, problem = inspect_cache(onnx_path, manifest_path, source_sha, spec, _reference(card, part, spec), data)
     if problem is None:
-        return onnx_path, notes + reference_notes(card, part, made)
+        return data, notes + reference_notes(card, part, made)
     if problem != "missing":
         notes.append(f"ONNX cache {onnx_path.name} of model {card.id} refused ({problem}): exported again from the verified weights")
     made = export(build, folder, onnx_path.name, manifest_path.name, source_sha, spec)
-    if not _regular(onnx_path) or sha256_file(onnx_path) != made["onnx_sha256"]:
+    data = _read_regular(onnx_path)
+    if data is None or hashlib.sha256(data).hexdigest() != made["onnx_sha256"]:
         raise ModelError(f"model {card.id}: the ONNX export of {part} changed while it was written to {folder}")
-    return onnx_path, notes + reference_notes(card, part, made)
+    return data, notes + reference_notes(card, part, made)
 
 
 def reference_notes(card: ModelCard, part: str, made: dict) -> list[str]:
@@ -229,15 +247,19 @@ def card_record(card: ModelCard, parts) -> dict:
 ANY_SPEC = object()  # inspect_cache: accept the inputs the manifest names
 
 
-def inspect_cache(onnx_path: Path, manifest_path: Path, source_sha: str, spec, ref: dict | None = None) -> tuple[dict | None, str | None]:
+def inspect_cache(onnx_path: Path, manifest_path: Path, source_sha: str, spec, ref: dict | None = None,
+                  data: bytes | None = None) -> tuple[dict | None, str | None]:
     """(what the cached export is, None) when it may be used, else (None, the reason it may not):
     it is the export the card records (``ref``), or one signed with this user's key (see the module
-    text).  ``spec=ANY_SPEC`` accepts whatever inputs it was made for."""
+    text).  ``spec=ANY_SPEC`` accepts whatever inputs it was made for.  ``data``: the file's bytes
+    as the caller read them (:func:`_read_regular`), which are what is judged; read here if None."""
     if not onnx_path.exists() and not onnx_path.is_symlink():
         return None, "missing"
-    if not _regular(onnx_path):
+    if data is None:
+        data = _read_regular(onnx_path)
+    if data is None:
         return None, "not a regular file"
-    actual = sha256_file(onnx_path)
+    actual = hashlib.sha256(data).hexdigest()
     if ref is not None and actual == ref.get("sha256"):
         return {k: ref.get(k) for k in ("opset", "torch", "spec")} | {"onnx_sha256": actual, "source_sha256": source_sha}, None
     manifest, problem = _signed_manifest(manifest_path, actual, source_sha, spec)

@@ -54,8 +54,8 @@ def onnx_segmenter(card: ModelCard, runtime: str, threads: int | None = None,
 
         return _segmenter_module(card, part), (torch.zeros(shape),), ["image"], ["logit"], None
 
-    path, notes = cached_onnx(card, part, spec, build)
-    run = open_backend(runtime, path, threads)
+    onnx, notes = cached_onnx(card, part, spec, build)
+    run = open_backend(runtime, onnx, threads)
     return (lambda batch: run({"image": batch})), notes
 
 
@@ -88,9 +88,9 @@ def onnx_detseg(card: ModelCard, runtime: str, threads: int | None = None) -> tu
         axes = {"image": {0: "n"}, "logit": {0: "n"}}
         return net, (torch.zeros(2, roi_ch, *roi_shape),), ["image"], ["logit"], axes
 
-    det_path, notes = cached_onnx(card, "detector", det_spec, build_detector)
-    roi_path, more = cached_onnx(card, "roi_segmenter", roi_spec, build_roi)
-    run_det, run_roi = open_backend(runtime, det_path, threads), open_backend(runtime, roi_path, threads)
+    det_onnx, notes = cached_onnx(card, "detector", det_spec, build_detector)
+    roi_onnx, more = cached_onnx(card, "roi_segmenter", roi_spec, build_roi)
+    run_det, run_roi = open_backend(runtime, det_onnx, threads), open_backend(runtime, roi_onnx, threads)
     return (lambda x: run_det({"image": x})), (lambda x: run_roi({"image": x})), notes + more
 
 
@@ -125,8 +125,8 @@ class OnnxConfidenceModel:
             axes = {"patch": {0: "n"}, "features": {0: "n"}, "logit": {0: "n"}, "embedding": {0: "n"}}
             return net, example, ["patch", "features"], ["logit", "embedding"], axes
 
-        path, self.notes = cached_onnx(card, "classifier", spec, build)
-        self._run = open_backend(runtime, path, threads, outputs=2)
+        onnx, self.notes = cached_onnx(card, "classifier", spec, build)
+        self._run = open_backend(runtime, onnx, threads, outputs=2)
 
     def logits_and_embedding(self, patches, feats) -> tuple[np.ndarray, np.ndarray]:
         """Each cluster's logit and its embedding (patch encoder output + standardised features)."""
