@@ -31,7 +31,7 @@ from LesionSegLib import dependencies, mrml, review, sampledata
 from LesionSegLib.logic import LesionSegLogicCore
 from LesionSegLib.parameters import LesionSegParameterNode
 from LesionSegLib.selftest import LesionSegTest  # noqa: F401 (Slicer runs <Module>Test from this module)
-from LesionSegLib.panel_sync import confirm_replace, ensure_table, follow_parameters, show_result_parameters, volume_missing
+from LesionSegLib.panel_sync import confirm_replace, ensure_table, export_text, follow_parameters, show_result_parameters, volume_missing
 from LesionSegLib.widget_support import (AddLesionTool, DependencyInstaller, LogBox, SegmentWatch, Shortcuts, panel_feedback_store,
                                          reload_package, save_corrections_from_panel, save_corrections_on_close, style_color_bar, table_lesion_ids)
 
@@ -469,16 +469,14 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         formats = [f for f in formats if f != "dicomseg" or self.dicomFiles()]
         if not confirm_replace(self, outdir, formats):
             return None
+        notes = []
         try:
-            paths = self.logic.export(self.segmentationNode, outdir, formats=formats, dicom_files=self.dicomFiles() or None)
+            paths = self.logic.export(self.segmentationNode, outdir, formats=formats, dicom_files=self.dicomFiles() or None, notes=notes)
         except Exception as exc:
             self.ui.statusLabel.setText(_("Export failed."))
             self.logBox.show_error(_("Export failed: {error}").format(error=exc))
             return
-        names = sorted({os.path.basename(str(p)) for p in paths.values()})
-        text = _("Exported {files} to {folder}").format(files=", ".join(names), folder=outdir)
-        if "dicom_database" in paths:
-            text += " " + _("(DICOM SEG added to the DICOM database)")
+        text = export_text(paths, outdir, notes)
         self.ui.statusLabel.setText(text)
         self.logBox.append(text, stamp=True)
         return paths

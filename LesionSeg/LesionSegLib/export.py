@@ -110,14 +110,43 @@ def instance_labelmap(segmentation_node, lesion_ids=None, reference_volume=None)
     return out
 
 
-def export_nifti(segmentation_node, path, include_hidden: bool = False) -> Path:
-    """NIfTI instance labelmap (value k = lesion k) on the input volume's exact grid."""
+def overlap_losses(segmentation_node, lesions: list[dict], labelmap: np.ndarray, volume) -> list[str]:
+    """What an instance labelmap (NIfTI, DICOM SEG) could not hold: lesions that overlap others (a
+    lesion drawn over a tumour) give each shared voxel to one of them, so a lesion listed with N
+    voxels holds fewer there.  One "lesion k (lost of N voxels)" per such lesion."""
+    counts = np.bincount(labelmap.ravel(), minlength=max([int(d["lesion_id"]) for d in lesions] + [0]) + 1)
+    short = []
+    for d in lesions:
+        lid, held = int(d["lesion_id"]), int(counts[int(d["lesion_id"])])
+        if held >= int(d.get("n_voxels") or 0):
+            continue  # whole (the tag is checked against the mask only for the lesions that look short)
+        whole = int(np.count_nonzero(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, d["segment_id"], volume)))
+        if held < whole:
+            short.append(f"lesion {lid} ({whole - held:,} of {whole:,} voxels)")
+    return short
+
+
+def overlap_note(losses: dict[str, list[str]]) -> str | None:
+    """One note from :func:`overlap_losses` per format (``{"NIfTI": [...], "DICOM SEG": [...]}``)."""
+    losses = {fmt: lost for fmt, lost in losses.items() if lost}
+    if not losses:
+        return None
+    lost = sorted({x for v in losses.values() for x in v}, key=lambda x: int(x.split()[1]))
+    return (f"overlapping lesions: the {' and '.join(losses)} labelmap holds one lesion per voxel, so {', '.join(lost)} "
+            "went to the lesion over it there; the .seg.nrrd and the CSV keep each lesion whole")
+
+
+def export_nifti(segmentation_node, path, include_hidden: bool = False, losses: list | None = None) -> Path:
+    """NIfTI instance labelmap (value k = lesion k) on the input volume's exact grid; what
+    overlapping lesions lose there is added to ``losses`` (:func:`overlap_losses`)."""
     import SimpleITK as sitk
 
     path = Path(path)
     volume = mrml.reference_volume(segmentation_node)
-    ids = [d["lesion_id"] for d in _selected(segmentation_node, include_hidden)]
-    arr = instance_labelmap(segmentation_node, ids, volume)
+    lesions = _selected(segmentation_node, include_hidden)
+    arr = instance_labelmap(segmentation_node, [d["lesion_id"] for d in lesions], volume)
+    if losses is not None:
+        losses += overlap_losses(segmentation_node, lesions, arr, volume)
     img = sitk.GetImageFromArray(arr)
     spacing, origin, direction = mrml.volume_geometry_lps(volume)
     img.SetSpacing(spacing)
@@ -213,7 +242,7 @@ def dicom_source_files(volume_node) -> list[str]:
 
 
 def export_dicom_seg(segmentation_node, path, source_files=None, include_hidden: bool = False,
-                     include_rejected: bool = False, series_description: str = "LesionSeg lesions") -> Path:
+                     include_rejected: bool = False, series_description: str = "LesionSeg lesions", losses: list | None = None) -> Path:
     """A DICOM Segmentation (binary, one segment per lesion) referencing the source CT series
     (built by :mod:`.engine.io.dicom_seg`, which ``lesionseg segment --dicom-seg`` uses too).
 
@@ -238,6 +267,8 @@ def export_dicom_seg(segmentation_node, path, source_files=None, include_hidden:
     if not rows:
         raise RuntimeError("no lesion to export (all hidden or rejected)")
     labelmap = instance_labelmap(segmentation_node, [d["lesion_id"] for d in rows], volume)
+    if losses is not None:
+        losses += overlap_losses(segmentation_node, rows, labelmap, volume)
     present = set(np.unique(labelmap).tolist())
     rows = [d for d in rows if d["lesion_id"] in present]  # a lesion erased in the Segment Editor holds no pixel
     if not rows:
@@ -293,8 +324,9 @@ def existing_outputs(segmentation_node, outdir, formats=FORMATS) -> list[Path]:
 
 
 def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMATS, include_hidden: bool = False,
-               dicom_files=None) -> dict[str, Path]:
-    """Write the requested formats into ``outdir``; returns {format: path}.
+               dicom_files=None, notes: list | None = None) -> dict[str, Path]:
+    """Write the requested formats into ``outdir``; returns {format: path}.  What a format could
+    not hold (overlapping lesions in the NIfTI labelmap) is appended to ``notes``.
 
     All of them appear together or none does (one :class:`~.engine.atomic.AtomicWriter`): a
     format that fails leaves no other behind.  What can be known beforehand is refused before
@@ -317,8 +349,10 @@ def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMA
                          "nothing was written: export the other formats on their own")
     outdir = Path(outdir)
     names = export_names(segmentation_node, stem)
-    writers = {"seg.nrrd": export_seg_nrrd, "nifti": export_nifti, "csv": export_csv,
-               "dicomseg": lambda node, path, hidden: export_dicom_seg(node, path, files, hidden)}
+    losses = {"NIfTI": [], "DICOM SEG": []}
+    writers = {"seg.nrrd": export_seg_nrrd, "nifti": lambda node, path, hidden: export_nifti(node, path, hidden, losses["NIfTI"]),
+               "csv": export_csv,
+               "dicomseg": lambda node, path, hidden: export_dicom_seg(node, path, files, hidden, losses=losses["DICOM SEG"])}
     out: dict[str, Path] = {}
     with AtomicWriter(outdir) as writer:  # commits every file on success, removes them all on an error
         for fmt in formats:
@@ -326,6 +360,9 @@ def export_all(segmentation_node, outdir, stem: str | None = None, formats=FORMA
                 continue
             writers[fmt](segmentation_node, writer.path(names[fmt]), include_hidden)
             out[fmt] = outdir / names[fmt]
+    note = overlap_note(losses)
+    if note and notes is not None:
+        notes.append(note)
     if "dicomseg" in out and add_to_dicom_database(out["dicomseg"], volume):
         out["dicom_database"] = out["dicomseg"]
     return out

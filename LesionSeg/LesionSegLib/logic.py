@@ -269,6 +269,6 @@ class LesionSegLogicCore:
 
     @staticmethod
     def export(segmentation_node, outdir, formats=_export.FORMATS, stem: str | None = None, include_hidden: bool = False,
-               dicom_files=None) -> dict:
+               dicom_files=None, notes: list | None = None) -> dict:
         return _export.export_all(segmentation_node, os.fspath(outdir), stem=stem, formats=formats,
-                                  include_hidden=include_hidden, dicom_files=dicom_files)
+                                  include_hidden=include_hidden, dicom_files=dicom_files, notes=notes)

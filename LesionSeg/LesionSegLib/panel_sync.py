@@ -106,3 +106,16 @@ def confirm_replace(widget, outdir: str, formats) -> bool:
         return True
     widget.ui.statusLabel.setText("Export cancelled: nothing was replaced.")
     return False
+
+
+def export_text(paths: dict, outdir: str, notes=()) -> str:
+    """The status line after an export: the files, where, and what a format could not hold."""
+    import os
+
+    from slicer.i18n import tr as _
+
+    names = sorted({os.path.basename(str(p)) for p in paths.values()})
+    text = _("Exported {files} to {folder}").format(files=", ".join(names), folder=outdir)
+    if "dicom_database" in paths:
+        text += " " + _("(DICOM SEG added to the DICOM database)")
+    return text + "".join(". " + _("Note: {note}").format(note=n) for n in notes)

@@ -79,3 +79,29 @@ def test_drawn_erased_and_long_model_ids(run, from_dicom, tmp_path):
     assert described["Missed nodule drawn"].SegmentAlgorithmType == "MANUAL"
     assert "SegmentationAlgorithmIdentificationSequence" not in described["Missed nodule drawn"]
     assert str(dcm.SoftwareVersions) == "1.1.0-ft.3"  # the id is over 64 characters (DICOM LO): its version
+
+
+def test_overlapping_lesions_are_named_when_the_labelmaps_cannot_hold_them(run, from_dicom, tmp_path):
+    """The NIfTI and the DICOM SEG are built from one instance labelmap: a lesion drawn over another
+    gives the shared voxels to one of them there, which the export now says (the CSV and .seg.nrrd
+    keep both whole)."""
+    import slicer
+
+    from LesionSegLib import measure, mrml
+
+    volume, seg, files = from_dicom
+    big = max(mrml.lesions(seg), key=lambda d: d["n_voxels"])
+    own = slicer.util.arrayFromSegmentBinaryLabelmap(seg, big["segment_id"], volume) > 0
+    k, j, i = (int(v) for v in np.argwhere(own).mean(axis=0).round())
+    box = np.zeros(own.shape, dtype=np.uint8)
+    box[k - 1:k + 1, j - 2:j + 2, i - 2:i + 2] = 1
+    drawn = seg.GetSegmentation().AddEmptySegment("", "Drawn over")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(box, seg, drawn, volume)
+    assert measure.update(seg, drawn)
+    notes = []
+    run.logic.export(seg, tmp_path / "out", formats=("nifti", "dicomseg", "csv"), notes=notes)
+    assert len(notes) == 1 and notes[0].startswith("overlapping lesions: the NIfTI and DICOM SEG labelmap holds one lesion per voxel")
+    assert f"({int((own & (box > 0)).sum()):,} of " in notes[0]
+    notes.clear()
+    run.logic.export(seg, tmp_path / "csv-only", formats=("csv",), notes=notes)
+    assert notes == []  # the CSV lists each lesion whole

@@ -339,6 +339,42 @@ def test_an_export_asks_before_replacing_files_of_another_result(panel, tmp_path
     assert csv_path.read_text().startswith("lesion_id,") and w.ui.statusLabel.text().startswith("Exported")
 
 
+def test_an_export_says_what_overlapping_lesions_lose_in_the_labelmap(panel, tmp_path, monkeypatch):
+    """A lesion drawn over a proposed one: the NIfTI labelmap holds one id per voxel, so one of
+    them lost voxels there while the CSV listed it whole, and nothing said so (stop 29, left alone)."""
+    import SimpleITK as sitk
+    import slicer
+
+    from LesionSegLib import mrml
+
+    w, volume, seg, _ = panel
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: True)  # replace the first export
+    _click(w.ui.exportAllButton)
+    assert w.ui.statusLabel.text().startswith("Exported") and "overlapping" not in w.ui.statusLabel.text()
+    lesion = mrml.visible_lesions(seg)[0]
+    own = slicer.util.arrayFromSegmentBinaryLabelmap(seg, lesion["segment_id"], volume) > 0
+    box = np.zeros(own.shape, dtype=np.uint8)
+    k, j, i = (int(v) for v in np.argwhere(own).mean(axis=0).round())
+    box[k - 2:k + 2, j - 3:j + 3, i - 3:i + 3] = 1  # a box drawn over the tumour's centre
+    sid = seg.GetSegmentation().AddEmptySegment("", "Drawn over")
+    _paint(box, seg, sid, volume)
+    drawn = mrml.lesion_info(seg.GetSegmentation().GetSegment(sid), sid)
+    shared = int((own & (box > 0)).sum())
+    assert shared == 144
+
+    _click(w.ui.exportAllButton)
+    out = tmp_path / "export"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "STS_041_lesions.nii.gz")))
+    rows = _csv(out / "STS_041_lesions.csv")
+    held = {lid: int((labels == lid).sum()) for lid in (lesion["lesion_id"], drawn["lesion_id"])}
+    assert int(rows[lesion["lesion_id"]]["n_voxels"]) == int(own.sum()) and int(rows[drawn["lesion_id"]]["n_voxels"]) == 144
+    assert sum(held.values()) == int(own.sum()) + 144 - shared  # the labelmap gave each shared voxel one id
+    short = [lid for lid, n in held.items() if n < int(rows[lid]["n_voxels"])]
+    assert len(short) == 1
+    text = w.ui.statusLabel.text()
+    assert "overlapping lesions: the NIfTI labelmap" in text and f"lesion {short[0]} ({shared:,} of" in text and "the .seg.nrrd and the CSV keep each lesion whole" in text
+
+
 def test_volumes_the_engine_cannot_take_are_named(panel):
     """Zero spacing gave ITK's multi-line error; a volume without voxels was not named (an audit)."""
     import slicer
