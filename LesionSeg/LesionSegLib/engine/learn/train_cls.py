@@ -14,14 +14,17 @@ the segmenter was trained are kept; ``-o`` may be that same folder).
    augmented samples of the same objects: the card counts them apart from the distinct clusters
    of the original images.
 2. Labels: the matching rule of :mod:`..evaluate.matching` (IoU >= 0.1 or >= 50 % inside a GT lesion).
-3. The classifier is trained on all of them.  Its temperature is fitted on **out-of-fold logits
-   of the training clusters**: ``--cal-folds``-fold cross-validation grouped by case over the
+3. The classifier is trained on all of them.  Its calibration is fitted on **out-of-fold logits
+   of the training clusters** by Platt scaling (a temperature and a shift: the class-weighted loss
+   raises every logit by about log(N- / N+), which a temperature alone cannot undo; the shift is
+   folded into the head's last bias, see :func:`..segment.classifier.fit_platt`), with
+   ``--cal-folds``-fold cross-validation grouped by case over the
    training cases (a case and its perturbed copies are in one fold), each fold's classifier
    scoring the clusters of the original images of its held-out cases.  The validation cases
    are never used to fit anything.
 4. The model card gets validation figures on STS_034-041 only: Dice (confidence >= 0.5, union of
    lesions, on the original grid), FROC sensitivity at 0.5 FP/case, CPM, cluster AUC and ECE
-   (labelled with where the temperature was fitted), and the sha256 of every file.
+   (labelled with where the calibration was fitted), and the sha256 of every file.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from ..atomic import write_text
 from ..evaluate.matching import detections, gt_components, match
 from ..io.images import read_image, read_label
 from ..models import CARD_NAME, ModelCard, sha256_file
-from ..segment.classifier import fit_temperature, save_classifier, train_classifier
+from ..segment.classifier import fit_platt, fit_temperature, save_classifier, train_classifier
 from ..segment.features import feature_matrix
 from ..segment.pipeline import Engine
 from .labels import candidates_with_labels
@@ -129,8 +132,9 @@ def sample_counts(d: dict) -> dict:
     }
 
 
-def out_of_fold_temperature(d: dict, k: int, epochs: int, seed: int, log=print) -> dict:
-    """Temperature from out-of-fold logits of the original-image training clusters (folds grouped by case)."""
+def out_of_fold_calibration(d: dict, k: int, epochs: int, seed: int, log=print) -> dict:
+    """Platt calibration (temperature and shift) from out-of-fold logits of the original-image
+    training clusters (folds grouped by case)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     from ..evaluate.metrics import calibration, cluster_auc
@@ -146,11 +150,12 @@ def out_of_fold_temperature(d: dict, k: int, epochs: int, seed: int, log=print) 
         oof[test] = cm.logits(d["patches"][test], d["features"][test])
         log(f"calibration fold {f + 1}/{k}: {len(test)} held-out clusters scored")
     s = ~np.isnan(oof)
-    t = fit_temperature(oof[s], y[s])
-    p = 1.0 / (1.0 + np.exp(-oof[s] / t))
-    cal = calibration(p, y[s])
-    return {"temperature": float(t), "folds": k, "n": int(s.sum()), "n_tp": int(y[s].sum()),
-            "oof_auc": cluster_auc(oof[s], y[s]), "oof_ece_after_fit": None if cal is None else cal["ece"]}
+    t, shift = fit_platt(oof[s], y[s])
+    cal = calibration(1.0 / (1.0 + np.exp(-(oof[s] + shift) / t)), y[s])
+    alone = calibration(1.0 / (1.0 + np.exp(-oof[s] / fit_temperature(oof[s], y[s]))), y[s])  # for the record
+    return {"method": "platt", "temperature": float(t), "shift": float(shift), "folds": k, "n": int(s.sum()), "n_tp": int(y[s].sum()),
+            "oof_auc": cluster_auc(oof[s], y[s]), "oof_ece_after_fit": None if cal is None else cal["ece"],
+            "oof_ece_temperature_alone": None if alone is None else alone["ece"]}
 
 
 def evaluate_cases(engine: Engine, names, by_name, threshold: float) -> dict:
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=2, help="perturbed copies of each training case")
     ap.add_argument("--low-threshold", type=float, default=0.3, help="extra probability threshold for candidates")
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--cal-folds", type=int, default=CAL_FOLDS, help="folds (grouped by case) for the temperature")
+    ap.add_argument("--cal-folds", type=int, default=CAL_FOLDS, help="folds (grouped by case) for the Platt calibration")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--segmenter-commit", default=None, help="commit that trained the segmenter (recorded in the card)")
     ap.add_argument("--segmenter-command", default=None, help="command that trained the segmenter (recorded in the card)")
@@ -272,8 +277,9 @@ def main(argv=None) -> int:
     d = collect_training_clusters(engine, train_names, by_name, args.views, args.low_threshold, rng)
     counts = sample_counts(d)
     print(f"classifier training set: {json.dumps(counts)}", flush=True)
-    cal = out_of_fold_temperature(d, args.cal_folds, args.epochs, args.seed)
+    cal = out_of_fold_calibration(d, args.cal_folds, args.epochs, args.seed)
     cm, info = train_classifier(d["patches"], d["features"], d["labels"], epochs=args.epochs, seed=args.seed)
+    cm.shift_logits(cal["shift"])  # into the head's last bias: the card keeps its one temperature field
     cm.temperature = cal["temperature"]
     fit_on = (f"out-of-fold logits of the {cal['n']} original-image training clusters of {counts['cases']} training "
               f"cases ({cal['folds']}-fold cross-validation grouped by case); the validation cases were not used")
