@@ -193,8 +193,8 @@ def table(report: dict) -> str:
     rows = []
     for c in report["volumes"]:
         rows.append([c["volume"], "x".join(map(str, c["shape_zyx"])), f"{c['lesionseg']['median_total_s']:.2f} s",
-                     f"{c['lesionseg']['max_peak_rss_mb'] / 1024:.2f} GB", f"{c['yardstick']['median_inference_s']:.2f} s",
-                     f"{c['yardstick']['max_peak_rss_mb'] / 1024:.2f} GB", f"{c['ratio']:.2f}x"])
+                     f"{c['lesionseg']['max_peak_rss_mb'] / 1024:.2f} GiB", f"{c['yardstick']['median_inference_s']:.2f} s",
+                     f"{c['yardstick']['max_peak_rss_mb'] / 1024:.2f} GiB", f"{c['ratio']:.2f}x"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths))  # noqa: E731
     lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]

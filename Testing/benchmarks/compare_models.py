@@ -187,7 +187,7 @@ def table(rep: dict) -> str:
     def f(v, d=3):
         return "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
 
-    lines = ["| model | split | Dice | sens@0.5FP | CPM | cluster AUC | ECE | lost / FP per case @0.5 | chest134 segment s | peak RSS GB | training min |",
+    lines = ["| model | split | Dice | sens@0.5FP | CPM | cluster AUC | ECE | lost / FP per case @0.5 | chest134 segment s | peak RSS GiB | training min |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in rep["models"]:
         if "missing" in m:
@@ -213,7 +213,7 @@ def table(rep: dict) -> str:
     y = rep.get("yardstick")
     if y:
         lines.append(f"\nYardstick (MONAI UNet 16..256, native grid, sliding window 64x128x128) inference alone on chest134: "
-                     f"{y['inference_s']:.1f} s, peak RSS {y['peak_rss_mb'] / 1024:.2f} GB.")
+                     f"{y['inference_s']:.1f} s, peak RSS {y['peak_rss_mb'] / 1024:.2f} GiB.")
     return "\n".join(lines)
 
 
