@@ -383,6 +383,9 @@ def test_real_case_segment_then_evaluate(tmp_path, capsys):
     rep = json.loads((rep_dir / "report.json").read_text(encoding="utf-8"))
     for name in report_mod.REPORT_FILES:
         assert (rep_dir / name).stat().st_size > 0
+    # the report names the command that made it (a README figure is cited beside its command)
+    assert rep["command"] == f"lesionseg evaluate --pred {out} --gt {gt_dir} -o {rep_dir} --cases STS_035"
+    assert f"- command: `{rep['command']}`" in (rep_dir / "report.md").read_text(encoding="utf-8")
     s = rep["summary"]
     assert rep["cases_evaluated"] == ["STS_035"] and s["n_gt_lesions"] == 1  # manifest: one tumour
     for key in ("dice_mean", "dice_global", "sensitivity_at_0.5fp", "cpm", "ece"):

@@ -229,6 +229,7 @@ def main(argv=None) -> int:
                        "op_before": at_threshold(sel(old), sel(gt), sel(n_gt), threshold),
                        "op_after": at_threshold(sel(new_conf), sel(gt), sel(n_gt), threshold)}
     report = {
+        "command": "python Testing/benchmarks/feedback_loop.py " + " ".join(sys.argv[1:]),
         "base_model": base.id,
         "cases": [c.name for c in cand],
         "n_cases": len(cand),

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     from .common import one_line
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for the records it writes
     _exit_on_sigterm()
     try:
         return int(args.func(args) or 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def cmd_evaluate(args) -> int:
     outdir = Path(args.output) if args.output else Path(args.pred) / "evaluation"
     try:
         report = evaluate(args.pred, args.gt, cases=_case_list(args), dice_threshold=args.dice_threshold)
+        if getattr(args, "argv", None) is not None:  # what made this report (the README cites it beside each figure)
+            report = {"command": "lesionseg " + shlex.join(args.argv), **report}
     except LesionSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

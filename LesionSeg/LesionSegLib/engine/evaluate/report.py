@@ -321,6 +321,8 @@ def report_markdown(report: dict) -> str:
         f"- ground-truth lesions: {s['n_gt_lesions']}; predicted clusters: {s['n_clusters']}",
         f"- created: {report['created']}",
     ]
+    if report.get("command"):
+        lines.append(f"- command: `{report['command']}`")
     if report["dice_threshold"] is not None:
         lines.append(f"- Dice uses lesions with confidence >= {report['dice_threshold']:g}")
     lines += [
