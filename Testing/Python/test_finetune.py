@@ -62,6 +62,9 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
     assert "decoder learning-rate multiplier must be a positive number, got -2.0" in capsys.readouterr().err
     with pytest.raises(FinetuneError, match="unknown fine-tuning loss 'focal'; choose one of dicece, lesion-balanced"):
         finetune(only_rejections, base.id, loss="focal")
+    # the multiplier only splits a DynUNet (its decoder prefixes): on an Attention U-Net it did nothing, silently
+    with pytest.raises(FinetuneError, match="applies to DynUNet segmenters; sts-attention-unet@1.0.0's is an AttentionUnetDS"):
+        finetune(only_rejections, "sts-attention-unet", decoder_lr_mult=3.0)
     for bad in ({"lung_negatives": 1.5}, {"lung_negatives": float("nan")}, {"synthetic": -0.1}):
         with pytest.raises(FinetuneError, match="fraction must lie between 0 and 1"):
             finetune(only_rejections, base.id, **bad)

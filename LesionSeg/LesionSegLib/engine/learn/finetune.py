@@ -308,6 +308,10 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
         raise FinetuneError(f"model {parent.id} is a {parent.architecture} model: fine-tuning works on a dense "
                             "segmenter (sts-clcs and the models made from it); choose one of those as the base model, "
                             "or retrain this model's confidence classifier from the review (lesionseg retrain)")
+    net_type = parent.part("segmenter").get("network", {}).get("type", "DynUNet")
+    if decoder_lr_mult != 1.0 and net_type != "DynUNet":
+        raise FinetuneError(f"the decoder learning-rate multiplier applies to DynUNet segmenters; {parent.id}'s is an "
+                            f"{net_type}, whose decoder is not told apart: leave it at 1")
     corrected = load_corrected(feedback, model_ids, min_cases, cases, parent.part("segmenter")["spacing_zyx"])
     train, held = split_cases(corrected, held_apart)
     if not any(c.label.any() for c in train):
