@@ -15,6 +15,9 @@ SIZE_REF_MM = 32.0  # the size head predicts log(size / SIZE_REF_MM)
 SIGMA_FRACTION = 0.12  # heatmap Gaussian sigma, as a fraction of the box size (per axis)
 SIGMA_MIN = 0.8  # ... and at least this many grid voxels
 REG_RADIUS = 0.5  # size/offset are learnt where the target heatmap >= this
+#: heatmap voxels counted as positives: the centre and its close neighbours (CenterNet uses only
+#: the peak, 1.0; a small core of positives learns much faster on few steps)
+POS_MIN = 0.8
 #: channels of the detector output: heatmap logit, log size (z, y, x), centre offset (z, y, x)
 HEAT_CH, SIZE_CH, OFFSET_CH = 0, slice(1, 4), slice(4, 7)
 
@@ -38,8 +41,15 @@ def gt_boxes(label: np.ndarray, spacing) -> np.ndarray:
 
 
 def heatmap_targets(boxes: np.ndarray, shape, origin, spacing) -> dict[str, np.ndarray]:
-    """Training targets on a grid: ``heat`` (1, z, y, x), ``size``/``offset`` (3, z, y, x) and
-    ``reg_mask`` (1, z, y, x) where size and offset are learnt."""
+    """Training targets on a grid: ``heat`` (1, z, y, x), ``size``/``offset`` (3, z, y, x),
+    ``reg_mask`` (1, z, y, x) where size and offset are learnt, and the per-object weights
+    ``pos_weight`` / ``reg_weight`` (1, z, y, x).
+
+    Each voxel belongs to the object whose Gaussian is highest there; an object's heatmap
+    positives (``heat >= POS_MIN``) each weigh 1 / (its number of positives) and its regression
+    voxels 1 / (its number of regression voxels), so every object sums to 1 in each map whatever
+    its size (each map's sum is the number of objects that have such voxels in the grid).
+    """
     shape = tuple(int(s) for s in shape)
     origin = np.asarray(origin, dtype=np.float64)
     g = np.asarray(spacing, dtype=np.float64)
@@ -47,8 +57,9 @@ def heatmap_targets(boxes: np.ndarray, shape, origin, spacing) -> dict[str, np.n
     size = np.zeros((3,) + shape, np.float32)
     offset = np.zeros((3,) + shape, np.float32)
     owner = np.zeros(shape, np.float32)  # the heat value that set size/offset at each voxel
+    obj = np.full(shape, -1, np.int64)  # the object whose Gaussian is highest at each voxel
     axes = [np.arange(n, dtype=np.float64) for n in shape]
-    for b in np.asarray(boxes, dtype=np.float64).reshape(-1, 6):
+    for k, b in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 6)):
         q = (b[:3] - origin) / g
         sigma = np.maximum(SIGMA_MIN, SIGMA_FRACTION * b[3:] / g)
         g1 = [np.exp(-0.5 * ((ax - qa) / s) ** 2) for ax, qa, s in zip(axes, q, sigma)]
@@ -64,8 +75,21 @@ def heatmap_targets(boxes: np.ndarray, shape, origin, spacing) -> dict[str, np.n
                 size[a][idx] = logsize[a]
                 offset[a][idx] = q[a] - idx[a]
             owner[take] = h[take]
+        obj[h > heat] = k
         np.maximum(heat, h, out=heat)
-    return {"heat": heat[None], "size": size, "offset": offset, "reg_mask": (owner >= REG_RADIUS).astype(np.float32)[None]}
+    reg = owner >= REG_RADIUS
+    return {"heat": heat[None], "size": size, "offset": offset, "reg_mask": reg.astype(np.float32)[None],
+            "pos_weight": _per_object_weight(obj, heat >= POS_MIN - 1e-6)[None],
+            "reg_weight": _per_object_weight(obj, reg)[None]}
+
+
+def _per_object_weight(obj: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """1 / (number of ``mask`` voxels of the voxel's object) on ``mask``, 0 elsewhere."""
+    w = np.zeros(obj.shape, np.float32)
+    ids = obj[mask]
+    if ids.size:
+        w[mask] = (1.0 / np.bincount(ids)[ids]).astype(np.float32)
+    return w
 
 
 def decode(out: np.ndarray, origin, spacing, threshold: float, max_detections: int) -> np.ndarray:

@@ -5,33 +5,41 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .boxes import HEAT_CH, OFFSET_CH, SIZE_CH
+from .boxes import HEAT_CH, OFFSET_CH, POS_MIN, SIZE_CH
 
 FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0  # focusing exponent; down-weighting of negatives near a centre
-#: heatmap voxels counted as positives: the centre and its close neighbours (CenterNet uses only
-#: the peak, 1.0; a small core of positives learns much faster on few steps)
-POS_MIN = 0.8
 
 
-def heatmap_focal_loss(logit: torch.Tensor, target: torch.Tensor, pos_min: float = POS_MIN) -> torch.Tensor:
-    """Penalty-reduced focal loss (CenterNet form) summed and divided by the number of positives.
+def heatmap_focal_loss(logit: torch.Tensor, target: torch.Tensor, pos_min: float = POS_MIN,
+                       pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Penalty-reduced focal loss (CenterNet form), summed and divided by the number of objects.
 
     ``target`` is the Gaussian heatmap (1 exactly at each centre); voxels with ``target >=
     pos_min`` are positives, the other voxels negatives down-weighted near a centre by
-    ``(1 - target) ** FOCAL_BETA``.
+    ``(1 - target) ** FOCAL_BETA``. ``pos_weight`` (same shape, from ``heatmap_targets``) weighs
+    each object's positives by 1 / (its number of positives), so every object counts the same
+    whatever its size, and its sum is the number of objects. Without it every positive weighs 1
+    and the loss is divided by the number of positives (the former form).
     """
     p = torch.sigmoid(logit.float()).clamp(1e-4, 1 - 1e-4)
     pos = target >= pos_min - 1e-6
     log_p, log_1p = F.logsigmoid(logit.float()), F.logsigmoid(-logit.float())
-    pos_loss = -((1 - p) ** FOCAL_ALPHA * log_p)[pos].sum()
+    w = pos.float() if pos_weight is None else pos_weight.float() * pos
+    pos_loss = -((1 - p) ** FOCAL_ALPHA * log_p * w)[pos].sum()
     neg_loss = -((1 - target) ** FOCAL_BETA * p**FOCAL_ALPHA * log_1p)[~pos].sum()
-    return (pos_loss + neg_loss) / pos.sum().clamp_min(1)
+    return (pos_loss + neg_loss) / w.sum().clamp_min(1)
 
 
 def detector_loss(out: torch.Tensor, targets: dict[str, torch.Tensor], size_weight: float = 1.0, offset_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """``out`` (B, 7, z, y, x): focal(heatmap) + L1(log size) + L1(offset) where ``reg_mask``."""
-    heat = heatmap_focal_loss(out[:, HEAT_CH], targets["heat"][:, 0])
-    m = targets["reg_mask"]
+    """``out`` (B, 7, z, y, x): focal(heatmap) + L1(log size) + L1(offset) where ``reg_mask``.
+
+    With ``pos_weight``/``reg_weight`` in ``targets`` (as ``heatmap_targets`` makes them) each
+    object weighs the same in every term: its voxels by 1 / (its count), the sums divided by the
+    number of objects (CenterNet's normalisation); without them, per voxel (the former form).
+    """
+    pw = targets.get("pos_weight")
+    heat = heatmap_focal_loss(out[:, HEAT_CH], targets["heat"][:, 0], pos_weight=None if pw is None else pw[:, 0])
+    m = targets.get("reg_weight", targets["reg_mask"])
     n = m.sum().clamp_min(1) * 3
     l_size = (torch.abs(out[:, SIZE_CH] - targets["size"]) * m).sum() / n
     l_off = (torch.abs(out[:, OFFSET_CH] - targets["offset"]) * m).sum() / n
