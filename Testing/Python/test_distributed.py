@@ -53,3 +53,28 @@ def test_two_process_gloo_training_writes_one_checkpoint(tmp_path, monkeypatch, 
     with safe_open(str(out / "segmenter.safetensors"), "pt") as fh:
         assert len(list(fh.keys())) > 10
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_feature_perturbation_sees_through_ddp():
+    """``train_seg --nproc N`` hands UniMatch the DDP-wrapped network: its feature perturbation must
+    drop the same encoder stages as on the bare network, not only the first convolution."""
+    import torch
+    import torch.distributed as tdist
+
+    from LesionSegLib.engine.learn import unimatch
+    from LesionSegLib.engine.learn.train_seg import DEFAULT_CONFIG
+    from LesionSegLib.engine.segment.networks import build_segmenter
+
+    torch.manual_seed(0)
+    nets = [build_segmenter(DEFAULT_CONFIG["network"]),
+            build_segmenter({"type": "AttentionUnetDS", "in_channels": 2, "out_channels": 2,
+                             "channels": [4, 8, 16, 32, 64], "strides": [2, 2, 2, 2]})]
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        for net in nets:
+            ddp = torch.nn.parallel.DistributedDataParallel(net)
+            bare = unimatch.encoder_modules(net)
+            assert len(bare) > 1
+            assert [id(m) for m in unimatch.encoder_modules(ddp)] == [id(m) for m in bare]
+    finally:
+        tdist.destroy_process_group()

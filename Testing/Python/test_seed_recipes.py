@@ -159,6 +159,68 @@ def test_attention_unet_deep_supervision_heads_and_loss_shapes():
         assert net(x).shape == (2, 2, 16, 32, 32)
 
 
+def test_attention_unet_copies_train_on_their_own():
+    """A deep copy (fine-tuning, EMA ``AveragedModel``) and a state-dict copy of an AttentionUnetDS run
+    their deep-supervision heads on their own decoder features in training mode."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    cfg = {"type": "AttentionUnetDS", "in_channels": 2, "out_channels": 2, "channels": [4, 8, 16, 32, 64], "strides": [2, 2, 2, 2]}
+    net = build_segmenter(cfg).eval()
+    x = torch.rand(1, 2, 16, 32, 32)
+    y = torch.zeros(1, 1, 16, 32, 32)
+    y[:, :, 4:8, 8:16, 8:16] = 1
+    twin = build_segmenter(cfg)
+    twin.load_state_dict(net.state_dict(), strict=True)
+    ema = AveragedModel(net, use_buffers=True)
+    for cp in (copy.deepcopy(net), ema.module, twin):
+        cp.train()
+        opt = torch.optim.SGD(cp.parameters(), lr=0.01)
+        out = cp(x)
+        assert out.shape == (1, 4, 2, 16, 32, 32)
+        make_loss("balanced_focal_tversky")(list(torch.unbind(out, 1)), y).backward()
+        assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in cp.ds_heads)
+        opt.step()
+        assert cp(x).shape == (1, 4, 2, 16, 32, 32)  # a second step reads fresh features
+        cp.eval()
+    net.train()
+    fresh = copy.deepcopy(net)  # copied in training mode: the same heads, the same outputs
+    assert torch.allclose(fresh(x), net(x), atol=1e-6)
+
+
+def test_shipped_attention_unet_copy_fine_tunes_and_loads_strictly():
+    """``lesionseg finetune --base-model sts-attention-unet`` trains a deep copy of the shipped
+    segmenter (finetune.py): one step of that copy, and the weights still load strictly."""
+    import copy
+
+    from LesionSegLib.engine import models
+    from LesionSegLib.engine.learn.finetune_train import train_segmenter
+    from LesionSegLib.engine.segment.pipeline import Engine
+
+    card = models.get_card("sts-attention-unet")
+    strict = card.load_into("segmenter", build_segmenter(card.part("segmenter")["network"]))  # sha256-checked, strict
+    base = Engine(card, device="cpu", runtime="torch")
+    assert isinstance(base.segmenter, AttentionUnetDS)
+    assert set(strict.state_dict()) == set(base.segmenter.state_dict())
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 16, 32, 32)
+    net = copy.deepcopy(base.segmenter)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), base.segmenter.eval()(x)) and torch.equal(strict.eval()(x), base.segmenter(x))
+
+    class Sampler:  # one (x, y, kinds) batch, like PatchSampler
+        def batch(self, n, replay):
+            yb = torch.zeros(n, 1, 16, 32, 32, dtype=torch.uint8)
+            yb[:, :, 6:10, 12:20, 12:20] = 1
+            return torch.rand(n, 2, 16, 32, 32), yb, ["corrected"] * n
+
+    log = train_segmenter(net, Sampler(), steps=1, minutes=None, lr=1e-4, batch=1, replay=0.0)
+    assert log["steps"] == 1 and np.isfinite(log["loss_first10"])
+    assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(), base.segmenter.state_dict().values()))
+
+
 def test_balanced_focal_tversky_prefers_the_right_answer():
     y = torch.zeros(1, 1, 4, 8, 8)
     y[..., 1:3, 2:5, 2:5] = 1
@@ -217,6 +279,35 @@ def test_feature_perturbation_works_for_every_architecture(network):
         after = unimatch.main_output(net(x))
     assert not torch.allclose(ref, pert)
     assert torch.equal(ref, after)  # the hooks are gone
+
+
+@pytest.mark.parametrize("extra, excluded", [
+    ([], set(data.STS_VAL)),                                   # train_seg: no --val -> STS_VAL
+    (["--val"], set(data.STS_VAL)),                            # an empty --val: STS_VAL still never trains
+    (["--val", "STS_003"], set(data.STS_VAL) | {"STS_003"}),
+    (["--images", "IMGS", "--val", "STS_003"], {"STS_003"}),  # own images: the given validation cases
+])
+def test_unimatch_pool_never_holds_the_validation_cases(tmp_path, monkeypatch, extra, excluded):
+    import argparse
+
+    from LesionSegLib.engine.io import images
+    from LesionSegLib.engine.learn import train_seg
+
+    names = [f"STS_{i:03d}" for i in range(1, 42)]
+    for n in names:
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "image.nii.gz").write_bytes(b"")
+    monkeypatch.setattr(images, "read_image", lambda p: p)  # no image is read: only which cases are taken
+    monkeypatch.setattr(train_seg, "image_channels", lambda p, *a: (torch.zeros(1, 1, 1, 1), p))
+    ap = argparse.ArgumentParser()
+    for opt in ("-o", "--images", "--unlabeled"):
+        ap.add_argument(opt)
+    ap.add_argument("--val", nargs="*", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    unimatch.add_arguments(ap)
+    args = ap.parse_args(["-o", "x", "--unlabeled", str(tmp_path), *extra])
+    um = unimatch.UniMatch.from_args(args, None, (8, 8, 8), DEFAULT_CONFIG, torch.device("cpu"))
+    assert set(um.names) == set(names) - excluded and len(um.volumes) == len(um.names)
 
 
 @needs_data

@@ -45,6 +45,8 @@ def add_arguments(ap) -> None:
 
 def encoder_modules(net: nn.Module) -> list[nn.Module]:
     """The encoder stages of a segmenter, whose outputs the feature-perturbation stream drops."""
+    while isinstance(getattr(net, "module", None), nn.Module):  # DistributedDataParallel (train_seg --nproc), AveragedModel
+        net = net.module
     if hasattr(net, "downsamples") and hasattr(net, "input_block"):  # MONAI DynUNet
         return [net.input_block, *net.downsamples]
     from monai.networks.nets import AttentionUnet
@@ -146,6 +148,18 @@ def find_unlabeled(root: str | Path, names=None, exclude=()) -> list[Path]:
     return list(found.values())
 
 
+def validation_cases(args) -> set[str]:
+    """The cases the unlabelled pool must not hold: the validation cases as ``train_seg`` resolves
+    them (``--val``; without ``--images``, STS_VAL when ``--val`` is absent) and, on the shared STS
+    data (no ``--images``), always STS_VAL, whatever ``--val`` says: Dice is reported on those."""
+    from .. import data as dataset
+
+    names = set(getattr(args, "val", None) or ())
+    if not getattr(args, "images", None):
+        names |= set(dataset.STS_VAL)
+    return names
+
+
 class UniMatch:
     """Adds UniMatch's unlabelled streams to a supervised step loss."""
 
@@ -165,9 +179,11 @@ class UniMatch:
         from ..io.images import read_image
         from .train_seg import image_channels
 
-        paths = find_unlabeled(args.unlabeled, args.unlabeled_cases, exclude=args.val or ())
+        held = validation_cases(args)
+        paths = find_unlabeled(args.unlabeled, args.unlabeled_cases, exclude=held)
         vols = [image_channels(read_image(p), cfg["spacing_zyx"], cfg["hu_windows"])[0].half() for p in paths]
-        print(f"UniMatch: {len(vols)} unlabeled volumes from {args.unlabeled}", flush=True)
+        print(f"UniMatch: {len(vols)} unlabeled volumes from {args.unlabeled}"
+              f"{f' (validation cases never used: {len(held)})' if held else ''}", flush=True)
         self = cls(vols, sup_loss, roi, args.tau, args.lambda_fp, args.mu_img, args.fp_dropout, args.seed, device)
         self.source = str(args.unlabeled)
         self.names = [p.parent.name if p.name == "image.nii.gz" else p.name for p in paths]
