@@ -242,7 +242,7 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         wanted_ft = p.finetuneBaseModel if p is not None else ""
         current_version = self.ui.versionSelector.property("currentText")
         ids = [r["id"] for r in rows]
-        ft_ids = [r["id"] for r in rows if r["architecture"] == "clcs"]  # fine-tuning needs a dense segmenter
+        ft_ids = [r["id"] for r in rows if r["architecture"] == "clcs" and r.get("has_classifier")]  # a dense segmenter and its classifier
         for combo, items in ((self.ui.baseModelSelector, ids), (self.ui.versionSelector, ids), (self.ui.finetuneBaseSelector, ft_ids)):
             combo.blockSignals(True)
             combo.clear()

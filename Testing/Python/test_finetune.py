@@ -62,7 +62,15 @@ def test_refuses_when_there_is_too_little(tmp_path, monkeypatch, capsys):
     assert "decoder learning-rate multiplier must be a positive number, got -2.0" in capsys.readouterr().err
     with pytest.raises(FinetuneError, match="unknown fine-tuning loss 'focal'; choose one of dicece, lesion-balanced"):
         finetune(only_rejections, base.id, loss="focal")
+    # a base without a classifier trained first and then failed retraining one (a design audit): refused at once
+    with pytest.raises(FinetuneError, match="model sts-attention-unet@1.0.0 has no confidence classifier"):
+        finetune(only_rejections, "sts-attention-unet")
     # the multiplier only splits a DynUNet (its decoder prefixes): on an Attention U-Net it did nothing, silently
+    from LesionSegLib.engine import models
+
+    no_cls = models.get_card("sts-attention-unet")
+    monkeypatch.setattr(no_cls, "data", {**no_cls.data, "classifier": {}})
+    monkeypatch.setattr(models, "get_card", lambda name, *a, **k: no_cls)
     with pytest.raises(FinetuneError, match="applies to DynUNet segmenters; sts-attention-unet@1.0.0's is an AttentionUnetDS"):
         finetune(only_rejections, "sts-attention-unet", decoder_lr_mult=3.0)
     for bad in ({"lung_negatives": 1.5}, {"lung_negatives": float("nan")}, {"synthetic": -0.1}):

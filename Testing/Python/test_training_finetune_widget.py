@@ -51,6 +51,8 @@ def test_finetune_refuses_when_there_is_too_little(widget, monkeypatch):  # noqa
     all_items = [ui.baseModelSelector.itemText(i) for i in range(ui.baseModelSelector.count())]
     assert any(i.startswith("sts-detseg@") for i in all_items)  # the classifier can be retrained for any model ...
     assert not any(i.startswith("sts-detseg@") for i in ft_items) and ft_items  # ... the segmenter fine-tuned only for a dense one
+    assert any(i.startswith("sts-attention-unet@") for i in all_items)  # ... that has a classifier to retrain with it
+    assert not any(i.startswith("sts-attention-unet@") for i in ft_items)
     before = _model_folders(widget)
     for seeds, folder, count in (([], "empty", "0 corrected case(s)"), ([0], "one", "1 corrected case(s)")):
         _open(widget, seeds, folder)

@@ -308,6 +308,10 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
         raise FinetuneError(f"model {parent.id} is a {parent.architecture} model: fine-tuning works on a dense "
                             "segmenter (sts-clcs and the models made from it); choose one of those as the base model, "
                             "or retrain this model's confidence classifier from the review (lesionseg retrain)")
+    if not isinstance(parent.data.get("classifier"), dict):
+        raise FinetuneError(f"model {parent.id} has no confidence classifier, and fine-tuning retrains it on the new segmenter's "
+                            "clusters so that the two stay consistent: choose a model that has one (sts-clcs and the models "
+                            "made from it)")
     net_type = parent.part("segmenter").get("network", {}).get("type", "DynUNet")
     if decoder_lr_mult != 1.0 and net_type != "DynUNet":
         raise FinetuneError(f"the decoder learning-rate multiplier applies to DynUNet segmenters; {parent.id}'s is an "

@@ -112,6 +112,7 @@ def list_versions(name: str | None = None, problems: list[str] | None = None) ->
                 "name": c.name,
                 "version": c.version,
                 "architecture": c.architecture,
+                "has_classifier": isinstance(c.data.get("classifier"), dict),
                 "active": c.folder.resolve() == active,
                 "builtin": c.builtin,
                 "parent": parent.get("id") if isinstance(parent, dict) else parent,
