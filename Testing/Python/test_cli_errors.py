@@ -101,6 +101,25 @@ def test_an_unwritable_output_folder_is_refused(tmp_path, capsys, monkeypatch):
     assert not (ro / "new").exists()
 
 
+def test_a_dangling_symlink_output_folder_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """``-o`` naming a dangling link passed the check (Path.exists follows links) and every input
+    then failed with exit 1, blamed on the input."""
+    from LesionSegLib.engine.segment import pipeline
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(pipeline, "Engine", no_model)
+    image = _ct(tmp_path / "case.nrrd")
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "does-not-exist")
+    rc = cli.main(["segment", str(image), "-o", str(link), "--progress", "none"])
+    line = _one_error(capsys, rc, 2, f"output folder {link} is a symbolic link to {tmp_path / 'does-not-exist'}, which does not exist")
+    assert str(image) not in line
+    rc = cli.main(["segment", str(image), "-o", str(link / "sub"), "--progress", "none"])
+    _one_error(capsys, rc, 2, f"cannot be made: {link} is a symbolic link")
+
+
 def test_errors_the_commands_do_not_catch_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
     rc = cli.main(["models", "activate", "no-such-model"])
@@ -123,6 +142,42 @@ def test_errors_the_commands_do_not_catch_are_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setattr(cli, "build_parser", parser)
     line = _one_error(capsys, cli.main([]), 1, "error: Permission denied: /x/active.json")
     assert "Errno" not in line
+
+
+def test_ctrl_c_while_the_commands_load_is_interrupted_not_a_traceback(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt  # Ctrl-C in the first half second, while the command modules import
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["models", "list"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_full_disk_names_the_file_in_models_activate_and_the_folder_in_retrain(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    from LesionSegLib.engine import atomic
+    from LesionSegLib.engine.learn import model_writer
+    from LesionSegLib.engine.learn.labels import RetrainError
+
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    _one_error(capsys, cli.main(["models", "activate", "sts-detseg"]), 1,
+               f"error: No space left on device: {tmp_path / 'models' / 'active.json'}")
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".tmp-")]
+
+    def build(tmp):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(RetrainError, match=f"cannot be written to {tmp_path / 'new'} \\(No space left on device\\)"):
+        model_writer.write_version(tmp_path / "new", build)
+    assert not (tmp_path / "new").exists()
 
 
 def test_fit_ood_names_an_unknown_case(tmp_path, capsys, monkeypatch):

@@ -1,10 +1,12 @@
 """Engine tests: input validation, geometry, model checksums, the segment CLI on real CT."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -356,3 +358,128 @@ def test_training_domain_input_is_not_filtered():
         crop = hu[body_box(hu, sp).slices].astype(np.float32)
         shape = target_shape(crop.shape, sp, engine.seg_cfg["spacing_zyx"])
         assert float(np.abs(resample(crop, shape) - resize_linear(crop, shape)).max()) < 0.05
+
+
+# ------------------------------------------------------------------ AtomicWriter.commit: one set or none
+def _old_outputs(folder):
+    folder.mkdir()
+    for name in ("a_lesions.nii.gz", "a_lesions.csv", "a.seg.nrrd"):
+        (folder / name).write_text("old")
+
+
+def _write_new(writer):
+    for name in ("a_lesions.nii.gz", "a_lesions.csv", "a.seg.nrrd"):
+        with open(writer.path(name), "w") as fh:
+            fh.write("new")
+
+
+def _contents(folder):
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_rename_in_commit_puts_the_earlier_outputs_back(tmp_path, monkeypatch):
+    """A rename failing after the first (an old CSV made immutable) left a new labelmap beside the
+    previous run's CSV, and the error named a temporary file."""
+    from LesionSegLib.engine import atomic
+
+    out = tmp_path / "out"
+    _old_outputs(out)
+    real = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "a_lesions.csv" and os.path.basename(src).startswith(".tmp-") \
+                and not os.path.basename(src).startswith(".tmp-old"):
+            raise PermissionError(1, "Operation not permitted", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    w = atomic.AtomicWriter(out)
+    _write_new(w)
+    with pytest.raises(PermissionError) as exc:
+        w.commit()
+    assert exc.value.filename == str(out / "a_lesions.csv")  # the output, not a temporary file
+    assert _contents(out) == {"a.seg.nrrd": "old", "a_lesions.csv": "old", "a_lesions.nii.gz": "old"}
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM ends the test's process as it ends a command (``cli._exit_on_sigterm``).  The tests
+    deliver it by calling the installed handler, as Python does, not with a real signal: after
+    OpenVINO has loaded in this process the main thread's alternate signal stack is unmapped, and
+    a real signal to a Python handler crashed this test process (a terminated ``lesionseg segment``
+    still exits 143)."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_during_commit_waits_for_the_whole_set(tmp_path, monkeypatch):
+    import signal
+
+    from LesionSegLib.engine import atomic
+
+    out = tmp_path / "out"
+    _old_outputs(out)
+    real, sent = os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        if os.path.basename(src).startswith(".tmp-") and not os.path.basename(src).startswith(".tmp-old") and not sent:
+            sent.append(1)
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # delivered (as Python does) after the first new file is in
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    w = atomic.AtomicWriter(out)
+    _write_new(w)
+    with _sigterm_exits(), pytest.raises(SystemExit):
+        w.commit()
+    assert sent and _contents(out) == {"a.seg.nrrd": "new", "a_lesions.csv": "new", "a_lesions.nii.gz": "new"}
+
+
+def test_sigterm_between_creating_and_recording_a_temporary_leaves_none(tmp_path, monkeypatch):
+    import signal
+    import tempfile
+
+    from LesionSegLib.engine import atomic
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        made = real(*a, **k)
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # delivered right after the file is made
+        return made
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
+    with _sigterm_exits(), pytest.raises(SystemExit):
+        with atomic.AtomicWriter(tmp_path / "out") as w:
+            w.path("a_lesions.csv")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_commit_waits_while_another_process_commits_into_the_folder(tmp_path):
+    """Two runs of one scan into one folder interleaved their renames (a mixed set)."""
+    import fcntl
+    import threading
+    import time
+
+    from LesionSegLib.engine import atomic
+
+    out = tmp_path / "out"
+    _old_outputs(out)
+    w = atomic.AtomicWriter(out)
+    _write_new(w)
+    fd = os.open(out, os.O_RDONLY)  # what the other process's commit holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        t = threading.Thread(target=w.commit)
+        t.start()
+        time.sleep(0.3)
+        assert t.is_alive() and _contents(out)["a_lesions.csv"] == "old"
+    finally:
+        os.close(fd)
+    t.join(5)
+    assert _contents(out) == {"a.seg.nrrd": "new", "a_lesions.csv": "new", "a_lesions.nii.gz": "new"}

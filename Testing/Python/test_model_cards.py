@@ -327,6 +327,25 @@ def test_an_onnx_cache_that_is_a_file_falls_back_to_the_user_cache(clcs, user_di
     assert folder == user_dir / export.CACHE_DIR and "not a folder" in notes[0]
 
 
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_full_disk_under_the_onnx_cache_falls_back_to_a_temporary_folder(user_dir, monkeypatch, code):
+    """A full disk (or quota) under the user model folder stopped ``segment`` ("cannot be loaded (No
+    space left on device)") where a read-only one falls back to a temporary cache."""
+    import errno
+
+    real = export.export
+
+    def full(build, folder, *a, **k):
+        if folder not in export._TEMP:
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real(build, folder, *a, **k)
+
+    monkeypatch.setattr(export, "export", full)
+    model, logits = _logits(get_card("sts-clcs"))  # a shipped model: its exports would go to the user cache
+    assert np.isfinite(logits).all()
+    assert any("cannot be written" in n and "temporary folder" in n for n in model.notes)
+
+
 # ------------------------------------------------------------------ P1-3 routing
 @pytest.mark.parametrize("folder", ["../elsewhere", "/tmp", "sub/../../elsewhere"])
 def test_a_routing_folder_outside_the_model_is_refused(tmp_path, user_dir, folder):
@@ -405,6 +424,23 @@ def test_a_lesionseg_models_that_is_a_file_is_named_and_the_shipped_model_still_
     assert afile.read_text() == "hi"
     assert cli.main(["models", "list"]) == 0
     assert f"LESIONSEG_MODELS={afile} is not a folder" in capsys.readouterr().err
+
+
+def test_an_unreadable_lesionseg_models_is_a_note_and_the_default_model_runs(user_dir, monkeypatch, capsys):
+    """Permission denied on active.json (a folder the user may not read; root reads anything, so
+    the refusal is simulated) stopped ``segment`` and ``models list`` with a bare error."""
+    class Unreadable(type(Path())):
+        def exists(self, *a, **k):
+            raise PermissionError(13, "Permission denied", str(self))
+
+        def read_text(self, *a, **k):
+            raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(models, "active_file", lambda: Unreadable(user_dir / "active.json"))
+    assert models.active_model_id() == models.default_model_id()
+    assert cli.main(["models", "list"]) == 0
+    err = capsys.readouterr().err
+    assert "active.json cannot be read (Permission denied)" in err and "LESIONSEG_MODELS" in err and "default model" in err
 
 
 # ------------------------------------------------------------------ P1-12 shadowed ids

@@ -93,3 +93,79 @@ def test_a_card_fitted_with_the_old_descriptor_runs_without_ood_and_says_so(tmp_
     note = [m for m in res.messages if "scan descriptor 1" in m]
     assert note and "lesionseg fit-ood" in note[0] and res.ood is None
     assert ood_module.DESCRIPTOR_VERSION == 2
+
+
+def _stub_fit_ood(monkeypatch):
+    """``fit_card`` with the engine runs and scan reading stubbed out (a second, no data needed)."""
+    import types
+
+    from LesionSegLib.engine import data as dataset
+    from LesionSegLib.engine.io import images
+    from LesionSegLib.engine.learn import ood_fit
+    from LesionSegLib.engine.segment import pipeline
+
+    rng = np.random.default_rng(0)
+    fitted = OODModel(rng.normal(size=(6, len(ood_module.HU_BANDS) - 1)), rng.normal(size=(8, 4)))
+    monkeypatch.setattr(pipeline, "Engine", lambda card, device=None: None)
+    monkeypatch.setattr(dataset, "case", lambda name: types.SimpleNamespace(image=name))
+    monkeypatch.setattr(images, "read_image", lambda path: None)
+    monkeypatch.setattr(ood_fit, "references", lambda engine, imgs: (None, fitted.lesions))
+    monkeypatch.setattr(ood_fit, "from_candidates", lambda imgs, embs, domain: fitted)
+    return ood_fit
+
+
+@pytest.mark.parametrize("fail", ["killed", "disk_full"])
+def test_fit_ood_interrupted_before_the_card_leaves_a_loadable_model(tmp_path, monkeypatch, fail):
+    """fit-ood rewrote ood.safetensors in place and the card after it: killed (or out of disk)
+    between the two, the card's sha256 no longer matched and the model could never load again."""
+    from LesionSegLib.engine import atomic
+    from LesionSegLib.engine.errors import ModelError
+    from LesionSegLib.engine.learn import versions
+    from LesionSegLib.engine.models import read_card
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_folder(), folder)
+    before = (folder / "card.json").read_text()
+    ood_fit = _stub_fit_ood(monkeypatch)
+    real = atomic.write_text
+
+    def card_write(path, text):
+        if str(path).endswith("card.json"):
+            raise SystemExit(143) if fail == "killed" else OSError(28, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(atomic, "write_text", card_write)
+    monkeypatch.setattr(ood_fit, "write_text", card_write, raising=False)
+    with pytest.raises(SystemExit if fail == "killed" else (OSError, ModelError)):
+        ood_fit.fit_card(str(folder), ["STS_001", "STS_002"], 1)
+    assert (folder / "card.json").read_text() == before
+    versions.verify(read_card(folder))  # every file still matches its card
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_fit_ood_replaces_the_statistics_and_a_full_disk_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from LesionSegLib.engine import models
+    from LesionSegLib.engine.cli import main
+    from LesionSegLib.engine.learn import versions
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_folder(), folder)
+    _stub_fit_ood(monkeypatch)
+    assert main(["fit-ood", "--model", str(folder), "--cases", "STS_001", "STS_002"]) == 0
+    card = models.read_card(folder)
+    assert card.data["ood"]["cluster_cases"] == ["STS_001", "STS_002"]
+    versions.verify(card)
+    assert sorted(p.name for p in folder.glob("ood*.safetensors")) == [card.data["ood"]["file"]]  # the old file is gone
+    before = (folder / "card.json").read_text()
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(models, "save_weights", full)
+    assert main(["fit-ood", "--model", str(folder), "--cases", "STS_003"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "No space left on device" in err[-1] and str(folder) in err[-1]
+    assert (folder / "card.json").read_text() == before
+    versions.verify(models.read_card(folder))

@@ -301,3 +301,20 @@ def test_segment_command_runs_without_torch_or_monai(tmp_path):
     assert report == {"rc": 0, "mods": []}
     assert "openvino" in out.stderr
     assert (tmp_path / "out" / "image_lesions.csv").exists() or any((tmp_path / "out").glob("*_lesions.csv"))
+
+
+def test_ctrl_c_during_the_runtime_detection_import_is_not_lost(monkeypatch):
+    """A Ctrl-C while ``auto`` imported OpenVINO could be turned into an import failure inside the
+    package: the runtime was skipped and the command ran on as if nothing had been pressed."""
+    import signal
+
+    def swallowing_import(name):
+        try:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Ctrl-C during the import (delivered as Python does) ...
+        except KeyboardInterrupt:  # ... which the package's own error handling turns into an import failure
+            raise ImportError("failed to load a library") from None
+        return object()
+
+    monkeypatch.setattr(backends.importlib, "import_module", swallowing_import)
+    with pytest.raises(KeyboardInterrupt):
+        backends.importable("openvino")

@@ -20,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -45,6 +48,66 @@ FILE_MODE = 0o666 & ~UMASK
 DIR_MODE = 0o777 & ~UMASK
 
 
+def _rename(src: Path, dst: Path, output: Path) -> None:
+    """``os.replace(src, dst)``; a failure is an OSError naming ``output`` (not a temporary name)."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(output)) from exc
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait while the block runs and arrive, as before, when it ends.
+
+    Their handlers are swapped for one that only notes them (blocking them with ``pthread_sigmask``
+    is not enough: the kernel then hands a process-directed signal to another thread, and Python
+    runs the handler in the main thread all the same).  Only the main thread can do that; elsewhere,
+    and for a handler not installed from Python, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is not None:
+                signal.signal(sig, lambda signum, frame: caught.append(signum))
+                held[sig] = handler
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):  # now handled (or ignored, or fatal) as it would have been
+            if callable(held[sig]):
+                held[sig](sig, None)  # as Python runs a handler: called in the main thread
+            elif held[sig] == signal.SIG_DFL:
+                signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` itself (no lock file is left behind) while the block
+    runs: two processes committing outputs into one folder take turns.  Where the folder cannot be
+    locked (no ``fcntl``, a file system without ``flock``) the block runs unlocked."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class AtomicWriter:
     """Collect output files under temporary names and move them into place together."""
 
@@ -59,9 +122,10 @@ class AtomicWriter:
         if final.parent != self.outdir:
             raise ValueError(f"output name {name!r} must be a plain file name inside {self.outdir}")
         suffix = "".join(Path(name).suffixes)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=self.outdir)
-        os.close(fd)
-        self._pending.append((Path(tmp), final))
+        with signals_held():  # a SIGTERM between creating and recording it would leave it behind
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=self.outdir)
+            self._pending.append((Path(tmp), final))
+            os.close(fd)
         return tmp
 
     @property
@@ -70,22 +134,43 @@ class AtomicWriter:
         return {final.name: str(tmp) for tmp, final in self._pending}
 
     def commit(self) -> list[Path]:
-        done = []
-        try:
-            for _, final in self._pending:  # what would stop a rename half-way is found before the first one
-                if final.is_dir():
-                    raise IsADirectoryError(21, "a folder is in the way of an output file", str(final))
-            for tmp, final in self._pending:
-                os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600 files
-                os.replace(tmp, final)
-                done.append(final)
-        except BaseException:  # a rename failed (a folder in the way, a full disk): no temporary file is left
-            for tmp, final in self._pending[len(done):]:
+        """Move the collected files into place as one set: the earlier outputs of these names are
+        moved aside first and removed only once every new file is in; when a rename fails they are
+        put back (the error names the output, not a temporary file).  Another process committing
+        into the same folder waits (:func:`folder_lock`), and SIGINT / SIGTERM wait until the set is
+        complete, so neither interleaves or stops the renames half-way."""
+        pending, self._pending = self._pending, []
+        done: list[Path] = []
+        aside: list[tuple[Path, Path]] = []  # (earlier output moved aside, its name)
+        with folder_lock(self.outdir), signals_held():
+            try:
+                for _, final in pending:  # what would stop a rename half-way is found before the first one
+                    if final.is_dir() and not final.is_symlink():
+                        raise IsADirectoryError(21, "a folder is in the way of an output file", str(final))
+                for tmp, _ in pending:
+                    os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600 files
+                for _, final in pending:
+                    if os.path.lexists(final):
+                        old = self.outdir / f"{TMP_PREFIX}old-{uuid.uuid4().hex[:12]}-{final.name}"
+                        _rename(final, old, final)
+                        aside.append((old, final))
+                for tmp, final in pending:
+                    _rename(tmp, final, final)
+                    done.append(final)
+            except BaseException:  # nothing new stays, the earlier outputs are back, no temporary is left
+                for final in done:
+                    with contextlib.suppress(OSError):
+                        final.unlink()
+                for old, final in aside:
+                    with contextlib.suppress(OSError):
+                        os.replace(old, final)
+                for tmp, _ in pending[len(done):]:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                raise
+            for old, _ in aside:
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
-            self._pending = []
-            raise
-        self._pending = []
+                    old.unlink()
         return done
 
     def abort(self) -> None:
@@ -114,13 +199,32 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (and durably: fsync before the rename)."""
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+    """Write ``text`` to ``path`` atomically (and durably: fsync before the rename).  A failed
+    write (a full disk) is an OSError naming ``path``, not its temporary file."""
+    try:
+        with atomic_file(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.filename is None or Path(str(exc.filename)).name.startswith(TMP_PREFIX):
+            raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     return Path(path)
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The OS's words when ``exc`` is a failed write (an OSError, or safetensors' error wrapping one:
+    ``... I/O error: No space left on device (os error 28)``); None for anything else."""
+    import re
+
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    found = re.search(r'message: "([^"]+)"|I/O error: (.+?) \(os error', str(exc))
+    return (found.group(1) or found.group(2)) if found else str(exc).strip().splitlines()[0]
 
 
 @contextlib.contextmanager
@@ -156,6 +260,9 @@ def output_problem(folder) -> str | None:
         return f"output folder {path} is a file, not a folder"
     existing = path
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: Path.exists follows it, mkdir would fail on it
+            what = "is" if existing == path else f"cannot be made: {existing} is"
+            return f"output folder {path} {what} a symbolic link to {os.readlink(existing)}, which does not exist"
         existing = existing.parent
     if not existing.is_dir():
         return f"output folder {path} cannot be made: {existing} is a file, not a folder"

@@ -9,8 +9,7 @@ validation metrics and the sha256 of every weight file.  Weights are only ever r
 Registry roots, searched in order:
 
 1. the models shipped in ``LesionSegLib/models`` (read-only, the default model lives here);
-2. the user's model folder, ``$LESIONSEG_MODELS`` or ``~/.lesionseg/models`` (retrained
-   versions are written here).
+2. the user's model folder, ``$LESIONSEG_MODELS`` or ``~/.lesionseg/models`` (retrained versions go here).
 
 A model is addressed as ``name`` (its active or newest version) or ``name@version``, or by
 the path of its folder or card.  A text is a path only when it looks like one
@@ -403,12 +402,14 @@ def read_active_state() -> dict:
     of that file.  Raises :class:`ModelError` when it is not a JSON object."""
     f = active_file()
     state = {"active": None, "history": [], "log": []}
-    if not f.exists():
-        return state
     try:
         data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{f} is not valid JSON ({exc}); fix or delete it to reset to the default model") from None
+    except (FileNotFoundError, NotADirectoryError):  # none yet (or LESIONSEG_MODELS is a file: a note says so)
+        return state
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # unreadable: the default model runs, with a note
+        why = (f"cannot be read ({exc.strerror}): the user model folder (LESIONSEG_MODELS) is not readable" if isinstance(exc, PermissionError)
+               else f"is not valid JSON ({exc}); fix or delete it to reset to the default model")
+        raise ModelError(f"{f} {why}") from None
     if not isinstance(data, dict):
         raise ModelError(f"{f} does not hold a JSON object; fix or delete it")
     state.update({k: data.get(k, state[k]) for k in state})

@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     from ..errors import LesionSegError
     from .common import one_line
 
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for the records it writes
-    _exit_on_sigterm()
-    try:
+    try:  # importing the commands takes a moment: Ctrl-C then is "interrupted" too, not a traceback
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for the records it writes
+        _exit_on_sigterm()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

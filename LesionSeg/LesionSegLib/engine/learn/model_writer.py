@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import models
-from ..atomic import atomic_folder, write_text
+from ..atomic import atomic_folder, write_failure, write_text
 from ..common import utc_now
 from ..errors import ModelError
 from .labels import RetrainError
@@ -88,6 +88,10 @@ def write_version(folder: Path, build: Callable[[Path], dict]) -> models.ModelCa
             write_text(tmp / models.CARD_NAME, json.dumps(data, indent=2) + "\n")
     except FileExistsError as exc:
         raise RetrainError(str(exc)) from None
+    except Exception as exc:  # a full disk: one line naming the folder (nothing was left behind)
+        if write_failure(exc) is None:
+            raise
+        raise RetrainError(f"the new model version cannot be written to {folder} ({write_failure(exc)})") from None
     return models.read_card(folder)
 
 

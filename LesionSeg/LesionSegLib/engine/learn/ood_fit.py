@@ -9,9 +9,19 @@ cases + corrected cases).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
+from ..atomic import TMP_PREFIX, write_failure, write_text
 from ..common import check_cancel
+from ..errors import ModelError
+from ..models import CARD_NAME, confined
 from ..io.preprocess import to_canonical
 from ..segment.features import feature_matrix
 from ..segment.ood import OODModel, domain_text, lesion_embedding, scan_descriptor
@@ -75,11 +85,49 @@ def fit_card(model: str | None = None, cases=None, cluster_cases: int = 12) -> s
     images = [read_image(dataset.case(n).image) for n in names]  # an unknown name: one error naming it
     _, embs = references(engine, images[:cluster_cases])
     ood = from_candidates(images, embs, STS_DOMAIN)
-    section = ood.save(card.folder)
-    section["cluster_cases"] = names[:cluster_cases]
-    card.data["ood"] = section
-    card.data.setdefault("domain", dict(STS_DOMAIN, n_cases=len(names)))
-    return str(card.save())
+    return str(replace_ood(card, ood, {"cluster_cases": names[:cluster_cases]}, dict(STS_DOMAIN, n_cases=len(names))))
+
+
+def replace_ood(card, ood: OODModel, extra: dict, domain: dict) -> Path:
+    """Give ``card`` the statistics ``ood`` all-or-nothing, in its folder; returns the card path.
+
+    The weights go to a new, content-named file (``ood-<sha256[:12]>.safetensors``), then the card
+    is replaced atomically -- the one switch -- and only then is the old file removed.  Killed at
+    any point, the folder holds the old card with its old file or the new card with its new one
+    (at worst beside an unused file).  A write that fails (a full disk) is one :class:`ModelError`
+    naming the folder."""
+    folder = card.folder
+    old = card.data.get("ood", {}).get("file") if isinstance(card.data.get("ood"), dict) else None
+    data = copy.deepcopy(card.data)
+    new = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".safetensors", dir=folder)
+        try:
+            os.close(fd)
+            section = ood.save(folder, Path(tmp).name)
+            section["file"] = f"ood-{section['sha256'][:12]}.safetensors"
+            new = folder / section["file"]
+            os.replace(tmp, new)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        data["ood"] = {**section, **extra}
+        data.setdefault("domain", domain)
+        path = write_text(folder / CARD_NAME, json.dumps(data, indent=2) + "\n")
+    except BaseException as exc:
+        if new is not None and new.name != old:
+            with contextlib.suppress(OSError):
+                new.unlink()
+        if write_failure(exc) is not None:
+            raise ModelError(f"model {card.id}: cannot write its out-of-distribution statistics in {folder} "
+                             f"({write_failure(exc)}); the model is unchanged") from None
+        raise
+    card.data = data
+    if old and old != section["file"] and not any(isinstance(p, dict) and p.get("file") == old for p in data.values()):
+        with contextlib.suppress(OSError, ModelError):
+            confined(folder, old).unlink()
+    return path
+
 
 
 def register(subparsers) -> None:

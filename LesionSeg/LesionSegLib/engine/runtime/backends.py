@@ -31,10 +31,15 @@ def _no_telemetry(name: str) -> None:
 
 
 def importable(name: str) -> bool:
-    """Whether the runtime package ``name`` imports (the import is what a missing package fails)."""
+    """Whether the runtime package ``name`` imports (the import is what a missing package fails).
+    A Ctrl-C (or SIGTERM) during the import arrives after it: inside, a package's own error
+    handling could turn it into an import failure, which would lose it and just skip the runtime."""
+    from ..atomic import signals_held
+
     _no_telemetry(name)
     try:
-        importlib.import_module(name)
+        with signals_held():
+            importlib.import_module(name)
         return True
     except Exception:  # ImportError, or a broken binary wheel
         return False

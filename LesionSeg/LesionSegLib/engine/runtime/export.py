@@ -34,6 +34,8 @@ it is made from the verified weights, with a note naming both checksums and torc
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -52,6 +54,7 @@ MANIFEST_FORMAT = 2  # 2: signed (format 1 manifests are not trusted)
 OPSET = 17
 SIGNED = ("format", "source_sha256", "onnx_sha256", "spec", "opset", "torch")
 _TEMP: list[Path] = []  # the process's temporary cache folder, when the user model folder cannot hold one
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a cache that cannot be written: a temporary one is used
 
 
 def cache_location(card: ModelCard) -> tuple[Path, list[str]]:
@@ -129,8 +132,13 @@ def _key(create: bool = True) -> bytes | None:
             return _key(create=False)
         except OSError:
             return None
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+        except OSError:  # a full disk: no key is left half-written (it would never be trusted nor made again)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
         return _key(create=False)
     except OSError:
         return None
@@ -212,7 +220,16 @@ def cached_onnx(card: ModelCard, part: str, spec: dict, build: Callable[[], tupl
         return data, notes + reference_notes(card, part, made)
     if problem != "missing":
         notes.append(f"ONNX cache {onnx_path.name} of model {card.id} refused ({problem}): exported again from the verified weights")
-    made = export(build, folder, onnx_path.name, manifest_path.name, source_sha, spec)
+    try:
+        made = export(build, folder, onnx_path.name, manifest_path.name, source_sha, spec)
+    except OSError as exc:  # a full disk (or quota) under the cache: this run's exports go to a temporary folder
+        if exc.errno not in DISK_FULL or folder in _TEMP:
+            raise
+        notes.append(f"the ONNX cache {folder} cannot be written ({exc.strerror}): the ONNX exports of model {card.id} "
+                     "are made in a temporary folder for this run (free space there to keep them)")
+        folder = _temp_folder()
+        onnx_path, manifest_path = folder / onnx_path.name, folder / manifest_path.name
+        made = export(build, folder, onnx_path.name, manifest_path.name, source_sha, spec)
     data = _read_regular(onnx_path)
     if data is None or hashlib.sha256(data).hexdigest() != made["onnx_sha256"]:
         raise ModelError(f"model {card.id}: the ONNX export of {part} changed while it was written to {folder}")
