@@ -57,7 +57,7 @@ def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
     assert written["training"]["detector"] == {"minutes": 1.0}
     wall = written["training"]["wall_clock"]
     assert 0.0 <= wall["minutes"] < 1.0 and wall["stages"] == "one after the other" and wall["threads_per_stage"] == 1
-    # no options: the shipped 1.4.0 recipe (side by side, 52 min each, own classifier, the card's inference settings)
+    # no options: the recipe of the shipped stages, 1.4.0's (side by side, 52 min each, own classifier, the card's inference settings)
     calls.clear()
     assert cli.main(["train-detseg", "-o", str(tmp_path / "m")]) == 0
     assert len(started) == 2 and len(calls) == 1
@@ -72,7 +72,8 @@ def test_train_detseg_command_passes_the_starting_points(monkeypatch, tmp_path):
     shipped = models.get_card("sts-detseg").data  # the recipe is the shipped card's
     assert {k: shipped["roi_segmenter"][k] for k in SHIPPED_RECIPE["roi_inference"]} == SHIPPED_RECIPE["roi_inference"]
     assert shipped["detector"]["tta_flips"] == SHIPPED_RECIPE["detector_inference"]["tta_flips"]
-    assert shipped["version"] == "1.4.0" and shipped["training"]["wall_clock"]["stage_minutes_each"] == SHIPPED_RECIPE["minutes"]
+    assert shipped["training"]["wall_clock"]["stage_minutes_each"] == SHIPPED_RECIPE["minutes"]
+    assert shipped["version"] == "1.4.1" and shipped["built_from"]["model"] == "sts-detseg@1.4.0"  # 1.4.0's stages, calibration mended
     # a bad inference JSON is refused before any stage starts
     calls.clear(), started.clear()
     assert cli.main(["train-detseg", "-o", str(tmp_path / "n"), "--roi-inference", "{refits: 3}"]) == 2

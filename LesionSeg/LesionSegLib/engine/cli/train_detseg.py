@@ -7,7 +7,8 @@ sources scored on STS_034-041, which choose nothing; metrics and sha256 in the c
 card step does not fit the OOD statistics or export the runtimes: run ``lesionseg fit-ood`` and
 ``lesionseg models export --write-card`` after it.  Long-running: run it with ``nohup``.
 
-Its defaults are the recipe of the shipped sts-detseg 1.4.0 (:data:`SHIPPED_RECIPE`): both stages
+Its defaults are the recipe of the shipped sts-detseg's stages, made for 1.4.0 (:data:`SHIPPED_RECIPE`;
+1.4.1 ships those stages with the classifier rebuilt, ``detseg_card --from-model``): both stages
 from scratch, side by side for 52 min with one thread each, the classifier head retrained on the
 model's own clusters, and the card's inference settings below.  ``--no-parallel``,
 ``--no-classifier-own``, ``--roi-inference '{}'`` and the like turn parts of it off.
@@ -24,7 +25,7 @@ from pathlib import Path
 from .common import output_problem
 
 
-#: the settings that made sts-detseg 1.4.0 (README, "DetSeg3D"); the command's defaults
+#: the settings that made sts-detseg 1.4.0, whose stages 1.4.1 ships (README, "DetSeg3D"); the command's defaults
 SHIPPED_RECIPE = {
     "minutes": 52.0, "parallel": True, "threads": 1, "classifier_own": True,
     # stage 2: re-fit a box up to 3 times while its lesion touches the edge (1.2x tolerance,

@@ -80,6 +80,37 @@ def assemble(run: Path, out: Path, name: str, version: str, classifier_from: str
     return card
 
 
+def from_model(model: Path, out: Path, name: str, version: str, classifier_from: str | None) -> dict:
+    """A card to build again from a built model's stage weights (``--from-model``): the detector and
+    RoI segmenter (checksum-verified), their configs and training records are kept; everything
+    fitted after the stages (detector threshold and temperature, the classifier, the confidence
+    source, the validation figures; the OOD statistics and ONNX records, which ``fit-ood`` and
+    ``models export --write-card`` make) is made again by :func:`main`."""
+    from ..models import read_card
+
+    old = read_card(model)
+    if old.architecture != "detseg":
+        raise SystemExit(f"error: {old.id} is a {old.architecture} model, not a DetSeg3D one")
+    out.mkdir(parents=True, exist_ok=True)
+    card = {k: json.loads(json.dumps(v)) for k, v in old.data.items()
+            if k not in ("classifier", "confidence_choice", "metrics", "validation", "ood", "onnx", "files")}
+    card.update(name=name, version=version, built_from={"model": old.id, "training": old.data.get("training")})
+    for stage in STAGES:
+        part = card[stage]
+        shutil.copyfile(old.verified_path(stage), out / part["file"])
+        part["sha256"] = sha256_file(out / part["file"])
+        part["training"] = (old.data.get("training") or {}).get(stage)
+        for k in ("temperature", "temperature_fit_on", "threshold_fit"):
+            part.pop(k, None)
+    card.pop("training", None)
+    if classifier_from:
+        parent = get_card(classifier_from)
+        shutil.copy(parent.verified_path("classifier"), out / "classifier.safetensors")
+        card["classifier"] = {**parent.data["classifier"], "file": "classifier.safetensors",
+                              "sha256": sha256_file(out / "classifier.safetensors"), "from_model": parent.id}
+    return card
+
+
 def fit_detector_threshold(engine, names, by_name, recall: float = 0.9, lo: float = 0.01, hi: float = 0.1) -> tuple[float, dict]:
     """The detector's low threshold: the highest value in [lo, hi] at which ``recall`` of the
     lesions of ``names`` (training cases) still have a detection centred inside their box."""
@@ -220,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", help="folder with detector.* and roi.* from train_detseg")
     ap.add_argument("-o", "--out")
     ap.add_argument("--rechoose", metavar="MODEL_DIR", help="only choose the confidence source of a built card again (step 3)")
+    ap.add_argument("--from-model", metavar="MODEL", help="build from a built DetSeg3D model's stage weights instead of --run "
+                    "(everything fitted after the stages is made again, e.g. with a mended calibration)")
     ap.add_argument("--name", default="sts-detseg")
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--classifier-from", default="sts-clcs")
@@ -243,12 +276,18 @@ def main(argv=None) -> int:
     if args.rechoose:
         print(json.dumps(rechoose(Path(args.rechoose), train_names, by_name, args.threads), indent=2))
         return 0
-    if not (args.run and args.out):
-        ap.error("--run and -o are needed to build a card")
+    if not ((args.run or args.from_model) and args.out):
+        ap.error("--run (or --from-model) and -o are needed to build a card")
     t0 = time.time()
-    run, out = Path(args.run), Path(args.out)
-    card = assemble(run, out, args.name, args.version, args.classifier_from, json.loads(args.roi_inference) if args.roi_inference else None,
-                    json.loads(args.detector_inference) if args.detector_inference else None)
+    out = Path(args.out)
+    if args.from_model:
+        card = from_model(args.from_model, out, args.name, args.version, args.classifier_from)
+        for stage, extra in (("roi_segmenter", args.roi_inference), ("detector", args.detector_inference)):
+            card[stage].update(json.loads(extra) if extra else {})
+    else:
+        card = assemble(Path(args.run), out, args.name, args.version, args.classifier_from,
+                        json.loads(args.roi_inference) if args.roi_inference else None,
+                        json.loads(args.detector_inference) if args.detector_inference else None)
     engine = Engine(ModelCard(out, card), device="cpu", threads=args.threads, runtime="torch")
     card["detector"]["threshold"], fit = fit_detector_threshold(engine, train_names, by_name)
     card["detector"]["threshold_fit"] = {**fit, "cases": f"{train_names[0]}-{train_names[-1]} (training)"}
