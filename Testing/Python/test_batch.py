@@ -188,3 +188,127 @@ def test_batch_cancels_when_interrupt_flag_is_set_even_without_the_exception(tmp
     done = [n for n in SMALL if rep[n]["status"] == "done"]
     assert len(done) == 1 and [rep[n]["status"] for n in SMALL if n not in done] == ["cancelled", "cancelled"]
     assert not list(out.glob(".tmp-*")) and not list(Path(out).glob(".*tmp*"))
+
+
+# ------------------------------------------------------------------------------ found by an audit
+def test_batch_connect_keeps_sigterm_handler_and_refuses_infeasible_resources():
+    """``ray.init`` replaced the CLI's SIGTERM handler with its own (a SIGTERM killed the batch with
+    exit 15, rows left ``pending``); a request no node can hold (``--gpus-per-task 1`` without a
+    GPU, more CPUs per task than the machine has) waited 10 minutes in silence."""
+    import ray
+
+    from LesionSegLib.engine.batch import runner
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        runner.connect(None, num_cpus=1)
+        assert signal.getsignal(signal.SIGTERM) is handler
+        runner.check_resources(1, 0)
+        with pytest.raises(runner.BatchError, match="--gpus-per-task 1 cannot be met"):
+            runner.check_resources(1, 1)
+        with pytest.raises(runner.BatchError, match="--cpus-per-task 2 cannot be met"):
+            runner.check_resources(2, 0)
+    finally:
+        ray.shutdown()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_batch_model_folder_is_passed_as_its_path_and_keyed_by_its_whole_card(tmp_path):
+    """``batch --model FOLDER`` passed only the card's id to the workers: an unregistered folder
+    failed every case, an edited copy of a registered model ran the registered one, and the
+    done-marker's key (the segmenter's checksum) could not tell them apart."""
+    from LesionSegLib.engine.models import BUILTIN_DIR
+
+    src = BUILTIN_DIR / "sts-clcs"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for f in src.iterdir():
+        if f.name != "card.json":
+            (mine / f.name).symlink_to(f)
+    card = json.loads((src / "card.json").read_text())
+    card["confidence_threshold"] = 0.999  # same id, same weights, another model
+    (mine / "card.json").write_text(json.dumps(card))
+    load, key = _model_key(str(mine))
+    assert load == str(mine)  # the folder, not the registry's sts-clcs
+    assert key.split(":")[0] == _model_key("sts-clcs")[1].split(":")[0] and key != _model_key("sts-clcs")[1]
+
+
+def test_batch_folder_of_case_folders_lists_every_case_or_says_why_not(tmp_path):
+    """Only ``<case>/image.*`` counted: ``P2/P2.nii.gz``, ``P3/P3_ct.nii.gz``, a DICOM series one
+    level deeper, a DICOM folder with a seg.nii.gz beside it and case folders next to loose
+    scans were skipped without a row (exit 0)."""
+    from LesionSegLib.engine.io.images import expand_inputs
+
+    root = tmp_path / "cohort"
+    img = DATA / "sts" / "STS_019" / "image.nii.gz"
+    files = {"loose.nii.gz": img, "P1/image.nii.gz": img, "P1/label.nii.gz": img, "P2/P2.nii.gz": img,
+             "P2/P2_label.nii.gz": img, "P3/P3_ct.nii.gz": img, "PAT3/study/series/1.dcm": None,
+             "PAT4/1.dcm": None, "PAT4/seg.nii.gz": img, "two/a.nii.gz": img, "two/b.nii.gz": img,
+             "labels/mask.nii.gz": img, "empty/.hidden": None}
+    for rel, target in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(target) if target else (root / rel).write_bytes(b"\0" * 132)
+    cases = read_cases(root)
+    assert [c.input for c in cases] == [str(p) for p in expand_inputs([root])]
+    got = {c.name: (os.path.relpath(c.input, root), c.error.split(": ", 1)[-1]) for c in cases}
+    assert got == {"loose": ("loose.nii.gz", ""), "P1": ("P1/image.nii.gz", ""), "P2": ("P2/P2.nii.gz", ""),
+                   "P3_ct": ("P3/P3_ct.nii.gz", ""), "PAT3": ("PAT3", ""), "PAT4": ("PAT4", ""),
+                   "empty": ("empty", "folder holds no image files and no DICOM series"),
+                   "labels": ("labels", "folder holds only label maps (mask.nii.gz), no scan"),
+                   "two": ("two", "folder holds 2 scans (a.nii.gz, b.nii.gz), not one; give them as separate inputs")}
+
+
+def test_batch_bad_names_manifests_lock_and_output_are_refused(tmp_path, capsys):
+    """A case named ``.tmp-*`` (from a plain list) had its outputs deleted as temporaries; a
+    250-character case name aborted the batch (File name too long); a header-only manifest ran
+    "0 of 0 cases" (exit 0); a planted ``.batch.lock`` symlink made the batch create its target
+    outside the folder; ``-o FILE`` was not refused up front."""
+    from LesionSegLib.engine.batch.cases import check_complete, lock_outdir
+    from LesionSegLib.engine.errors import InputError
+
+    img = DATA / "sts" / "STS_019" / "image.nii.gz"
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / ".tmp-pat7.nii.gz").symlink_to(img)
+    (tmp_path / "list.txt").write_text("# cases\nx/.tmp-pat7.nii.gz\n")
+    assert "invalid case name '.tmp-pat7'" in read_cases(tmp_path / "list.txt")[0].error
+    long = "K" * 250
+    rows = read_cases(_manifest(tmp_path, [], [f"{long},{img}", f"ok,{img}"]))
+    assert "case name too long" in rows[0].error and not rows[1].error
+    out = tmp_path / "out"
+    out.mkdir()
+    assert check_complete(out, rows[0], "m", None)[0] is False  # no ENAMETOOLONG
+    for name, text in (("h.csv", "case,image\n"), ("c.txt", "# nothing yet\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match="lists no cases"):
+            read_cases(tmp_path / name)
+    (out / ".batch.lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(InputError, match="symbolic link"), lock_outdir(out):
+        pass
+    assert not (tmp_path / "victim").exists()
+    (tmp_path / "afile").write_text("hi")
+    assert cli.main(["batch", str(tmp_path / "list.txt"), "-o", str(tmp_path / "afile"), "--progress", "none"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_batch_address_of_a_listener_that_is_no_ray_gives_up(tmp_path):
+    """``--address 127.0.0.1:PORT`` of a listener that is no Ray blocked ``ray.init`` in C++ for
+    ever (SIGALRM could not interrupt it); it now gives up after the connect deadline."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    code = ("from LesionSegLib.engine.batch import runner; runner.CONNECT_TIMEOUT_S = 3; "
+            f"runner.connect('127.0.0.1:{srv.getsockname()[1]}')")
+    try:
+        t0 = time.time()
+        p = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=90)
+    finally:
+        srv.close()
+    assert p.returncode == 1 and "no answer within 3 s" in p.stderr.splitlines()[-1], p.stderr[-2000:]
+    assert time.time() - t0 < 60

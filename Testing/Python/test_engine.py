@@ -291,8 +291,8 @@ def test_dicom_series_folder(tmp_path):
     """A DICOM series folder is read with its geometry (series written from a real CT)."""
     img = sitk.ReadImage(str(data.case("STS_035").image))
     arr = sitk.GetArrayFromImage(img)
-    d = tmp_path / "dicom"
-    d.mkdir()
+    d = tmp_path / "PAT3" / "study" / "dicom"  # a case folder holding its series below it
+    d.mkdir(parents=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(arr.shape[0]):
@@ -310,6 +310,17 @@ def test_dicom_series_folder(tmp_path):
     assert back.GetSize() == img.GetSize()
     assert np.allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-3)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), arr)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "PAT3")), arr)
+
+
+def test_a_generic_input_name_is_named_after_its_real_folder(tmp_path, monkeypatch):
+    """``../image.nii.gz`` used to give outputs named ``..`` (``.._lesions.nii.gz``, hidden)."""
+    from LesionSegLib.engine.io.images import output_stem
+
+    (tmp_path / "case7" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "case7" / "sub")
+    assert output_stem("../image.nii.gz") == output_stem("./../ct.nrrd") == "case7"
+    assert output_stem("image.nii.gz") == "sub" and output_stem("../scan7.nrrd") == "scan7"
 
 
 def test_model_grid_input_is_antialiased_on_fine_scans(monkeypatch):

@@ -1,8 +1,8 @@
 """The cases of a batch, what "complete" means for one, and the batch report.
 
 * :func:`read_cases`: a manifest (CSV or a list of paths) or a folder -> :class:`Case` list.
-  Rows that cannot run (no path, a duplicate or invalid case name) become cases with an
-  ``error`` set: they are reported as failed, never raised.
+  Rows that cannot run (no path, a duplicate, invalid or over-long case name, a case folder
+  without one scan) become cases with an ``error`` set: they are reported as failed, never raised.
 * A case is **complete** when its done-marker ``<case>.done.json`` exists, names the same
   input (path, size, modification time), model and threshold as the request, and every output
   it lists exists with the size and sha256 it recorded.  The marker is written last, in the
@@ -23,7 +23,7 @@ from pathlib import Path
 from ..atomic import TMP_PREFIX, write_text
 from ..errors import InputError
 from ..io.csv_cells import safe_cell
-from ..io.images import folder_inputs, output_stem
+from ..io.images import folder_inputs, folder_problem, output_stem, series_folder
 from ..models import sha256_file
 
 MARKER_SUFFIX = ".done.json"
@@ -32,6 +32,9 @@ LOCK_NAME = ".batch.lock"
 REPORT_COLUMNS = ("case", "status", "error", "seconds", "lesions", "worker", "attempts", "input")
 #: manifest columns that may hold the image path, in order of preference
 PATH_COLUMNS = ("image", "path", "input", "file")
+#: the longest case name in bytes: its outputs (``<case>_lesions.nii.gz``, ``<case>.done.json``)
+#: and their temporaries must stay under the file systems' 255-byte limit on a name
+MAX_NAME_BYTES = 200
 
 
 @dataclass
@@ -70,10 +73,30 @@ def read_cases(source: str | os.PathLike) -> list[Case]:
     if src.is_dir():
         cases = [Case(_name(p), str(p), 0) for p in _folder_inputs(src)]
         if not cases:
-            raise InputError("folder holds no images, no <case>/image.* folders and no DICOM series", str(src))
+            raise InputError("folder holds no images, no case folders and no DICOM series", str(src))
+        for case in cases:  # a case folder without one scan: a failed row that says why, never a skip
+            problem = folder_problem(Path(case.input)) if Path(case.input).is_dir() else None
+            if problem:
+                case.error = f"{case.input}: {problem}"
     else:
         cases = _manifest_cases(src)
+        if not cases:
+            raise InputError("manifest lists no cases", str(src))
+    for case in cases:
+        problem = "" if case.error else name_problem(case.name)
+        if problem:
+            where = f"manifest row {case.row}" if case.row else case.input
+            case.error = f"{where}: {problem}"
     return _mark_duplicates(cases)
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot name a case's output files ("" when it can)."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or name.startswith(TMP_PREFIX):
+        return f"invalid case name {name!r}"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"case name too long ({len(name.encode('utf-8', 'surrogateescape'))} bytes; at most {MAX_NAME_BYTES})"
+    return ""
 
 
 def _name(path: Path) -> str:
@@ -118,8 +141,6 @@ def _manifest_cases(path: Path) -> list[Case]:
         case = Case(name, img, i)
         if not rel:
             case.error = f"manifest row {i} has no image path"
-        elif name in (".", "..") or "/" in name or "\\" in name or name.startswith(TMP_PREFIX):
-            case.error = f"manifest row {i}: invalid case name {name!r}"
         cases.append(case)
     return cases
 
@@ -147,7 +168,7 @@ def input_signature(path: str | os.PathLike) -> dict:
     (for a DICOM folder: the sum of its files' sizes and their latest modification time)."""
     p = Path(path).absolute()
     if p.is_dir():
-        files = [f.stat() for f in p.iterdir() if f.is_file()]
+        files = [f.stat() for f in series_folder(p).iterdir() if f.is_file()]
         return {"path": str(p), "size": sum(s.st_size for s in files), "mtime_ns": max((s.st_mtime_ns for s in files), default=0)}
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -160,8 +181,11 @@ def file_record(path: str | os.PathLike) -> dict:
 def check_complete(outdir: str | os.PathLike, case: Case, model: str, threshold: float | None) -> tuple[bool, str, dict]:
     """(complete?, why not, the marker) for ``case`` run with ``model`` and ``threshold``."""
     path = Path(outdir) / marker_name(case.name)
-    if not path.is_file():
-        return False, "not done yet", {}
+    try:
+        if not path.is_file():
+            return False, "not done yet", {}
+    except OSError:  # e.g. a name too long for the file system
+        return False, "its done-marker cannot be looked up", {}
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
         outputs = dict(marker["outputs"])
@@ -178,9 +202,13 @@ def check_complete(outdir: str | os.PathLike, case: Case, model: str, threshold:
     if marker.get("threshold_arg") != threshold:
         return False, "it was segmented with another threshold", marker
     for name, rec in outputs.items():
-        f = Path(outdir) / name
-        if not f.is_file() or f.stat().st_size != rec.get("size") or sha256_file(f) != rec.get("sha256"):
-            return False, f"its output {name} is missing or changed", marker
+        f = Path(outdir) / str(name)
+        try:
+            if f.parent != Path(outdir) or not f.is_file() or f.stat().st_size != rec.get("size") \
+                    or sha256_file(f) != rec.get("sha256"):
+                return False, f"its output {name} is missing or changed", marker
+        except (OSError, AttributeError):
+            return False, f"its output {name} is missing or unreadable", marker
     return True, "", marker
 
 
@@ -210,7 +238,13 @@ def remove_temporaries(outdir: str | os.PathLike) -> int:
 def lock_outdir(outdir: str | os.PathLike):
     """Hold ``OUTDIR/.batch.lock`` so that two batches never write into one folder."""
     Path(outdir).mkdir(parents=True, exist_ok=True)
-    fh = open(Path(outdir) / LOCK_NAME, "a+")
+    path = Path(outdir) / LOCK_NAME
+    try:  # never through a planted symlink: that would create or touch a file outside the folder
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        why = "is a symbolic link; remove it" if path.is_symlink() else f"cannot be opened: {exc.strerror or exc}"
+        raise InputError(f"lock file {path} {why}", str(outdir)) from None
+    fh = os.fdopen(fd, "r+")
     try:
         try:
             import fcntl

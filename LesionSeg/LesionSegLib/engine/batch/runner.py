@@ -82,6 +82,27 @@ def _deadline(seconds: float, what: str):
         signal.signal(signal.SIGALRM, old)
 
 
+def _init_within(seconds: float, what: str, **kw) -> None:
+    """``ray.init(**kw)`` given up after ``seconds``: it runs in a daemon thread, because a
+    listener that is no Ray (or a cluster that never answers) blocks it in C++, where neither
+    SIGALRM nor Ctrl-C reaches it."""
+    box: dict = {}
+
+    def target():
+        try:
+            ray.init(**kw)
+        except BaseException as exc:  # handed to the caller
+            box["exc"] = exc
+
+    thread = threading.Thread(target=target, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise BatchError(f"{what}: no answer within {seconds:.0f} s (is it a Ray GCS or Ray client port?)")
+    if "exc" in box:
+        raise box["exc"]
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     url = urlparse(address if "://" in address else f"gcs://{address}")
     if not url.hostname or not url.port:
@@ -92,24 +113,59 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise BatchError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Put back the SIGTERM/SIGINT handlers after the block: ``ray.init`` installs its own (a
+    SIGTERM then killed the driver with a stack dump instead of cancelling the batch)."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: set from C, cannot be put back from Python
+                signal.signal(sig, handler)
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> str:
-    """Start a local Ray instance (``None``/``"local"``) or join a cluster; returns what it did."""
+    """Start a local Ray instance (``None``/``"local"``) or join a cluster; returns what it did.
+    The caller's SIGTERM and SIGINT handlers stay in place."""
+    with _signal_handlers_kept():
+        return _connect(address, num_cpus)
+
+
+def _connect(address: str | None, num_cpus: int | None) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = {"log_to_driver": False, "logging_level": "ERROR", "include_dashboard": False}
     if address in (None, "", "local"):
         with _deadline(120.0, "starting a local Ray instance"):
-            ray.init(num_cpus=num_cpus, object_store_memory=128 * 1024**2, **quiet)
+            # address="local": a new instance, even where `ray start` left a (maybe dead) cluster behind
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=128 * 1024**2, **quiet)
         return "local Ray instance"
     if address != "auto":
         _check_reachable(address)
     quiet.pop("include_dashboard")
     try:
-        with _deadline(CONNECT_TIMEOUT_S, f"connecting to the Ray cluster at {address}"):
-            ray.init(address=address, **quiet)
+        _init_within(CONNECT_TIMEOUT_S, f"connecting to the Ray cluster at {address}", address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BatchError(f"cannot connect to the Ray cluster at {address}: {msg}") from None
     return f"Ray cluster at {address}"
+
+
+def check_resources(cpus_per_task: int, gpus_per_task: float) -> None:
+    """Raise :class:`BatchError` when no node of the cluster can ever hold one worker (``--gpus-per-task
+    1`` without a GPU, ``--cpus-per-task 4`` on 2 cores): Ray would wait for it in silence."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] or [ray.cluster_resources()]
+    need = {"CPU": float(cpus_per_task), "GPU": float(gpus_per_task)}
+    if any(all(res.get(k, 0.0) >= v for k, v in need.items() if v) for res in nodes):
+        return
+    total = ray.cluster_resources()
+    have = ", ".join(f"{total.get(k, 0.0):g} {k}(s)" for k in need if need[k])
+    best = {k: max(res.get(k, 0.0) for res in nodes) for k in need}
+    short = [f"--{k.lower()}s-per-task {need[k]:g}" for k in need if need[k] and best[k] < need[k]]
+    raise BatchError(f"{' and '.join(short) or 'the request'} cannot be met: the largest node has "
+                     f"{', '.join(f'{best[k]:g} {k}(s)' for k in need if need[k])} (cluster total {have})")
 
 
 def default_workers(local: bool, cpus_per_task: int, gpus_per_task: float) -> int:
@@ -217,7 +273,7 @@ class Batch:
                     with contextlib.suppress(FileNotFoundError):
                         (Path(self.outdir) / name).unlink()
             if case.status in ("running", "pending"):
-                case.status, case.error = "cancelled", "cancelled (Ctrl-C)"
+                case.status, case.error = "cancelled", "cancelled (Ctrl-C or SIGTERM)"
         self.report(now=True)
 
 
@@ -269,6 +325,7 @@ def run_batch(cases: list[Case], outdir: str, *, model: str | None, model_key: s
         n = num_workers or None
         connected = connect(address, num_cpus=(n * cpus_per_task) if (local and n) else None)
         try:
+            check_resources(cpus_per_task, gpus_per_task)
             n = min(n or default_workers(local, cpus_per_task, gpus_per_task), len(todo))
             on_connected(connected, n)
             options = {"num_cpus": cpus_per_task, "num_gpus": gpus_per_task}

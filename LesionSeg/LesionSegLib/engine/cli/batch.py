@@ -7,22 +7,33 @@ Needs Ray: ``pip install 'lesionseg[batch]'``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from ..errors import LesionSegError
 from .common import unit_interval
 
 
 def _model_key(model) -> tuple[str, str]:
-    """(the model id workers load, the key a done-marker records: id + segmenter checksum)."""
-    from ..models import get_card
+    """(what the workers load, the key a done-marker records).  A model given as a folder or card
+    path is passed on as that path, absolute (its id may be unregistered, or be a registered
+    model's id); the key is the id and a checksum of the card file and of every part's sha256."""
+    from ..models import CARD_NAME, get_card, is_explicit_path, sha256_file
 
     card = get_card(model)
-    sha = str(card.part("segmenter").get("sha256", ""))[:16]
-    return card.id, f"{card.id}:{sha}"
+    if model and is_explicit_path(model):
+        given = Path(os.path.abspath(Path(model).expanduser()))
+        load, card_file = str(given), (given / CARD_NAME if given.is_dir() else given)
+    else:
+        load, card_file = card.id, card.folder / CARD_NAME
+    parts = sorted((k, str(v["sha256"])) for k, v in card.data.items() if isinstance(v, dict) and "sha256" in v)
+    digest = hashlib.sha256(json.dumps([sha256_file(card_file), parts]).encode()).hexdigest()[:16]
+    return load, f"{card.id}:{digest}"
 
 
 class BatchProgress:
@@ -84,10 +95,16 @@ def cmd_batch(args) -> int:
         print("error: --num-workers and --cpus-per-task must be >= 1, --gpus-per-task >= 0", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    from ..atomic import output_problem
+
+    problem = output_problem(args.output)  # a bad -o is refused before anything starts
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         cases = read_cases(args.source)
         model, key = _model_key(args.model)
-    except LesionSegError as exc:
+    except (LesionSegError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prog = BatchProgress(args.progress, len(cases))
@@ -123,7 +140,7 @@ def register(sub) -> None:
     sp = sub.add_parser("batch", help="segment a cohort (manifest or folder) on a Ray cluster, resumable")
     sp.add_argument("source", metavar="MANIFEST_OR_DIR",
                     help="a CSV manifest (column image/path/input/file, optional case; or case + split_dir), "
-                         "a text file of paths, or a folder of images / <case>/image.* folders")
+                         "a text file of paths, or a folder of images / case folders (read as segment reads it)")
     sp.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     sp.add_argument("--address", default=None, help="ray://HOST:PORT (Ray client), HOST:PORT, auto, or local (default: start Ray here)")
     sp.add_argument("--num-workers", type=int, default=None, help="workers (default: CPUs, or GPUs / --gpus-per-task)")

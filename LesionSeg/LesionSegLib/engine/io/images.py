@@ -37,8 +37,9 @@ def output_stem(path: str | os.PathLike) -> str:
     after themselves.  ``segment`` names its outputs by it and ``evaluate`` pairs them by it."""
     p = Path(path)
     stem = image_stem(p)
-    if stem.lower() in GENERIC_STEMS and p.parent.name:
-        return p.parent.name
+    parent = Path(os.path.abspath(p)).parent.name  # ``../image.nii.gz``: the folder's name, never ".."
+    if stem.lower() in GENERIC_STEMS and parent:
+        return parent
     return stem
 
 
@@ -54,37 +55,97 @@ def image_stem(path: str | os.PathLike) -> str:
 def folder_inputs(root: Path) -> list[Path]:
     """The inputs a folder stands for, as ``segment`` and ``batch`` read it:
 
-    * a folder of image files: each of them, except those named as labels (:data:`LABEL_HINTS`:
-      ``label.nii.gz``, ``case1_mask.nrrd``, ``case1.seg.nrrd``) beside a scan, so a case folder
-      (``image.nii.gz`` beside ``label.nii.gz``) gives its image only;
+    * its image files, except those named as labels (:data:`LABEL_HINTS`: ``label.nii.gz``,
+      ``case1_mask.nrrd``, ``case1.seg.nrrd``) beside a scan, so a case folder (``image.nii.gz``
+      beside ``label.nii.gz``) gives its image only; and one input per sub-folder
+      (:func:`case_input`), so case folders next to loose scans count too;
     * a folder of other files (a DICOM series): the folder itself;
-    * a folder of case folders (``<case>/image.*``, or ``<case>/`` holding a DICOM series): one
-      input per case;
+    * a folder of case folders: one input per case folder, never none: a case folder without
+      one scan is itself the input, which :func:`read_image` refuses with a reason;
     * anything else: the folder itself, which :func:`read_image` refuses with a reason.
     """
     try:
         entries = sorted(root.iterdir())
     except OSError:
         return [root]
-    files = [f for f in entries if f.is_file() and not f.name.startswith(".")]
+    files = [f for f in entries if _visible_file(f)]
     images = [f for f in files if f.name.lower().endswith(IMAGE_SUFFIXES)]
-    scans = [f for f in images if not any(h in image_stem(f).lower() for h in LABEL_HINTS)]
-    if images:
-        return scans or images  # only labels: read_image / validate_ct say why each is no CT
-    if files:
+    if files and not images:
         return [root]
-    out = []
-    for sub in (d for d in entries if d.is_dir() and not d.name.startswith(".")):
-        try:
-            inner = [f for f in sorted(sub.iterdir()) if f.is_file() and not f.name.startswith(".")]
-        except OSError:
-            continue
-        case = [f for f in inner if f.name.lower().endswith(IMAGE_SUFFIXES) and image_stem(f).lower() in GENERIC_STEMS]
-        if case:
-            out.append(case[0])
-        elif inner and not any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in inner):
-            out.append(sub)  # a DICOM series folder
-    return out or [root]
+    scans = [f for f in images if not _is_label(f)] or images  # only labels: read_image says why each is no CT
+    subs = [case_input(d) for d in entries if d.is_dir() and not d.name.startswith(".")]
+    return (scans + subs) or [root]
+
+
+def _visible_file(f: Path) -> bool:
+    return f.is_file() and not f.name.startswith(".")
+
+
+def _is_label(f: Path) -> bool:
+    return any(h in image_stem(f).lower() for h in LABEL_HINTS)
+
+
+def case_input(folder: Path) -> Path:
+    """The input of a case folder: its one scan (a file that is no label map; of several, the one
+    named ``image``/``ct``/... if there is exactly one), else the folder itself: a DICOM series
+    (here or in the one folder below holding files), or a folder :func:`read_image` refuses."""
+    try:
+        inner = [f for f in sorted(folder.iterdir()) if _visible_file(f)]
+    except OSError:
+        return folder
+    scans = [f for f in inner if f.name.lower().endswith(IMAGE_SUFFIXES) and not _is_label(f)]
+    generic = [f for f in scans if image_stem(f).lower() in GENERIC_STEMS]
+    if len(scans) == 1 or len(generic) == 1:
+        return scans[0] if len(scans) == 1 else generic[0]
+    return folder
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` (no file input) holds no scan to read, or None when it may hold a DICOM
+    series (non-image files in it, or in the one folder below it that holds files)."""
+    try:
+        inner = [f for f in sorted(folder.iterdir()) if _visible_file(f)]
+    except OSError as exc:
+        return f"cannot list folder: {exc.strerror or exc}"
+    images = [f for f in inner if f.name.lower().endswith(IMAGE_SUFFIXES)]
+    scans = [f for f in images if not _is_label(f)]
+    if len(scans) > 1:
+        return (f"folder holds {len(scans)} scans ({', '.join(f.name for f in scans[:4])}), not one; "
+                "give them as separate inputs")
+    if len(inner) > len(images) or scans:
+        return None
+    if images:
+        return f"folder holds only label maps ({', '.join(f.name for f in images[:4])}), no scan"
+    below = _file_folders_below(folder)
+    if len(below) == 1 and not any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in below[0].iterdir()):
+        return None
+    if below:
+        names = ", ".join(str(d.relative_to(folder)) for d in below[:3]) + (", ..." if len(below) > 3 else "")
+        return f"folder holds no scan of its own but {len(below)} folder(s) with files below it ({names}); give them as inputs"
+    return "folder holds no image files and no DICOM series"
+
+
+def _file_folders_below(folder: Path, depth: int = 4) -> list[Path]:
+    """The folders below ``folder`` (at most ``depth`` levels, hidden ones skipped) holding files."""
+    found = []
+    base = len(folder.parts)
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if len(Path(root).parts) - base < depth else []
+        if Path(root) != folder and any(not n.startswith(".") for n in names):
+            found.append(Path(root))
+    return sorted(found)
+
+
+def series_folder(folder: Path) -> Path:
+    """``folder``, or the one folder below it holding files when ``folder`` holds none itself
+    (``PAT3/study/series/``): where a DICOM series given as ``folder`` lies."""
+    try:
+        if any(_visible_file(f) for f in folder.iterdir()):
+            return folder
+    except OSError:
+        return folder
+    below = _file_folders_below(folder)
+    return below[0] if len(below) == 1 else folder
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -127,9 +188,10 @@ def read_image(path: str | os.PathLike, validate: bool = True) -> sitk.Image:
 
 def _read_series(folder: Path) -> sitk.Image:
     src = str(folder)
+    where = series_folder(folder)  # a case folder may hold its series one level or more below
     reader = sitk.ImageSeriesReader()
     try:
-        series = reader.GetGDCMSeriesIDs(src)
+        series = reader.GetGDCMSeriesIDs(str(where))
     except RuntimeError as exc:  # pragma: no cover - GDCM error text varies
         raise InputError(f"cannot scan folder for DICOM: {_first_line(exc)}", src) from None
     if not series:
@@ -137,9 +199,9 @@ def _read_series(folder: Path) -> sitk.Image:
         if inner:  # a CD / DICOMDIR layout: the slices sit in sub-folders
             raise InputError(f"folder holds a DICOMDIR whose series are in sub-folders; give one of them: "
                              f"{', '.join(str(p) for p in inner[:3])}", src)
-        raise InputError("folder holds no image files and no DICOM series", src)
+        raise InputError(folder_problem(folder) or "folder holds no image files and no DICOM series", src)
     # Several series in one folder: take the one with most slices, as a viewer would, and say so.
-    files = {uid: reader.GetGDCMSeriesFileNames(src, uid) for uid in series}
+    files = {uid: reader.GetGDCMSeriesFileNames(str(where), uid) for uid in series}
     uid = max(files, key=lambda u: len(files[u]))
     reader.SetFileNames(files[uid])
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -148,7 +210,7 @@ def _read_series(folder: Path) -> sitk.Image:
     except RuntimeError as exc:
         _not_memory(exc, src)
         raise InputError(f"cannot read DICOM series: {_first_line(exc)}", src) from None
-    check_series(folder, uid, {f for names in files.values() for f in names}, reader, image)
+    check_series(where, uid, {f for names in files.values() for f in names}, reader, image)
     image.SetMetaData(SERIES_KEY, uid)  # for a DICOM SEG that references this series (io.dicom_seg)
     if len(files) > 1:
         others = ", ".join(f"{len(files[u])} slice(s)" for u in files if u != uid)
