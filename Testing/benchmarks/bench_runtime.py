@@ -11,7 +11,7 @@ runtime), ``--repeats`` rounds; medians are reported.
 ``segment[<runtime>]``
     ``python -m LesionSegLib.engine.cli segment chest134.nii.gz -o OUT --runtime R``: wall clock
     from process start to written outputs, its per-stage timings (from ``--progress json``) and
-    its peak RSS (``os.wait4``).  ``startup`` = wall - the stages (interpreter, imports, model
+    its peak RSS (psutil, sampled over its process tree).  ``startup`` = wall - the stages (interpreter, imports, model
     load and runtime compile).  The ONNX exports are made once before timing (a first run, whose
     wall time is reported apart as ``first_run_s``).
 ``yardstick``
@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
+from bench_segment import run_sampled  # noqa: E402
 from chest_volume import build_chest134  # noqa: E402
 
 YARDSTICK = r"""
@@ -60,38 +60,20 @@ print(json.dumps({"inference_s": time.perf_counter() - t, "threads": torch.get_n
 def segment_once(image: Path, outdir: Path, runtime: str, env: dict, model: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "LesionSegLib.engine.cli", "segment", str(image), "-o", str(outdir), "--progress", "json", "--runtime", runtime]
     cmd += ["--model", model] if model else []
-    wall, rc, out, err, _ = run_measured(cmd, env)
+    wall, rc, out, err, rss = run_measured(cmd, env)
     if rc != 0:
         raise RuntimeError(f"segment --runtime {runtime} failed: {err.strip().splitlines()[-1:]}")
     done = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"done"' in line][-1]
     stages = {k: round(v, 3) for k, v in done["timings"].items()}
-    return {"wall_s": round(wall, 3), "stages_s": stages, "startup_s": round(wall - sum(stages.values()), 3), "lesions": done["lesions"], "runtime": done.get("runtime"), "peak_rss_mb": _LAST_RSS[0]}
-
-
-_LAST_RSS = [0.0]
+    return {"wall_s": round(wall, 3), "stages_s": stages, "startup_s": round(wall - sum(stages.values()), 3), "lesions": done["lesions"], "runtime": done.get("runtime"), "peak_rss_mb": rss}
 
 
 def run_measured(cmd: list[str], env: dict):
-    """(wall s, return code, stdout, stderr, peak RSS MB) of one child process (RSS from ``os.wait4``)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out, err = _communicate_wait4(proc)
-    return time.perf_counter() - t, proc.returncode, out, err, _LAST_RSS[0]
-
-
-def _communicate_wait4(proc: subprocess.Popen) -> tuple[str, str]:
-    import threading
-
-    chunks = {"out": [], "err": []}
-    readers = [threading.Thread(target=lambda s=s, k=k: chunks[k].append(s.read())) for s, k in ((proc.stdout, "out"), (proc.stderr, "err"))]
-    for r in readers:
-        r.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    for r in readers:
-        r.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    _LAST_RSS[0] = round(usage.ru_maxrss / 1024.0, 1)
-    return "".join(chunks["out"]), "".join(chunks["err"])
+    """(wall s, return code, stdout, stderr, peak RSS MiB) of one child process: its own process
+    tree, sampled (:func:`bench_segment.run_sampled`; wait4's ru_maxrss carries this driver's peak
+    over into the child)."""
+    r = run_sampled(cmd, env=env)
+    return r["wall_s"], r["rc"], "\n".join(r["stdout"]), "\n".join(r["stderr"]), round(r["peak_rss_mb"], 1)
 
 
 def main(argv=None) -> int:
@@ -112,10 +94,10 @@ def main(argv=None) -> int:
         first[rt] = segment_once(image, work / f"first_{rt}", rt, env, args.model)["wall_s"]
     rounds: dict[str, list] = {"yardstick": [], **{rt: [] for rt in args.runtimes}}
     for i in range(args.repeats):
-        wall, rc, out, err, _ = run_measured([sys.executable, "-c", YARDSTICK, str(image)], env)
+        wall, rc, out, err, rss = run_measured([sys.executable, "-c", YARDSTICK, str(image)], env)
         if rc != 0:
             raise RuntimeError(f"yardstick failed: {err.strip().splitlines()[-1:]}")
-        rounds["yardstick"].append({**json.loads(out.strip().splitlines()[-1]), "wall_s": round(wall, 3), "peak_rss_mb": _LAST_RSS[0]})
+        rounds["yardstick"].append({**json.loads(out.strip().splitlines()[-1]), "wall_s": round(wall, 3), "peak_rss_mb": rss})
         for rt in args.runtimes:
             rounds[rt].append(segment_once(image, work / f"out_{rt}_{i}", rt, env, args.model))
             print(f"round {i + 1}: {rt} {rounds[rt][-1]['wall_s']:.2f} s", file=sys.stderr)

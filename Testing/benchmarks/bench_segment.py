@@ -121,37 +121,36 @@ def volume_info(path: Path) -> dict:
             "voxels_sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
 
 
-def timed(argv: list[str], cwd: Path, parse_json: bool) -> dict:
-    """Run ``argv`` in a fresh process; wall time, peak RSS (psutil tree sampling, and the
-    kernel's ru_maxrss where os.wait4 exists), the JSON lines it printed, its stderr."""
-    events: list[dict] = []
-    stderr: list[str] = []
+def run_sampled(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run ``argv`` in a fresh process: exit code, wall time, peak RSS in MiB (psutil, sampled over
+    the process tree every ``SAMPLE_S``), its stdout and stderr lines.
 
-    def on_line(stream: str, line: str) -> None:
-        if stream == "stderr":
-            stderr.append(line)
-        elif parse_json and line.startswith("{"):
+    Not ``os.wait4``'s ru_maxrss: Linux carries the parent's peak over into a child at fork and
+    exec, so a benchmark driver that had grown (evaluation in-process, a volume built in memory)
+    reported its own peak for every command it ran (compare_models gave 1.07 GiB to four models)."""
+    lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    proc = ChildProcess(argv, env=env if env is not None else child_env(), cwd=cwd,
+                        on_line=lambda stream, line: lines[stream].append(line), sample_rss=SAMPLE_S)
+    t = time.perf_counter()
+    proc.start()
+    rc = proc.wait()
+    return {"rc": rc, "wall_s": time.perf_counter() - t, "peak_rss_mb": proc.peak_rss_bytes / 2**20, **lines}
+
+
+def timed(argv: list[str], cwd: Path, parse_json: bool) -> dict:
+    """Run ``argv`` in a fresh process (:func:`run_sampled`); wall time, peak RSS, the JSON lines it
+    printed, its stderr."""
+    r = run_sampled(argv, cwd=cwd)
+    if r["rc"] != 0:
+        raise SystemExit(f"error: {shlex.join(argv)} failed (exit {r['rc']}):\n" + "\n".join(r["stderr"][-30:]))
+    events = []
+    for line in r["stdout"] if parse_json else ():
+        if line.startswith("{"):
             try:
                 events.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
-
-    proc = ChildProcess(argv, env=child_env(), cwd=cwd, on_line=on_line, sample_rss=SAMPLE_S)
-    t = time.perf_counter()
-    proc.start()
-    ru_maxrss_mb = None
-    if hasattr(os, "wait4"):  # exact peak of the process itself (not its children), Linux: KiB
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
-        proc.popen.returncode = os.waitstatus_to_exitcode(status)
-        ru_maxrss_mb = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-    rc = proc.wait()
-    if ru_maxrss_mb is None:
-        wall = time.perf_counter() - t
-    if rc != 0:
-        raise SystemExit(f"error: {shlex.join(argv)} failed (exit {rc}):\n" + "\n".join(stderr[-30:]))
-    return {"wall_s": wall, "peak_rss_mb": proc.peak_rss_bytes / 2**20, "ru_maxrss_mb": ru_maxrss_mb,
-            "events": events, "stderr": stderr}
+    return {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "events": events, "stderr": r["stderr"]}
 
 
 def run_lesionseg(image: Path, args, work: Path) -> dict:
@@ -169,7 +168,7 @@ def run_lesionseg(image: Path, args, work: Path) -> dict:
     outputs = sorted(p.name for p in out.iterdir())
     for p in out.iterdir():
         p.unlink()
-    return {"total_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "ru_maxrss_mb": r["ru_maxrss_mb"],
+    return {"total_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
             "stages_s": done[0].get("timings", {}), "lesions": done[0].get("lesions"), "device": done[0].get("device"),
             "runtime": done[0].get("runtime"),  # the network runtime, when the command reports one
             "outputs": outputs, "notes": [ln for ln in r["stderr"] if ln.startswith("note:")]}
@@ -181,7 +180,7 @@ def run_yardstick(image: Path, args, work: Path) -> dict:
         argv += ["--threads", str(args.threads)]
     r = timed(argv, work, parse_json=True)
     (res,) = [e for e in r["events"] if "inference_s" in e]
-    return {**res, "process_wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "ru_maxrss_mb": r["ru_maxrss_mb"]}
+    return {**res, "process_wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]}
 
 
 def median(runs: list[dict], key: str) -> float:

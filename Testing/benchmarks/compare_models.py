@@ -27,15 +27,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "LesionSeg")]
 
+from bench_segment import run_sampled  # noqa: E402  (this folder: run as a script)
 from LesionSegLib.engine import data  # noqa: E402
 from LesionSegLib.engine.errors import ModelError  # noqa: E402
 from LesionSegLib.engine.evaluate.report import evaluate  # noqa: E402
@@ -78,15 +77,11 @@ def build_chest134(out_dir: Path) -> Path:
 
 
 def run_timed(cmd: list[str]) -> tuple[int, float, float, str]:
-    """(exit code, wall seconds, peak RSS MB, stderr tail) of a fresh process."""
-    with tempfile.TemporaryFile() as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path[:1] + [os.environ.get("PYTHONPATH", "")])})
-        _, status, rusage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
-        err.seek(0)
-        tail = err.read().decode(errors="replace")[-2000:]
-    return os.waitstatus_to_exitcode(status), wall, rusage.ru_maxrss / 1024.0, tail
+    """(exit code, wall seconds, peak RSS MiB of its own process tree, stderr tail) of a fresh
+    process (:func:`bench_segment.run_sampled`: not wait4's ru_maxrss, which carries this
+    driver's peak over into the child)."""
+    r = run_sampled(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path[:1] + [os.environ.get("PYTHONPATH", "")])})
+    return r["rc"], r["wall_s"], r["peak_rss_mb"], "\n".join(r["stderr"])[-2000:]
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -295,11 +290,8 @@ def main(argv=None) -> int:
         print(table({"models": [m]}), file=sys.stderr, flush=True)
     if args.yardstick:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--yardstick-worker", str(chest134)] + (["--threads", str(args.threads)] if args.threads else [])
-        with tempfile.TemporaryFile() as so:
-            proc = subprocess.Popen(cmd, stdout=so)
-            _, status, ru = os.wait4(proc.pid, 0)
-            so.seek(0)
-            rep["yardstick"] = {**json.loads(so.read().decode().strip().splitlines()[-1]), "peak_rss_mb": round(ru.ru_maxrss / 1024)}
+        r = run_sampled(cmd, env=dict(os.environ))
+        rep["yardstick"] = {**json.loads(r["stdout"][-1]), "peak_rss_mb": round(r["peak_rss_mb"])}
     rep["machine"]["load_average_at_end"] = list(os.getloadavg())
     return write(rep, out)
 
