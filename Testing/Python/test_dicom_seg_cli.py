@@ -44,6 +44,16 @@ def test_segment_writes_a_dicom_seg_on_the_source_series(tmp_path, capsys):
                                                ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
     assert np.array_equal(pixels, labels)
 
+    # a cohort folder whose case holds its series below it (cohort/PAT/study/series/*.dcm), as segment and
+    # batch read it since d4674e1 (the case is PAT): the SEG must find the series files there too
+    (tmp_path / "cohort" / "PAT" / "study").mkdir(parents=True)
+    (tmp_path / "ct").rename(tmp_path / "cohort" / "PAT" / "study" / "series")
+    assert cli.main(["segment", str(tmp_path / "cohort"), "-o", str(tmp_path / "out3"), "--dicom-seg", "--progress", "none",
+                     "--device", "cpu"]) == 0
+    again = hd.seg.segread(str(tmp_path / "out3" / "PAT_lesions.dcm"))
+    assert np.array_equal(again.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True, relabel=False,
+                                                              ignore_spatial_locations=True, assert_missing_frames_are_empty=True), labels)
+
     nifti = tmp_path / "case.nii.gz"
     sitk.WriteImage(image, str(nifti))
     capsys.readouterr()

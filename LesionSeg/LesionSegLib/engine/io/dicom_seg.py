@@ -178,11 +178,12 @@ def source_files(image, source) -> list[str] | None:
     ``read_image``), or None when it was not read from a DICOM series."""
     import SimpleITK as sitk
 
-    from .images import SERIES_KEY
+    from .images import SERIES_KEY, series_folder
 
     if source is None or not Path(source).is_dir() or not image.HasMetaDataKey(SERIES_KEY):
         return None
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source), image.GetMetaData(SERIES_KEY)))
+    where = series_folder(Path(source))  # a case folder may hold its series below it, as read_image reads it
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(where), image.GetMetaData(SERIES_KEY)))
 
 
 def from_result(image, source, result):
