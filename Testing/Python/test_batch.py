@@ -249,7 +249,11 @@ def test_batch_folder_of_case_folders_lists_every_case_or_says_why_not(tmp_path)
     files = {"loose.nii.gz": img, "P1/image.nii.gz": img, "P1/label.nii.gz": img, "P2/P2.nii.gz": img,
              "P2/P2_label.nii.gz": img, "P3/P3_ct.nii.gz": img, "PAT3/study/series/1.dcm": None,
              "PAT4/1.dcm": None, "PAT4/seg.nii.gz": img, "two/a.nii.gz": img, "two/b.nii.gz": img,
-             "labels/mask.nii.gz": img, "empty/.hidden": None}
+             "labels/mask.nii.gz": img, "empty/.hidden": None, "PAT5/1.dcm": None, "PAT5/notes.txt": None,
+             "PAT5/PAT5_mask.nii.gz": img,
+             # not cases: macOS's zip residue, and an earlier run's outputs kept inside the cohort
+             "__MACOSX/P1/._image.nii.gz": None, "out/P1_lesions.nii.gz": img, "out/P1_lesions.csv": None,
+             "out/P1.seg.nrrd": None, "out/evaluation/report.json": None, "out/evaluation/froc.png": None}
     for rel, target in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(target) if target else (root / rel).write_bytes(b"\0" * 132)
@@ -260,7 +264,13 @@ def test_batch_folder_of_case_folders_lists_every_case_or_says_why_not(tmp_path)
                    "P3_ct": ("P3/P3_ct.nii.gz", ""), "PAT3": ("PAT3", ""), "PAT4": ("PAT4", ""),
                    "empty": ("empty", "folder holds no image files and no DICOM series"),
                    "labels": ("labels", "folder holds only label maps (mask.nii.gz), no scan"),
+                   "PAT5": ("PAT5", ""),  # other files beside the label map: maybe a DICOM series, read at run time
                    "two": ("two", "folder holds 2 scans (a.nii.gz, b.nii.gz), not one; give them as separate inputs")}
+    from LesionSegLib.engine.errors import InputError
+    from LesionSegLib.engine.io.images import read_image
+
+    with pytest.raises(InputError, match=r"folder holds only label maps \(PAT5_mask.nii.gz\), no scan"):
+        read_image(root / "PAT5")  # no series in it after all: the reason is the label map, not "no image files"
 
 
 def test_batch_bad_names_manifests_lock_and_output_are_refused(tmp_path, capsys):

@@ -455,3 +455,24 @@ def test_a_user_copy_with_a_shipped_id_is_not_marked_active_and_is_noted(user_di
     assert cli.main(["models", "list"]) == 0
     out = capsys.readouterr()
     assert sum(line.startswith("* ") for line in out.out.splitlines()) == 1 and "is never used" in out.err
+
+
+def test_an_activated_shipped_version_replaced_by_an_update_runs_its_successor(user_dir, tmp_path, capsys):
+    """sts-detseg 1.4.0 was activated (``models activate sts-detseg`` records the version); an update
+    of LesionSeg ships 1.4.1 in its place. Every command then failed: "unknown model
+    'sts-detseg@1.4.0' ... its folder was removed" (an audit). The shipped successor runs, with a note."""
+    shipped = models.get_card("sts-detseg")
+    assert shipped.builtin and shipped.version == "1.4.1"
+    (user_dir / "active.json").write_text(json.dumps({"active": "sts-detseg@1.4.0", "history": [], "log": []}))
+    assert models.active_model_id() == "sts-detseg@1.4.1" and models.get_card(None).id == "sts-detseg@1.4.1"
+    assert cli.main(["models", "list"]) == 0
+    out, err = capsys.readouterr()
+    assert "active: sts-detseg@1.4.1" in out
+    assert "the activated model sts-detseg@1.4.0 was replaced by the shipped sts-detseg@1.4.1" in err
+    assert cli.main(["segment", "--sample", "-o", str(tmp_path / "out"), "--progress", "none", "--runtime", "torch"]) == 0
+    assert "replaced by the shipped sts-detseg@1.4.1" in capsys.readouterr().err
+    # a version the user made and then removed is not replaced by a shipped one: that still fails, naming it
+    (user_dir / "active.json").write_text(json.dumps({"active": "sts-clcs@1.1.0-ft.3", "history": [], "log": []}))
+    assert models.active_model_id() == "sts-clcs@1.1.0-ft.3"
+    with pytest.raises(ModelError, match="unknown model 'sts-clcs@1.1.0-ft.3'.*it is the active model"):
+        models.get_card(None)

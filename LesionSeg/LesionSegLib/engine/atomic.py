@@ -79,7 +79,9 @@ def signals_held() -> Iterator[None]:
     finally:
         for sig, handler in held.items():
             signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):  # now handled (or ignored, or fatal) as it would have been
+        # now handled (or ignored, or fatal) as it would have been; SIGTERM first, since SIGINT's
+        # handler raises KeyboardInterrupt and would leave a SIGTERM caught beside it undelivered
+        for sig in sorted(dict.fromkeys(caught), key=lambda s: s != signal.SIGTERM):
             if callable(held[sig]):
                 held[sig](sig, None)  # as Python runs a handler: called in the main thread
             elif held[sig] == signal.SIG_DFL:
@@ -140,6 +142,15 @@ class AtomicWriter:
         into the same folder waits (:func:`folder_lock`), and SIGINT / SIGTERM wait until the set is
         complete, so neither interleaves or stops the renames half-way."""
         pending, self._pending = self._pending, []
+        try:
+            return self._commit(pending)
+        except BaseException:  # also while waiting for the lock (a SIGTERM, Ctrl-C): no temporary is left
+            for tmp, _ in pending:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise
+
+    def _commit(self, pending: list[tuple[Path, Path]]) -> list[Path]:
         done: list[Path] = []
         aside: list[tuple[Path, Path]] = []  # (earlier output moved aside, its name)
         with folder_lock(self.outdir), signals_held():
@@ -157,16 +168,13 @@ class AtomicWriter:
                 for tmp, final in pending:
                     _rename(tmp, final, final)
                     done.append(final)
-            except BaseException:  # nothing new stays, the earlier outputs are back, no temporary is left
+            except BaseException:  # nothing new stays and the earlier outputs are back (commit removes the temporaries)
                 for final in done:
                     with contextlib.suppress(OSError):
                         final.unlink()
                 for old, final in aside:
                     with contextlib.suppress(OSError):
                         os.replace(old, final)
-                for tmp, _ in pending[len(done):]:
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
                 raise
             for old, _ in aside:
                 with contextlib.suppress(OSError):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ModelError
+from .weights import load_state_shared, save_weights, state_mismatch  # noqa: F401  (re-exported: weights live in .weights)
 
 if TYPE_CHECKING:
     import torch
@@ -123,31 +124,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def save_weights(obj: "torch.nn.Module | dict[str, torch.Tensor]", path: str | os.PathLike) -> str:
-    """Save a module (shared tensors de-duplicated) or a state dict as safetensors; return its sha256."""
-    import torch
-    from safetensors.torch import save_file, save_model
-
-    from .atomic import FILE_MODE
-
-    if isinstance(obj, torch.nn.Module):
-        save_model(obj, str(path))
-    else:
-        save_file({k: v.detach().cpu().contiguous() for k, v in obj.items()}, str(path))
-    os.chmod(path, FILE_MODE)  # safetensors creates 0600 files: others sharing the model folder could not read them
-    return sha256_file(path)
-
-
-def load_state_shared(module: "torch.nn.Module", state: dict) -> tuple[list[str], list[str]]:
-    """``module.load_state_dict(state, strict=False)``; returns (missing, unexpected) where a name
-    that shares its tensor with a loaded one (stored once by :func:`save_weights`) is not missing."""
-    own = module.state_dict()
-    storage = {k: (v.data_ptr(), tuple(v.shape)) for k, v in own.items()}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    loaded = {storage[k] for k in state if k in storage}
-    return [k for k in missing if storage.get(k) not in loaded], list(unexpected)
 
 
 @dataclass
@@ -303,22 +279,6 @@ def one_line_text(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def state_mismatch(module: "torch.nn.Module", state: dict) -> str | None:
-    """The first tensor of ``state`` whose shape or dtype differs from ``module``'s, and how many
-    more differ (one line); None when every shared name fits."""
-    own = module.state_dict()
-    bad = []
-    for k, v in state.items():
-        if k in own and (tuple(v.shape) != tuple(own[k].shape) or v.dtype != own[k].dtype):
-            bad.append((k, v, own[k]))
-    if not bad:
-        return None
-    k, v, want = bad[0]
-    text = (f"{k} has shape {tuple(v.shape)}, the network needs {tuple(want.shape)}" if tuple(v.shape) != tuple(want.shape)
-            else f"{k} is {str(v.dtype).replace('torch.', '')}, the network needs {str(want.dtype).replace('torch.', '')}")
-    return text + (f" (and {len(bad) - 1} more tensor(s) that do not fit)" if len(bad) > 1 else "")
-
-
 def read_card(path: str | os.PathLike) -> ModelCard:
     """The card at ``path`` (a folder or its card.json), with the structure every card has
     (:func:`.card_schema.check_structure`); :class:`ModelError` when it cannot be read."""
@@ -438,11 +398,24 @@ def active_model_id() -> str:
 
 
 def _recorded_active() -> str | None:
-    """The activated model id of ``active.json``; None when there is none or it is unreadable."""
+    """The activated model id of ``active.json`` (a shipped version that an update replaced: the
+    shipped newer one, :func:`upgraded`); None when there is none or it is unreadable."""
     try:
-        return read_active_state()["active"]
+        recorded = read_active_state()["active"]
     except ModelError:
         return None
+    return upgraded(recorded) if recorded else recorded
+
+
+def upgraded(model_id: str) -> str:
+    """``model_id``, or the newest shipped version of its name when that id is gone and a shipped
+    version newer than it exists (an update of LesionSeg replaced the version the user activated)."""
+    base, _, version = str(model_id).partition("@")
+    cards = list_models() if version else []
+    newer = [c for c in cards if c.name == base and c.builtin and _version_key(c.version) > _version_key(version)]
+    if not newer or any(c.id == model_id for c in cards):
+        return model_id
+    return max(newer, key=lambda c: _version_key(c.version)).id
 
 
 def _broken_card_text(base: str) -> str:

@@ -63,6 +63,11 @@ def folder_inputs(root: Path) -> list[Path]:
     * a folder of case folders: one input per case folder, never none: a case folder without
       one scan is itself the input, which :func:`read_image` refuses with a reason;
     * anything else: the folder itself, which :func:`read_image` refuses with a reason.
+
+    Sub-folders that hold no input are passed over (:func:`_no_input`): hidden ones, macOS's
+    ``__MACOSX``, and folders holding only LesionSeg's own outputs and reports
+    (:data:`OUTPUT_FILES`), so an output folder kept inside the cohort is not read as a case on
+    the next run.  An empty case folder stays an input that fails, saying so.
     """
     try:
         entries = sorted(root.iterdir())
@@ -73,8 +78,25 @@ def folder_inputs(root: Path) -> list[Path]:
     if files and not images:
         return [root]
     scans = [f for f in images if not _is_label(f)] or images  # only labels: read_image says why each is no CT
-    subs = [case_input(d) for d in entries if d.is_dir() and not d.name.startswith(".")]
+    subs = [case_input(d) for d in entries if d.is_dir() and not _no_input(d)]
     return (scans + subs) or [root]
+
+
+#: the files LesionSeg writes (segment, click, batch, evaluate): a folder holding only these is an
+#: output folder, not a case
+OUTPUT_FILES = ("*_lesions.*", "*.seg.nrrd", "*_click.*", "*.done.json", "report.json", "report.md", "froc.png", "reliability.png",
+                "batch_report.csv")
+
+
+def _no_input(folder: Path) -> bool:
+    """Whether a sub-folder of a folder input holds no input (see :func:`folder_inputs`)."""
+    if folder.name.startswith(".") or folder.name == "__MACOSX":
+        return True
+    try:
+        files = [f for f in folder.iterdir() if _visible_file(f)]
+    except OSError:
+        return False  # read_image says what is wrong with it
+    return bool(files) and all(any(f.match(p) for p in OUTPUT_FILES) for f in files)  # a scan beside them: a case
 
 
 def _visible_file(f: Path) -> bool:
@@ -100,9 +122,10 @@ def case_input(folder: Path) -> Path:
     return folder
 
 
-def folder_problem(folder: Path) -> str | None:
+def folder_problem(folder: Path, no_series: bool = False) -> str | None:
     """Why ``folder`` (no file input) holds no scan to read, or None when it may hold a DICOM
-    series (non-image files in it, or in the one folder below it that holds files)."""
+    series (non-image files in it, or in the one folder below it that holds files);
+    ``no_series``: GDCM found none there, so other files beside label maps are no series either."""
     try:
         inner = [f for f in sorted(folder.iterdir()) if _visible_file(f)]
     except OSError as exc:
@@ -112,7 +135,7 @@ def folder_problem(folder: Path) -> str | None:
     if len(scans) > 1:
         return (f"folder holds {len(scans)} scans ({', '.join(f.name for f in scans[:4])}), not one; "
                 "give them as separate inputs")
-    if len(inner) > len(images) or scans:
+    if scans or (len(inner) > len(images) and not (no_series and images)):
         return None
     if images:
         return f"folder holds only label maps ({', '.join(f.name for f in images[:4])}), no scan"
@@ -199,7 +222,7 @@ def _read_series(folder: Path) -> sitk.Image:
         if inner:  # a CD / DICOMDIR layout: the slices sit in sub-folders
             raise InputError(f"folder holds a DICOMDIR whose series are in sub-folders; give one of them: "
                              f"{', '.join(str(p) for p in inner[:3])}", src)
-        raise InputError(folder_problem(folder) or "folder holds no image files and no DICOM series", src)
+        raise InputError(folder_problem(folder, no_series=True) or "folder holds no image files and no DICOM series", src)
     # Several series in one folder: take the one with most slices, as a viewer would, and say so.
     files = {uid: reader.GetGDCMSeriesFileNames(str(where), uid) for uid in series}
     uid = max(files, key=lambda u: len(files[u]))

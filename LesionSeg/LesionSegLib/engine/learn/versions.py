@@ -65,9 +65,12 @@ def active_state_problem() -> str | None:
     """Why the activation record cannot be used (so the default model runs), or None: ``segment``
     and ``models list`` say it instead of running the default model without a word."""
     try:
-        models.read_active_state()
+        recorded = models.read_active_state()["active"]
     except ModelError as exc:
         return f"{exc}; the default model {models.default_model_id()} is used meanwhile"
+    if recorded and models.upgraded(recorded) != recorded:
+        return (f"the activated model {recorded} was replaced by the shipped {models.upgraded(recorded)} (an update of "
+                "LesionSeg): that one is used; `lesionseg models activate` records it")
     return None
 
 
