@@ -36,8 +36,12 @@ def test_sigterm_held_beside_sigint_is_delivered_not_lost():
     SIGTERM was never delivered (exit 130 instead of 143)."""
     from LesionSegLib.engine import atomic
 
-    with _sigterm_exits(), pytest.raises(SystemExit) as exc:
-        with atomic.signals_held():
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # delivered (as Python does) while held
-            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may ignore SIGINT)
+    try:
+        with _sigterm_exits(), pytest.raises(SystemExit) as exc:
+            with atomic.signals_held():
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # delivered (as Python does) while held
+                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert exc.value.code == 128 + signal.SIGTERM

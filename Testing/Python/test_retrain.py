@@ -125,6 +125,9 @@ def test_retrain_on_real_features_writes_a_new_version(review_db, base_model, us
         assert models.sha256_file(card.weights_path(key)) == card.data[key]["sha256"]
         assert card.data["files"][card.data[key]["file"]] == card.data[key]["sha256"]
     assert card.data["segmenter"]["sha256"] == base_model.data["segmenter"]["sha256"]
+    # head mode keeps the patch encoder: the parent's OOD statistics (scans and clusters) apply as they are
+    assert card.data["ood"]["sha256"] == base_model.data["ood"]["sha256"] and card.data["ood"]["n_clusters"] > 0
+    _chest_is_warned_and_capped(card)
     selected = card.data["retraining"]["validation"]["selected"]
     assert [r["l2sp"] for r in card.data["retraining"]["validation"]["selection"]] == [None, 1.0, 0.1, 0.01, 0.0]
     if selected["l2sp"] is not None:  # fine-tuned head: new weights
@@ -256,3 +259,21 @@ def test_full_mode_retrains_the_whole_network(review_db, base_model, user_models
     assert tr["mode"] == "full" and tr["epochs"] == 1
     assert res.card.data["classifier"]["sha256"] != base_model.data["classifier"]["sha256"]
     assert res.metrics["old"]["n"] == res.metrics["new"]["n"] > 0
+    # its encoder changed: the parent's scan-level check and cap stay, its cluster reference does not
+    ood = res.card.data["ood"]
+    assert ood["n_scans"] == base_model.data["ood"]["n_scans"] and ood["n_clusters"] == 0 and "lesion_reference" in ood
+    _chest_is_warned_and_capped(res.card)
+
+
+def _chest_is_warned_and_capped(card):
+    """A retrained version keeps its parent's out-of-distribution check: a chest CT is warned and no
+    lesion on it reaches the threshold. A retrained card had no ``ood`` section, so the chest's false
+    lesions were shown at full confidence, without a word (an audit)."""
+    from LesionSegLib.engine.io.images import read_image
+    from LesionSegLib.engine.segment.pipeline import Engine
+
+    root = td.require_data()
+    res = Engine(card, device="cpu").segment(read_image(root / "lidc" / "LIDC-IDRI-0001" / "image.nii.gz"), threshold=0.0)
+    assert res.ood is not None and res.ood["warning"] and res.ood["scan_score"] > 1.5
+    assert all(les.confidence < card.data["confidence_threshold"] for les in res.lesions)
+    assert card.data["domain"] == models.read_card(card.data["parent"]["folder"]).data["domain"]

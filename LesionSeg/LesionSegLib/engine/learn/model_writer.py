@@ -36,7 +36,8 @@ RUN_SECTIONS = ("architecture", "segmenter", "detector", "roi_segmenter", "gate"
                 "confidence_source")
 #: the networks a card may name, and their file names in a written version
 WEIGHT_FILES = {"segmenter": "segmenter.safetensors", "classifier": "classifier.safetensors",
-                "detector": "detector.safetensors", "roi_segmenter": "roi_segmenter.safetensors", "gate": "gate.safetensors"}
+                "detector": "detector.safetensors", "roi_segmenter": "roi_segmenter.safetensors", "gate": "gate.safetensors",
+                "ood": "ood.safetensors"}
 #: the networks a retrained classifier runs with (copied from the parent, checksum-verified)
 SEGMENTER_PARTS = ("segmenter", "detector", "roi_segmenter", "gate")
 
@@ -113,6 +114,23 @@ def inherited(parent: models.ModelCard, tmp: Path, keys=("segmenter",)) -> tuple
     return sections, files
 
 
+def scan_only_ood(parent: models.ModelCard, tmp: Path) -> dict | None:
+    """The parent's out-of-distribution check for a classifier whose patch encoder was retrained
+    (``mode="full"``): the scan-level statistics and cap (they do not depend on the classifier),
+    without the cluster reference, which lives in the old encoder's embedding space (so the CSV's
+    per-lesion ``ood_score`` is left empty).  None when the parent's statistics cannot be used."""
+    from ..segment.ood import OODModel
+
+    old = OODModel.from_card(parent)
+    if old is None:
+        return None
+    new = OODModel(old.scans, old.lesions[:0], old.lesion_method, old.scan_threshold, old.cap, old.domain)
+    section = {**new.save(tmp, WEIGHT_FILES["ood"]), "inherited_from": parent.id,
+               "lesion_reference": "none: the classifier's patch encoder was retrained (mode full), so the parent's "
+                                   "cluster embeddings no longer apply; the scan-level check and cap are the parent's"}
+    return section
+
+
 def parent_link(parent: models.ModelCard) -> dict:
     """Which model this one came from: id and the sha256 of its weights (never its results)."""
     link = {"id": parent.id, "folder": str(parent.folder)}
@@ -133,7 +151,16 @@ def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics:
     name, version, folder = resolve_output(parent, output)
 
     def build(tmp: Path) -> dict:
-        sections, files = inherited(parent, tmp, keys=SEGMENTER_PARTS)
+        mode = (retraining.get("trainer") or {}).get("mode", "head")
+        sections, files = inherited(parent, tmp, keys=SEGMENTER_PARTS + (("ood",) if mode == "head" else ()))
+        if mode != "head" and isinstance(parent.data.get("ood"), dict):
+            sections["ood"] = scan_only_ood(parent, tmp)
+            if sections["ood"] is None:
+                sections.pop("ood")
+            else:
+                files[sections["ood"]["file"]] = sections["ood"]["sha256"]
+        if "domain" in parent.data:
+            sections["domain"] = copy.deepcopy(parent.data["domain"])
         section = save_classifier(cm, tmp, WEIGHT_FILES["classifier"])
         section["training"] = {k: v for k, v in retraining.items() if k in ("trainer", "timings", "seed")}
         files[section["file"]] = section["sha256"]

@@ -345,7 +345,7 @@ class Engine:
         if self.ood is None:
             return None, None
         score = self.ood.scan_score(scan_descriptor(hu) if descriptor is None else descriptor)
-        per = self.ood.lesion_scores(embedding) if embedding is not None and len(embedding) else None
+        per = self.ood.lesion_scores(embedding) if embedding is not None and len(embedding) and len(self.ood.lesions) else None
         return {"scan_score": score, "warning": self.ood.warning(score), "domain": self.ood.domain}, per
 
 
