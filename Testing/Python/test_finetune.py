@@ -167,6 +167,17 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     assert np.array_equal(routed.labelmap, parent.labelmap) and routed.labelmap.any()
     phantom = eng.segment(synthetic_ct(3)[0])
     assert phantom.model_id == card.id and not any("lies in the domain of" in m for m in phantom.messages)
+    # a classifier retrained on top of it keeps the routing (and the OOD check): written without them,
+    # sarcoma scans ran the fine-tuned networks
+    from LesionSegLib.engine.learn.model_writer import write_model
+    from LesionSegLib.engine.segment.classifier import ConfidenceModel
+
+    figures = {"auc": 1.0, "ece": 0.0}
+    again = write_model(card, ConfidenceModel.from_card(card), "ft-retrained", {"label_counts": {"total": 0}, "trainer": {"mode": "head"}},
+                        {"new": figures, "old": figures})
+    assert again.data["routing"] == card.data["routing"] and again.data["ood"]["sha256"] == card.data["ood"]["sha256"]
+    eng2 = Engine(again, device="cpu")
+    assert eng2.in_domain is not None and eng2.route(None, None, eng.in_domain.ood.scans[0]) is not None
     # activate and roll back like retrain
     assert versions.activate(card.id) == card.id and models.active_model_id() == card.id
     assert versions.rollback() == models.default_model_id()

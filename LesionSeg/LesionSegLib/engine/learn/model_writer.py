@@ -161,6 +161,14 @@ def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics:
                 files[sections["ood"]["file"]] = sections["ood"]["sha256"]
         if "domain" in parent.data:
             sections["domain"] = copy.deepcopy(parent.data["domain"])
+        routing = parent.data.get("routing")
+        if isinstance(routing, dict) and routing.get("enabled") and routing.get("folder"):
+            import shutil
+
+            # a fine-tuned parent's kept copy of its own parent, which its in-domain scans go to (checksum-verified on load)
+            shutil.copytree(models.confined(parent.folder, routing["folder"], "routing folder"), tmp / routing["folder"],
+                            symlinks=True, ignore=shutil.ignore_patterns(".onnx-cache", "*.tmp", "__pycache__"))
+            sections["routing"] = copy.deepcopy(routing)
         section = save_classifier(cm, tmp, WEIGHT_FILES["classifier"])
         section["training"] = {k: v for k, v in retraining.items() if k in ("trainer", "timings", "seed")}
         files[section["file"]] = section["sha256"]
