@@ -141,6 +141,11 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     assert "2 corrected scan(s), body field of view" in dom["scanner_grid"] and "mm (x, y, z) on the model grid" in dom["scanner_grid"]
     # every weight file is there and matches its checksum; the segmenter changed
     assert set(versions.verify(card)) >= {"segmenter.safetensors", "classifier.safetensors", "ood.safetensors"}
+    # its own files and checksums, not the parent's (which named the old segmenter); the parent's
+    # figures, training and exports stay in the parent's card
+    assert card.data["files"] == {card.data[k]["file"]: models.sha256_file(card.weights_path(k)) for k in ("segmenter", "classifier", "ood")}
+    assert not {"validation", "training", "onnx"} & set(card.data)
+    assert set(card.data["finetuning"]["parent_sections_not_kept"]) >= {"validation", "files"}
     assert card.data["segmenter"]["sha256"] != base.data["segmenter"]["sha256"]
     assert seen[-1] == 1.0 and seen == sorted(seen)
     # the corrected cases lie outside the parent's domain, so the new version keeps the parent for

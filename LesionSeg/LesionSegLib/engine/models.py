@@ -322,8 +322,9 @@ def list_models(problems: list[str] | None = None) -> list[ModelCard]:
             found = sorted(root.glob(f"**/{CARD_NAME}"))
         except OSError:
             continue
-        for card in found:
-            if len(card.relative_to(root).parts) > 4:
+        folders = {c.parent for c in found}
+        for card in found:  # a model folder inside another (a fine-tuned model's kept parent) is part of that one
+            if len(card.relative_to(root).parts) > 4 or any(a in folders for a in card.parent.parents):
                 continue
             try:
                 cards.append(read_card(card))

@@ -234,9 +234,15 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     gate_dir, card_out = Path(gate_dir), Path(card_out)
     card_out.mkdir(parents=True, exist_ok=True)
     data = json.loads(json.dumps(base.data))
-    for key in ("segmenter", "classifier"):
-        if key in data:
-            shutil.copyfile(base.verified_path(key), card_out / data[key]["file"])
+    for key, section in data.items():  # every network and statistics file the base's card names (not only two)
+        if isinstance(section, dict) and "file" in section and key != "gate":
+            (card_out / section["file"]).write_bytes(base.verified_bytes(key))
+    routing = data.get("routing")
+    if isinstance(routing, dict) and routing.get("enabled") and routing.get("folder"):  # a fine-tuned base's kept parent
+        from ..models import confined
+
+        shutil.copytree(confined(base.folder, routing["folder"], "routing folder"), card_out / routing["folder"],
+                        dirs_exist_ok=True, ignore=shutil.ignore_patterns(".onnx-cache", "*.tmp", "__pycache__"))
     part = json.loads((gate_dir / GATE_JSON).read_text(encoding="utf-8"))
     if (gate_dir / part["file"]).resolve() != (card_out / part["file"]).resolve():
         shutil.copyfile(gate_dir / part["file"], card_out / part["file"])
@@ -244,6 +250,8 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     data["name"] = name or f"{base.name}-gated"
     data["description"] = f"{base.data.get('description', base.name)}; cascade slab gate (threshold {part['threshold']:.3f}, calibrated for >= {part['calibration']['min_recall']:.0%} slab recall on {', '.join(part['calibration']['cases'])})"
     data["base_model"] = base.id
+    data["parent"] = {"id": base.id, "folder": str(base.folder)}
+    data["files"] = {sec["file"]: sec["sha256"] for sec in data.values() if isinstance(sec, dict) and "file" in sec and "sha256" in sec}
     card = ModelCard(card_out, data)
     card.save()
     return card

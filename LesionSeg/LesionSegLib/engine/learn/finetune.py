@@ -223,6 +223,10 @@ def _candidates(engine, items, thresholds=(0.5, 0.3), cancel=None):
 
 
 ROUTING_FOLDER = "in_domain"
+#: parent card sections a fine-tuned version does not inherit: the parent's own figures, training,
+#: exports and checksums, and the networks made for the parent's segmenter
+PARENT_ONLY = ("validation", "training", "onnx", "files", "release_notes", "build_command", "built_from",
+               "confidence_choice", "gate", "click_segmenter")
 
 
 def _routing(base, train, wanted: bool | None) -> dict:
@@ -371,6 +375,9 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     check_cancel(cancel, "fine-tuning")
     seconds = time.perf_counter() - t0
     data = copy.deepcopy(parent.data)
+    # what was the parent's own: its figures, training, exports and checksums (its card keeps them);
+    # and the networks made for its segmenter (a gate, a click segmenter), which this one replaces
+    dropped = [k for k in PARENT_ONLY if data.pop(k, None) is not None]
     with atomic_folder(folder) as tmp:
         data["segmenter"] = {**seg, "sha256": models.save_weights(net, tmp / seg["file"])}
         data["segmenter"].pop("training", None)
@@ -390,6 +397,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                            "lung_negative_fraction": sampler.lung_negatives, "lung_negative_patches": sampler.n_lung_negatives,
                            "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls, "base_domain_check": forgetting, "lr": lr, "decoder_lr_mult": decoder_lr_mult, "loss": loss, "batch": batch, **log, "classifier": cls_info,
                            "evaluation": _brief(evaluation), "total_minutes": round(seconds / 60, 2), "seed": seed,
+                           "parent_sections_not_kept": dropped,
                            "threads": torch.get_num_threads(), "device": "cpu"},
             "metrics": {**_metrics(evaluation), **({"base_domain_dice_before": forgetting["mean_before"],
                                                      "base_domain_dice_after": forgetting["mean_after"]} if forgetting else {})},
@@ -401,6 +409,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
             shutil.copytree(parent.folder, tmp / ROUTING_FOLDER, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
             route.update(folder=ROUTING_FOLDER, card_sha256=models.sha256_file(tmp / ROUTING_FOLDER / "card.json"))
         data["routing"] = route
+        data["files"] = {data[k]["file"]: data[k]["sha256"] for k in ("segmenter", "classifier", "ood")}
         card = models.ModelCard(tmp, data)
         for key in ("segmenter", "classifier", "ood"):
             card.verified_path(key)

@@ -37,9 +37,9 @@ RUN_SECTIONS = ("architecture", "segmenter", "detector", "roi_segmenter", "gate"
 #: the networks a card may name, and their file names in a written version
 WEIGHT_FILES = {"segmenter": "segmenter.safetensors", "classifier": "classifier.safetensors",
                 "detector": "detector.safetensors", "roi_segmenter": "roi_segmenter.safetensors", "gate": "gate.safetensors",
-                "ood": "ood.safetensors"}
+                "ood": "ood.safetensors", "click_segmenter": "click_segmenter.safetensors"}
 #: the networks a retrained classifier runs with (copied from the parent, checksum-verified)
-SEGMENTER_PARTS = ("segmenter", "detector", "roi_segmenter", "gate")
+SEGMENTER_PARTS = ("segmenter", "detector", "roi_segmenter", "gate", "click_segmenter")
 
 
 def resolve_output(parent: models.ModelCard, output: str | os.PathLike | None) -> tuple[str, str, Path]:

@@ -113,6 +113,8 @@ def replace_ood(card, ood: OODModel, extra: dict, domain: dict) -> Path:
                 os.unlink(tmp)
         data["ood"] = {**section, **extra}
         data.setdefault("domain", domain)
+        if isinstance(data.get("files"), dict):  # the card's list of its files and checksums follows
+            data["files"] = {k: v for k, v in data["files"].items() if k != old} | {section["file"]: section["sha256"]}
         path = write_text(folder / CARD_NAME, json.dumps(data, indent=2) + "\n")
     except BaseException as exc:
         if new is not None and new.name != old:

@@ -1,0 +1,102 @@
+"""Model versions made from other versions keep what their parent's card guarantees (an audit of
+every derivation: retrain, fine-tune, train-gate --attach, fit-ood, and a fine-tuned model's kept
+copy of its parent), or leave out, and say so, what no longer applies."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from LesionSegLib.engine import models
+from LesionSegLib.engine.learn import versions
+
+
+@pytest.fixture()
+def user_dir(tmp_path, monkeypatch):
+    d = tmp_path / "models"
+    d.mkdir()
+    monkeypatch.setenv("LESIONSEG_MODELS", str(d))
+    return d
+
+
+def _copy(src: str, dst: Path, **fields) -> Path:
+    shutil.copytree(models.get_card(src).folder, dst, ignore=shutil.ignore_patterns(".onnx-cache"))
+    if fields:
+        data = json.loads((dst / "card.json").read_text())
+        data.update(fields)
+        (dst / "card.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_a_fine_tuned_model_s_kept_parent_is_not_a_registered_model(user_dir):
+    """``<model>/<version>/in_domain`` (the parent a fine-tuned model routes its domain's scans to)
+    was listed as a model, offered in the Slicer selector, and could shadow the user's own model of
+    that id, so ``models export ID --write-card`` rewrote the kept copy and broke the fine-tuned model."""
+    ft = _copy("sts-clcs", user_dir / "ft" / "1", name="ft", version="1")
+    _copy("sts-clcs", ft / "in_domain")
+    ids = [c.id for c in models.list_models()]
+    assert "ft@1" in ids and ids.count("sts-clcs@1.1.0") == 1  # the shipped one only
+    assert models.get_card("sts-clcs@1.1.0").builtin
+    assert not models.shadowed(models.list_models())
+
+
+def test_attach_gate_writes_a_complete_model_folder(user_dir, tmp_path):
+    """``train-gate --attach`` copied only the segmenter and the classifier: the gated card named an
+    ood.safetensors it did not hold, so it could not be activated or run."""
+    from LesionSegLib.engine.gate.train import attach_gate
+    from LesionSegLib.engine.segment.pipeline import Engine
+
+    gate = models.get_card("sts-clcs").folder.parent / "gates" / "sts-slab-gate"
+    card = attach_gate("sts-clcs", gate, user_dir / "sts-clcs-gated" / "1.0.0", name="sts-clcs-gated")
+    card = models.read_card(card.folder)
+    assert set(versions.verify(card)) >= {"segmenter.safetensors", "classifier.safetensors", "gate.safetensors",
+                                          card.data["ood"]["file"]}
+    assert card.data["parent"]["id"] == "sts-clcs@1.1.0"
+    assert card.data["files"] == {p["file"]: models.sha256_file(card.folder / p["file"])
+                                  for p in card.data.values() if isinstance(p, dict) and "file" in p and "sha256" in p}
+    assert Engine(card, device="cpu").ood is not None
+
+
+def test_retrain_keeps_a_click_segmenter(user_dir):
+    """A click segmenter (``train_click --attach``) belongs to the segmenter, which retraining keeps:
+    it was left out of the new version, and clicks silently fell back to the plain segmenter."""
+    from LesionSegLib.engine.learn.model_writer import write_model
+    from LesionSegLib.engine.segment.classifier import ConfidenceModel
+
+    folder = _copy("sts-clcs", user_dir / "clk" / "1", name="clk", version="1")
+    data = json.loads((folder / "card.json").read_text())
+    shutil.copyfile(folder / data["segmenter"]["file"], folder / "click_segmenter.safetensors")
+    net = {**data["segmenter"]["network"], "in_channels": data["segmenter"]["network"].get("in_channels", 1) + 1}
+    data["click_segmenter"] = {**data["segmenter"], "file": "click_segmenter.safetensors", "network": net,
+                               "guidance": {"sigma_mm": 10.0}}  # the card of one (these bytes are only copied here)
+    (folder / "card.json").write_text(json.dumps(data))
+    parent = models.read_card(folder)
+    figures = {"auc": 1.0, "ece": 0.0}
+    new = write_model(parent, ConfidenceModel.from_card(parent), "clk-rt", {"label_counts": {"total": 0}, "trainer": {"mode": "head"}},
+                      {"new": figures, "old": figures})
+    assert new.data["click_segmenter"]["sha256"] == parent.data["click_segmenter"]["sha256"]
+    assert "click_segmenter.safetensors" in versions.verify(new)
+
+
+def test_fit_ood_keeps_the_card_s_file_list_true(user_dir):
+    """``fit-ood`` names its statistics after their content; the card's ``files`` kept naming the
+    deleted ood.safetensors."""
+    from LesionSegLib.engine.learn.ood_fit import replace_ood
+    from LesionSegLib.engine.segment.ood import OODModel
+
+    folder = _copy("sts-clcs", user_dir / "m" / "1", name="m", version="1")
+    data = json.loads((folder / "card.json").read_text())
+    data["files"] = {data[k]["file"]: data[k]["sha256"] for k in ("segmenter", "classifier", "ood")}
+    (folder / "card.json").write_text(json.dumps(data))
+    card = models.read_card(folder)
+    old = OODModel.from_card(card)
+    moved = OODModel(old.scans, old.lesions[:-1], old.lesion_method, old.scan_threshold, old.cap, old.domain)  # other statistics
+    replace_ood(card, moved, {}, card.data["domain"])
+    card = models.read_card(folder)
+    assert card.data["ood"]["file"] != "ood.safetensors" and not (folder / "ood.safetensors").exists()
+    assert card.data["files"] == {card.data[k]["file"]: models.sha256_file(folder / card.data[k]["file"])
+                                  for k in ("segmenter", "classifier", "ood")}
+    assert np.array_equal(models.read_card(folder).load_arrays("ood")["lesions"], moved.lesions)
