@@ -8,18 +8,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from LesionSegLib.engine import models
 from LesionSegLib.engine.learn import versions
-
-
-@pytest.fixture()
-def user_dir(tmp_path, monkeypatch):
-    d = tmp_path / "models"
-    d.mkdir()
-    monkeypatch.setenv("LESIONSEG_MODELS", str(d))
-    return d
+from test_model_cards import user_dir  # noqa: F401 (fixture: a fresh LESIONSEG_MODELS)
 
 
 def _copy(src: str, dst: Path, **fields) -> Path:
