@@ -92,3 +92,23 @@ def test_fit_ood_keeps_the_card_s_file_list_true(user_dir):
     assert card.data["files"] == {card.data[k]["file"]: models.sha256_file(folder / card.data[k]["file"])
                                   for k in ("segmenter", "classifier", "ood")}
     assert np.array_equal(models.read_card(folder).load_arrays("ood")["lesions"], moved.lesions)
+
+
+def test_fine_tuning_a_routed_model_says_when_it_gives_its_routing_up():
+    """Fine-tuning a fine-tuned model whose corrections lie inside its own (widened) domain turned
+    routing off, and the grandparent's domain then ran the twice-fine-tuned networks without a word."""
+    from types import SimpleNamespace
+
+    from LesionSegLib.engine.learn.finetune import FinetuneResult, _routing
+
+    ood = SimpleNamespace(scan_score=lambda d: 0.5, scan_threshold=1.5, domain="soft-tissue sarcoma, extremities")
+    grandparent = SimpleNamespace(card=SimpleNamespace(id="sts-clcs@1.1.0"), ood=ood)
+    parent = SimpleNamespace(card=SimpleNamespace(id="sts-clcs@2"), ood=ood, in_domain=grandparent)
+    case = SimpleNamespace(case_name="c1", hu=np.full((8, 16, 16), 40, np.int16),
+                           geometry={"spacing_zyx": [3.0, 2.0, 2.0], "origin_lps": [0.0, 0.0, 0.0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]})
+    route = _routing(parent, [case], None)
+    assert not route["enabled"] and "sts-clcs@2 sent the scans of sts-clcs@1.1.0's domain" in route["gives_up"]
+    card = SimpleNamespace(id="sts-clcs@3", folder=Path("/m"), data={"parent": {"id": "sts-clcs@2"}, "routing": route, "finetuning": {
+        "steps": 1, "train_cases": ["c1"]}})
+    assert "warning: sts-clcs@2 sent the scans" in FinetuneResult(card, 60.0, {}).summary()
+    assert "gives_up" not in _routing(SimpleNamespace(card=parent.card, ood=ood, in_domain=None), [case], None)

@@ -89,7 +89,9 @@ class FinetuneResult:
         if ft.get("replay_excluded_held_apart"):
             lines.append(f"  not replayed, being held apart: {', '.join(ft['replay_excluded_held_apart'])}")
         text = forgetting_text(ft.get("base_domain_check"), (self.card.data.get("routing") or {}).get("enabled", False))
-        return "\n".join(lines + ([f"  {text}"] if text else []) + (["  activated"] if self.activated else []))
+        gives_up = (self.card.data.get("routing") or {}).get("gives_up")
+        return "\n".join(lines + ([f"  {text}"] if text else []) + ([f"  warning: {gives_up}"] if gives_up else [])
+                         + (["  activated"] if self.activated else []))
 
 
 def usable(case) -> bool:
@@ -249,8 +251,14 @@ def _routing(base, train, wanted: bool | None) -> dict:
     why = ("every corrected training case lies outside the parent's domain" if outside else
            "some corrected training cases lie inside the parent's domain") + (
            "" if wanted is None else f"; routing {'forced on' if wanted else 'turned off'} by the caller")
-    return {"enabled": enabled, "parent": base.card.id, "rule": rule if enabled else None, "why": why,
-            "train_case_scan_ood": scores, "scan_threshold": base.ood.scan_threshold}
+    out = {"enabled": enabled, "parent": base.card.id, "rule": rule if enabled else None, "why": why,
+           "train_case_scan_ood": scores, "scan_threshold": base.ood.scan_threshold}
+    kept = getattr(base, "in_domain", None)
+    if kept is not None and not enabled:  # the parent routed its own parent's domain: said, since this one does not
+        out["gives_up"] = (f"{base.card.id} sent the scans of {kept.card.id}'s domain ({kept.ood.domain if kept.ood else '?'}) "
+                           f"to {kept.card.id}; this version does not, so those scans run its fine-tuned networks "
+                           f"(fine-tune {kept.card.id} with all the corrections to keep that routing)")
+    return out
 
 
 def retrain_classifier(engine, items, base_cm, seed=0, cancel=None):
