@@ -228,6 +228,7 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     """
     import json
 
+    from ..learn.model_writer import copy_routing
     from ..models import ModelCard, get_card
 
     base = get_card(model)
@@ -237,12 +238,7 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     for key, section in data.items():  # every network and statistics file the base's card names (not only two)
         if isinstance(section, dict) and "file" in section and key != "gate":
             (card_out / section["file"]).write_bytes(base.verified_bytes(key))
-    routing = data.get("routing")
-    if isinstance(routing, dict) and routing.get("enabled") and routing.get("folder"):  # a fine-tuned base's kept parent
-        from ..models import confined
-
-        shutil.copytree(confined(base.folder, routing["folder"], "routing folder"), card_out / routing["folder"],
-                        dirs_exist_ok=True, ignore=shutil.ignore_patterns(".onnx-cache", "*.tmp", "__pycache__"))
+    copy_routing(base, card_out)  # a fine-tuned base's kept parent (its routing section is in ``data`` already)
     part = json.loads((gate_dir / GATE_JSON).read_text(encoding="utf-8"))
     if (gate_dir / part["file"]).resolve() != (card_out / part["file"]).resolve():
         shutil.copyfile(gate_dir / part["file"], card_out / part["file"])

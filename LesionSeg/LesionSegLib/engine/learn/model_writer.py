@@ -90,9 +90,10 @@ def write_version(folder: Path, build: Callable[[Path], dict]) -> models.ModelCa
     except FileExistsError as exc:
         raise RetrainError(str(exc)) from None
     except Exception as exc:  # a full disk: one line naming the folder (nothing was left behind)
-        if write_failure(exc) is None:
+        why = write_failure(exc)
+        if why is None:
             raise
-        raise RetrainError(f"the new model version cannot be written to {folder} ({write_failure(exc)})") from None
+        raise RetrainError(f"the new model version cannot be written to {folder} ({why})") from None
     return models.read_card(folder)
 
 
@@ -131,6 +132,19 @@ def scan_only_ood(parent: models.ModelCard, tmp: Path) -> dict | None:
     return section
 
 
+def copy_routing(parent: models.ModelCard, dest: Path) -> dict | None:
+    """A copy of ``parent``'s routing section, its kept copy of its own parent (where its in-domain
+    scans go; checksum-verified on load) copied into ``dest``; None when ``parent`` does not route."""
+    import shutil
+
+    routing = parent.data.get("routing")
+    if not (isinstance(routing, dict) and routing.get("enabled") and routing.get("folder")):
+        return None
+    shutil.copytree(models.confined(parent.folder, routing["folder"], "routing folder"), dest / routing["folder"],
+                    symlinks=True, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".onnx-cache", "*.tmp", "__pycache__"))
+    return copy.deepcopy(routing)
+
+
 def parent_link(parent: models.ModelCard) -> dict:
     """Which model this one came from: id and the sha256 of its weights (never its results)."""
     link = {"id": parent.id, "folder": str(parent.folder)}
@@ -161,14 +175,9 @@ def write_model(parent: models.ModelCard, cm, output, retraining: dict, metrics:
                 files[sections["ood"]["file"]] = sections["ood"]["sha256"]
         if "domain" in parent.data:
             sections["domain"] = copy.deepcopy(parent.data["domain"])
-        routing = parent.data.get("routing")
-        if isinstance(routing, dict) and routing.get("enabled") and routing.get("folder"):
-            import shutil
-
-            # a fine-tuned parent's kept copy of its own parent, which its in-domain scans go to (checksum-verified on load)
-            shutil.copytree(models.confined(parent.folder, routing["folder"], "routing folder"), tmp / routing["folder"],
-                            symlinks=True, ignore=shutil.ignore_patterns(".onnx-cache", "*.tmp", "__pycache__"))
-            sections["routing"] = copy.deepcopy(routing)
+        routing = copy_routing(parent, tmp)
+        if routing is not None:
+            sections["routing"] = routing
         section = save_classifier(cm, tmp, WEIGHT_FILES["classifier"])
         section["training"] = {k: v for k, v in retraining.items() if k in ("trainer", "timings", "seed")}
         files[section["file"]] = section["sha256"]

@@ -120,9 +120,10 @@ def replace_ood(card, ood: OODModel, extra: dict, domain: dict) -> Path:
         if new is not None and new.name != old:
             with contextlib.suppress(OSError):
                 new.unlink()
-        if write_failure(exc) is not None:
+        why = write_failure(exc)
+        if why is not None:
             raise ModelError(f"model {card.id}: cannot write its out-of-distribution statistics in {folder} "
-                             f"({write_failure(exc)}); the model is unchanged") from None
+                             f"({why}); the model is unchanged") from None
         raise
     card.data = data
     if old and old != section["file"] and not any(isinstance(p, dict) and p.get("file") == old for p in data.values()):

@@ -68,8 +68,9 @@ def active_state_problem() -> str | None:
         recorded = models.read_active_state()["active"]
     except ModelError as exc:
         return f"{exc}; the default model {models.default_model_id()} is used meanwhile"
-    if recorded and models.upgraded(recorded) != recorded:
-        return (f"the activated model {recorded} was replaced by the shipped {models.upgraded(recorded)} (an update of "
+    successor = models.upgraded(recorded) if recorded else recorded
+    if successor != recorded:
+        return (f"the activated model {recorded} was replaced by the shipped {successor} (an update of "
                 "LesionSeg): that one is used; `lesionseg models activate` records it")
     return None
 
