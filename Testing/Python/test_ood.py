@@ -169,3 +169,22 @@ def test_fit_ood_replaces_the_statistics_and_a_full_disk_is_one_error_line(tmp_p
     assert err[-1].startswith("error: ") and "No space left on device" in err[-1] and str(folder) in err[-1]
     assert (folder / "card.json").read_text() == before
     versions.verify(models.read_card(folder))
+
+
+def test_fit_ood_refuses_a_model_fine_tuned_on_corrected_cases(tmp_path, monkeypatch, capsys):
+    """fit-ood on a fine-tuned model refitted its reference on the sarcoma training scans alone: the
+    corrected (chest) domain it was fine-tuned for was then warned and capped as unlike the model,
+    while its ``domain`` still named the corrected cases."""
+    from LesionSegLib.engine.cli import main
+
+    folder = tmp_path / "ft"
+    shutil.copytree(model_folder(), folder)
+    data = json.loads((folder / "card.json").read_text())
+    data["domain"] = dict(data["domain"], corrected_cases=["lung1", "LIDC-IDRI-0001"])
+    (folder / "card.json").write_text(json.dumps(data))
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    _stub_fit_ood(monkeypatch)
+    assert main(["fit-ood", "--model", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "fine-tuned on 2 corrected case(s) (lung1, LIDC-IDRI-0001)" in err and "unchanged" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before

@@ -80,12 +80,29 @@ def fit_card(model: str | None = None, cases=None, cluster_cases: int = 12) -> s
     from ..segment.pipeline import Engine
 
     card = get_card(model)
+    refuse_corrected_domain(card)
     engine = Engine(card, device="cpu")
     names = cases or dataset.STS_TRAIN
     images = [read_image(dataset.case(n).image) for n in names]  # an unknown name: one error naming it
     _, embs = references(engine, images[:cluster_cases])
     ood = from_candidates(images, embs, STS_DOMAIN)
     return str(replace_ood(card, ood, {"cluster_cases": names[:cluster_cases]}, dict(STS_DOMAIN, n_cases=len(names))))
+
+
+def refuse_corrected_domain(card) -> None:
+    """Refuse a model whose domain holds reviewers' corrected cases (a fine-tuned model, or one made
+    from it): ``lesionseg finetune`` fitted its statistics on those scans, read from the feedback
+    database, beside the replay cases.  Refitted here on the sarcoma training scans alone, every scan
+    of the corrected domain would be called unlike the model, warned and capped, while its
+    ``domain`` still names them."""
+    domain = card.data.get("domain")
+    corrected = domain.get("corrected_cases") if isinstance(domain, dict) else None
+    if corrected:
+        names = ", ".join(map(str, corrected[:3])) + (", ..." if len(corrected) > 3 else "")
+        raise ModelError(f"model {card.id} was fine-tuned on {len(corrected)} corrected case(s) ({names}), whose scans "
+                         "are part of its out-of-distribution reference; fit-ood reads only the training scans of the "
+                         "data folder, so it would flag that domain as unlike the model. Its statistics were fitted "
+                         "by lesionseg finetune: fine-tune again from the parent to refit them; the model is unchanged")
 
 
 def replace_ood(card, ood: OODModel, extra: dict, domain: dict) -> Path:
