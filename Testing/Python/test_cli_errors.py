@@ -313,3 +313,28 @@ def test_progress_covers_reading_detection_clusters_and_writing(tmp_path, capsys
     assert stages[0] == "read" and stages[-1] == "write" and {"detect", "roi_segmentation", "clusters"} <= set(stages)
     detect = [f for s, f in steps if s == "detect"]
     assert len(detect) >= 9 and detect == sorted(detect) and detect[0] == pytest.approx(0.1)  # start, then each of 8 flips
+
+
+def test_an_over_long_case_name_is_refused_before_the_scan_is_read(tmp_path, capsys, monkeypatch):
+    """An input named with 241-248 characters was read and segmented, then failed at the write with
+    "File name too long" (``<stem>_lesions.nii.gz`` passes 255 bytes); from 219 bytes the first run
+    worked, and every re-run into the same folder failed so, when the earlier outputs were moved
+    aside (``.tmp-old-<12 hex>-<name>``). ``batch`` refused names over 200 bytes up front;
+    ``segment`` and ``click`` now do too, and the other inputs still run."""
+    from LesionSegLib.engine.io import images
+
+    good = _ct(tmp_path / "good.nii.gz")
+    long = tmp_path / ("c" * 230 + ".nii.gz")
+    long.symlink_to(good)
+    read = []
+    real = images.read_image
+    monkeypatch.setattr(images, "read_image", lambda p, *a, **k: read.append(Path(p).name) or real(p, *a, **k))
+    out = tmp_path / "out"
+    rc = cli.main(["segment", str(long), str(good), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "case name too long (230 bytes; at most 200)" in err and "rename the input" in err
+    assert read == ["good.nii.gz"] and sorted(p.name for p in out.iterdir()) == [
+        "good.seg.nrrd", "good_lesions.csv", "good_lesions.nii.gz"]
+    rc = cli.main(["click", str(long), "--point", "0,0,0", "-o", str(tmp_path / "clicks")])
+    assert rc == 1 and "case name too long (230 bytes" in capsys.readouterr().err
+    assert read == ["good.nii.gz"] and not (tmp_path / "clicks").exists()

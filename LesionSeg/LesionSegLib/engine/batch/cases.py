@@ -23,7 +23,7 @@ from pathlib import Path
 from ..atomic import TMP_PREFIX, write_text
 from ..errors import InputError
 from ..io.csv_cells import safe_cell
-from ..io.images import folder_inputs, folder_problem, output_stem, series_folder
+from ..io.images import folder_inputs, folder_problem, name_length_problem, output_stem, series_folder
 from ..models import sha256_file
 
 MARKER_SUFFIX = ".done.json"
@@ -32,9 +32,6 @@ LOCK_NAME = ".batch.lock"
 REPORT_COLUMNS = ("case", "status", "error", "seconds", "lesions", "worker", "attempts", "input")
 #: manifest columns that may hold the image path, in order of preference
 PATH_COLUMNS = ("image", "path", "input", "file")
-#: the longest case name in bytes: its outputs (``<case>_lesions.nii.gz``, ``<case>.done.json``)
-#: and their temporaries must stay under the file systems' 255-byte limit on a name
-MAX_NAME_BYTES = 200
 
 
 @dataclass
@@ -94,9 +91,7 @@ def name_problem(name: str) -> str:
     """Why ``name`` cannot name a case's output files ("" when it can)."""
     if name in ("", ".", "..") or any(c in name for c in "/\\\0") or name.startswith(TMP_PREFIX):
         return f"invalid case name {name!r}"
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
-        return f"case name too long ({len(name.encode('utf-8', 'surrogateescape'))} bytes; at most {MAX_NAME_BYTES})"
-    return ""
+    return name_length_problem(name)
 
 
 def _name(path: Path) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import LesionSegError
+from ..errors import InputError, LesionSegError
 from .common import error_line, one_line, output_problem, positive_int
 
 DEFAULT_CLICK_MODEL = "sts-clcs"  # best click Dice on training-case clicks (see the module)
@@ -43,7 +43,7 @@ def fallback_engine(engine, args):
 def cmd_click(args) -> int:
     from ..atomic import AtomicWriter
     from ..click import click
-    from ..io.images import output_stem, read_image
+    from ..io.images import name_length_problem, output_stem, read_image
     from ..segment.pipeline import Engine
 
     writer = None
@@ -58,9 +58,11 @@ def cmd_click(args) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     try:
+        stem = output_stem(args.image)
+        if why := name_length_problem(stem):  # before the scan is read, not at the write
+            raise InputError(f"{why}: its output names would pass the file system's limit; rename the input")
         image = read_image(args.image)
         res = click(engine, image, points, source=str(args.image), fallback=fallback_engine(engine, args))
-        stem = output_stem(args.image)
         writer = AtomicWriter(args.output)
         names = [f"{stem}_click.nii.gz", f"{stem}_click.csv"]
         res.write_labelmap(writer.path(names[0]))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LesionSegError
-from ..io.images import expand_inputs, output_stem
+from ..errors import InputError, LesionSegError
+from ..io.images import expand_inputs, name_length_problem, output_stem
 from .common import Progress, emit, error_line, one_line, output_problem, positive_int, unit_interval
 
 
@@ -64,6 +64,8 @@ def write_case(engine, path, outdir, stem=None, threshold=None, progress=None, s
     from ..io.images import read_image, read_note
 
     stem = stem or output_stem(path)
+    if why := name_length_problem(stem):  # before the scan is read and segmented, not at the write
+        raise InputError(f"{why}: its output names would pass the file system's limit; rename the input")
     writer = AtomicWriter(outdir)
     try:
         t = time.perf_counter()

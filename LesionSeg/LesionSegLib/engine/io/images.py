@@ -28,6 +28,15 @@ SPACING_MAX_MM = 50.0
 
 #: file stems that name no case (``<case>/image.nii.gz``): the folder names the case instead
 GENERIC_STEMS = frozenset({"image", "img", "ct", "volume", "scan"})
+#: the longest case name in bytes: its outputs (``<case>_lesions.nii.gz``, a batch's ``<case>.done.json``)
+#: and their temporaries must stay under the file systems' 255-byte limit on a name
+MAX_NAME_BYTES = 200
+
+
+def name_length_problem(name: str) -> str:
+    """Why ``name`` is too long to name a case's output files ("" when it is not)."""
+    n = len(name.encode("utf-8", "surrogateescape"))
+    return f"case name too long ({n} bytes; at most {MAX_NAME_BYTES})" if n > MAX_NAME_BYTES else ""
 #: parts of a file name that mark a label map, not a scan (skipped beside scans in a folder input)
 LABEL_HINTS = ("label", "mask", "seg", "lesion", "annotation")
 
