@@ -138,7 +138,8 @@ def body_box(hu: np.ndarray, spacing: Sequence[float], threshold: float = -500.0
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         prof = mask.any(axis=other)
-        # ignore isolated specks (table, noise): need a few voxels along the profile
+        # every voxel above the threshold counts: a speck far from the body (noise, a table
+        # fragment) widens the box, which costs time but never cuts a lesion away
         idx = np.flatnonzero(prof)
         m = int(np.ceil(margin_mm / spacing[axis]))
         lo.append(max(0, int(idx[0]) - m))

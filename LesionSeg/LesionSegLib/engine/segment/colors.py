@@ -36,9 +36,3 @@ def status_color(status: str, confidence: float) -> tuple[float, float, float]:
     if status == "rejected":
         return REJECTED_COLOR
     return confidence_color(confidence)
-
-
-def colorbar(width: int = 256, height: int = 16) -> np.ndarray:
-    """An RGB uint8 image of the colormap, left (0) to right (1), for a legend."""
-    row = np.array([confidence_color(i / (width - 1)) for i in range(width)])
-    return (np.repeat(row[None], height, axis=0) * 255).round().astype(np.uint8)

@@ -64,8 +64,10 @@ def adaptive_patch(hu: np.ndarray, prob: np.ndarray, labels: np.ndarray, c: Clus
     half = np.ceil(side / sp / 2.0).astype(int)
     plo = np.floor(centre).astype(int) - half
     phi = np.floor(centre).astype(int) + half
-    # Sample at most 2x the patch size per axis before the final (anti-aliased) resize, so a
-    # huge cluster on a fine grid never needs a full-resolution copy of its neighbourhood.
+    # Sample at most 2x the patch size per axis (a plain stride) before the final linear resize, so a
+    # huge cluster on a fine grid never needs a full-resolution copy of its neighbourhood.  Neither
+    # step low-pass filters (the scan itself was, on its way to the model grid: io.resample); the
+    # shipped classifiers were trained on patches made this way, so it stays as it is.
     idx = []
     for a, b, p in zip(plo, phi, PATCH_SIZE):
         step = max(1, (b - a) // (2 * p))
@@ -99,6 +101,8 @@ def tabular_features(
         "log_extent_y_mm": float(np.log1p(extent[1])),
         "log_extent_x_mm": float(np.log1p(extent[2])),
         "bbox_fill": float(c.n_voxels / max(1, np.prod([s.stop - s.start for s in c.bbox]))),
+        # the fill of the sphere whose diameter is the largest one (volume / (pi/6 d^3)): 1 for a ball,
+        # 0.39 for a cube (whose true sphericity is 0.81); the cards' classifiers know it by this key
         "sphericity": float(min(1.0, volume_mm3 / sphere)) if sphere > 0 else 0.0,
         "mean_prob": float(pr_v.mean()),
         "max_prob": float(pr_v.max()),
