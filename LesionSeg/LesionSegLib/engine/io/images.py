@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -285,28 +286,43 @@ def _series_folders_below(folder: Path, limit: int = 3) -> list[Path]:
     return found
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet = {"depth": 0, "saved": None, "warnings": True}
+
+
 @contextlib.contextmanager
 def quiet_itk() -> Iterator[None]:
     """Silence ITK/GDCM/MetaIO during a read: ITK's warning display is switched off, and what
-    the C++ libraries print straight to stderr (file descriptor 2) goes to the null device."""
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    saved = None
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.close(null)
-    except (OSError, ValueError, AttributeError):  # no usable fd 2 (e.g. a GUI process): warnings are off anyway
-        pass
+    the C++ libraries print straight to stderr (file descriptor 2) goes to the null device.
+
+    Both are process-wide, so reads in several threads share one silencing: the first to enter
+    saves and redirects, the last to leave restores (each saving the other's null device had left
+    stderr on it, and ITK's warnings off, for good)."""
+    with _QUIET_LOCK:
+        if _quiet["depth"] == 0:
+            _quiet["warnings"] = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            _quiet["saved"] = None
+            try:
+                sys.stderr.flush()
+                _quiet["saved"] = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+            except (OSError, ValueError, AttributeError):  # no usable fd 2 (e.g. a GUI process): warnings are off anyway
+                pass
+        _quiet["depth"] += 1
     try:
         yield
     finally:
-        if saved is not None:
-            os.dup2(saved, 2)
-            os.close(saved)
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+        with _QUIET_LOCK:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                if _quiet["saved"] is not None:
+                    os.dup2(_quiet["saved"], 2)
+                    os.close(_quiet["saved"])
+                    _quiet["saved"] = None
+                sitk.ProcessObject.SetGlobalWarningDisplay(_quiet["warnings"])
 
 
 def _first_line(exc: BaseException) -> str:
@@ -332,6 +348,7 @@ def validate_ct(image: sitk.Image, source: str | None = None) -> None:
     if min(size) < 2:
         raise InputError(f"image of size {tuple(int(n) for n in size)} is 2D (a single slice); a 3D CT volume is required", source)
     spacing = np.asarray(image.GetSpacing(), dtype=float)
+    extent = np.asarray(size, dtype=float) * spacing
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"zero, negative or non-finite voxel spacing {_num(spacing)} mm", source)
     if np.any(spacing < SPACING_MIN_MM) or np.any(spacing > SPACING_MAX_MM):
@@ -339,6 +356,12 @@ def validate_ct(image: sitk.Image, source: str | None = None) -> None:
             f"absurd voxel spacing {_num(spacing)} mm; expected {SPACING_MIN_MM:g}-{SPACING_MAX_MM:g} mm",
             source,
         )
+    thin = [k for k in range(3) if size[k] < MIN_AXIS_VOXELS or extent[k] < MIN_AXIS_MM]
+    if thin:
+        k = thin[0]
+        raise InputError(f"image of size {tuple(int(n) for n in size)} is a thin slab: {size[k]} voxels spanning "
+                         f"{extent[k]:.1f} mm along axis {'ijk'[k]}; a 3D CT volume at least {MIN_AXIS_VOXELS} voxels "
+                         f"and {MIN_AXIS_MM:g} mm deep along each axis is required", source)
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     if not np.all(np.isfinite(direction)) or np.abs(direction.T @ direction - np.eye(3)).max() > SHEAR_TOLERANCE:
         raise InputError(f"sheared voxel grid: its axes are not at right angles ({_axis_angles(direction)}), as a "
@@ -353,18 +376,61 @@ def validate_ct(image: sitk.Image, source: str | None = None) -> None:
     lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
         raise InputError(f"empty volume: every voxel is {lo:g}", source)
+    padding, lo = _padding(arr, lo, hi)
+    pad = f" (outside the field of view: {padding:g})" if padding is not None else ""
     if lo < HU_MIN_PLAUSIBLE or hi > HU_MAX_PLAUSIBLE:
         raise InputError(
-            f"intensity range [{lo:g}, {hi:g}] is not CT in Hounsfield units (expected within "
+            f"intensity range [{lo:g}, {hi:g}]{pad} is not CT in Hounsfield units (expected within "
             f"[{HU_MIN_PLAUSIBLE:g}, {HU_MAX_PLAUSIBLE:g}])",
             source,
         )
-    if lo > -100.0 or hi < 0.0:
+    if hi < 0.0:
+        raise InputError(f"intensity range [{lo:g}, {hi:g}]{pad} holds no tissue: every voxel is below 0 HU, as in a scan "
+                         "of air; a CT of the patient is required", source)
+    if lo > -100.0 and (padding is None or _raw_soft_tissue(arr, padding)):
         raise InputError(
-            f"intensity range [{lo:g}, {hi:g}] is not CT in Hounsfield units (a CT has fat or air below "
-            "-100 HU and soft tissue above 0 HU); is this an MR or an unrescaled CT?",
+            f"intensity range [{lo:g}, {hi:g}]{pad} is not CT in Hounsfield units (a CT has fat or air below "
+            "-100 HU and soft tissue above 0 HU); is this an MR, or a CT stored without its rescale "
+            "(raw values, air near 0 instead of -1000 HU)?",
             source,
         )
+
+
+#: the thinnest axis a volume may have: two or three slices give no meaningful 3D result, and
+#: under 6 mm not even the smallest lesion kept (100 mm^3, a 5.8 mm ball) fits
+MIN_AXIS_VOXELS = 4
+MIN_AXIS_MM = 6.0
+#: a constant minimum value this far below every other voxel is the scanner's out-of-field padding
+PADDING_GAP_HU = 100.0
+
+
+def _padding(arr: np.ndarray, lo: float, hi: float) -> tuple[float | None, float]:
+    """(the padding value, the lowest value that is not padding).  Scanners fill the voxels outside
+    the reconstructed field of view with one constant well below everything else (-1024, -2048,
+    -3024, -32768: DICOM's PixelPaddingValue); it is no tissue, so the HU checks leave it out,
+    where it had made a -32768-padded CT "not CT" and let a CT stored without its rescale
+    (+1024), whose padding is the only value below 0, pass as one."""
+    if lo > -1000.0:
+        return None, lo
+    rest = hi
+    for chunk in range(0, arr.shape[0], 32):  # the second-lowest value, without a full-size copy
+        block = arr[chunk:chunk + 32]
+        above = block[block > lo]
+        if above.size:
+            rest = min(rest, float(above.min()))
+    return (lo, rest) if rest - lo >= PADDING_GAP_HU else (None, lo)
+
+
+def _raw_soft_tissue(arr: np.ndarray, padding: float) -> bool:
+    """Whether a padded scan with nothing below -100 besides its padding holds its soft tissue near
+    +1000 (a fifth of the voxels above 900), as stored values without the rescale do (HU + 1024);
+    a body-masked CT (constant background, lean tissue near 0 HU) does not, and is a CT."""
+    inside = above = 0
+    for chunk in range(0, arr.shape[0], 32):
+        block = arr[chunk:chunk + 32]
+        inside += int(np.count_nonzero(block > padding))
+        above += int(np.count_nonzero(block > 900))
+    return above >= 0.2 * max(inside, 1)
 
 
 #: largest |D^T D - I| entry of a direction matrix taken as orthonormal (rounding in headers)
