@@ -83,7 +83,7 @@ class ReviewClock:
 @dataclass
 class Decision:
     case_name: str
-    #: content hash of the voxels and geometry (see ``engine.pipeline.case_hash``)
+    #: content hash of the voxels and geometry (see ``engine.segment.pipeline.case_hash``)
     case_hash: str
     lesion_id: int
     decision: str  # one of DECISIONS

@@ -40,6 +40,7 @@ for any point when one is bad.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Sequence
 
@@ -187,11 +188,12 @@ def _lesion_at(engine, image: sitk.Image, p, idx, cancel=None):
 SAME_LESION_SHARE = 0.5
 
 
-def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], cancel=None, source: str | None = None,
-          fallback=None) -> SegmentationResult:
+def click(engine, image: sitk.Image | str | os.PathLike, points_lps: Sequence[Sequence[float]], cancel=None,
+          source: str | None = None, fallback=None) -> SegmentationResult:
     """Segment the lesion under each point; lesion ``k`` (label ``k``) is point ``k`` (1-based).
 
-    ``engine``: any :class:`~.segment.pipeline.Engine`.  ``fallback``: an engine, or a function
+    ``engine``: any :class:`~.segment.pipeline.Engine`.  ``image``: a ``SimpleITK.Image``, or the
+    path of an image file or DICOM folder.  ``fallback``: an engine, or a function
     that returns one (called at most once, when first needed), that answers a point where
     ``engine`` finds no lesion; the result's messages say which points it answered.  The labelmap
     is on ``image``'s grid; where two points' lesions overlap the earlier point keeps the voxel.  A
@@ -199,7 +201,9 @@ def click(engine, image: sitk.Image, points_lps: Sequence[Sequence[float]], canc
     lesion: it gets no label and no row, and a message says so.
     """
     from .io.images import validate_ct
+    from .segment.arguments import as_image
 
+    image, source = as_image(image, source)
     validate_ct(image, source)
     if not points_lps:
         raise InputError("no point given")

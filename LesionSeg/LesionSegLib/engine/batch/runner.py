@@ -11,11 +11,15 @@
 
 The output folder and the inputs must be visible at the same paths from every node (a shared
 file system), as with any Ray job writing files.
+
+``ray`` is imported by the functions that use it, never by importing this module: its import
+replaces ``sys.excepthook`` and sets ``RAY_CLIENT_MODE`` in the importing process.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -24,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
-
-import ray
 
 from ..errors import LesionSegError
 from ..segment.result import OUTPUT_SUFFIXES
@@ -36,16 +38,22 @@ CONNECT_TIMEOUT_S = 25.0
 READY_TIMEOUT_S = 600.0
 REPORT_EVERY_S = 2.0  # the report is rewritten at most this often while cases finish (and at the end)
 MAX_ATTEMPTS = 2  # a case whose worker dies is retried once
-DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+
+
+def _died() -> tuple[type[BaseException], ...]:
+    """The errors of a Ray worker that died."""
+    import ray
+
+    return ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError
 
 
 class BatchError(LesionSegError):
     """The batch as a whole cannot run (unreachable cluster, unusable model)."""
 
 
-@ray.remote(max_restarts=0, max_task_retries=0)
 class SegmentWorker:
-    """Loads the model once; segments the cases it is given one after the other."""
+    """Loads the model once; segments the cases it is given one after the other (a Ray actor:
+    :func:`_remote_worker`)."""
 
     def __init__(self, model: str | None, device: str, threads: int | None):
         from ..segment.pipeline import Engine
@@ -58,6 +66,14 @@ class SegmentWorker:
 
     def run(self, case: str, input_path: str, outdir: str, model_key: str, threshold: float | None) -> dict:
         return run_case(self.engine, case, input_path, outdir, model_key, threshold, self.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _remote_worker():
+    """:class:`SegmentWorker` as a Ray actor class (made once, on first use)."""
+    import ray
+
+    return ray.remote(max_restarts=0, max_task_retries=0)(SegmentWorker)
 
 
 # ------------------------------------------------------------------------------ connecting
@@ -86,6 +102,8 @@ def _init_within(seconds: float, what: str, **kw) -> None:
     """``ray.init(**kw)`` given up after ``seconds``: it runs in a daemon thread, because a
     listener that is no Ray (or a cluster that never answers) blocks it in C++, where neither
     SIGALRM nor Ctrl-C reaches it."""
+    import ray
+
     box: dict = {}
 
     def target():
@@ -135,6 +153,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
 
 
 def _connect(address: str | None, num_cpus: int | None) -> str:
+    import ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = {"log_to_driver": False, "logging_level": "ERROR", "include_dashboard": False}
     if address in (None, "", "local"):
@@ -156,6 +176,8 @@ def _connect(address: str | None, num_cpus: int | None) -> str:
 def check_resources(cpus_per_task: int, gpus_per_task: float) -> None:
     """Raise :class:`BatchError` when no node of the cluster can ever hold one worker (``--gpus-per-task
     1`` without a GPU, ``--cpus-per-task 4`` on 2 cores): Ray would wait for it in silence."""
+    import ray
+
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] or [ray.cluster_resources()]
     need = {"CPU": float(cpus_per_task), "GPU": float(gpus_per_task)}
     if any(all(res.get(k, 0.0) >= v for k, v in need.items() if v) for res in nodes):
@@ -171,6 +193,8 @@ def check_resources(cpus_per_task: int, gpus_per_task: float) -> None:
 def default_workers(local: bool, cpus_per_task: int, gpus_per_task: float) -> int:
     if local:
         return max(1, (os.cpu_count() or 1) // cpus_per_task)
+    import ray
+
     res = ray.cluster_resources()
     if gpus_per_task:
         return max(1, int(res.get("GPU", 0) // gpus_per_task))
@@ -207,10 +231,12 @@ class Batch:
         self.on_event(case, info)
 
     def start_workers(self, n: int, options: dict, args: tuple) -> None:
-        actors = [SegmentWorker.options(**options).remote(*args) for _ in range(n)]
+        import ray
+
+        actors = [_remote_worker().options(**options).remote(*args) for _ in range(n)]
         try:
             infos = ray.get([a.info.remote() for a in actors], timeout=READY_TIMEOUT_S)
-        except (ray.exceptions.RayTaskError, *DIED) as exc:  # e.g. the model cannot be loaded there
+        except (ray.exceptions.RayTaskError, *_died()) as exc:  # e.g. the model cannot be loaded there
             raise BatchError(f"a Ray worker failed to start: {_last_error_line(exc)}") from None
         except ray.exceptions.GetTimeoutError:
             raise BatchError(f"the Ray workers did not start within {READY_TIMEOUT_S:.0f} s "
@@ -229,12 +255,14 @@ class Batch:
             self.inflight[ref] = (case, actor)
 
     def collect(self, options: dict, args: tuple, timeout: float = 1.0) -> None:
+        import ray
+
         done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
         for ref in done:
             case, actor = self.inflight[ref]
             try:
                 res = ray.get(ref)  # a worker's KeyboardInterrupt comes back as one: the case stays in flight
-            except DIED as exc:
+            except _died() as exc:
                 del self.inflight[ref]
                 self._worker_died(case, actor, exc, options, args)
                 continue
@@ -243,6 +271,8 @@ class Batch:
             self.finish(case, res.pop("status"), **res)
 
     def _worker_died(self, case: Case, actor, exc, options: dict, args: tuple) -> None:
+        import ray
+
         worker = self.names.pop(actor, "?")
         with contextlib.suppress(Exception):
             ray.kill(actor)
@@ -259,6 +289,8 @@ class Batch:
 
     def cancel(self) -> None:
         """Kill every actor; mark what was running or queued as cancelled; leave no partial case."""
+        import ray
+
         for actor in list(self.names):
             with contextlib.suppress(Exception):
                 ray.kill(actor)
@@ -321,6 +353,8 @@ def run_batch(cases: list[Case], outdir: str, *, model: str | None, model_key: s
             on_event(case, {})
         if not todo:
             return batch
+        import ray
+
         local = address in (None, "", "local")
         n = num_workers or None
         connected = connect(address, num_cpus=(n * cpus_per_task) if (local and n) else None)

@@ -21,13 +21,19 @@ ECE_BINS = 10
 
 
 def dice_score(pred_mask: np.ndarray, gt_mask: np.ndarray) -> float:
-    """Dice of two binary volumes with MONAI's DiceMetric (1.0 when both are empty)."""
+    """Dice of two volumes of one shape with MONAI's DiceMetric (1.0 when both are empty); any
+    nonzero voxel is foreground, so a labelmap of lesion ids may be passed as it is (a cast to
+    uint8 made id 256 background, and an id above 1 skewed the score).  Shapes must match:
+    broadcasting a slice against a volume gave a Dice above 1."""
     import torch
     from monai.metrics import DiceMetric
 
+    pred, gt = np.asarray(pred_mask) > 0, np.asarray(gt_mask) > 0
+    if pred.shape != gt.shape:
+        raise ValueError(f"masks of different shapes: prediction {pred.shape}, ground truth {gt.shape}")
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-    p = torch.from_numpy(np.ascontiguousarray(pred_mask, dtype=np.uint8))[None, None]
-    g = torch.from_numpy(np.ascontiguousarray(gt_mask, dtype=np.uint8))[None, None]
+    p = torch.from_numpy(pred.view(np.uint8))[None, None]
+    g = torch.from_numpy(gt.view(np.uint8))[None, None]
     return float(metric(y_pred=p, y=g).reshape(-1)[0])
 
 

@@ -271,6 +271,10 @@ class FeedbackStore:
     def _upsert(self, con: sqlite3.Connection, row: dict, source: str, only_if_newer: bool = False) -> str:
         if row["decision"] not in DECISION_VALUES:
             raise FeedbackStoreError(f"invalid decision {row['decision']!r}; expected one of {DECISION_VALUES}")
+        for key in ("case_hash", "model_id"):  # the row's identity: an empty one let other cases' decisions overwrite it
+            if not row[key]:
+                raise FeedbackStoreError(f"the decision on lesion {row['lesion_id']} of case {row['case_name']!r} has no {key} "
+                                         "(case_hash: engine.segment.pipeline.case_hash(image); model_id: the result's)")
         now = _now()
         source = row.get("kept_source") or source
         cur = con.execute(

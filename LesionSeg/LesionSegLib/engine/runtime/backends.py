@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 from typing import Callable
 
 import numpy as np
@@ -73,9 +74,15 @@ def _threads(threads: int | None) -> int:
 def open_backend(runtime: str, onnx: bytes, threads: int | None = None, outputs: int = 1) -> Callable[[dict], np.ndarray]:
     """A callable running the ONNX model ``onnx`` (the verified bytes of the export, never a path to
     read again): ``f({input: array}) -> first output`` (or the tuple of the first ``outputs``
-    outputs when ``outputs > 1``)."""
+    outputs when ``outputs > 1``).
+
+    Calls from several threads take turns (one lock per callable): OpenVINO's single infer request
+    fails with "Infer Request is busy" when two threads run it, and its outputs live in that request
+    until copied out; ONNX Runtime's ``run`` is thread-safe, but taking turns keeps an engine within
+    its ``threads`` on either runtime."""
     if not isinstance(onnx, (bytes, bytearray)):
         raise TypeError("open_backend takes the verified bytes of an ONNX model")
+    lock = threading.Lock()
     if runtime == "openvino":
         _no_telemetry("openvino")
         import openvino as ov
@@ -86,8 +93,10 @@ def open_backend(runtime: str, onnx: bytes, threads: int | None = None, outputs:
         request = compiled.create_infer_request()
 
         def run_ov(feeds: dict):
-            res = request.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})
-            return np.array(res[0]) if outputs == 1 else tuple(np.array(res[i]) for i in range(outputs))
+            feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+            with lock:  # the copies too: the next call overwrites the request's output tensors
+                res = request.infer(feeds)
+                return np.array(res[0]) if outputs == 1 else tuple(np.array(res[i]) for i in range(outputs))
 
         return run_ov
     if runtime == "onnxruntime":
@@ -100,7 +109,9 @@ def open_backend(runtime: str, onnx: bytes, threads: int | None = None, outputs:
         session = ort.InferenceSession(bytes(onnx), opts, providers=["CPUExecutionProvider"])
 
         def run_ort(feeds: dict):
-            res = session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})
+            feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+            with lock:
+                res = session.run(None, feeds)
             return res[0] if outputs == 1 else tuple(res[:outputs])
 
         return run_ort

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -145,7 +146,9 @@ class Segmenter:
     """A card's segmentation network on the chosen runtime (``auto``, ``openvino``, ``onnxruntime``, ``torch``).
 
     ``probability(x)`` maps the preprocessed input (C, z, y, x) to the foreground probability
-    (z, y, x) on the same grid, blending sliding windows with MONAI's Gaussian weights.
+    (z, y, x) on the same grid, blending sliding windows with MONAI's Gaussian weights.  Threads
+    sharing it take turns: per window on an ONNX runtime (see :func:`..runtime.backends.open_backend`),
+    per pass with PyTorch, whose pass may move the network (to the CPU after a CUDA out-of-memory).
     """
 
     def __init__(self, card, device: str = "auto", runtime: str | None = None, threads: int | None = None,
@@ -155,6 +158,7 @@ class Segmenter:
         self.roi = tuple(int(v) for v in self.cfg["roi_size"])
         self.overlap = float(self.cfg.get("overlap", 0.25))
         self.threads = threads
+        self._lock = threading.Lock()
         self.runtime, self.messages = choose_runtime(device, runtime)
         if self.runtime == "torch":
             import torch
@@ -187,10 +191,11 @@ class Segmenter:
         if self.runtime == "torch":
             import torch
 
-            prob, self.used_device, msgs = sliding_window_probability(
-                self.net, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.roi, self.overlap, self.device, progress, cancel
-            )
-            self.messages.extend(m for m in msgs if m not in self.messages)
+            with self._lock:
+                prob, self.used_device, msgs = sliding_window_probability(
+                    self.net, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.roi, self.overlap, self.device, progress, cancel
+                )
+                self.messages.extend(m for m in msgs if m not in self.messages)
             return prob.numpy()
         from ..runtime.ops import sigmoid
         from ..runtime.sliding import sliding_window

@@ -1,7 +1,7 @@
 """The CLCS pipeline: read -> preprocess -> infer -> clusters -> patch classifier -> result.
 
-    from LesionSegLib.engine.pipeline import Engine
-    result = Engine().segment(SimpleITK.ReadImage("ct.nii.gz"))
+    from LesionSegLib.engine.segment.pipeline import Engine
+    result = Engine().segment("ct.nii.gz")   # or a SimpleITK.Image
 
 Geometry: the image is permuted/flipped (no interpolation) to the LPS-closest orientation,
 cropped to the body, resampled to the model's spacing, segmented with MONAI sliding windows,
@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .clusters import cluster_stats, find_clusters
+from .arguments import as_image, check_threads, confidence_threshold
 from ..errors import CancelledError, InputError
 from .features import adaptive_patch, feature_matrix, tabular_features
 from .inference import Segmenter
@@ -95,6 +96,12 @@ class Engine:
     (or just :meth:`load_networks` for PyTorch networks) and :meth:`probability` (foreground
     probability on the canonical input grid); everything from clusters on (measurements,
     patches, confidence, OOD, result) is shared.
+
+    ``threads`` (None: every core) bounds the whole pipeline, as the CLI's ``--threads`` does: it
+    sets SimpleITK's process-wide default thread count, and torch's on the torch runtime, for the
+    rest of the process (other engines and the caller's own ITK/torch code included), not only for
+    this engine.  One engine may be shared by threads, but its network calls take turns (a lock
+    per network): for parallel segmentation use one engine per thread (or process).
     """
 
     architecture: str | None = None
@@ -108,6 +115,7 @@ class Engine:
         self, model: str | os.PathLike | ModelCard | None = None, device: str = "auto", threads: int | None = None,
         runtime: str | None = None, gate: str | os.PathLike | None = None,
     ):
+        check_threads(threads)  # before any model loads: a bad argument is never blamed on the model
         self.card = model if isinstance(model, ModelCard) else get_card(model)
         if self.card.architecture != self.architecture:
             raise InputError(f"model {self.card.id} uses architecture {self.card.architecture!r}, which {type(self).__name__} cannot run")
@@ -204,7 +212,7 @@ class Engine:
 
     def segment(
         self,
-        image: sitk.Image,
+        image: sitk.Image | str | os.PathLike,
         threshold: float | None = None,
         progress: Callable[[float, str], None] | None = None,
         cancel: Callable[[], bool] | None = None,
@@ -212,16 +220,16 @@ class Engine:
         keep_probability: bool = False,
         source: str | None = None,
     ) -> SegmentationResult:
-        """Segment ``image`` (a validated 3D CT in HU) and return lesions with confidences.
+        """Segment ``image`` (a 3D CT in HU: a ``SimpleITK.Image``, or the path of an image file or
+        DICOM folder) and return lesions with confidences; a bad image or argument is an :class:`InputError`.
 
         ``threshold``: keep lesions with confidence >= threshold (None: the model's default;
         0 keeps every candidate).  ``progress(fraction, stage)`` is called as work proceeds;
         when ``cancel()`` returns True a :class:`CancelledError` is raised.
         """
+        threshold = confidence_threshold(threshold, self.default_threshold)
+        image, source = as_image(image, source)
         validate_ct(image, source)
-        threshold = self.default_threshold if threshold is None else float(threshold)
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"confidence threshold must be within [0, 1], not {threshold}")
         _check(cancel)
         canonical, hu, sp = self.prepare(image)
         # a routing model scores the scan against its parent first; the same descriptor serves its own OOD check
