@@ -39,6 +39,19 @@ def _crop(image, lo, hi):
     return sitk.RegionOfInterest(image, [int(h - l) for l, h in zip(lo, hi)], [int(v) for v in lo])
 
 
+def tumour_free_slabs(img, gt: np.ndarray) -> dict:
+    """``{"below"|"above": sub-image}``: the slabs of whole slices at least :data:`FREE_GAP_MM` from
+    the tumour (``gt``, z y x) and at least :data:`FREE_MIN_SLICES` thick, where the scan has them."""
+    z = np.flatnonzero(gt.any(axis=(1, 2)))
+    gap = int(np.ceil(FREE_GAP_MM / img.GetSpacing()[2]))
+    size = img.GetSize()
+    out = {}
+    for side, (z0, z1) in {"below": (0, int(z[0]) - gap), "above": (int(z[-1]) + 1 + gap, size[2])}.items():
+        if z1 - z0 >= FREE_MIN_SLICES:
+            out[side] = _crop(img, [0, 0, z0], [size[0], size[1], z1])
+    return out
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
     s = int(a.sum() + b.sum())
     return round(2.0 * float((a & b).sum()) / s, 4) if s else None
@@ -81,12 +94,9 @@ def main(argv=None) -> int:
             rec["crops"][f"{m:g}mm"] = {"size_xyz": (chi - clo).tolist(), "lesions": len(res.lesions),
                                         "dice": _dice(res.labelmap > 0, sub),
                                         "ml": round(sum(l.volume_ml for l in res.lesions), 2)}
-        gap = int(np.ceil(FREE_GAP_MM / sp[2]))
-        for side, (z0, z1) in {"below": (0, lo[2] - gap), "above": (hi[2] + gap, size[2])}.items():
-            if z1 - z0 < FREE_MIN_SLICES:
-                continue
-            res = engine.segment(_crop(img, [0, 0, z0], [size[0], size[1], z1]))
-            rec["tumour_free"][side] = {"slices": int(z1 - z0), "lesions": len(res.lesions),
+        for side, slab in tumour_free_slabs(img, gt).items():
+            res = engine.segment(slab)
+            rec["tumour_free"][side] = {"slices": int(slab.GetSize()[2]), "lesions": len(res.lesions),
                                         "max_confidence": round(max((l.confidence for l in res.lesions), default=0.0), 3),
                                         "scan_ood": round(float(res.ood["scan_score"]), 3) if res.ood else None}
         out["cases"][name] = rec
