@@ -124,3 +124,34 @@ def test_reads_in_several_threads_leave_stderr_and_itk_warnings_as_they_were(tmp
     if before is not None:
         assert os.readlink("/proc/self/fd/2") == before != os.devnull
     sys.stderr.flush()
+
+
+def test_a_lesion_cut_by_the_edge_of_the_scan_is_said_so_for_every_scan(tmp_path, capsys, monkeypatch):
+    """A tumour cut by the scan's edge was measured as if whole, without a word: its volume and
+    diameter cover only the part inside.  The note is the scan's own, so the CLI prints it for each
+    input (engine-level notes, such as the CPU fallback, stay once a run)."""
+    from LesionSegLib.engine.cli import main
+    from LesionSegLib.engine.segment import pipeline
+    from LesionSegLib.engine.segment.result import edge_note
+
+    def on_faces(labelmap):
+        return sorted({int(v) for a in range(3) for k in (0, -1) for v in np.unique(np.take(labelmap, k, axis=a))} - {0})
+
+    engine = pipeline.Engine()
+    res = engine.segment(SAMPLE)  # the real model on the whole sample
+    assert any("edge of the scan" in m for m in res.messages) == bool(on_faces(res.labelmap))
+
+    def probability(self, hu, sp, progress=None, cancel=None):  # a lesion on the first slices, by construction
+        prob = np.zeros(hu.shape, np.float32)
+        prob[:4, 30:45, 30:45] = 1.0
+        return prob, {}
+
+    monkeypatch.setattr(type(engine), "probability", probability)
+    res = engine.segment(SAMPLE, threshold=0.0)
+    assert on_faces(res.labelmap) == [1] and edge_note(res.labelmap) in res.messages
+    assert "lesion 1 reaches the edge of the scan: it may continue outside it" in edge_note(res.labelmap)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.nii.gz").symlink_to(SAMPLE)
+    assert main(["segment", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "-o", str(tmp_path / "out"),
+                 "--threshold", "0", "--progress", "none", "--runtime", "torch"]) == 0
+    assert capsys.readouterr().err.count("reaches the edge of the scan") == 2

@@ -181,10 +181,12 @@ def cmd_segment(args) -> int:
                     "ood": _json_ood(res.ood)})  # the scan's OOD score and warning (the Slicer panel shows it)
         stage_txt = "  ".join(f"{k} {v:.2f}s" for k, v in timings.items())
         print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / output_stem(path)}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}, {engine.runtime}]", file=sys.stderr)
-        for m in res.messages:  # the engine's notes (CPU fallback, out-of-memory retry), each once
-            if m not in noted:
+        for m in res.messages:  # the engine's notes (CPU fallback, out-of-memory retry) once; the scan's own each time
+            if m in noted:
+                continue
+            if m in engine.messages:
                 noted.add(m)
-                print(f"note: {m}", file=sys.stderr)
+            print(f"note: {m}", file=sys.stderr)
     if len(inputs) > 1 and totals:
         print("time per stage (all inputs): " + "  ".join(f"{k} {v:.2f}s" for k, v in totals.items()), file=sys.stderr)
     if failed and len(inputs) > 1:

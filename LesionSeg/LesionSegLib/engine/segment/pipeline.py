@@ -31,7 +31,7 @@ from ..io.preprocess import (CANONICAL, body_box, from_canonical, oblique_note, 
 from ..io.resample import resample as resample_antialiased
 from ..runtime.ops import hu_windows, resize_linear
 from .ood import OODModel, scan_descriptor
-from .result import Lesion, SegmentationResult
+from .result import Lesion, SegmentationResult, edge_note
 
 STAGES = ("read", "preprocess", "inference", "clusters", "confidence", "write")
 #: fraction of the progress bar given to each stage
@@ -249,6 +249,8 @@ class Engine:
             descriptor=descriptor,
         )
         if (note := oblique_note(image)) is not None:
+            res.messages.append(note)
+        if (note := edge_note(res.labelmap)) is not None:
             res.messages.append(note)
         if self.gate is not None and self.gate_info:
             g = self.gate_info

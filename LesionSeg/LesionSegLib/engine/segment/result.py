@@ -81,6 +81,23 @@ class Lesion:
         return f"Lesion {self.lesion_id} ({self.confidence:.2f})"
 
 
+def edge_note(labelmap: np.ndarray) -> str | None:
+    """A note naming the lesions of ``labelmap`` (z, y, x, on the input grid) that reach a face of
+    the scan: each may continue outside it, so its volume and diameter cover only the part inside
+    (and a scan cropped close to a lesion changes its mask: README, "What the model expects")."""
+    ids: set[int] = set()
+    for axis in range(labelmap.ndim):
+        for index in (0, -1):
+            ids.update(int(v) for v in np.unique(np.take(labelmap, index, axis=axis)))
+    ids.discard(0)
+    if not ids:
+        return None
+    many = len(ids) > 1
+    return (f"lesion{'s' if many else ''} {', '.join(map(str, sorted(ids)))} reach{'' if many else 'es'} the edge of the "
+            f"scan: {'each' if many else 'it'} may continue outside it, and {'their' if many else 'its'} volume and "
+            "diameter cover only the part inside")
+
+
 @dataclass
 class SegmentationResult:
     labelmap: np.ndarray  # (z, y, x) uint16 on the input grid
