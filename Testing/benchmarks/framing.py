@@ -1,6 +1,7 @@
 """How the shipped model answers when a validation scan is framed otherwise than its training crops.
 
     python Testing/benchmarks/framing.py -o Resources/evaluation/framing.json
+    python Testing/benchmarks/framing.py -o Resources/evaluation/framing_sts-detseg.json --model LesionSeg/LesionSegLib/models/sts-detseg
 
 The 33 training scans are IBSI crops, each centred on its tumour with about 5 cm around it, and
 the segmenter never saw a scan without a tumour.  For each validation case STS_034-041 (never
@@ -70,7 +71,9 @@ def main(argv=None) -> int:
 
     engine = Engine(args.model, device="cpu")
     t0 = time.perf_counter()
-    out = {"command": "python Testing/benchmarks/framing.py -o " + args.out, "model": engine.card.id,
+    default = ap.get_default("model")
+    command = "python Testing/benchmarks/framing.py -o " + args.out + ("" if args.model == default else " --model " + args.model)
+    out = {"command": command, "model": engine.card.id,
            "threshold": engine.default_threshold,
            "margins_mm": list(MARGINS_MM), "cases": {}}
     for name in VAL:
