@@ -105,6 +105,14 @@ class Decision:
     #: seconds the lesion was shown before the decision
     seconds: float = 0.0
 
+    @classmethod
+    def from_lesion(cls, case_name: str, case_hash: str, model_id: str, lesion, decision: str, reviewer: str = "") -> "Decision":
+        """The decision ``decision`` on ``lesion`` (an engine ``Lesion``) of a result of ``model_id`` on
+        the scan ``case_hash`` (``engine.segment.pipeline.case_hash``): what review records about it."""
+        return cls(case_name, case_hash, lesion.lesion_id, decision, lesion.confidence, model_id,
+                   centroid_lps=lesion.centroid_lps, volume_ml=lesion.volume_ml, diameter_mm=lesion.diameter_mm,
+                   bbox_ijk=lesion.bbox_ijk, features=dict(lesion.features), patch=lesion.patch, reviewer=reviewer)
+
     def __post_init__(self):
         if self.decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, not {self.decision!r}")

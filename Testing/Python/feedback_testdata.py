@@ -106,14 +106,7 @@ def real_decisions(reviewer: str = "sim-reviewer", unsure_every: int = 0):
         for les, tp in zip(res.lesions, is_tp):
             k += 1
             decision = "unsure" if unsure_every and k % unsure_every == 0 else ("accepted" if tp else "rejected")
-            out.append(
-                Decision(
-                    case_name=name, case_hash=h, lesion_id=les.lesion_id, decision=decision,
-                    confidence=les.confidence, model_id=res.model_id, centroid_lps=les.centroid_lps,
-                    volume_ml=les.volume_ml, diameter_mm=les.diameter_mm, bbox_ijk=les.bbox_ijk,
-                    features=dict(les.features), patch=les.patch, reviewer=reviewer,
-                )
-            )
+            out.append(Decision.from_lesion(name, h, res.model_id, les, decision, reviewer))
     return out
 
 

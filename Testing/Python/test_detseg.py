@@ -393,11 +393,7 @@ def test_retrain_from_review_works_for_a_detseg_model(tmp_path, monkeypatch):
         res, m, _, _ = candidates_with_labels(engine, img, sitk.ReadImage(str(data.case(name).label)))
         h = case_hash(img)
         for les, tp in zip(res.lesions, m.is_tp):
-            decisions.append(Decision(case_name=name, case_hash=h, lesion_id=les.lesion_id,
-                                      decision="accepted" if tp else "rejected", confidence=les.confidence,
-                                      model_id=res.model_id, centroid_lps=les.centroid_lps, volume_ml=les.volume_ml,
-                                      diameter_mm=les.diameter_mm, bbox_ijk=les.bbox_ijk, features=dict(les.features),
-                                      patch=les.patch, reviewer="sim"))
+            decisions.append(Decision.from_lesion(name, h, res.model_id, les, "accepted" if tp else "rejected", "sim"))
     n_pos = sum(d.decision == "accepted" for d in decisions)
     assert n_pos >= 2 and len(decisions) - n_pos >= 2, f"{n_pos} TP / {len(decisions) - n_pos} FP candidates"
     store = FeedbackStore(tmp_path / "feedback.db")

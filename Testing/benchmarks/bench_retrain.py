@@ -69,9 +69,7 @@ def collect(engine, n: int, case_names, views: int, log):
             h = case_hash(img)
             label = name if not view else f"{name}~{view}"
             for les, tp in zip(res.lesions, m.is_tp):
-                out.append(Decision(label, h, les.lesion_id, "accepted" if tp else "rejected", les.confidence, res.model_id,
-                                    centroid_lps=les.centroid_lps, volume_ml=les.volume_ml, diameter_mm=les.diameter_mm,
-                                    bbox_ijk=les.bbox_ijk, features=dict(les.features), patch=les.patch, reviewer="bench"))
+                out.append(Decision.from_lesion(label, h, res.model_id, les, "accepted" if tp else "rejected", "bench"))
             log(f"  {label}: {len(res.lesions)} candidates ({int(m.is_tp.sum())} true); {len(out)} so far")
             if len(out) >= n:
                 return out[:n]

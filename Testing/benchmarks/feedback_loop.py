@@ -74,9 +74,7 @@ def collect(engine, cases, log) -> list[CaseCandidates]:
         res, m, _, n_gt = candidates_with_labels(engine, img, lab)
         h = case_hash(img)
         decisions = [
-            Decision(c.name, h, les.lesion_id, "accepted" if tp else "rejected", les.confidence, res.model_id,
-                     centroid_lps=les.centroid_lps, volume_ml=les.volume_ml, diameter_mm=les.diameter_mm,
-                     bbox_ijk=les.bbox_ijk, features=dict(les.features), patch=les.patch, reviewer="simulated")
+            Decision.from_lesion(c.name, h, res.model_id, les, "accepted" if tp else "rejected", "simulated")
             for les, tp in zip(res.lesions, m.is_tp)
         ]
         patches = (np.stack([les.patch for les in res.lesions]) if res.lesions

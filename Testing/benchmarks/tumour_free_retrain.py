@@ -56,10 +56,7 @@ def slab_rejections(engine, log) -> list:
         for side, slab in tumour_free_slabs(img, gt).items():
             res = engine.segment(slab, threshold=0.0, keep_patches=True)
             h = case_hash(slab)
-            out += [Decision(f"{name}-{side}", h, les.lesion_id, "rejected", les.confidence, res.model_id,
-                             centroid_lps=les.centroid_lps, volume_ml=les.volume_ml, diameter_mm=les.diameter_mm,
-                             bbox_ijk=les.bbox_ijk, features=dict(les.features), patch=les.patch, reviewer="simulated")
-                    for les in res.lesions]
+            out += [Decision.from_lesion(f"{name}-{side}", h, res.model_id, les, "rejected", "simulated") for les in res.lesions]
             log(f"  {name} {side}: {len(res.lesions)} cluster(s), highest {max((l.confidence for l in res.lesions), default=0):.2f}")
     return out
 
