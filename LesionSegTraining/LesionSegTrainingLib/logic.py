@@ -23,6 +23,7 @@ from pathlib import Path
 import slicer
 import vtk
 from LesionSegLib.table import table_rows  # noqa: F401 (the one reader of a table node's rows, re-exported)
+from LesionSegLib.engine.evaluate.report import format_cell
 
 log = logging.getLogger("LesionSegTraining")
 
@@ -43,14 +44,6 @@ def default_database_path() -> Path:
     from LesionSegLib import settings
 
     return settings.feedback_database_path()
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
 
 
 def auc_text(metrics: dict | None) -> str:
@@ -81,7 +74,7 @@ def fill_table(table_node, columns: list[str], rows: list[list]) -> None:
             arr = vtable.GetColumnByName(name)
             arr.SetNumberOfValues(len(rows))
             for r, row in enumerate(rows):
-                arr.SetValue(r, _fmt(row[c]))
+                arr.SetValue(r, format_cell(row[c], missing="-"))
             arr.Modified()
         vtable.Modified()
         if hasattr(table_node, "SetUseColumnTitleAsColumnHeader"):

@@ -301,9 +301,10 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------- report
-def _fmt(v, digits: int = 3) -> str:
+def format_cell(v, digits: int = 3, missing: str = "n/a") -> str:
+    """A report cell: floats to ``digits`` decimals, None as ``missing``."""
     if v is None:
-        return "n/a"
+        return missing
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
@@ -331,14 +332,14 @@ def report_markdown(report: dict) -> str:
         "",
         "| metric | confidence (ours) | mean probability (baseline) |",
         "| --- | --- | --- |",
-        f"| Dice, mean per case | {_fmt(s['dice_mean'])} | |",
-        f"| Dice, global (all voxels pooled) | {_fmt(s['dice_global'])} | |",
-        f"| sensitivity at 0.5 FP/case | {_fmt(s['sensitivity_at_0.5fp'])} | {_fmt(s['sensitivity_at_0.5fp_mean_probability'])} |",
-        f"| CPM (mean sensitivity at 1/8..8 FP/case) | {_fmt(s['cpm'])} | {_fmt(s['cpm_mean_probability'])} |",
-        f"| cluster AUC (TP vs FP clusters) | {_fmt(s['cluster_auc'])} | {_fmt(s['cluster_auc_mean_probability'])} |",
-        f"| ECE ({ECE_BINS} bins) | {_fmt(s['ece'])} | {_fmt(s['ece_mean_probability'])} |",
+        f"| Dice, mean per case | {format_cell(s['dice_mean'])} | |",
+        f"| Dice, global (all voxels pooled) | {format_cell(s['dice_global'])} | |",
+        f"| sensitivity at 0.5 FP/case | {format_cell(s['sensitivity_at_0.5fp'])} | {format_cell(s['sensitivity_at_0.5fp_mean_probability'])} |",
+        f"| CPM (mean sensitivity at 1/8..8 FP/case) | {format_cell(s['cpm'])} | {format_cell(s['cpm_mean_probability'])} |",
+        f"| cluster AUC (TP vs FP clusters) | {format_cell(s['cluster_auc'])} | {format_cell(s['cluster_auc_mean_probability'])} |",
+        f"| ECE ({ECE_BINS} bins) | {format_cell(s['ece'])} | {format_cell(s['ece_mean_probability'])} |",
         "",
-        f"Detections {d['n_detected']} of {d['n_gt_lesions']} lesions (max sensitivity {_fmt(s['max_sensitivity'])}), "
+        f"Detections {d['n_detected']} of {d['n_gt_lesions']} lesions (max sensitivity {format_cell(s['max_sensitivity'])}), "
         f"{d['n_fp_clusters']} false-positive clusters ({d['fp_per_case']:.2f} per case), {d['n_duplicates']} duplicate hits.",
         "",
         "## FROC",
@@ -355,7 +356,7 @@ def report_markdown(report: dict) -> str:
     if cal:
         lines += ["| bin | clusters | mean confidence | fraction TP |", "| --- | --- | --- | --- |"]
         for b in cal["bins"]:
-            lines.append(f"| {b['lo']:.1f}-{b['hi']:.1f} | {b['count']} | {_fmt(b['mean_score'])} | {_fmt(b['fraction_tp'])} |")
+            lines.append(f"| {b['lo']:.1f}-{b['hi']:.1f} | {b['count']} | {format_cell(b['mean_score'])} | {format_cell(b['fraction_tp'])} |")
         lines.append("")
     lines += [
         "## Per case",
