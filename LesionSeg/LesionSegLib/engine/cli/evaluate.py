@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import data
 from ..errors import LesionSegError
-from ..evaluate.report import MATCHING_RULE, _fmt, evaluate, write_report
+from ..evaluate.report import MATCHING_RULE, evaluate, format_cell, write_report
 from .common import one_line, output_problem, unit_interval
 
 
@@ -41,10 +41,10 @@ def cmd_evaluate(args) -> int:
     s = report["summary"]
     print(
         f"{s['n_cases']} case(s), {s['n_gt_lesions']} lesion(s), {s['n_clusters']} cluster(s): "
-        f"Dice {_fmt(s['dice_mean'])} (global {_fmt(s['dice_global'])}), "
-        f"sensitivity@0.5FP {_fmt(s['sensitivity_at_0.5fp'])}, CPM {_fmt(s['cpm'])}, "
-        f"cluster AUC {_fmt(s['cluster_auc'])} (mean probability {_fmt(s['cluster_auc_mean_probability'])}), "
-        f"ECE {_fmt(s['ece'])}"
+        f"Dice {format_cell(s['dice_mean'])} (global {format_cell(s['dice_global'])}), "
+        f"sensitivity@0.5FP {format_cell(s['sensitivity_at_0.5fp'])}, CPM {format_cell(s['cpm'])}, "
+        f"cluster AUC {format_cell(s['cluster_auc'])} (mean probability {format_cell(s['cluster_auc_mean_probability'])}), "
+        f"ECE {format_cell(s['ece'])}"
     )
     for n in report["notes"]:
         print(f"note: {n}", file=sys.stderr)
