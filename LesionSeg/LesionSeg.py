@@ -274,7 +274,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.setEnabled(running or (volume is not None and self.currentModel() is not None and not cudaMissing))
         self.ui.segmentButton.setText(_("Cancel") if running else _("Segment"))
         if cudaMissing:
-            self.ui.deviceStatusLabel.setText(_("CUDA was chosen but is not available on this computer.") + " " + self.deviceMessage)
+            self.ui.deviceStatusLabel.setText(_("CUDA was chosen but is not available on this computer. {details}").format(details=self.deviceMessage))
             self.ui.deviceStatusLabel.setStyleSheet("color: #c0392b;")
         else:
             self.ui.deviceStatusLabel.setText(self.deviceMessage)
@@ -341,8 +341,8 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         percent = int(round(100 * runner.fraction))
         self.ui.progressBar.setValue(percent)
         if runner.state == "running":
-            stage = runner.stage or "starting"
-            self.ui.statusLabel.setText(f"{stage.capitalize()}... {percent}%  ({time.monotonic() - self.runStarted:.0f} s)")
+            self.ui.statusLabel.setText(_("{stage}... {percent}%  ({seconds:.0f} s)").format(
+                stage=runner.stage.capitalize() if runner.stage else _("Starting"), percent=percent, seconds=time.monotonic() - self.runStarted))
             return
         self.pollTimer.stop()
         self.runner = None
@@ -434,7 +434,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             log.warning("cannot centre the views on lesion %s: %s", lesionId, exc)
         info = mrml.lesion_info(mrml.find_segment(self.segmentationNode, self.currentLesion)[1])
-        self.ui.currentLesionLabel.setText(f"{info['name']}: {info['volume_ml']:.2f} ml, {info['diameter_mm']:.1f} mm, {info['review']}")
+        self.ui.currentLesionLabel.setText(_("{name}: {volume_ml:.2f} ml, {diameter_mm:.1f} mm, {review}").format(**info))
         self.updateGUI()
 
     def onStep(self, step):

@@ -179,7 +179,7 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onBrowseDatabase(self, *args):
         # a "save" dialog, so that a new file can be named; an existing one is opened, never replaced
         dialog = qt.QFileDialog(self.parent, _("Feedback database"), self.ui.databasePathEdit.property("text"),
-                                "SQLite database (*.db *.sqlite);;All files (*)")
+                                _("SQLite database (*.db *.sqlite);;All files (*)"))
         dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
         dialog.setOption(qt.QFileDialog.DontConfirmOverwrite, True)
         run = getattr(dialog, "exec_", None) or getattr(dialog, "exec")

@@ -16,6 +16,7 @@ drives the widget's Qt controls; the MRML work is in :mod:`.mrml` and :mod:`.log
 from __future__ import annotations
 
 import slicer
+from slicer.i18n import tr as _
 
 from . import mrml, ood
 
@@ -46,7 +47,7 @@ def follow_parameters(widget) -> None:
             widget.logic.set_review_order(node, p.reviewOrder)
         if widget.currentLesion is not None and widget.currentLesion not in widget.tableOrder():
             widget.currentLesion = None
-            widget.ui.currentLesionLabel.setText("No lesion selected: the threshold hides the lesion that was selected.")
+            widget.ui.currentLesionLabel.setText(_("No lesion selected: the threshold hides the lesion that was selected."))
 
 
 def show_result_parameters(widget, node) -> None:
@@ -84,12 +85,13 @@ def volume_missing(widget) -> bool:
         button = getattr(widget.ui, name)
         if missing:
             button.setEnabled(False)
-        button.setToolTip(SCAN_REMOVED if missing else tips[name])
+        button.setToolTip(scan_removed_text() if missing else tips[name])
     return missing
 
 
-SCAN_REMOVED = ("The scan of this result was removed from the scene: load it again to export labelmaps, "
-                "save corrections or add lesions (the CSV export and the review still work).")
+def scan_removed_text() -> str:
+    return _("The scan of this result was removed from the scene: load it again to export labelmaps, "
+             "save corrections or add lesions (the CSV export and the review still work).")
 
 
 def confirm_replace(widget, outdir: str, formats) -> bool:
@@ -100,19 +102,18 @@ def confirm_replace(widget, outdir: str, formats) -> bool:
     existing = export.existing_outputs(widget.segmentationNode, outdir, formats)
     if not existing:
         return True
-    if slicer.util.confirmOkCancelDisplay(
-            f"{', '.join(p.name for p in existing)} already in {outdir} (an earlier export, or another result of this "
-            "scan) will be replaced. Replace them?", windowTitle="LesionSeg: export"):
+    files = ", ".join(p.name for p in existing)
+    if slicer.util.confirmOkCancelDisplay(_("{files} already in {folder} (an earlier export, or another result of this scan) "
+                                            "will be replaced. Replace them?").format(files=files, folder=outdir),
+                                          windowTitle=_("LesionSeg: export")):
         return True
-    widget.ui.statusLabel.setText("Export cancelled: nothing was replaced.")
+    widget.ui.statusLabel.setText(_("Export cancelled: nothing was replaced."))
     return False
 
 
 def export_text(paths: dict, outdir: str, notes=()) -> str:
     """The status line after an export: the files, where, and what a format could not hold."""
     import os
-
-    from slicer.i18n import tr as _
 
     names = sorted({os.path.basename(str(p)) for p in paths.values()})
     text = _("Exported {files} to {folder}").format(files=", ".join(names), folder=outdir)

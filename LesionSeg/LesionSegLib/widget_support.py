@@ -21,6 +21,7 @@ import time
 import qt
 import slicer
 import vtk
+from slicer.i18n import tr as _
 
 log = logging.getLogger("LesionSeg")
 
@@ -29,8 +30,7 @@ class LogBox:
     """A read-only ``QPlainTextEdit`` holding a panel's log, bounded to ``max_lines`` lines."""
 
     def __init__(self, text_edit, collapsible=None, max_lines: int = 5000):
-        self.edit = text_edit
-        self.collapsible = collapsible
+        self.edit, self.collapsible = text_edit, collapsible
         self.edit.setReadOnly(True)
         self.edit.setMaximumBlockCount(max_lines)
 
@@ -48,12 +48,12 @@ class LogBox:
     def clear(self) -> None:
         self.edit.clear()
 
-    def show_error(self, summary: str, details: str | None = None, title: str = "LesionSeg") -> None:
+    def show_error(self, summary: str, details: str | None = None, title: str | None = None) -> None:
         """Error dialog: the one-line ``summary``, the full log (or ``details``) as detailed text."""
         self.append("error: " + summary, stamp=True)
         if self.collapsible is not None:
             self.collapsible.setProperty("collapsed", False)
-        slicer.util.errorDisplay(summary, windowTitle=title, detailedText=details if details is not None else self.text())
+        slicer.util.errorDisplay(summary, windowTitle=title or _("LesionSeg"), detailedText=details if details is not None else self.text())
 
 
 class Shortcuts:
@@ -119,7 +119,7 @@ def reload_package(package: str = "LesionSegLib") -> list[str]:
 
     for name in sorted(names, key=lambda n: (-n.count("."), n)):
         visit(name)
-    for _ in range(2):
+    for _pass in range(2):
         for name in order:
             importlib.reload(sys.modules[name])
     return order
@@ -172,11 +172,11 @@ class DependencyInstaller:
         runtimes = [] if self.runtimes_offered else dependencies.runtimes_to_offer()
         if not problems and not runtimes:
             return True
-        if problems and not slicer.util.confirmOkCancelDisplay(dependencies.confirmation_text(problems), windowTitle="LesionSeg: install dependencies"):
-            self.status_label.setText(f"Segmentation needs {dependencies.describe(problems)}.")
+        if problems and not slicer.util.confirmOkCancelDisplay(dependencies.confirmation_text(problems), windowTitle=_("LesionSeg: install dependencies")):
+            self.status_label.setText(_("Segmentation needs {packages}.").format(packages=dependencies.describe(problems)))
             return False
         self.runtimes_offered = self.runtimes_offered or bool(runtimes)
-        if runtimes and not slicer.util.confirmOkCancelDisplay(dependencies.runtimes_text(runtimes), windowTitle="LesionSeg: optional packages"):
+        if runtimes and not slicer.util.confirmOkCancelDisplay(dependencies.runtimes_text(runtimes), windowTitle=_("LesionSeg: optional packages")):
             runtimes = dependencies.decline_runtimes(runtimes)  # remembered; returns []
         return self.install(problems, runtimes) if problems or runtimes else True
 
@@ -184,19 +184,19 @@ class DependencyInstaller:
         from . import dependencies
 
         wanted = dependencies.describe(list(problems) + list(runtimes))
-        self.status_label.setText(f"Installing {wanted}...")
+        self.status_label.setText(_("Installing {packages}...").format(packages=wanted))
         self.log_box.append("installing: " + wanted, stamp=True)
         slicer.app.processEvents()
         try:
             result = dependencies.install(problems, runtimes=runtimes)
         except Exception as exc:
-            self.status_label.setText("Dependencies are missing.")
-            self.log_box.show_error(f"Installing the LesionSeg dependencies failed: {exc}")
+            self.status_label.setText(_("Dependencies are missing."))
+            self.log_box.show_error(_("Installing the LesionSeg dependencies failed: {error}").format(error=exc))
             return False
         self.log_box.append(result.message, stamp=True)
         if result.restart_required:
-            self.status_label.setText(f"Restart Slicer to finish: {result.message}.")
-            if slicer.util.confirmOkCancelDisplay(f"Slicer must restart: {result.message}. Restart now?"):
+            self.status_label.setText(_("Restart Slicer to finish: {reason}.").format(reason=result.message))
+            if slicer.util.confirmOkCancelDisplay(_("Slicer must restart: {reason}. Restart now?").format(reason=result.message)):
                 slicer.util.restart()
             return False
         if self.on_installed is not None:
@@ -214,9 +214,9 @@ class DependencyInstaller:
         self.log_box.append(f"continuing the installation started before the restart ({pending.get('reason', '')})", stamp=True)
         problems, runtimes = dependencies.check(), dependencies.pending_runtimes(pending)
         new = dependencies.unconfirmed(problems, pending)
-        if new and not slicer.util.confirmOkCancelDisplay(dependencies.confirmation_text(problems, new), windowTitle="LesionSeg: install dependencies"):
+        if new and not slicer.util.confirmOkCancelDisplay(dependencies.confirmation_text(problems, new), windowTitle=_("LesionSeg: install dependencies")):
             settings.clear_pending_install()
-            self.status_label.setText(f"Segmentation needs {dependencies.describe(problems)}.")
+            self.status_label.setText(_("Segmentation needs {packages}.").format(packages=dependencies.describe(problems)))
             return False
         if not problems and not runtimes:
             settings.clear_pending_install()
@@ -236,9 +236,9 @@ def save_corrections_from_panel(widget) -> dict | None:
     try:
         counts = corrections.save_corrections(seg, widget.logic.enable_feedback_store(), reviewer=widget.logic.recorder.reviewer)
     except Exception as exc:  # a bad edit or a full disk must not crash the panel
-        widget.logBox.show_error(f"Saving corrections failed: {exc}", None)
+        widget.logBox.show_error(_("Saving corrections failed: {error}").format(error=exc), None)
         return None
-    text = "corrections saved: " + _counts_text(counts)
+    text = _("corrections saved: {counts}").format(counts=_counts_text(counts))
     widget.logBox.append(text, stamp=True)
     widget.ui.statusLabel.setText(text)
     return counts
@@ -259,9 +259,9 @@ def save_corrections_on_close(widget) -> dict:
     from . import corrections
 
     def confirm(names) -> bool:
-        return slicer.util.confirmYesNoDisplay(
-            f"The corrections of {', '.join(names)} are not saved. Save them to the LesionSeg feedback store "
-            "(for fine-tuning) before the scene closes?", windowTitle="LesionSeg: save corrections")
+        return slicer.util.confirmYesNoDisplay(_("The corrections of {results} are not saved. Save them to the LesionSeg feedback store "
+                                                 "(for fine-tuning) before the scene closes?").format(results=", ".join(names)),
+                                               windowTitle=_("LesionSeg: save corrections"))
 
     try:
         store = widget.logic.feedback_store or widget.logic.feedback_database_path()  # opened only after a yes
@@ -285,11 +285,11 @@ def panel_feedback_store(widget):
     if widget._parameterNode.recordFeedback:
         try:
             store = widget.logic.enable_feedback_store()
-            widget.ui.feedbackCheckBox.setToolTip(f"Decisions are also recorded in {store.path}")
+            widget.ui.feedbackCheckBox.setToolTip(_("Decisions are also recorded in {path}").format(path=store.path))
             return store
         except Exception as exc:
             widget._parameterNode.recordFeedback = False
-            slicer.util.warningDisplay(f"The feedback store cannot be opened; decisions stay in the scene and exports: {exc}")
+            slicer.util.warningDisplay(_("The feedback store cannot be opened; decisions stay in the scene and exports: {error}").format(error=exc))
     elif widget.logic.feedback_store is not None:
         widget.logic.disable_feedback_store()
     return None
@@ -325,10 +325,10 @@ class AddLesionTool:
         except Exception as exc:
             self.placement.stop()
             self._set_button(False)
-            w.logBox.show_error(_one_line(f"Cannot start placing a point: {exc}"), None)
+            w.logBox.show_error(_one_line(_("Cannot start placing a point: {error}").format(error=exc)), None)
             return
         self._set_button(True)
-        w.ui.statusLabel.setText("Add lesion: click the missed lesion in a slice view (press Add lesion again to cancel).")
+        w.ui.statusLabel.setText(_("Add lesion: click the missed lesion in a slice view (press Add lesion again to cancel)."))
 
     def cancel(self, quiet: bool = False) -> None:
         if not self.active:
@@ -336,11 +336,10 @@ class AddLesionTool:
         self.placement.stop()
         self._set_button(False)
         if not quiet:
-            self.widget.ui.statusLabel.setText("Add lesion cancelled.")
+            self.widget.ui.statusLabel.setText(_("Add lesion cancelled."))
 
     def _set_button(self, checked: bool) -> None:
-        button = self.widget.ui.addLesionButton
-        button.setChecked(checked)
+        self.widget.ui.addLesionButton.setChecked(checked)
         self.widget.updateGUI()
 
     def _on_change(self) -> None:
@@ -376,12 +375,13 @@ class AddLesionTool:
             info = click.add_lesion(volume, seg, ras, engine, store=panel_feedback_store(w), reviewer=w.logic.recorder.reviewer,
                                     fallback=click.click_fallback(engine, lambda name: w.logic.engine(name, device)))
         except Exception as exc:  # a point outside the volume, on air, no lesion there, a missing model
-            w.logBox.show_error(_one_line(f"Cannot add a lesion there: {exc}"), None)
-            w.ui.statusLabel.setText("No lesion added.")
+            w.logBox.show_error(_one_line(_("Cannot add a lesion there: {error}").format(error=exc)), None)
+            w.ui.statusLabel.setText(_("No lesion added."))
             return None
-        text = f"{info['name']} added: {info['volume_ml']:.2f} ml, {info['diameter_mm']:.1f} mm (recorded as a missed lesion)"
-        if info["click_model"] != engine.card.id:
-            text += f"; {engine.card.id} found no lesion there, so {info['click_model']} outlined it"
+        text = (_("{name} added: {volume_ml:.2f} ml, {diameter_mm:.1f} mm (recorded as a missed lesion)")
+                if info["click_model"] == engine.card.id else
+                _("{name} added: {volume_ml:.2f} ml, {diameter_mm:.1f} mm (recorded as a missed lesion); {engine_model} found no lesion "
+                  "there, so {click_model} outlined it")).format_map(dict(info, engine_model=engine.card.id))
         w.logBox.append(text, stamp=True)
         w.selectLesion(info["lesion_id"])
         w.ui.statusLabel.setText(text)
@@ -483,6 +483,6 @@ class SegmentWatch:
                 w._selecting = False
         if w.currentLesion is not None and w.currentLesion not in {d["lesion_id"] for d in mrml.lesions(node) if not d["erased"]}:
             w.currentLesion = None
-            w.ui.currentLesionLabel.setText("No lesion selected.")
-            w.ui.statusLabel.setText("The selected lesion was removed from the segmentation.")
+            w.ui.currentLesionLabel.setText(_("No lesion selected."))
+            w.ui.statusLabel.setText(_("The selected lesion was removed from the segmentation."))
         w.updateGUI()

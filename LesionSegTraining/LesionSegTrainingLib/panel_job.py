@@ -97,7 +97,8 @@ class PanelJob:
         self.bar.setValue(int(round(100 * job.fraction)))
         if state == "running":
             seconds = time.monotonic() - self.started
-            self.status.setText(f"{job.status}  ({seconds:.0f} s)" if seconds < 120 else f"{job.status}  ({seconds / 60:.1f} min)")
+            self.status.setText((_("{status}  ({seconds:.0f} s)") if seconds < 120 else _("{status}  ({minutes:.1f} min)")).format(
+                status=job.status, seconds=seconds, minutes=seconds / 60))
             return
         self.job = None
         self.bar.setVisible(False)
