@@ -53,7 +53,8 @@ class LesionSeg(ScriptedLoadableModule):
             "Each lesion becomes a segment coloured by confidence; review them in the lesion table "
             "(A accept, R reject, U unsure, N/P next/previous, in the chosen review order) and export them "
             "as .seg.nrrd, NIfTI, CSV or DICOM SEG. A saved scene reopens with its review. Add lesion adds a missed "
-            "lesion from one click in a slice view; corrections are saved for fine-tuning. ") + mrml.colormap_description()
+            "lesion from one click in a slice view; corrections are saved for fine-tuning. ") + mrml.colormap_description() + \
+            _(' See the <a href="{url}">documentation</a>.').format(url="https://github.com/LesionSeg/SlicerLesionSeg#readme")
         self.parent.acknowledgementText = _(
             "LesionSeg developers. Built on 3D Slicer, MONAI, PyTorch, connected-components-3d, "
             "SimpleITK, slicerio and highdicom. Sample CT: IBSI soft-tissue sarcoma set (TCIA, CC BY 3.0).")

@@ -55,7 +55,8 @@ class LesionSegTraining(ScriptedLoadableModule):
             "feedback database; retrain the per-lesion confidence classifier from them (optionally with "
             "ground-truth labels), compare the new version with the old one on the same lesions "
             "(cross-validated AUC and calibration), fine-tune the segmenter on the corrected cases, activate a "
-            "version or roll back, and train a new segmenter from a folder of images and corrected masks.")
+            "version or roll back, and train a new segmenter from a folder of images and corrected masks.") + \
+            _(' See the <a href="{url}">documentation</a>.').format(url="https://github.com/LesionSeg/SlicerLesionSeg#readme")
         self.parent.acknowledgementText = _("LesionSeg developers. Built on 3D Slicer, PyTorch, MONAI, scikit-learn and SQLite.")
 
 

@@ -9,8 +9,10 @@ shim, and checks the shortcuts, reload, error dialogs and i18n.
 """
 from __future__ import annotations
 
+
 import importlib.util
 import os
+import re
 import sys
 import types
 import zipfile
@@ -452,5 +454,7 @@ def test_module_metadata_and_i18n(harness):
     assert parent.title == "LesionSeg" and parent.categories == ["Segmentation"]
     assert parent.contributors == ["LesionSeg developers"]
     assert "confidence" in parent.helpText and "CC BY 3.0" in parent.acknowledgementText
+    homepage = re.search(r'EXTENSION_HOMEPAGE "([^"]+)"', (MODULE_DIR.parent / "CMakeLists.txt").read_text()).group(1)
+    assert f'<a href="{homepage}#readme">documentation</a>' in parent.helpText  # the help links the docs
     source = (MODULE_DIR / "LesionSeg.py").read_text(encoding="utf-8")
     assert "from slicer.i18n import tr as _" in source and 'translate("qSlicerAbstractCoreModule", "Segmentation")' in source
