@@ -45,3 +45,27 @@ def test_sigterm_held_beside_sigint_is_delivered_not_lost():
     finally:
         signal.signal(signal.SIGINT, previous)
     assert exc.value.code == 128 + signal.SIGTERM
+
+
+def test_committed_outputs_and_model_folders_get_the_umask_mode(tmp_path, monkeypatch):
+    """``mkstemp`` creates 0600 files and ``mkdtemp`` 0700 folders: committed outputs (CSV, NIfTI,
+    seg.nrrd, cards) and model folders must get what ``open()`` and ``mkdir`` would give under the
+    user's umask, or colleagues sharing the folder cannot read them.  The modes are set to 0640 /
+    0750 here, so the check does not depend on this machine's umask."""
+    import os
+    import stat
+
+    from LesionSegLib.engine import atomic
+
+    assert (atomic.FILE_MODE, atomic.DIR_MODE) == (0o666 & ~atomic.UMASK, 0o777 & ~atomic.UMASK)
+    monkeypatch.setattr(atomic, "FILE_MODE", 0o640)
+    monkeypatch.setattr(atomic, "DIR_MODE", 0o750)
+    with atomic.AtomicWriter(tmp_path / "out") as w:
+        for name in ("a_lesions.csv", "a.seg.nrrd"):
+            with open(w.path(name), "w") as fh:
+                fh.write("x")
+    for name in ("a_lesions.csv", "a.seg.nrrd"):
+        assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o640, name
+    with atomic.atomic_folder(tmp_path / "models" / "m") as folder:
+        (folder / "card.json").write_text("{}")
+    assert stat.S_IMODE(os.stat(tmp_path / "models" / "m").st_mode) == 0o750

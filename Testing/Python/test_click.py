@@ -140,6 +140,20 @@ def test_dense_click_refusals_name_the_point(clcs, monkeypatch):
         click(clcs, img, [(20.0, 20.0, 20.0)], fallback=clcs)
 
 
+def test_a_point_just_outside_the_volume_is_refused():
+    """The volume ends half a voxel beyond its outer voxel centres: a point inside that margin is
+    taken (its index returned), one beyond it, by a fraction of a voxel or one voxel, is refused
+    (not clamped onto the edge voxel)."""
+    img = _soft_tissue()  # 64 x 64 x 30 voxels of 1.5 x 1.5 x 3 mm
+    img.SetOrigin((-40.0, 12.5, 300.0))
+    for idx in ([-0.4, 0.0, 0.0], [63.4, 63.0, 29.4], [31.0, -0.45, 15.0]):
+        point = img.TransformContinuousIndexToPhysicalPoint(idx)
+        np.testing.assert_allclose(click_module.check_point(img, point), idx, atol=1e-6)
+    for idx in ([-0.6, 5.0, 5.0], [-1.0, 5.0, 5.0], [5.0, 63.6, 5.0], [5.0, 64.0, 5.0], [5.0, 5.0, 29.6], [5.0, 5.0, 31.0]):
+        with pytest.raises(InputError, match="is outside the volume"):
+            click_module.check_point(img, img.TransformContinuousIndexToPhysicalPoint(idx))
+
+
 @needs_data
 def test_click_cli_default_model_is_dense(tmp_path):
     from LesionSegLib.engine.cli.click import DEFAULT_CLICK_MODEL

@@ -8,6 +8,7 @@ import base64
 import csv
 import datetime as dt
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -88,6 +89,35 @@ def test_bad_rows_are_skipped_and_counted_and_retraining_still_runs(tmp_path):
     assert store.count() == 1
     # nothing unreadable reached the database: labelled() and from_store() work
     assert len(store.labelled()) == 1 and len(from_store(store)) == 1
+
+
+def test_out_of_range_values_are_refused_by_name(tmp_path):
+    """Finite but impossible values: a confidence above 1, a negative volume or voxel index, a
+    fractional lesion id, and a patch of NaN (it would reach the training data)."""
+    from LesionSegLib.engine.feedback.codec import encode_patch
+
+    header, rows = _exported_rows(tmp_path, [synthetic_decision(i) for i in range(1, 7)])
+    nan_blob, nan_shape = encode_patch(np.full((3, 32, 32, 32), np.nan, np.float32))
+    bad = {"confidence": ("1.5", "bad number", "'confidence' = 1.5 is not finite or outside [0, 1]"),
+           "volume_ml": ("-2", "bad number", "'volume_ml' = -2 is not finite or outside"),
+           "bbox": ("[[-5, 0, 0], [1, 1, 1]]", "bad bbox", "not two triples of voxel indices"),
+           "lesion_id": ("2.5", "bad number", "'lesion_id' is not an integer"),
+           "patch": (base64.b64encode(nan_blob).decode(), "bad patch", "NaN or infinite values")}
+    for row, (column, (value, _, _)) in zip(rows, bad.items()):
+        row[column] = value
+    assert rows[4]["patch_shape"] == nan_shape
+    path = tmp_path / "range.csv"
+    _write(path, header, rows)
+
+    store = FeedbackStore(tmp_path / "fb.db")
+    c = store.import_file(path)
+    assert c["rows"] == 6 and c["inserted"] == 1 and c["skipped"] == 5, c
+    assert c["skipped_by_reason"] == {"bad number": 3, "bad bbox": 1, "bad patch": 1} \
+        == dict(Counter(reason for _, reason, _ in bad.values()))
+    for line, (_, _, text) in enumerate(bad.values(), start=2):
+        assert any(f"line {line}" in e and text in e for e in c["errors"]), (line, text, c["errors"])
+    (kept,) = store.decisions()
+    assert kept["lesion_id"] == 6 and len(store.labelled()) == 1
 
 
 def test_decompression_bomb_and_implausible_shapes_are_refused(tmp_path):

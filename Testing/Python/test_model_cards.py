@@ -197,6 +197,19 @@ def test_ood_statistics_with_nan_or_a_wrong_layout_are_refused(clcs):
             OODModel.from_card(card)
 
 
+def test_a_tampered_ood_file_is_refused(clcs):
+    """ood.safetensors decides the OOD warning and the cap: one changed byte fails its checksum."""
+    from LesionSegLib.engine.segment.ood import OODModel
+
+    card = read_card(clcs)
+    f = card.weights_path("ood")
+    b = bytearray(f.read_bytes())
+    b[-3] ^= 0x01  # a value in the last array, the header intact
+    f.write_bytes(bytes(b))
+    with pytest.raises(ModelError, match=f"checksum mismatch for {f.name}"):
+        OODModel.from_card(card)
+
+
 def test_a_shape_mismatch_is_one_line_naming_the_first_and_counting_the_rest(tmp_path, user_dir, capsys):
     folder = _copy("sts-clcs", tmp_path / "m", _set(("classifier", "network", "channels"), [8, 8, 8]))
     from LesionSegLib.engine.segment.classifier import ConfidenceModel

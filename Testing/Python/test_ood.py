@@ -53,13 +53,20 @@ def test_a_descriptor_of_another_size_is_refused():
         OODModel(np.zeros((5, 10)), np.zeros((0, 4)))
 
 
-def test_a_sarcoma_scan_on_a_clinical_grid_stays_in_the_domain():
-    """STS_041 (validation) resampled to 1 x 1 x 2.5 mm: no OOD warning, and its tumour is found at
-    the default threshold (descriptor 1 gave it a score of about 860,000 and capped it away)."""
-    from LesionSegLib.engine import data as dataset
+@pytest.fixture(scope="module")
+def engine():
+    """The default model's engine, loaded once for the tests that segment a real scan."""
     from LesionSegLib.engine.segment.pipeline import Engine
 
     require_data()
+    return Engine(str(model_folder()), device="cpu")
+
+
+def test_a_sarcoma_scan_on_a_clinical_grid_stays_in_the_domain(engine):
+    """STS_041 (validation) resampled to 1 x 1 x 2.5 mm: no OOD warning, and its tumour is found at
+    the default threshold (descriptor 1 gave it a score of about 860,000 and capped it away)."""
+    from LesionSegLib.engine import data as dataset
+
     case = dataset.case("STS_041")
     img = sitk.ReadImage(str(case.image))
     lab = sitk.ReadImage(str(case.label))
@@ -69,11 +76,31 @@ def test_a_sarcoma_scan_on_a_clinical_grid_stays_in_the_domain():
                 outputDirection=img.GetDirection())
     img = sitk.Resample(img, interpolator=sitk.sitkLinear, defaultPixelValue=-1024.0, outputPixelType=img.GetPixelID(), **grid)
     lab = sitk.GetArrayFromImage(sitk.Resample(lab, interpolator=sitk.sitkNearestNeighbor, **grid)) > 0
-    res = Engine(str(model_folder()), device="cpu").segment(img)
+    res = engine.segment(img)
     assert res.ood is not None and res.ood["warning"] is None and res.ood["scan_score"] <= 1.5, res.ood
     assert res.lesions and max(les.confidence for les in res.lesions) >= 0.5
     pred = res.labelmap > 0
     assert 2 * (pred & lab).sum() / (pred.sum() + lab.sum()) > 0.6
+
+
+def test_a_chest_scan_is_warned_and_its_confident_false_lesion_capped(engine, monkeypatch):
+    """lung1, a chest CT (outside the sarcoma domain): before the cap its largest false cluster
+    scores about 0.85 (README, "Know the domain": without the cap 2 chest false clusters reach 0.5).
+    Through ``Engine.segment`` the scan is warned and every confidence is capped below the
+    threshold; the raw confidences, seen on their way into the cap, prove the input needs it."""
+    root = require_data()
+    raw, cap = [], engine.ood.apply
+
+    def spy(confidences, scan_score):
+        raw.append(np.array(confidences, float))
+        return cap(confidences, scan_score)
+
+    monkeypatch.setattr(engine.ood, "apply", spy)
+    res = engine.segment(sitk.ReadImage(str(root / "fullscan" / "lung1" / "image.nii.gz")), threshold=0.0)
+    assert res.ood["warning"] and res.ood["scan_score"] > engine.ood.scan_threshold, res.ood
+    assert res.lesions and max(les.confidence for les in res.lesions) <= engine.ood.cap < engine.default_threshold
+    assert len(raw) == 1 and raw[0].max() >= engine.default_threshold, raw  # uncapped, a false lesion would show
+    assert sorted(les.confidence for les in res.lesions) == pytest.approx(sorted(np.minimum(raw[0], engine.ood.cap)))
 
 
 def test_a_card_fitted_with_the_old_descriptor_runs_without_ood_and_says_so(tmp_path):

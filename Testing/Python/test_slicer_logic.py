@@ -36,18 +36,29 @@ def run(slicer_app, data_dir, default_model):
     progress = []
     seg, table = logic.segment(volume, model=str(default_model.folder), device="cpu", progress=lambda f, s: progress.append((f, s)))
     seconds = time.perf_counter() - t
+    initial_threshold = mrml.get_threshold(seg)
     file_image = sitk.ReadImage(str(path))
     engine = logic.engine(str(default_model.folder), "cpu")
     ref = engine.segment(file_image, threshold=0.0, keep_patches=True)
     assert len(ref.lesions) >= MIN_LESIONS, f"{CASE} gave {len(ref.lesions)} candidate(s) at threshold 0; the tests need {MIN_LESIONS}"
     yield types.SimpleNamespace(path=path, volume=volume, logic=logic, seg=seg, table=table, ref=ref, engine=engine,
                                 file_image=file_image, case_hash=case_hash(file_image), seconds=seconds, app=slicer_app,
-                                progress=progress)
+                                progress=progress, initial_threshold=initial_threshold)
     slicer_app.reset()
 
 
 def _lesion(ref, lesion_id):
     return next(les for les in ref.lesions if les.lesion_id == lesion_id)
+
+
+def _as_segmented(run) -> None:
+    """Put the shared node back as ``logic.segment`` left it (no lesion reviewed, the model's
+    threshold), whatever the tests before this one decided or set."""
+    from LesionSegLib import mrml
+
+    for les in run.ref.lesions:
+        mrml.set_review(run.seg, les.lesion_id, "unreviewed")
+    mrml.set_threshold(run.seg, run.engine.default_threshold)
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -77,6 +88,7 @@ def test_segments_match_engine(run):
     from LesionSegLib import export, mrml
     from LesionSegLib.engine.segment.colors import confidence_color
 
+    _as_segmented(run)
     ref, seg = run.ref, run.seg
     records = mrml.lesions(seg)
     assert len(records) == len(ref.lesions) == seg.GetSegmentation().GetNumberOfSegments()
@@ -127,6 +139,8 @@ def test_table_and_threshold(run):
     assert [table.GetTable().GetColumn(c).GetName() for c in range(table.GetNumberOfColumns())] == [
         "ID", "Confidence", "Volume (ml)", "Diameter (mm)", "Mean HU", "Status"]
     default = run.engine.default_threshold
+    assert run.initial_threshold == pytest.approx(default)  # segment starts at the card's threshold
+    _as_segmented(run)
     assert mrml.get_threshold(seg) == pytest.approx(default)
     confidences = sorted({round(les.confidence, 6) for les in ref.lesions})
     layer_before = seg.GetSegmentation().GetSegment("lesion_1").GetRepresentation("Binary labelmap") if ref.lesions else None
@@ -251,7 +265,10 @@ def test_feedback_store_sink(run, tmp_path):
     try:
         logic.review(seg, 1, "accepted")
         assert (tmp_path / "feedback.db").exists()
-        assert store.count() >= 1
+        assert store.count() == 1  # a fresh database, one decision
+        (row,) = store.decisions()
+        assert (row["lesion_id"], row["decision"], row["case_hash"]) == (1, "accepted", run.case_hash)
+        assert row["model_id"] == run.engine.card.id
     finally:
         logic.disable_feedback_store()
         if hasattr(store, "close"):

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..io.writers import SLICER_STATUS, ijk_to_lps, write_csv, write_image, write_seg_nrrd
-from .colors import confidence_color, status_color
+from .colors import confidence_color
 
 #: the files ``lesionseg segment`` writes per input: ``<stem>`` + each suffix
 OUTPUT_SUFFIXES = ("_lesions.nii.gz", "_lesions.csv", ".seg.nrrd")
@@ -143,22 +143,20 @@ class SegmentationResult:
     def write_csv(self, path: str) -> None:
         write_csv(self.rows(), CSV_COLUMNS, path)
 
-    def write_seg_nrrd(self, path: str, statuses: dict[int, str] | None = None) -> None:
-        """A Slicer ``.seg.nrrd``: segment k has label value k and is coloured by confidence."""
-        statuses = statuses or {}
-        segments = []
-        for les in self.lesions:
-            status = statuses.get(les.lesion_id, "unreviewed")
-            segments.append(
-                {
-                    "id": f"lesion_{les.lesion_id}",
-                    "name": les.name,
-                    "color": list(status_color(status, les.confidence)),
-                    "labelValue": int(les.lesion_id),
-                    "status": SLICER_STATUS.get(status, "notstarted"),
-                    "tags": segment_tags(les, self.model_id, status),
-                }
-            )
+    def write_seg_nrrd(self, path: str) -> None:
+        """A Slicer ``.seg.nrrd``: segment k has label value k, is coloured by confidence and is
+        unreviewed (review decisions live in the Slicer scene and the feedback store)."""
+        segments = [
+            {
+                "id": f"lesion_{les.lesion_id}",
+                "name": les.name,
+                "color": list(les.color),
+                "labelValue": int(les.lesion_id),
+                "status": SLICER_STATUS["unreviewed"],
+                "tags": segment_tags(les, self.model_id),
+            }
+            for les in self.lesions
+        ]
         write_seg_nrrd(path, self.labelmap, segments, self.reference)
 
 
