@@ -256,6 +256,18 @@ def _pytorch_extension_missing(problem: Problem, problems, runtimes) -> InstallR
     return InstallResult(True, reason)
 
 
+def platform_problem() -> str | None:
+    """Why torch cannot be installed on this platform at all, else None: PyTorch publishes no wheels
+    for Intel macOS after 2.2.2, and Slicer for macOS may run as an Intel build (under Rosetta)."""
+    import platform
+
+    if sys.platform == "darwin" and platform.machine() == "x86_64":
+        return (f"PyTorch ({torch_requirement()}) has no build for Intel macOS (its last one is 2.2.2), and this "
+                "Slicer runs as an Intel (x86_64) build: LesionSeg cannot run here; use a native Apple-silicon "
+                "build of Slicer if there is one for your version, or Slicer on Windows or Linux")
+    return None
+
+
 def _install_torch(problem: Problem, problems=(), runtimes=()) -> InstallResult | None:
     """torch through PyTorchUtils; an InstallResult when a restart must come first.
 
@@ -263,6 +275,8 @@ def _install_torch(problem: Problem, problems=(), runtimes=()) -> InstallResult 
     installed torch that does not fit is upgraded (or downgraded) in place, and pip keeps it when
     the new one cannot be downloaded or installed.  So torch is never uninstalled first: a failed
     installation leaves the torch that was there (other extensions may use it)."""
+    if (why := platform_problem()) is not None:  # said before a download that cannot succeed
+        raise RuntimeError(why)
     try:
         import PyTorchUtils  # the "PyTorch" Slicer extension
     except ImportError:
@@ -326,7 +340,8 @@ def install(problems, requester: str = "LesionSeg", runtimes=()) -> InstallResul
 def runtime_problems() -> list[Problem]:
     """The fast runtimes (OpenVINO, ONNX Runtime, onnx) that are missing or do not fit (optional)."""
     importlib.invalidate_caches()
-    reqs = [r for r in load_requirements(RUNTIME_REQUIREMENTS_FILE) if r.marker is None or r.marker.evaluate()]
+    reqs = [Requirement(f"{r.name}{r.specifier}")  # the platform marker said yes: texts and pip get the plain spec
+            for r in load_requirements(RUNTIME_REQUIREMENTS_FILE) if r.marker is None or r.marker.evaluate()]
     return [Problem(r, installed_version(r.name), True) for r in reqs if not satisfied(r, installed_version(r.name))]
 
 

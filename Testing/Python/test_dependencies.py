@@ -460,3 +460,20 @@ def test_resume_asks_about_more_than_was_confirmed(deps, panel):
     restarted()
     assert panel.new().resume() is True and panel.asked == []  # nothing beyond the marker: no question
     assert deps.calls == [("installTorch", False, ">=2.13.0"), ("pip_install", ["openvino<2027,>=2026.4"])]
+
+
+def test_intel_macos_is_refused_before_a_download_that_cannot_succeed(deps):
+    """Slicer for macOS may run as an Intel build, and PyTorch has no Intel-macOS build after 2.2.2:
+    the installer asked PyTorchUtils for torch>=2.13 and failed with "could not be installed"."""
+    import platform
+
+    deps.installed.update({"torch": None})
+    _fake_pytorch_utils(deps)
+    deps.monkeypatch.setattr(sys, "platform", "darwin")
+    deps.monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    with pytest.raises(RuntimeError, match=r"no build for Intel macOS.*Slicer on Windows or Linux"):
+        deps.d.install(deps.d.check())
+    assert deps.calls == []  # nothing was downloaded or installed
+    runtimes = deps.d.load_requirements(deps.d.RUNTIME_REQUIREMENTS_FILE)
+    assert runtimes and all(not r.marker.evaluate({"sys_platform": "darwin", "platform_machine": "x86_64"}) and
+                            r.marker.evaluate({"sys_platform": "win32", "platform_machine": "AMD64"}) for r in runtimes)
