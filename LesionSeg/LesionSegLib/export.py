@@ -26,6 +26,7 @@ from . import mrml
 from .engine.atomic import atomic_file
 from .engine.errors import InputError
 from .engine.io.csv_cells import safe_cell
+from .engine.io.images import windows_safe
 
 CSV_COLUMNS = (
     "lesion_id", "name", "confidence", "status", "volume_ml", "diameter_mm", "mean_hu", "n_voxels",
@@ -181,7 +182,7 @@ def export_csv(segmentation_node, path, include_hidden: bool = False) -> Path:
     with a leading apostrophe (``engine.io.csv_cells``)."""
     path = Path(path)
     with atomic_file(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
             writer.writeheader()
             # a segment name is typed by the reviewer: no cell may start a spreadsheet formula (CSV injection)
@@ -385,4 +386,4 @@ def add_to_dicom_database(path, volume_node) -> bool:
 
 def _stem(name: str) -> str:
     keep = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in name).strip("._")
-    return keep or "lesions"
+    return windows_safe(keep or "lesions")  # "CON.seg.nrrd" would be a device on Windows

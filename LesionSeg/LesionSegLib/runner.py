@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine.io.images import output_stem
+from .engine.io.images import output_stem, windows_safe
 from .engine.process import ChildProcess, child_env, python_executable, tree_alive
 
 __all__ = ["BackgroundSegmentation", "load_cli_outputs", "process_group_alive", "python_executable"]
@@ -219,7 +219,7 @@ class BackgroundSegmentation:
 
 def _safe_stem(stem: str) -> str:
     keep = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(stem)).strip("._")
-    return keep[:80] or "input"
+    return windows_safe(keep[:80] or "input")  # a volume named "CON" or "nul" is no file name on Windows
 
 
 def process_group_alive(pid: int) -> bool:
@@ -272,7 +272,7 @@ def load_cli_outputs(outdir, stem: str, reference, threshold: float | None = Non
                 patches[int(lid)] = np.asarray(npz["patches"][k])
             case_hash = str(npz["case_hash"])
             model_id = str(npz["model_id"])
-    with open(outdir / f"{stem}_lesions.csv", newline="") as fh:
+    with open(outdir / f"{stem}_lesions.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if not model_id:
         model_id = _model_from_seg_nrrd(outdir / f"{stem}.seg.nrrd")

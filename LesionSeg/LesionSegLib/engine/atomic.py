@@ -27,12 +27,15 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from .locking import lock_file
+
 TMP_PREFIX = ".tmp-"
+FOLDER_LOCK = ".lesionseg.lock"  # folder_lock's lock file where there is no fcntl (Windows)
 
 
 def _read_umask() -> int:
     try:  # Linux exposes it without changing it
-        with open("/proc/self/status") as fh:
+        with open("/proc/self/status", encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
@@ -91,13 +94,19 @@ def signals_held() -> Iterator[None]:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """An exclusive ``flock`` on ``folder`` itself (no lock file is left behind) while the block
-    runs: two processes committing outputs into one folder take turns.  Where the folder cannot be
-    locked (no ``fcntl``, a file system without ``flock``) the block runs unlocked."""
+    runs: two processes committing outputs into one folder take turns.  Without ``fcntl``
+    (Windows) the lock is held on ``folder/.lesionseg.lock`` (:mod:`.locking`; removed again there
+    on release).  Where the folder cannot be locked (a file system without ``flock``) the block
+    runs unlocked."""
     try:
         import fcntl
-
+    except ImportError:
+        with lock_file(Path(folder) / FOLDER_LOCK):
+            yield
+        return
+    try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except (ImportError, OSError):
+    except OSError:
         yield
         return
     try:

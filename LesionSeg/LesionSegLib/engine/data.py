@@ -39,7 +39,7 @@ def cases(group: str | None = None, root: Path | None = None) -> list[Case]:
     root = root or data_root()
     manifest = root / "manifest.csv"
     out = []
-    with open(manifest, newline="") as fh:
+    with open(manifest, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if group and row["split_dir"] != group:
                 continue

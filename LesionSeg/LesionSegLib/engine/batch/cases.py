@@ -24,11 +24,13 @@ from ..atomic import TMP_PREFIX, write_text
 from ..errors import InputError
 from ..io.csv_cells import safe_cell
 from ..io.images import folder_inputs, folder_problem, name_length_problem, output_stem, series_folder
+from ..locking import Busy, lock_file
 from ..models import sha256_file
 
 MARKER_SUFFIX = ".done.json"
 REPORT_NAME = "batch_report.csv"
 LOCK_NAME = ".batch.lock"
+BUSY = "another `lesionseg batch` is writing into this folder"
 REPORT_COLUMNS = ("case", "status", "error", "seconds", "lesions", "worker", "attempts", "input")
 #: manifest columns that may hold the image path, in order of preference
 PATH_COLUMNS = ("image", "path", "input", "file")
@@ -239,17 +241,24 @@ def lock_outdir(outdir: str | os.PathLike):
     except OSError as exc:
         why = "is a symbolic link; remove it" if path.is_symlink() else f"cannot be opened: {exc.strerror or exc}"
         raise InputError(f"lock file {path} {why}", str(outdir)) from None
-    fh = os.fdopen(fd, "r+")
+    fh = os.fdopen(fd, "r+", encoding="utf-8")
     try:
         try:
             import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
+        except ImportError:  # Windows: the lock file is held through the locking module
             fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise InputError("another `lesionseg batch` is writing into this folder", str(outdir)) from None
-        yield
+        with contextlib.ExitStack() as held:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise InputError(BUSY, str(outdir)) from None
+            else:
+                fh.close()  # locked through a descriptor of its own, which may remove the file on release
+                try:
+                    held.enter_context(lock_file(path, wait=False))
+                except Busy:
+                    raise InputError(BUSY, str(outdir)) from None
+            yield
     finally:
         fh.close()

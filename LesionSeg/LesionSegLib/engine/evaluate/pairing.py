@@ -176,7 +176,7 @@ def _grid_text(img: sitk.Image) -> str:
 def read_table(path: Path) -> dict[int, dict[str, float]]:
     """``lesion_id -> {confidence, mean_probability, n_voxels?}`` from a segment CSV."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
             need = ["lesion_id", *SCORES]

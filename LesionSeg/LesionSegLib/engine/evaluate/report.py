@@ -391,9 +391,9 @@ def write_report(report: dict, outdir: str | Path) -> list[Path]:
     out = Path(outdir)
     with AtomicWriter(out) as w:
         p = w.path("report.json")
-        Path(p).write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+        Path(p).write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         p = w.path("report.md")
-        Path(p).write_text(report_markdown(report))
+        Path(p).write_text(report_markdown(report), encoding="utf-8")
         plot_froc(report, w.path("froc.png"))
         plot_reliability(report, w.path("reliability.png"))
     return [out / n for n in REPORT_FILES]

@@ -14,7 +14,7 @@ import os
 import random
 import sqlite3
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from ..errors import LesionSegError
 
@@ -263,7 +263,18 @@ def folder_writable(path) -> bool:
 def read_uri(path, immutable: bool = False) -> str:
     """SQLite URI to read ``path`` only.  ``immutable``: without locks or ``-wal``/``-shm`` files
     (only when no ``-wal`` exists, so the main file holds every committed change)."""
-    return f"{Path(path).resolve().as_uri()}?{'immutable=1' if immutable else 'mode=ro'}"
+    return f"{file_uri(Path(path).resolve())}?{'immutable=1' if immutable else 'mode=ro'}"
+
+
+def file_uri(path: PurePath) -> str:
+    """The ``file:`` URI of the absolute ``path`` as SQLite opens it.  A Windows UNC path
+    (``\\\\server\\share\\x.db``) gets an empty authority, ``file:////server/share/x.db``:
+    SQLite refuses the ``file://server/share/x.db`` that ``as_uri`` gives ("invalid uri
+    authority") unless built with SQLITE_ALLOW_URI_AUTHORITY.  Other paths are as ``as_uri``."""
+    uri = path.as_uri()
+    if not uri.startswith("file:///"):
+        uri = "file:////" + uri[len("file://"):]
+    return uri
 
 
 def _check_header(p: Path, head: bytes, size: int) -> None:

@@ -53,6 +53,18 @@ def output_stem(path: str | os.PathLike) -> str:
     return stem
 
 
+#: Windows device names: a file named so, in any case and before any extension, is the device
+RESERVED_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+                           | {f"{d}{n}" for d in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3"})
+
+
+def windows_safe(stem: str) -> str:
+    """``stem`` with ``_`` after its first part when Windows reserves that as a device name
+    (``CON`` -> ``CON_``, ``nul.nii`` -> ``nul_.nii``); every other name unchanged, on every OS."""
+    head, dot, rest = stem.partition(".")
+    return f"{head}_{dot}{rest}" if head.rstrip(" ").upper() in RESERVED_NAMES else stem
+
+
 def image_stem(path: str | os.PathLike) -> str:
     """File name without its image suffix (``case.nii.gz`` -> ``case``); a folder keeps its name."""
     name = Path(path).name

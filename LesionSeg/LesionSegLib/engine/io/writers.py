@@ -27,7 +27,7 @@ def write_image(array: np.ndarray, reference: sitk.Image, path: str, compression
 
 
 def write_csv(rows: Iterable[dict], columns: Sequence[str], path: str) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:

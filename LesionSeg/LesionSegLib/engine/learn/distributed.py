@@ -150,6 +150,6 @@ def setup(device: str = "auto") -> Dist:
         dev, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend)
     if rank != 0:  # one progress log: the writer's (errors still reach stderr)
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
     return Dist(rank, world, local_rank, local_world, dev, backend)
 

@@ -421,7 +421,7 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
         card = models.ModelCard(tmp, data)
         for key in ("segmenter", "classifier", "ood"):
             card.verified_path(key)
-        (tmp / "finetune_evaluation.json").write_text(json.dumps(evaluation, indent=1) + "\n")
+        (tmp / "finetune_evaluation.json").write_text(json.dumps(evaluation, indent=1) + "\n", encoding="utf-8")
         card.save()
     result = FinetuneResult(models.read_card(folder), seconds, evaluation)
     if activate:

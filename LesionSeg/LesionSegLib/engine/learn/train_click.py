@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         if not args.to:
             ap.error("--attach needs --to MODEL_DIR")
         run = Path(args.attach)
-        cfg = json.loads((run / "click_segmenter.json").read_text())
+        cfg = json.loads((run / "click_segmenter.json").read_text(encoding="utf-8"))
         card = read_card(args.to)
         trained_from = cfg["training"].get("base_segmenter_sha256") or get_card(cfg["training"]["base"]).part("segmenter")["sha256"]
         if card.part("segmenter")["sha256"] != trained_from:

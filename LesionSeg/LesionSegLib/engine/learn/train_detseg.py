@@ -211,7 +211,7 @@ def train_stage(stage: str, cases: list[Case], out: Path, minutes: float, batch:
                            "minutes": round((time.time() - start) / 60, 2), "budget_minutes": minutes, "init": init_record,
                            "final_loss": round(float(np.mean(losses[-50:])), 5) if losses else None,
                            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} CPU, {platform.node()}"}}
-    (out / f"{stage}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{stage}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"{stage}: {step} steps in {record['training']['minutes']} min, final loss {record['training']['final_loss']}", flush=True)
     return record
 

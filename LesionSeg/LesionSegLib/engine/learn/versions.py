@@ -20,20 +20,22 @@ from .. import models
 from ..atomic import write_text
 from ..common import utc_now
 from ..errors import ModelError
+from ..locking import lock_file
 
 LOG_LIMIT = 200
 
 
 @contextlib.contextmanager
 def _locked():
-    """An exclusive lock on ``active.json.lock`` (POSIX; no-op where fcntl is missing)."""
+    """An exclusive lock on ``active.json.lock`` (``flock``; without fcntl, :mod:`..locking`)."""
     d = models.require_user_models_dir()  # names LESIONSEG_MODELS when it is a file or cannot be made
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
+    except ImportError:  # Windows
+        with lock_file(d / "active.json.lock"):
+            yield
         return
-    with open(d / "active.json.lock", "a") as fh:
+    with open(d / "active.json.lock", "a", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

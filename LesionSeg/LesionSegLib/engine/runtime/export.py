@@ -14,8 +14,9 @@ prove nothing.  A cached file is used only when
    verified, so its record is trusted as they are; or
 2. its manifest is signed (HMAC-SHA256) with this user's own key (``.onnx-cache-key`` in the user
    model folder, created 0600, refused unless it is a regular file of this user that nobody else
-   can read) and names these weights, these inputs and the torch installed here, and the file's
-   sha256 matches it: the export was made here, by this code, from the verified weights.
+   can read -- on Windows, which has no mode bits, the ACLs of the user's profile decide) and
+   names these weights, these inputs and the torch installed here, and the file's sha256 matches
+   it: the export was made here, by this code, from the verified weights.
    A cache copied in from elsewhere, or edited by anyone without the key, fails.
 
 Anything else -- stale (retrained weights), edited, truncated, forged -- is refused with a note
@@ -114,11 +115,17 @@ def export_paths(card: ModelCard, part: str) -> tuple[Path, Path]:
     return folder / f"{stem}.onnx", folder / f"{stem}.json"
 
 
+def _binary() -> int:
+    """``os.O_BINARY`` where there is one (Windows): without it ``os.open`` gives a text-mode
+    descriptor there, whose reads drop the CR of every CR LF and stop at 0x1A."""
+    return getattr(os, "O_BINARY", 0)
+
+
 def _key(create: bool = True) -> bytes | None:
     """This user's signing key (32 random bytes in ``<user model folder>/.onnx-cache-key``, mode
     0600), made on first use; None where there is no safe one (no signed cache is trusted then)."""
     path = user_models_dir() / KEY_FILE
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | _binary()
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -127,7 +134,7 @@ def _key(create: bool = True) -> bytes | None:
         import secrets
 
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | _binary(), 0o600)
         except FileExistsError:  # another process made it meanwhile
             return _key(create=False)
         except OSError:
@@ -145,7 +152,10 @@ def _key(create: bool = True) -> bytes | None:
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
-        if not stat.S_ISREG(st.st_mode) or not mine or st.st_mode & 0o077 or st.st_size != 32:
+        # Windows has no POSIX mode bits (fstat says 0o666 for any writable file): there the ACLs of
+        # the user's own profile folder keep others out, so only the other checks apply
+        private = os.name == "nt" or not st.st_mode & 0o077
+        if not stat.S_ISREG(st.st_mode) or not mine or not private or st.st_size != 32:
             return None
         return fh.read()
 
@@ -177,7 +187,7 @@ def _read_regular(path: Path) -> bytes | None:
     not a regular file or cannot be read.  The bytes verified are the bytes run: nobody can swap
     the file between its check and its use."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # a FIFO never blocks
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | _binary())  # a FIFO never blocks
     except OSError:
         return None
     with os.fdopen(fd, "rb") as fh:
@@ -344,6 +354,6 @@ def export(build: Callable[[], tuple], folder: Path, onnx_name: str, manifest_na
         key = _key()
         if key is not None:
             manifest["signature"] = _signature(key, manifest)
-        with open(writer.path(manifest_name), "w") as fh:
+        with open(writer.path(manifest_name), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
     return manifest
