@@ -38,6 +38,8 @@ def name_length_problem(name: str) -> str:
     """Why ``name`` is too long to name a case's output files ("" when it is not)."""
     n = len(name.encode("utf-8", "surrogateescape"))
     return f"case name too long ({n} bytes; at most {MAX_NAME_BYTES})" if n > MAX_NAME_BYTES else ""
+
+
 #: parts of a file name that mark a label map, not a scan (skipped beside scans in a folder input)
 LABEL_HINTS = ("label", "mask", "seg", "lesion", "annotation")
 
@@ -360,7 +362,6 @@ def validate_ct(image: sitk.Image, source: str | None = None) -> None:
     if min(size) < 2:
         raise InputError(f"image of size {tuple(int(n) for n in size)} is 2D (a single slice); a 3D CT volume is required", source)
     spacing = np.asarray(image.GetSpacing(), dtype=float)
-    extent = np.asarray(size, dtype=float) * spacing
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"zero, negative or non-finite voxel spacing {_num(spacing)} mm", source)
     if np.any(spacing < SPACING_MIN_MM) or np.any(spacing > SPACING_MAX_MM):
@@ -368,6 +369,7 @@ def validate_ct(image: sitk.Image, source: str | None = None) -> None:
             f"absurd voxel spacing {_num(spacing)} mm; expected {SPACING_MIN_MM:g}-{SPACING_MAX_MM:g} mm",
             source,
         )
+    extent = np.asarray(size, dtype=float) * spacing
     thin = [k for k in range(3) if size[k] < MIN_AXIS_VOXELS or extent[k] < MIN_AXIS_MM]
     if thin:
         k = thin[0]
