@@ -121,13 +121,18 @@ def _binary() -> int:
     return getattr(os, "O_BINARY", 0)
 
 
+def _read_flags() -> int:
+    """How a file whose bytes are verified is opened: read-only, binary, never through a symbolic
+    link, and never blocking (a FIFO planted in its place)."""
+    return os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | _binary()
+
+
 def _key(create: bool = True) -> bytes | None:
     """This user's signing key (32 random bytes in ``<user model folder>/.onnx-cache-key``, mode
     0600), made on first use; None where there is no safe one (no signed cache is trusted then)."""
     path = user_models_dir() / KEY_FILE
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | _binary()
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, _read_flags())
     except FileNotFoundError:
         if not create or user_models_problem(create=True):
             return None
@@ -187,7 +192,7 @@ def _read_regular(path: Path) -> bytes | None:
     not a regular file or cannot be read.  The bytes verified are the bytes run: nobody can swap
     the file between its check and its use."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | _binary())  # a FIFO never blocks
+        fd = os.open(path, _read_flags())
     except OSError:
         return None
     with os.fdopen(fd, "rb") as fh:
