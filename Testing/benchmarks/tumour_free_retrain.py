@@ -41,7 +41,8 @@ def _label(case):
     from LesionSegLib.engine.io.images import read_image, read_label
 
     img = read_image(case.image)
-    return img, read_label(case.label, img), sitk.GetArrayFromImage(read_label(case.label, img)) > 0
+    lab = read_label(case.label, img)
+    return img, lab, sitk.GetArrayFromImage(lab) > 0
 
 
 def slab_rejections(engine, log) -> list:
