@@ -26,7 +26,7 @@ from . import mrml
 from .engine.atomic import atomic_file
 from .engine.errors import InputError
 from .engine.io.csv_cells import safe_cell
-from .engine.io.images import windows_safe
+from .engine.io.images import safe_stem
 
 CSV_COLUMNS = (
     "lesion_id", "name", "confidence", "status", "volume_ml", "diameter_mm", "mean_hu", "n_voxels",
@@ -385,5 +385,4 @@ def add_to_dicom_database(path, volume_node) -> bool:
 
 
 def _stem(name: str) -> str:
-    keep = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in name).strip("._")
-    return windows_safe(keep or "lesions")  # "CON.seg.nrrd" would be a device on Windows
+    return safe_stem(name, "lesions")  # never "CON.seg.nrrd", a device on Windows

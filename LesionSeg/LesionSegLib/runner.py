@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine.io.images import output_stem, windows_safe
+from .engine.io.images import output_stem, safe_stem
 from .engine.process import ChildProcess, child_env, python_executable, tree_alive
 
 __all__ = ["BackgroundSegmentation", "load_cli_outputs", "process_group_alive", "python_executable"]
@@ -218,8 +218,7 @@ class BackgroundSegmentation:
 
 
 def _safe_stem(stem: str) -> str:
-    keep = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(stem)).strip("._")
-    return windows_safe(keep[:80] or "input")  # a volume named "CON" or "nul" is no file name on Windows
+    return safe_stem(stem, "input", max_len=80)  # never "CON" or "nul", devices on Windows
 
 
 def process_group_alive(pid: int) -> bool:

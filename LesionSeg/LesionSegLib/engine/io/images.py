@@ -67,6 +67,14 @@ def windows_safe(stem: str) -> str:
     return f"{head}_{dot}{rest}" if head.rstrip(" ").upper() in RESERVED_NAMES else stem
 
 
+def safe_stem(name: str, fallback: str, max_len: int | None = None) -> str:
+    """``name`` as a file-name stem: letters, digits, ``-``, ``_`` and ``.`` kept, any other
+    character ``_``, no leading or trailing dot or underscore, at most ``max_len`` characters,
+    ``fallback`` when nothing is left, and never a Windows device name (:func:`windows_safe`)."""
+    keep = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(name)).strip("._")
+    return windows_safe(keep[:max_len] or fallback)
+
+
 def image_stem(path: str | os.PathLike) -> str:
     """File name without its image suffix (``case.nii.gz`` -> ``case``); a folder keeps its name."""
     name = Path(path).name
