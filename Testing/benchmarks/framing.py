@@ -11,7 +11,7 @@ threshold and compared with the ground truth:
 * ``crops``: the tumour's bounding box plus a margin of 40, 20 and 5 mm (clipped to the scan): Dice,
   volume, and the volume of the original scan's result;
 * ``tumour_free``: each slab of whole slices at least 10 mm from the tumour and at least 12 slices
-  thick, above and below it, when the scan has one: lesions shown (confidence >= the default
+  thick, above and below it, when the scan has one (``engine.learn.tumour_free.tumour_free_slabs``): lesions shown (confidence >= the default
   threshold) and their highest confidence.  Every lesion there is false.
 
 It measures a limit of the model (README, "What the model expects"); it tunes nothing.
@@ -30,27 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "LesionSeg")]
 VAL = [f"STS_{i:03d}" for i in range(34, 42)]
 MARGINS_MM = (40.0, 20.0, 5.0)
-FREE_GAP_MM = 10.0
-FREE_MIN_SLICES = 12
-
-
-def _crop(image, lo, hi):
-    import SimpleITK as sitk
-
-    return sitk.RegionOfInterest(image, [int(h - l) for l, h in zip(lo, hi)], [int(v) for v in lo])
-
-
-def tumour_free_slabs(img, gt: np.ndarray) -> dict:
-    """``{"below"|"above": sub-image}``: the slabs of whole slices at least :data:`FREE_GAP_MM` from
-    the tumour (``gt``, z y x) and at least :data:`FREE_MIN_SLICES` thick, where the scan has them."""
-    z = np.flatnonzero(gt.any(axis=(1, 2)))
-    gap = int(np.ceil(FREE_GAP_MM / img.GetSpacing()[2]))
-    size = img.GetSize()
-    out = {}
-    for side, (z0, z1) in {"below": (0, int(z[0]) - gap), "above": (int(z[-1]) + 1 + gap, size[2])}.items():
-        if z1 - z0 >= FREE_MIN_SLICES:
-            out[side] = _crop(img, [0, 0, z0], [size[0], size[1], z1])
-    return out
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -67,6 +46,7 @@ def main(argv=None) -> int:
 
     from LesionSegLib.engine import data as dataset
     from LesionSegLib.engine.io.images import read_image, read_label
+    from LesionSegLib.engine.learn.tumour_free import crop, tumour_free_slabs
     from LesionSegLib.engine.segment.pipeline import Engine
 
     engine = Engine(args.model, device="cpu")
@@ -92,7 +72,7 @@ def main(argv=None) -> int:
         for m in MARGINS_MM:
             pad = np.ceil(m / sp).astype(int)
             clo, chi = np.maximum(lo - pad, 0), np.minimum(hi + pad, size)
-            res = engine.segment(_crop(img, clo, chi))
+            res = engine.segment(crop(img, clo, chi))
             sub = gt[clo[2]:chi[2], clo[1]:chi[1], clo[0]:chi[0]]
             rec["crops"][f"{m:g}mm"] = {"size_xyz": (chi - clo).tolist(), "lesions": len(res.lesions),
                                         "dice": _dice(res.labelmap > 0, sub),

@@ -1,15 +1,19 @@
 """Does the review loop (reject the false lesions, then ``lesionseg retrain``) fix the false lesions
-that the shipped model shows on tumour-free regions (``framing.json``)?
+that a model shows on tumour-free regions (``framing.json``)?
 
-    python Testing/benchmarks/tumour_free_retrain.py -o Resources/evaluation/tumour_free_retrain.json
+    git archive a670f86 LesionSeg/LesionSegLib/models/sts-clcs | tar -x -C runs/v110   # sts-clcs 1.1.0
+    python Testing/benchmarks/tumour_free_retrain.py -o Resources/evaluation/tumour_free_retrain.json \\
+        --model runs/v110/LesionSeg/LesionSegLib/models/sts-clcs
 
-Fitted on the training side only (STS_001-033): their tumour-free slabs (``framing.tumour_free_slabs``:
-whole slices at least 10 mm from the tumour, 12 slices or more), segmented by the base model at
-threshold 0, every cluster recorded as *rejected* in a fresh feedback database, as a reviewer
-would.  Two arms retrain the confidence classifier's head (``retrain(mode="head")``, what
-``lesionseg retrain`` runs) with the training cases' own ground-truth clusters (``include_gt``):
+Fitted on the training side only (STS_001-033): their tumour-free slabs
+(``engine.learn.tumour_free``: whole slices at least 10 mm from the tumour, 12 slices or more),
+segmented by the base model at threshold 0, every cluster recorded as *rejected* in a fresh
+feedback database, as a reviewer would.  Two arms retrain the confidence classifier's head
+(``retrain(mode="head")``, what ``lesionseg retrain`` runs) with the training cases' own
+ground-truth clusters (``include_gt``):
 
-* ``slabs``: with those rejections;
+* ``slabs``: with those rejections (what ``python -m LesionSegLib.engine.learn.tumour_free``
+  builds and ships as sts-clcs 1.2.0);
 * ``control``: without them, so the effect of retraining alone is told apart.
 
 Measured only on STS_034-041 (nothing is fitted there): the whole scans (mean Dice and tumours
@@ -30,107 +34,64 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "LesionSeg"), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(REPO / "LesionSeg")]
 TRAIN = [f"STS_{i:03d}" for i in range(1, 34)]
 VAL = [f"STS_{i:03d}" for i in range(34, 42)]
 
 
-def _label(case):
-    import SimpleITK as sitk
-
-    from LesionSegLib.engine.io.images import read_image, read_label
-
-    img = read_image(case.image)
-    lab = read_label(case.label, img)
-    return img, lab, sitk.GetArrayFromImage(lab) > 0
-
-
-def slab_rejections(engine, log) -> list:
-    from framing import tumour_free_slabs
-    from LesionSegLib.engine import data as dataset
-    from LesionSegLib.engine.segment.pipeline import case_hash
-    from LesionSegLib.review import Decision
-
-    out = []
-    for name in TRAIN:
-        img, _, gt = _label(dataset.case(name))
-        for side, slab in tumour_free_slabs(img, gt).items():
-            res = engine.segment(slab, threshold=0.0, keep_patches=True)
-            h = case_hash(slab)
-            out += [Decision.from_lesion(f"{name}-{side}", h, res.model_id, les, "rejected", "simulated") for les in res.lesions]
-            log(f"  {name} {side}: {len(res.lesions)} cluster(s), highest {max((l.confidence for l in res.lesions), default=0):.2f}")
-    return out
-
-
 def measure(folder) -> dict:
-    from framing import _dice, tumour_free_slabs
-    from LesionSegLib.engine import data as dataset
-    from LesionSegLib.engine.evaluate.metrics import calibration, cluster_auc
+    from LesionSegLib.engine.evaluate.metrics import calibration, cluster_auc, dice_score
     from LesionSegLib.engine.learn.labels import candidates_with_labels
+    from LesionSegLib.engine.learn.tumour_free import read_case, slab_figures
     from LesionSegLib.engine.segment.pipeline import Engine
 
     engine = Engine(str(folder), device="cpu")
     thr = engine.default_threshold
-    scores, tps, dice, found, slabs = [], [], [], 0, []
+    scores, tps, dice, found = [], [], [], 0
     for name in VAL:
-        img, lab, gt = _label(dataset.case(name))
+        img, lab, gt = read_case(name)
         res, m, _, n_gt = candidates_with_labels(engine, img, lab)
         conf = np.array([l.confidence for l in res.lesions])
         scores += conf.tolist()
         tps += m.is_tp.tolist()
         shown = [l.lesion_id for l in res.lesions if l.confidence >= thr]
-        dice.append(_dice(np.isin(res.labelmap, shown), gt) or 0.0)
+        dice.append(round(dice_score(np.isin(res.labelmap, shown), gt), 4))
         found += len({int(g) for g, c in zip(m.pred_to_gt, conf) if g and c >= thr})
-        for side, slab in tumour_free_slabs(img, gt).items():
-            r = engine.segment(slab)
-            slabs.append({"case": name, "side": side, "lesions": len(r.lesions),
-                          "max_confidence": round(max((l.confidence for l in r.lesions), default=0.0), 3)})
     cal = calibration(scores, tps)
     return {"model": engine.card.id, "mean_dice": round(float(np.mean(dice)), 4), "tumours_detected": found,
             "clusters": len(scores), "auc": cluster_auc(scores, tps), "ece": cal["ece"] if cal else None,
-            "slabs": len(slabs), "slabs_with_a_false_lesion": sum(s["lesions"] > 0 for s in slabs),
-            "slab_false_lesions": sum(s["lesions"] for s in slabs),
-            "slab_max_confidence": max(s["max_confidence"] for s in slabs), "per_slab": slabs}
+            **slab_figures(engine, VAL)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--out", required=True)
-    ap.add_argument("--model", default=str(REPO / "LesionSeg" / "LesionSegLib" / "models" / "sts-clcs"))
+    ap.add_argument("--model", required=True, help="folder of the base CLCS model (the README names the one measured)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tumour-free-"))
     os.environ["LESIONSEG_MODELS"] = str(work / "models")  # the retrained versions stay out of the user's folder
-    from LesionSegLib.engine import data as dataset
-    from LesionSegLib.engine.feedback import FeedbackStore
-    from LesionSegLib.engine.learn.retrain import retrain
-    from LesionSegLib.engine.segment.pipeline import Engine
+    from LesionSegLib.engine.learn.tumour_free import retrain_with_slabs
+    from LesionSegLib.engine.models import get_card
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    base = Engine(args.model, device="cpu")
-    rejected = slab_rejections(base, log)
-    db = work / "slabs.db"
-    store = FeedbackStore(db)
-    store.record_many(rejected)
-    store.close()
-    gt_root = dataset.case(TRAIN[0]).image.parent.parent
-    out = {"command": "python Testing/benchmarks/tumour_free_retrain.py -o " + args.out, "base": base.card.id,
-           "training_slab_clusters_rejected": len(rejected), "arms": {}}
-    arms = {"control": None, "slabs": db}
-    for arm, feedback in arms.items():
+    base = get_card(args.model)
+    out = {"command": f"python Testing/benchmarks/tumour_free_retrain.py -o {args.out} --model {args.model}",
+           "base": base.id, "arms": {}}
+    folders = {}
+    for arm in ("control", "slabs"):
         t = time.perf_counter()
-        res = retrain(feedback, args.model, include_gt=gt_root, output=f"tf-{arm}", gt_cases=TRAIN, mode="head",
-                      seed=args.seed, all_models=True)
+        res, n = retrain_with_slabs(base, TRAIN, work, args.seed, arm == "slabs", log)
+        if n:
+            out["training_slab_clusters_rejected"] = n
         out["arms"][arm] = {"model": res.card.id, "retrain_seconds": round(time.perf_counter() - t, 1),
-                            "label_counts": res.label_counts, "selected": res.metrics.get("selected"),
-                            "folder": str(res.card.folder)}
+                            "label_counts": res.label_counts, "selected": res.metrics.get("selected")}
+        folders[arm] = res.card.folder
         log(f"{arm}: {res.card.id} {res.label_counts}")
-    out["validation"] = {"base": measure(args.model)}
-    for arm in arms:
-        out["validation"][arm] = measure(out["arms"][arm].pop("folder"))
+    out["validation"] = {"base": measure(args.model), **{arm: measure(f) for arm, f in folders.items()}}
     out["minutes"] = round((time.perf_counter() - t0) / 60, 1)
     Path(args.out).write_text(json.dumps(out, indent=1, default=float) + "\n")
     for k, v in out["validation"].items():
