@@ -156,6 +156,8 @@ def training_minutes(card) -> dict:
     for key, part in (("classifier_minutes", "classifier"), ("card_minutes", "card")):  # DetSeg3D: assembling its card
         if key in tr:
             out[part] = tr[key]
+    if isinstance(tr.get("classifier_retraining"), dict):  # sts-clcs 1.2.0: its head retrained (learn.tumour_free)
+        out["classifier_retraining"] = tr["classifier_retraining"].get("minutes")
     return out
 
 

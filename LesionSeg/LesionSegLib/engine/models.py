@@ -408,12 +408,27 @@ def _recorded_active() -> str | None:
     return upgraded(recorded) if recorded else recorded
 
 
+def shipped_before(card: ModelCard) -> set[str]:
+    """The ids a shipped card names as versions shipped before it: the one it was ``built_from``
+    and the versions of its ``release_notes``."""
+    ids = set()
+    built = card.data.get("built_from")
+    if isinstance(built, dict) and isinstance(built.get("model"), str):
+        ids.add(built["model"])
+    notes = card.data.get("release_notes")
+    if isinstance(notes, dict):
+        ids.update(f"{card.name}@{v}" for v in notes)
+    return ids
+
+
 def upgraded(model_id: str) -> str:
-    """``model_id``, or the newest shipped version of its name when that id is gone and a shipped
-    version newer than it exists (an update of LesionSeg replaced the version the user activated)."""
+    """``model_id``, or the newest shipped version of its name when that id is gone and a newer
+    shipped version names it as shipped before it (an update of LesionSeg replaced the version
+    the user activated).  A version the user made and removed is not replaced: it fails, named."""
     base, _, version = str(model_id).partition("@")
     cards = list_models() if version else []
-    newer = [c for c in cards if c.name == base and c.builtin and _version_key(c.version) > _version_key(version)]
+    newer = [c for c in cards if c.name == base and c.builtin and _version_key(c.version) > _version_key(version)
+             and model_id in shipped_before(c)]
     if not newer or any(c.id == model_id for c in cards):
         return model_id
     return max(newer, key=lambda c: _version_key(c.version)).id

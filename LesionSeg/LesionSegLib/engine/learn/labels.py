@@ -134,24 +134,49 @@ def merge(*parts: TrainingData) -> TrainingData:
     )
 
 
+#: the networks that propose a card's clusters
+_PROPOSERS = ("segmenter", "detector", "roi_segmenter")
+
+
 def segmenter_identity(card) -> tuple | None:
     """The sha256s of the networks that propose a card's clusters (CLCS: the segmenter; DetSeg3D:
     detector and RoI segmenter), or None when the card names none."""
-    shas = tuple((card.data.get(k) or {}).get("sha256") for k in ("segmenter", "detector", "roi_segmenter"))
+    shas = tuple((card.data.get(k) or {}).get("sha256") for k in _PROPOSERS)
     return shas if any(shas) else None
+
+
+def recorded_identities(cards) -> dict[str, tuple]:
+    """Segmenter identities of models that may no longer be installed, as ``cards`` record where
+    they came from: a shipped release's ``built_from`` (sts-clcs 1.2.0 names 1.1.0, which an update
+    replaced) and a user version's ``parent``, each with the sha256s of its proposing networks."""
+    out: dict[str, tuple] = {}
+    for card in cards:
+        for key in ("built_from", "parent"):
+            link = card.data.get(key)
+            if not isinstance(link, dict):
+                continue
+            mid = link.get("model") or link.get("id")
+            shas = tuple(link.get(f"{k}_sha256") for k in _PROPOSERS)
+            if isinstance(mid, str) and any(shas):
+                out.setdefault(mid, shas)
+    return out
 
 
 def compatible_models(store, parent) -> tuple[list[str], dict[str, int]]:
     """Model ids in ``store`` whose segmenter is ``parent``'s (same segmenter sha256), and the
-    number of decisions made with each other model (unknown ids count as other)."""
+    number of decisions made with each other model.  A model no longer installed counts by the
+    identity an installed card records for it (:func:`recorded_identities`), else as other."""
     from .. import models
 
     seg = segmenter_identity(parent)
-    registry = {c.id: c for c in models.list_models()}
+    cards = models.list_models()
+    registry = {c.id: c for c in cards}
+    recorded = recorded_identities([parent, *cards])
     keep, other = [], {}
     for mid, counts in store.stats()["by_model"].items():
         card = parent if mid == parent.id else registry.get(mid)
-        if card is not None and seg and segmenter_identity(card) == seg:
+        ident = segmenter_identity(card) if card is not None else recorded.get(mid)
+        if seg and ident == seg:
             keep.append(mid)
         else:
             other[mid] = int(sum(counts.values()))

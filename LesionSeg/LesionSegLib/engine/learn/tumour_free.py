@@ -181,14 +181,16 @@ def release_card(base: models.ModelCard, new: dict, version: str, n_rejected: in
     }
     v = {k: w for k, w in validation.items() if k != "sensitivity_at_fp"}
     v["sensitivity_at_fp"] = {str(k): round(w, 4) for k, w in validation["sensitivity_at_fp"].items()}
-    card["validation"] = {**v, "cases": list(val), "tumour_free_slabs": slabs,
-                          "temperature_fit_on": card["training"]["classifier_retraining"]["calibration_fit_on"]}
+    fit_on = card["training"]["classifier_retraining"]["calibration_fit_on"]
+    card["classifier"].setdefault("training", {})["temperature_fit_on"] = fit_on  # where train_cls records it
+    card["validation"] = {**v, "cases": list(val), "tumour_free_slabs": slabs, "temperature_fit_on": fit_on}
     card["release_notes"] = {
         version: f"{base.id}'s segmenter, OOD reference and inference settings (same weights); the confidence "
                  f"classifier's head retrained (patch encoder frozen) with {n_rejected} rejected clusters of the "
                  "training cases' tumour-free slabs and the training cases' ground-truth clusters, as "
                  "`lesionseg retrain --mode head` does. Rules set before it ran: rule31 (experiment), rule32 (adoption).",
-        **copy.deepcopy(base.data.get("release_notes", {}))}
+        **copy.deepcopy(base.data.get("release_notes") or {base.version: f"{base.data.get('description', base.id)}; "
+                                                                       f"its card: commit {base_commit or 'unknown'}"})}
     out = command.split(" -o ", 1)[1].split()[0] if " -o " in command else "OUT"
     card["build_command"] = f"{command} && lesionseg models export {out} --write-card   (from the repository root{how})"
     return card
