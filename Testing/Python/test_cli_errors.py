@@ -291,10 +291,10 @@ def test_running_out_of_memory_is_said_as_such(tmp_path, capsys, monkeypatch):
         raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nException from src/plugins/intel_cpu/src/plugin.cpp:59: can't alloc")
 
     monkeypatch.setattr(pipeline, "Engine", cannot_compile)
-    with pytest.raises(MemoryError, match="not enough memory to load model sts-clcs@1.1.0 .*can't alloc|not enough memory to load model"):
+    with pytest.raises(MemoryError, match="not enough memory to load model sts-clcs@1.2.0 .*can't alloc|not enough memory to load model"):
         pipeline.load_engine("sts-clcs", "cpu")
     rc = cli.main(["segment", str(scan), "-o", str(tmp_path / "out2"), "--progress", "none"])
-    _one_error(capsys, rc, 1, "not enough memory to load model sts-clcs@1.1.0")
+    _one_error(capsys, rc, 1, "not enough memory to load model sts-clcs@1.2.0")
 
 
 def test_progress_covers_reading_detection_clusters_and_writing(tmp_path, capsys):

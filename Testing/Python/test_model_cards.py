@@ -156,7 +156,7 @@ def test_any_other_failure_while_loading_is_a_model_error_naming_the_model(clcs,
     monkeypatch.setattr(classifier, "_build", broken)
     with pytest.raises(ModelError) as exc:
         load_engine(str(clcs), "cpu", runtime="torch")
-    assert "model sts-clcs@1.1.0 (" in str(exc.value) and "cannot be loaded" in str(exc.value) and "allocation failed" in str(exc.value)
+    assert "model sts-clcs@1.2.0 (" in str(exc.value) and "cannot be loaded" in str(exc.value) and "allocation failed" in str(exc.value)
     assert "\n" not in str(exc.value)
 
 
@@ -391,7 +391,7 @@ def test_a_broken_user_card_is_skipped_in_listings_and_named_when_asked_for(user
     assert get_card(None).name == "sts-clcs"  # plain segment: the default model still loads
     assert cli.main(["models", "list"]) == 0
     out = capsys.readouterr()
-    assert "sts-clcs@1.1.0" in out.out and "evil/1/card.json" in out.err
+    assert "sts-clcs@1.2.0" in out.out and "evil/1/card.json" in out.err
     with pytest.raises(ModelError, match="evil/1/card.json"):
         get_card("evil")
 
@@ -458,13 +458,13 @@ def test_an_unreadable_lesionseg_models_is_a_note_and_the_default_model_runs(use
 
 # ------------------------------------------------------------------ P1-12 shadowed ids
 def test_a_user_copy_with_a_shipped_id_is_not_marked_active_and_is_noted(user_dir, capsys):
-    _copy("sts-clcs", user_dir / "sts-clcs" / "1.1.0", lambda c: c.update(description="IMPOSTOR"))
+    _copy("sts-clcs", user_dir / "sts-clcs" / "1.2.0", lambda c: c.update(description="IMPOSTOR"))
     problems = []
-    rows = [r for r in versions.list_versions("sts-clcs", problems) if r["id"] == "sts-clcs@1.1.0"]
+    rows = [r for r in versions.list_versions("sts-clcs", problems) if r["id"] == "sts-clcs@1.2.0"]
     assert len(rows) == 2 and [r["active"] for r in rows].count(True) == 1
     assert next(r for r in rows if r["active"])["builtin"]
-    assert any("is never used" in p and "sts-clcs@1.1.0" in p for p in problems)
-    assert get_card("sts-clcs@1.1.0").builtin
+    assert any("is never used" in p and "sts-clcs@1.2.0" in p for p in problems)
+    assert get_card("sts-clcs@1.2.0").builtin
     assert cli.main(["models", "list"]) == 0
     out = capsys.readouterr()
     assert sum(line.startswith("* ") for line in out.out.splitlines()) == 1 and "is never used" in out.err

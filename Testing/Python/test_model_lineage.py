@@ -30,8 +30,8 @@ def test_a_fine_tuned_model_s_kept_parent_is_not_a_registered_model(user_dir):
     ft = _copy("sts-clcs", user_dir / "ft" / "1", name="ft", version="1")
     _copy("sts-clcs", ft / "in_domain")
     ids = [c.id for c in models.list_models()]
-    assert "ft@1" in ids and ids.count("sts-clcs@1.1.0") == 1  # the shipped one only
-    assert models.get_card("sts-clcs@1.1.0").builtin
+    assert "ft@1" in ids and ids.count("sts-clcs@1.2.0") == 1  # the shipped one only
+    assert models.get_card("sts-clcs@1.2.0").builtin
     assert not models.shadowed(models.list_models())
 
 
@@ -46,7 +46,7 @@ def test_attach_gate_writes_a_complete_model_folder(user_dir, tmp_path):
     card = models.read_card(card.folder)
     assert set(versions.verify(card)) >= {"segmenter.safetensors", "classifier.safetensors", "gate.safetensors",
                                           card.data["ood"]["file"]}
-    assert card.data["parent"]["id"] == "sts-clcs@1.1.0"
+    assert card.data["parent"]["id"] == "sts-clcs@1.2.0"
     assert card.data["files"] == {p["file"]: models.sha256_file(card.folder / p["file"])
                                   for p in card.data.values() if isinstance(p, dict) and "file" in p and "sha256" in p}
     assert Engine(card, device="cpu").ood is not None

@@ -129,11 +129,16 @@ def test_onnx_runtimes_match_torch_on_a_synthetic_volume():
         # OpenVINO by 2.3e-4 on average (max 0.028), ONNX Runtime less (max 0.004)
         diff = np.abs(probs[rt] - probs["torch"])
         assert diff.mean() < 1e-3 and diff.max() < 0.1, (rt, float(diff.mean()), float(diff.max()))
-    results = {}
-    for rt, e in engines.items():
+    for e in engines.values():
         e.min_size_mm3 = 0.0  # every cluster counts; _compare fails if torch finds none
-        results[rt] = e.lesions_from_probability(image, canonical, arr, sp, probs[rt], {}, 0.0)
-    _compare(results)
+    # the exported classifier, given the same probability map, scores as the torch one
+    _compare({rt: e.lesions_from_probability(image, canonical, arr, sp, probs["torch"], {}, 0.0)
+              for rt, e in engines.items()}, max_conf=1e-4)
+    # end to end, each runtime's own probability: its voxel differences move the cluster's
+    # probability features (mean 0.9001 against 0.9005 here), which sts-clcs 1.2.0's head turns
+    # into a confidence 4.7e-3 apart at 0.46 on OpenVINO (1.1.0's: under 1e-3)
+    _compare({rt: e.lesions_from_probability(image, canonical, arr, sp, probs[rt], {}, 0.0)
+              for rt, e in engines.items()}, max_conf=1e-2)
 
 
 # ------------------------------------------------------------------ the export cache
