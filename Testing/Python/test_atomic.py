@@ -69,3 +69,83 @@ def test_committed_outputs_and_model_folders_get_the_umask_mode(tmp_path, monkey
     with atomic.atomic_folder(tmp_path / "models" / "m") as folder:
         (folder / "card.json").write_text("{}")
     assert stat.S_IMODE(os.stat(tmp_path / "models" / "m").st_mode) == 0o750
+
+
+# ------------------------------------------------------------------ folders a killed build left behind
+_BUILD = """
+import sys, time
+sys.path.insert(0, {lib!r})
+from LesionSegLib.engine.atomic import atomic_folder
+with atomic_folder({folder!r}) as tmp:
+    (tmp / "segmenter.safetensors").write_bytes(b"x" * 1000)
+    print("building", flush=True)
+    time.sleep(120)
+"""
+
+
+def _start_build(folder):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lib = str(Path(__file__).resolve().parents[2] / "LesionSeg")
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD.format(lib=lib, folder=str(folder))], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "building"
+    return proc
+
+
+def test_a_killed_build_s_folder_is_removed_by_the_next_build_and_a_live_one_is_not(tmp_path):
+    """On Windows, Cancel ends a training's worker process outright, so a cancelled retrain left a
+    ``.tmp-<version>-*`` folder (a whole model's weights) in the user model folder for good."""
+    from LesionSegLib.engine import atomic
+
+    parent = tmp_path / "models" / "sts-clcs"
+    killed, live = _start_build(parent / "2"), _start_build(parent / "3")
+    try:
+        killed.kill()
+        killed.wait()
+        left = sorted(p.name for p in parent.iterdir())
+        assert len(left) == 2 and all(n.startswith(".tmp-") for n in left)
+        with atomic.atomic_folder(parent / "4") as tmp:
+            (tmp / "card.json").write_text("{}")
+        names = sorted(p.name for p in parent.iterdir())
+        assert "4" in names and any(n.startswith(".tmp-3-") for n in names)  # the live build keeps its folder
+        assert not any(n.startswith(".tmp-2-") for n in names)  # the killed one's is gone
+        assert sorted(p.name for p in (parent / "4").iterdir()) == ["card.json"]  # no owner record in the result
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_temporary_folder_without_a_live_owner_here_goes_only_after_a_day(tmp_path):
+    import json
+    import os
+    import socket
+    import time
+
+    from LesionSegLib.engine import atomic
+
+    plain, foreign = tmp_path / ".tmp-a-1", tmp_path / ".tmp-b-2"
+    plain.mkdir()
+    foreign.mkdir()
+    (foreign / atomic.OWNER_NAME).write_text(json.dumps({"pid": os.getpid(), "started": 0, "host": socket.gethostname() + "-other"}))
+    (tmp_path / ".tmp-c.csv").write_text("a file: the batch's own sweep handles those")
+    assert atomic.remove_abandoned(tmp_path) == []  # young: another computer or an older build may still own them
+    old = time.time() - atomic.ABANDONED_AFTER_S - 60
+    for d in (plain, foreign):
+        os.utime(d, (old, old))
+    assert sorted(p.name for p in atomic.remove_abandoned(tmp_path)) == [".tmp-a-1", ".tmp-b-2"]
+    assert (tmp_path / ".tmp-c.csv").exists()
+
+
+def test_a_version_still_being_built_is_not_listed_as_a_model(tmp_path, monkeypatch):
+    import shutil
+
+    from LesionSegLib.engine import models
+
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path))
+    src = models.get_card("sts-clcs").folder
+    shutil.copytree(src, tmp_path / "mine" / ".tmp-7-abc", ignore=shutil.ignore_patterns(".onnx-cache"))
+    card = tmp_path / "mine" / ".tmp-7-abc" / "card.json"
+    card.write_text(card.read_text().replace('"version": "1.2.0"', '"version": "7"').replace('"name": "sts-clcs"', '"name": "mine"'))
+    assert "mine@7" not in {c.id for c in models.list_models()}

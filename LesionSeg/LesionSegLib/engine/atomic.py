@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import uuid
@@ -244,20 +245,90 @@ def write_failure(exc: BaseException) -> str | None:
     return (found.group(1) or found.group(2)) if found else str(exc).strip().splitlines()[0]
 
 
+#: the file in a folder under construction that names the process building it
+OWNER_NAME = ".owner.json"
+#: a temporary folder without a readable owner, or built on another computer, is abandoned after this long
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def _owner_record() -> dict:
+    import psutil
+
+    pid = os.getpid()
+    return {"pid": pid, "started": psutil.Process(pid).create_time(), "host": socket.gethostname()}
+
+
+def _owner_alive(rec: dict) -> bool:
+    """Whether the process that ``rec`` names still runs (the same pid and start time)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(rec["pid"]))
+        return abs(proc.create_time() - float(rec["started"])) < 1.0
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return True  # cannot tell: keep it
+
+
+def abandoned(tmp: Path, now: float | None = None) -> bool:
+    """Whether the temporary folder ``tmp`` was left by a build that can no longer finish: its
+    owner (this computer) is gone, or it has no readable owner, or another computer's, and is
+    older than :data:`ABANDONED_AFTER_S`."""
+    import json
+    import time
+
+    try:
+        age = (time.time() if now is None else now) - tmp.stat().st_mtime
+    except OSError:
+        return False  # gone already, or unreadable: nothing to remove
+    try:
+        rec = json.loads((tmp / OWNER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return age > ABANDONED_AFTER_S
+    if not isinstance(rec, dict) or rec.get("host") != socket.gethostname():
+        return age > ABANDONED_AFTER_S
+    return not _owner_alive(rec)
+
+
+def remove_abandoned(parent: str | os.PathLike) -> list[Path]:
+    """Remove the ``.tmp-*`` folders in ``parent`` that :func:`abandoned` says no build will
+    finish (a killed or cancelled training: on Windows, Cancel ends the worker process without
+    letting it clean up); returns them.  A folder being built by a live process is never touched."""
+    out = []
+    try:
+        found = [d for d in Path(parent).glob(TMP_PREFIX + "*") if d.is_dir() and not d.is_symlink()]
+    except OSError:
+        return out
+    for d in found:
+        if abandoned(d):
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                out.append(d)
+    return out
+
+
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Build ``folder`` under a temporary sibling name; rename it into place if the block succeeds.
 
     ``folder`` must not exist yet (an empty folder is replaced).  On any exception the temporary
-    folder is removed and nothing appears under ``folder``.
+    folder is removed and nothing appears under ``folder``.  A kill leaves it behind, marked with
+    its owner (:data:`OWNER_NAME`); the next build in the same parent removes it
+    (:func:`remove_abandoned`).
     """
+    import json
+
     final = Path(folder)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise FileExistsError(f"{final} exists and is not an empty folder")
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
     try:
+        (tmp / OWNER_NAME).write_text(json.dumps(_owner_record()), encoding="utf-8")
         yield tmp
+        (tmp / OWNER_NAME).unlink(missing_ok=True)
         os.chmod(tmp, DIR_MODE)  # mkdtemp creates 0700 folders
         if final.exists():
             final.rmdir()

@@ -324,7 +324,10 @@ def list_models(problems: list[str] | None = None) -> list[ModelCard]:
             continue
         folders = {c.parent for c in found}
         for card in found:  # a model folder inside another (a fine-tuned model's kept parent) is part of that one
-            if len(card.relative_to(root).parts) > 4 or any(a in folders for a in card.parent.parents):
+            parts = card.relative_to(root).parts
+            if len(parts) > 4 or any(a in folders for a in card.parent.parents):
+                continue
+            if any(p.startswith(".tmp-") for p in parts[:-1]):  # a version still being built (atomic.TMP_PREFIX)
                 continue
             try:
                 cards.append(read_card(card))

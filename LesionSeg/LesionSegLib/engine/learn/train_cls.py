@@ -199,9 +199,9 @@ def _git_commit() -> dict:
     """The commit of the code that runs (and whether the engine had uncommitted changes)."""
     root = Path(__file__).resolve().parents[4]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "LesionSeg/LesionSegLib/engine"],
-                               capture_output=True, text=True, timeout=10)
+        run = dict(capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=10)  # not the locale's code page
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], **run)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "LesionSeg/LesionSegLib/engine"], **run)
     except (OSError, subprocess.SubprocessError):
         return {"commit": None}
     if head.returncode != 0:
