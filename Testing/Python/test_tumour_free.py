@@ -188,3 +188,34 @@ def test_an_activated_1_1_0_runs_the_shipped_1_2_0_but_a_removed_user_version_is
     active.write_text(json.dumps({"active": "sts-clcs@1.1.5", "history": [], "log": []}))
     with pytest.raises(ModelError, match="unknown model 'sts-clcs@1.1.5'"):
         models.get_card(None)
+
+
+def test_the_release_card_keeps_what_runs_the_model_and_reports_only_the_validation_cases():
+    base = SimpleNamespace(
+        id="m@1.1.0", name="m", version="1.1.0", folder=Path("/somewhere/m"),
+        data={"description": "CLCS", "segmenter": {"sha256": "a" * 64}, "classifier": {"sha256": "b" * 64},
+              "data": {"train_cases": ["T1", "T2"], "val_cases": ["V1"]}, "training": {"segmenter": {"minutes": 52}}})
+    new = {"architecture": "clcs", "segmenter": {"sha256": "a" * 64, "inherited_from": "m@1.1.0"},
+           "classifier": {"sha256": "c" * 64, "training": {"seed": 0}}, "parent": {"id": "m@1.1.0", "folder": "/tmp/x"},
+           "data": {"feedback_db": "/tmp/x/slabs.db"}, "validation": {"what": "cv"}, "metrics": {"retrain_cv_auc": 1.0},
+           "created": "now", "retraining": {"label_counts": {"total": 9}, "seed": 0, "trainer": {"mode": "head"},
+                                            "validation": {"new": {"auc": 1.0}}}}
+    validation = {"dice_mean": 0.7, "sensitivity_at_fp": {0.5: 1.0, 1.0: 1.0}, "cpm": 1.0, "cluster_auc": 0.9,
+                  "cluster_auc_mean_probability": 0.8, "ece": 0.05}
+    slabs = {"slabs": 2, "slabs_with_a_false_lesion": 1, "per_slab": []}
+    card = tf.release_card(base, new, "1.2.0", 5, validation, slabs,
+                           "python -m LesionSegLib.engine.learn.tumour_free --from-model B -o runs/out --version 1.2.0",
+                           {"commit": "abc", "engine_modified": False}, 1.04, "a670f86")
+    assert (card["name"], card["version"]) == ("m", "1.2.0") and "parent" not in card and "retraining" not in card
+    assert card["segmenter"] == new["segmenter"] and card["classifier"]["sha256"] == "c" * 64
+    assert card["built_from"] == {"model": "m@1.1.0", "commit": "a670f86", "segmenter_sha256": "a" * 64,
+                                  "classifier_sha256": "b" * 64}
+    assert card["metrics"]["val_dice"] == 0.7 and card["metrics"]["val_tumour_free_slabs_with_a_false_lesion"] == 1
+    assert card["validation"]["cases"] == ["V1"] and card["validation"]["sensitivity_at_fp"] == {"0.5": 1.0, "1.0": 1.0}
+    assert card["data"]["train_cases"] == ["T1", "T2"] and card["data"]["tumour_free_negatives"]["clusters"] == 5
+    assert card["training"]["segmenter"] == {"minutes": 52} and card["training"]["classifier_retraining"]["minutes"] == 1.0
+    assert card["classifier"]["training"]["temperature_fit_on"].startswith("out-of-fold")
+    assert set(card["release_notes"]) == {"1.2.0", "1.1.0"} and "a670f86" in card["release_notes"]["1.1.0"]
+    assert "lesionseg models export runs/out --write-card" in card["build_command"]
+    assert "git archive a670f86 LesionSeg/LesionSegLib/models/m" in card["build_command"]
+    assert "/tmp" not in json.dumps(card) and "/somewhere" not in json.dumps(card)

@@ -230,6 +230,18 @@ def _r(v, digits=4):
     return None if v is None else round(float(v), digits)
 
 
+def card_metrics(v: dict) -> dict:
+    """The card's ``metrics`` from :func:`evaluate_cases`'s figures on the validation cases."""
+    return {
+        "val_dice": _r(v["dice_mean"]),
+        "val_froc_sensitivity_at_0.5_fp": _r(v["sensitivity_at_fp"][0.5]),
+        "val_cpm": _r(v["cpm"]),
+        "val_cluster_auc": _r(v["cluster_auc"]),
+        "val_cluster_auc_mean_probability": _r(v["cluster_auc_mean_probability"]),
+        "val_ece": _r(v["ece"]),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--segmenter", required=True, help="folder written by train_seg, or a model folder (card.json)")
@@ -288,14 +300,7 @@ def main(argv=None) -> int:
                                       "samples": counts, "temperature_fit_on": fit_on, "temperature_fit": cal}
     engine = Engine(ModelCard(out, card), device="cpu", runtime="torch")
     metrics = evaluate_cases(engine, val_names, by_name, card["confidence_threshold"])
-    card["metrics"] = {
-        "val_dice": _r(metrics["dice_mean"]),
-        "val_froc_sensitivity_at_0.5_fp": _r(metrics["sensitivity_at_fp"][0.5]),
-        "val_cpm": _r(metrics["cpm"]),
-        "val_cluster_auc": _r(metrics["cluster_auc"]),
-        "val_cluster_auc_mean_probability": _r(metrics["cluster_auc_mean_probability"]),
-        "val_ece": _r(metrics["ece"]),
-    }
+    card["metrics"] = card_metrics(metrics)
     card["validation"] = {k: v for k, v in metrics.items() if k not in ("sensitivity_at_fp",)}
     card["validation"]["sensitivity_at_fp"] = {str(k): round(v, 4) for k, v in metrics["sensitivity_at_fp"].items()}
     card["validation"]["cases"] = list(val_names)

@@ -150,7 +150,7 @@ def release_card(base: models.ModelCard, new: dict, version: str, n_rejected: in
     """The card of the shipped version: what runs it from the retrained card ``new``, its records
     from ``base`` and the retraining, validation on the base's validation cases only."""
     from .model_writer import parent_link
-    from .train_cls import _r
+    from .train_cls import card_metrics
 
     card = {k: copy.deepcopy(v) for k, v in new.items()
             if k not in ("parent", "data", "validation", "metrics", "retraining", "created", "description")}
@@ -170,15 +170,8 @@ def release_card(base: models.ModelCard, new: dict, version: str, n_rejected: in
         "command": command, "code": code, "minutes": round(minutes, 1), "mode": "head", "seed": rt["seed"],
         "trainer": rt["trainer"], "cross_validation": rt["validation"],
         "calibration_fit_on": "out-of-fold logits of the retraining labels (training cases only)"}}
-    card["metrics"] = {
-        "val_dice": _r(validation["dice_mean"]),
-        "val_froc_sensitivity_at_0.5_fp": _r(validation["sensitivity_at_fp"][0.5]),
-        "val_cpm": _r(validation["cpm"]),
-        "val_cluster_auc": _r(validation["cluster_auc"]),
-        "val_cluster_auc_mean_probability": _r(validation["cluster_auc_mean_probability"]),
-        "val_ece": _r(validation["ece"]),
-        "val_tumour_free_slabs_with_a_false_lesion": slabs["slabs_with_a_false_lesion"],
-    }
+    card["metrics"] = {**card_metrics(validation),
+                       "val_tumour_free_slabs_with_a_false_lesion": slabs["slabs_with_a_false_lesion"]}
     v = {k: w for k, w in validation.items() if k != "sensitivity_at_fp"}
     v["sensitivity_at_fp"] = {str(k): round(w, 4) for k, w in validation["sensitivity_at_fp"].items()}
     fit_on = card["training"]["classifier_retraining"]["calibration_fit_on"]
