@@ -454,3 +454,24 @@ def test_ood_scan_scores_sarcoma_below_chest():
     assert max(val.values()) < min(chest.values()), (val, chest)
     assert all(ood.warning(s) for s in chest.values()) and not any(ood.warning(s) for s in val.values())
     assert ood.apply([0.9, 0.3], max(chest.values())).max() < 0.5
+
+
+def test_a_thin_scan_saved_by_the_model_is_on_its_grid():
+    """LIDC-IDRI-0001 (16 slices of 2.5 mm) is stored on 13 voxels of 3.08 mm by the 2x2x3 mm model
+    that reviewed it: a whole number of voxels over its 40 mm.  Fine-tuning that same model refused
+    it as "stored on a 2x2x3.08 mm grid" (the check allowed 1 %), so no thin scan could be learnt."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from LesionSegLib.engine.feedback.grid import model_grid
+    from LesionSegLib.engine.learn.finetune import on_grid
+
+    img = sitk.GetImageFromArray(np.full((16, 64, 64), 40, np.int16))
+    img.SetSpacing((0.7, 0.7, 2.5))
+    grid = model_grid(img, (3.0, 2.0, 2.0))
+    case = SimpleNamespace(hu=grid.hu, geometry=grid.geometry)
+    assert grid.geometry["spacing_zyx"][0] == pytest.approx(40 / 13, abs=1e-3)
+    assert on_grid(case, (3.0, 2.0, 2.0))
+    assert not on_grid(case, (6.0, 4.0, 4.0)) and not on_grid(case, (3.0, 1.0, 1.0))

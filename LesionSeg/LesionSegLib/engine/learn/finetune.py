@@ -108,6 +108,18 @@ def split_cases(cases, held_apart: int | None = None):
     return [c for c in cases if c not in held], held
 
 
+def on_grid(case, spacing_zyx) -> bool:
+    """Whether a stored corrected case is on the grid of spacing ``spacing_zyx``: its field of view,
+    resampled to that spacing, gives exactly its own voxels.  Its stored spacing is the field of
+    view over a whole number of voxels, so a scan a few voxels thick departs from the nominal
+    spacing by up to half a voxel over its extent (LIDC-IDRI-0001, 40 mm deep: 13 voxels of
+    3.08 mm for 3 mm) and is still on that model's grid."""
+    from ..io.preprocess import target_shape
+
+    shape = tuple(np.shape(case.hu))
+    return target_shape(shape, case.geometry["spacing_zyx"], spacing_zyx) == shape
+
+
 def load_corrected(feedback, model_ids=None, min_cases: int = MIN_CASES, cases=None, spacing_zyx=None):
     """The usable corrected cases of the store; with ``spacing_zyx`` (the segmenter's grid), a
     case stored on another grid (imported, or saved with another model) is refused by name: the
@@ -130,7 +142,7 @@ def load_corrected(feedback, model_ids=None, min_cases: int = MIN_CASES, cases=N
             f"edited, added or deleted segment; at least {min_cases} are needed. Correct more cases "
             "(edit, add or delete segments, then Save corrections).")
     if spacing_zyx is not None:
-        other = [c for c in good if not np.allclose(c.geometry["spacing_zyx"], spacing_zyx, rtol=0.01)]
+        other = [c for c in good if not on_grid(c, spacing_zyx)]
         if other:
             mm = lambda sp: "x".join(f"{v:.3g}" for v in reversed(sp))  # noqa: E731  (x, y, z)
             raise FinetuneError(
