@@ -217,5 +217,5 @@ def test_the_release_card_keeps_what_runs_the_model_and_reports_only_the_validat
     assert card["classifier"]["training"]["temperature_fit_on"].startswith("out-of-fold")
     assert set(card["release_notes"]) == {"1.2.0", "1.1.0"} and "a670f86" in card["release_notes"]["1.1.0"]
     assert "lesionseg models export runs/out --write-card" in card["build_command"]
-    assert "git archive a670f86 LesionSeg/LesionSegLib/models/m" in card["build_command"]
+    assert "mkdir -p <dir> && git archive a670f86 LesionSeg/LesionSegLib/models/m" in card["build_command"]
     assert "/tmp" not in json.dumps(card) and "/somewhere" not in json.dumps(card)

@@ -157,8 +157,9 @@ def release_card(base: models.ModelCard, new: dict, version: str, n_rejected: in
     card.update(name=base.name, version=version, description=base.data.get("description", base.name)
                 + "; classifier taught the scan's tumour-free regions")
     link = {k: v for k, v in parent_link(base).items() if k != "folder"}
-    how = (f"; the base folder is {base.id} of commit {base_commit}: git archive {base_commit} "
-           f"LesionSeg/LesionSegLib/models/{base.name} | tar -x -C <dir>") if base_commit else ""
+    how = (f"; the base folder is {base.id} of commit {base_commit}: mkdir -p <dir> && git archive {base_commit} "
+           f"LesionSeg/LesionSegLib/models/{base.name} | tar -x -C <dir>, then <dir>/LesionSeg/LesionSegLib/models/"
+           f"{base.name}") if base_commit else ""
     train, val = base.data["data"]["train_cases"], base.data["data"]["val_cases"]
     rt = new["retraining"]
     card["built_from"] = {"model": base.id, "commit": base_commit, **{k: v for k, v in link.items() if k != "id"}}
