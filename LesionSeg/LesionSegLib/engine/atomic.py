@@ -247,7 +247,7 @@ def write_failure(exc: BaseException) -> str | None:
 
 #: the file in a folder under construction that names the process building it
 OWNER_NAME = ".owner.json"
-#: a temporary folder without a readable owner, or built on another computer, is abandoned after this long
+#: a temporary folder whose owner record names another computer is abandoned after this long
 ABANDONED_AFTER_S = 24 * 3600
 
 
@@ -273,8 +273,10 @@ def _owner_alive(rec: dict) -> bool:
 
 def abandoned(tmp: Path, now: float | None = None) -> bool:
     """Whether the temporary folder ``tmp`` was left by a build that can no longer finish: its
-    owner (this computer) is gone, or it has no readable owner, or another computer's, and is
-    older than :data:`ABANDONED_AFTER_S`."""
+    owner record (:data:`OWNER_NAME`) names a process of this computer that is gone, or another
+    computer and is older than :data:`ABANDONED_AFTER_S`.  A folder without a readable owner
+    record is never abandoned: LesionSeg did not write it (or wrote it before owner records), and
+    it may be the user's."""
     import json
     import time
 
@@ -285,8 +287,10 @@ def abandoned(tmp: Path, now: float | None = None) -> bool:
     try:
         rec = json.loads((tmp / OWNER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return age > ABANDONED_AFTER_S
-    if not isinstance(rec, dict) or rec.get("host") != socket.gethostname():
+        return False
+    if not isinstance(rec, dict):
+        return False
+    if rec.get("host") != socket.gethostname():
         return age > ABANDONED_AFTER_S
     return not _owner_alive(rec)
 
