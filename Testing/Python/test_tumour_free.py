@@ -219,3 +219,13 @@ def test_the_release_card_keeps_what_runs_the_model_and_reports_only_the_validat
     assert "lesionseg models export runs/out --write-card" in card["build_command"]
     assert "mkdir -p <dir> && git archive a670f86 LesionSeg/LesionSegLib/models/m" in card["build_command"]
     assert "/tmp" not in json.dumps(card) and "/somewhere" not in json.dumps(card)
+
+
+def test_models_list_names_the_version_a_shipped_release_was_built_from(tmp_path, monkeypatch):
+    from LesionSegLib.engine.learn import versions
+
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path))
+    rows = {r["id"]: r for r in versions.list_versions()}
+    assert rows["sts-clcs@1.2.0"]["parent"] == "sts-clcs@1.1.0" and rows["sts-clcs@1.2.0"]["builtin"]
+    assert rows["sts-detseg@1.4.1"]["parent"] == "sts-detseg@1.4.0"
+    assert rows["sts-attention-unet@1.0.0"]["parent"] is None
