@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .atomic import TMP_PREFIX
 from .errors import ModelError
 from .weights import load_state_shared, save_weights, state_mismatch  # noqa: F401  (re-exported: weights live in .weights)
 
@@ -327,7 +328,7 @@ def list_models(problems: list[str] | None = None) -> list[ModelCard]:
             parts = card.relative_to(root).parts
             if len(parts) > 4 or any(a in folders for a in card.parent.parents):
                 continue
-            if any(p.startswith(".tmp-") for p in parts[:-1]):  # a version still being built (atomic.TMP_PREFIX)
+            if any(p.startswith(TMP_PREFIX) for p in parts[:-1]):  # a version still being built (atomic_folder)
                 continue
             try:
                 cards.append(read_card(card))

@@ -85,6 +85,14 @@ def read_case(name: str):
     return img, lab, sitk.GetArrayFromImage(lab) > 0
 
 
+def iter_slabs(cases):
+    """``(case name, side, slab image)`` for every tumour-free slab of the dataset ``cases``."""
+    for name in cases:
+        img, _, gt = read_case(name)
+        for side, slab in tumour_free_slabs(img, gt).items():
+            yield name, side, slab
+
+
 def slab_rejections(engine, cases, log=print) -> list[dict]:
     """A *rejected* decision (the fields of ``review.Decision``) for every cluster ``engine``
     finds at threshold 0 on the tumour-free slabs of ``cases``.  Its case name is the patient's, so
@@ -92,30 +100,26 @@ def slab_rejections(engine, cases, log=print) -> list[dict]:
     from ..segment.pipeline import case_hash
 
     out = []
-    for name in cases:
-        img, _, gt = read_case(name)
-        for side, slab in tumour_free_slabs(img, gt).items():
-            res = engine.segment(slab, threshold=0.0, keep_patches=True)
-            h = case_hash(slab)
-            out += [{"case_name": name, "case_hash": h, "lesion_id": les.lesion_id, "decision": "rejected",
-                     "confidence": les.confidence, "model_id": res.model_id, "centroid_lps": les.centroid_lps,
-                     "volume_ml": les.volume_ml, "diameter_mm": les.diameter_mm, "bbox_ijk": les.bbox_ijk,
-                     "features": dict(les.features), "patch": les.patch, "reviewer": "simulated (tumour-free slab)"}
-                    for les in res.lesions]
-            log(f"  {name} {side}: {len(res.lesions)} cluster(s), highest "
-                f"{max((les.confidence for les in res.lesions), default=0):.2f}")
+    for name, side, slab in iter_slabs(cases):
+        res = engine.segment(slab, threshold=0.0, keep_patches=True)
+        h = case_hash(slab)
+        out += [{"case_name": name, "case_hash": h, "lesion_id": les.lesion_id, "decision": "rejected",
+                 "confidence": les.confidence, "model_id": res.model_id, "centroid_lps": les.centroid_lps,
+                 "volume_ml": les.volume_ml, "diameter_mm": les.diameter_mm, "bbox_ijk": les.bbox_ijk,
+                 "features": dict(les.features), "patch": les.patch, "reviewer": "simulated (tumour-free slab)"}
+                for les in res.lesions]
+        log(f"  {name} {side}: {len(res.lesions)} cluster(s), highest "
+            f"{max((les.confidence for les in res.lesions), default=0):.2f}")
     return out
 
 
 def slab_figures(engine, cases) -> dict:
     """The lesions ``engine`` shows (default threshold) on the tumour-free slabs of ``cases``."""
     slabs = []
-    for name in cases:
-        img, _, gt = read_case(name)
-        for side, slab in tumour_free_slabs(img, gt).items():
-            r = engine.segment(slab)
-            slabs.append({"case": name, "side": side, "lesions": len(r.lesions),
-                          "max_confidence": round(max((les.confidence for les in r.lesions), default=0.0), 3)})
+    for name, side, slab in iter_slabs(cases):
+        r = engine.segment(slab)
+        slabs.append({"case": name, "side": side, "lesions": len(r.lesions),
+                      "max_confidence": round(max((les.confidence for les in r.lesions), default=0.0), 3)})
     return {"slabs": len(slabs), "slabs_with_a_false_lesion": sum(s["lesions"] > 0 for s in slabs),
             "slab_false_lesions": sum(s["lesions"] for s in slabs),
             "slab_max_confidence": max((s["max_confidence"] for s in slabs), default=0.0), "per_slab": slabs}
@@ -194,9 +198,8 @@ def build(from_model, out, version: str, seed: int = 0, command: str = "", base_
           log=print) -> dict:
     """Build the release into the empty or new folder ``out``; returns its card."""
     from .. import data as dataset
-    from ..atomic import atomic_folder, write_text
     from ..segment.pipeline import Engine
-    from .model_writer import WEIGHT_FILES
+    from .model_writer import WEIGHT_FILES, write_version
     from .train_cls import _git_commit, evaluate_cases
 
     t0 = time.perf_counter()
@@ -229,12 +232,15 @@ def build(from_model, out, version: str, seed: int = 0, command: str = "", base_
                 os.environ["LESIONSEG_MODELS"] = saved
         card = release_card(base, res.card.data, version, n, validation, slabs, command, code,
                             (time.perf_counter() - t0) / 60, base_commit)
-        with atomic_folder(out) as tmp:
+
+        def fill(tmp: Path) -> dict:
             for name in sorted(set(WEIGHT_FILES.values())):
                 if (res.card.folder / name).exists():
                     shutil.copyfile(res.card.folder / name, tmp / name)
             card["files"] = {f.name: models.sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
-            write_text(tmp / models.CARD_NAME, json.dumps(card, indent=2) + "\n")
+            return card
+
+        write_version(out, fill)  # atomic; every weight the card names is checked before the card is written
     models.get_card(str(out))  # schema and checksums, as every load does
     return card
 
