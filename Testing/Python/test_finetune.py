@@ -235,7 +235,7 @@ def test_forgetting_is_called_out_beyond_the_warning_drop():
     quiet = forgetting_text(check, False)
     assert quiet.startswith("parent's own cases (STS_001, STS_002): segmenter Dice 0.770 -> 0.74") and "forgets" not in quiet
     check["mean_after"] = 0.67
-    assert "forgets part of the parent's domain; scans of that domain are routed to the parent" in forgetting_text(check, True)
+    assert "forgets part of the parent's domain; scans of that domain are routed to the model they came from" in forgetting_text(check, True)
     assert "routing is off, so scans of that domain get the fine-tuned network" in forgetting_text(check, False)
     res = {"model": "m@2", "seconds": 60, "metrics": {"base_domain_dice_before": 0.77, "base_domain_dice_after": 0.67}}
     assert "forgets part of the parent's own domain (Dice on the parent's training cases 0.770 -> 0.670)" in result_text(res)

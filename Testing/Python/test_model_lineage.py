@@ -95,20 +95,66 @@ def test_fit_ood_keeps_the_card_s_file_list_true(user_dir):
 
 
 def test_fine_tuning_a_routed_model_says_when_it_gives_its_routing_up():
-    """Fine-tuning a fine-tuned model whose corrections lie inside its own (widened) domain turned
-    routing off, and the grandparent's domain then ran the twice-fine-tuned networks without a word."""
+    """Fine-tuning a fine-tuned model whose corrections lie inside its kept model's domain turns
+    routing off, and the grandparent's domain then runs the twice-fine-tuned networks: said in the
+    card and the summary.  Corrections outside that domain keep the routing to the kept model,
+    even where they lie inside the parent's own (widened) domain."""
     from types import SimpleNamespace
 
-    from LesionSegLib.engine.learn.finetune import FinetuneResult, _routing
+    from LesionSegLib.engine.learn.finetune import FinetuneResult
+    from LesionSegLib.engine.learn.finetune_checks import routing_decision
 
-    ood = SimpleNamespace(scan_score=lambda d: 0.5, scan_threshold=1.5, domain="soft-tissue sarcoma, extremities")
-    grandparent = SimpleNamespace(card=SimpleNamespace(id="sts-clcs@1.1.0"), ood=ood)
-    parent = SimpleNamespace(card=SimpleNamespace(id="sts-clcs@2"), ood=ood, in_domain=grandparent)
+    def ood(score, domain):
+        return SimpleNamespace(scan_score=lambda d: score, scan_threshold=1.5, domain=domain)
+
+    grandparent = SimpleNamespace(card=SimpleNamespace(id="sts-clcs@1.1.0"), ood=ood(0.5, "soft-tissue sarcoma, extremities"))
+    parent = SimpleNamespace(card=SimpleNamespace(id="sts-clcs@2"), ood=ood(0.5, "sarcoma + chest"), in_domain=grandparent)
     case = SimpleNamespace(case_name="c1", hu=np.full((8, 16, 16), 40, np.int16),
                            geometry={"spacing_zyx": [3.0, 2.0, 2.0], "origin_lps": [0.0, 0.0, 0.0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]})
-    route = _routing(parent, [case], None)
+    route = routing_decision(parent, [case], None)
     assert not route["enabled"] and "sts-clcs@2 sent the scans of sts-clcs@1.1.0's domain" in route["gives_up"]
+    assert "inside the domain of sts-clcs@1.1.0, which sts-clcs@2 routes to" in route["why"]
     card = SimpleNamespace(id="sts-clcs@3", folder=Path("/m"), data={"parent": {"id": "sts-clcs@2"}, "routing": route, "finetuning": {
         "steps": 1, "train_cases": ["c1"]}})
     assert "warning: sts-clcs@2 sent the scans" in FinetuneResult(card, 60.0, {}).summary()
-    assert "gives_up" not in _routing(SimpleNamespace(card=parent.card, ood=ood, in_domain=None), [case], None)
+    assert "gives_up" not in routing_decision(SimpleNamespace(card=parent.card, ood=parent.ood, in_domain=None), [case], None)
+    # the case lies inside the parent's widened domain but outside the kept model's: routed to the kept one
+    grandparent.ood = ood(5.0, "soft-tissue sarcoma, extremities")
+    route = routing_decision(parent, [case], None)
+    assert route["enabled"] and route["parent"] == "sts-clcs@1.1.0" and route["via"] == "sts-clcs@2"
+    assert route["train_case_scan_ood"] == {"c1": 5.0} and "gives_up" not in route
+    # a kept model without usable OOD statistics cannot be judged against: the parent is
+    grandparent.ood = None
+    route = routing_decision(parent, [case], None)
+    assert not route["enabled"] and route["parent"] == "sts-clcs@2" and "via" not in route
+
+
+def test_fine_tuning_a_fine_tuned_model_keeps_routing_to_the_shipped_model(tmp_path, monkeypatch):
+    """Two rounds of corrections from one new domain: the second fine-tune judged them against the
+    first fine-tuned model's OOD reference, which already held the first round, called them inside
+    its domain and gave up routing, so sarcoma scans ran the twice-fine-tuned networks.  They are
+    judged against the shipped model the first one routes to, whose copy is carried over."""
+    from feedback_testdata import require_data, user_models_with_base
+    from test_finetune import store_with
+
+    from LesionSegLib.engine import data as dataset
+    from LesionSegLib.engine.io.images import read_image
+    from LesionSegLib.engine.learn.finetune import finetune
+    from LesionSegLib.engine.segment.pipeline import Engine
+
+    require_data()
+    base = user_models_with_base(tmp_path, monkeypatch)
+    kw = dict(steps=1, replay_cases=["STS_019"], cls_replay_cases=0)
+    first = finetune(store_with(tmp_path / "round1", [0, 1, 2]), base.id, "ft", **kw).card
+    assert first.data["routing"]["enabled"] and first.data["routing"]["parent"] == base.id
+    second = finetune(store_with(tmp_path / "round2", [3, 4, 5]), first.id, "ft", **kw).card
+    route = second.data["routing"]
+    assert second.id == "ft@2" and second.data["parent"]["id"] == first.id
+    assert route["enabled"] and route["parent"] == base.id and route["via"] == first.id and "gives_up" not in route
+    kept = second.folder / route["folder"]
+    assert models.sha256_file(kept / "card.json") == route["card_sha256"] == first.data["routing"]["card_sha256"]
+    assert not (kept / route["folder"]).exists()  # the shipped model's copy, not the first fine-tune with its own copy inside
+    eng = Engine(second, device="cpu")
+    assert eng.in_domain.card.data["segmenter"]["sha256"] == base.data["segmenter"]["sha256"]
+    sts = eng.segment(read_image(dataset.case("STS_041").image))
+    assert any(f"lies in the domain of {base.id}" in m for m in sts.messages)

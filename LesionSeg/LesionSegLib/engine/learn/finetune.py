@@ -44,6 +44,7 @@ import numpy as np
 from .. import models
 from ..common import check_cancel, span, utc_now
 from .finetune_checks import FORGETTING_WARN, base_domain_check, forgetting_text, replay_without_held  # noqa: F401  (re-exported)
+from .finetune_checks import route_target, routing_decision
 from .finetune_train import FINETUNE_LOSSES, PatchSampler, train_segmenter  # noqa: F401  (PatchSampler: re-exported)
 from .labels import RetrainError
 
@@ -243,36 +244,6 @@ PARENT_ONLY = ("validation", "training", "onnx", "files", "release_notes", "buil
                "confidence_choice", "gate", "click_segmenter")
 
 
-def _routing(base, train, wanted: bool | None) -> dict:
-    """Whether the new model routes scans of the parent's domain to the parent (see the card's
-    ``routing``): when ``wanted`` is None, yes exactly when every training corrected case lies
-    outside the parent's domain (its scan OOD score under the parent is above the parent's scan
-    threshold), i.e. the fine-tuning adapts the model to a new domain.  Corrections from the
-    parent's own domain train the model for that domain, so they never route."""
-    from ..feedback.grid import grid_image
-    from .ood_fit import descriptor_of
-
-    if base.ood is None:
-        return {"enabled": False, "why": f"{base.card.id} has no OOD statistics, so its domain cannot be told"}
-    scores = {c.case_name: round(base.ood.scan_score(descriptor_of(grid_image(c.hu, c.geometry))), 3) for c in train}
-    outside = all(v > base.ood.scan_threshold for v in scores.values())
-    enabled = outside if wanted is None else bool(wanted)
-    rule = (f"a scan whose OOD score under {base.card.id} is <= {base.ood.scan_threshold:g} (inside its domain: "
-            f"{base.ood.domain or 'its training data'}) is segmented by {base.card.id}'s own segmenter and classifier; "
-            "every other scan by this model's fine-tuned ones")
-    why = ("every corrected training case lies outside the parent's domain" if outside else
-           "some corrected training cases lie inside the parent's domain") + (
-           "" if wanted is None else f"; routing {'forced on' if wanted else 'turned off'} by the caller")
-    out = {"enabled": enabled, "parent": base.card.id, "rule": rule if enabled else None, "why": why,
-           "train_case_scan_ood": scores, "scan_threshold": base.ood.scan_threshold}
-    kept = getattr(base, "in_domain", None)
-    if kept is not None and not enabled:  # the parent routed its own parent's domain: said, since this one does not
-        out["gives_up"] = (f"{base.card.id} sent the scans of {kept.card.id}'s domain ({kept.ood.domain if kept.ood else '?'}) "
-                           f"to {kept.card.id}; this version does not, so those scans run its fine-tuned networks "
-                           f"(fine-tune {kept.card.id} with all the corrections to keep that routing)")
-    return out
-
-
 def retrain_classifier(engine, items, base_cm, seed=0, cancel=None):
     """(classifier, info, OOD cluster embeddings): the classifier head-retrained on the new
     segmenter's clusters (or the parent's, with the reason); the embeddings of the clusters at
@@ -386,8 +357,9 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     new.classifier = cm
     domain = _domain(parent, train)
     new.ood = ood_fit.from_candidates([it[1] for it in items + replay_items], emb, domain)
-    route = _routing(base, train, routing)
-    new.in_domain = base if route["enabled"] else None  # scans of the parent's own domain go to the parent
+    route = routing_decision(base, train, routing)
+    target = route_target(base)  # the parent, or the shipped model that the parent itself routes to
+    new.in_domain = target if route["enabled"] else None  # scans of that model's own domain go to it
     evaluation = {"cases": {}}
     for c in held:
         img = grid_image(c.hu, c.geometry)
@@ -426,7 +398,8 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
         if route["enabled"]:
             import shutil
 
-            shutil.copytree(parent.folder, tmp / ROUTING_FOLDER, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
+            shutil.copytree(target.card.folder, tmp / ROUTING_FOLDER,
+                            ignore=shutil.ignore_patterns(".onnx-cache", "*.tmp", "__pycache__"))
             route.update(folder=ROUTING_FOLDER, card_sha256=models.sha256_file(tmp / ROUTING_FOLDER / "card.json"))
         data["routing"] = route
         data["files"] = {data[k]["file"]: data[k]["sha256"] for k in ("segmenter", "classifier", "ood")}

@@ -1,5 +1,6 @@
 """Checks around a segmenter fine-tuning (used by :mod:`.finetune`): what the new network forgot
-of its parent's domain, and keeping held-apart corrected cases out of the replay."""
+of its parent's domain, keeping held-apart corrected cases out of the replay, and whether the new
+version routes the scans of its parent's domain (or its parent's own routing target) there."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,7 +46,7 @@ def forgetting_text(check: dict | None, routed: bool) -> str:
     text = f"parent's own cases ({', '.join(check['cases'])}): segmenter Dice {b:.3f} -> {a:.3f}"
     if b - a > FORGETTING_WARN:
         text += (" - the fine-tuned network forgets part of the parent's domain; "
-                 + ("scans of that domain are routed to the parent, which keeps them" if routed else
+                 + ("scans of that domain are routed to the model they came from, which keeps them" if routed else
                     "routing is off, so scans of that domain get the fine-tuned network: check them, or keep the parent"))
     return text
 
@@ -63,3 +64,48 @@ def replay_without_held(replay_names, by_name, held) -> tuple[list[str], list[st
 
     excluded = [n for n in names if case_hash(read_image(by_name[n].image)) in hashes]
     return [n for n in names if n not in excluded], excluded
+
+
+def route_target(base):
+    """The model that a version fine-tuned from ``base`` sends the scans of its domain to, when it
+    routes: ``base`` itself, or, when ``base`` already routes (a fine-tuned model that keeps a copy
+    of its own parent), that kept model.  The kept model's OOD reference holds its training domain
+    alone, while ``base``'s also holds the cases it was fine-tuned on: judged against ``base``, a
+    second round of corrections from the same new domain lies inside it, and routing was given up."""
+    kept = getattr(base, "in_domain", None)
+    return kept if kept is not None and getattr(kept, "ood", None) is not None else base
+
+
+def routing_decision(base, train, wanted: bool | None) -> dict:
+    """The card's ``routing`` section of a version fine-tuned from ``base`` on the corrected cases
+    ``train``: whether it routes the scans of :func:`route_target`'s domain to that model.  When
+    ``wanted`` is None, yes exactly when every training corrected case lies outside that domain
+    (its scan OOD score under the target is above the target's scan threshold), i.e. the
+    fine-tuning adapts the model to a new domain.  Corrections from the target's own domain train
+    the model for that domain, so they never route."""
+    from ..feedback.grid import grid_image
+    from .ood_fit import descriptor_of
+
+    target = route_target(base)
+    if target.ood is None:
+        return {"enabled": False, "why": f"{target.card.id} has no OOD statistics, so its domain cannot be told"}
+    scores = {c.case_name: round(target.ood.scan_score(descriptor_of(grid_image(c.hu, c.geometry))), 3) for c in train}
+    outside = all(v > target.ood.scan_threshold for v in scores.values())
+    enabled = outside if wanted is None else bool(wanted)
+    rule = (f"a scan whose OOD score under {target.card.id} is <= {target.ood.scan_threshold:g} (inside its domain: "
+            f"{target.ood.domain or 'its training data'}) is segmented by {target.card.id}'s own segmenter and classifier; "
+            "every other scan by this model's fine-tuned ones")
+    where = "the parent's domain" if target is base else f"the domain of {target.card.id}, which {base.card.id} routes to"
+    why = (f"every corrected training case lies outside {where}" if outside else
+           f"some corrected training cases lie inside {where}") + (
+           "" if wanted is None else f"; routing {'forced on' if wanted else 'turned off'} by the caller")
+    out = {"enabled": enabled, "parent": target.card.id, "rule": rule if enabled else None, "why": why,
+           "train_case_scan_ood": scores, "scan_threshold": target.ood.scan_threshold}
+    if target is not base:
+        out["via"] = base.card.id  # the routing is the parent's own, carried over (its kept copy is copied)
+    kept = getattr(base, "in_domain", None)
+    if kept is not None and not enabled:  # the parent routed its own parent's domain: said, since this one does not
+        out["gives_up"] = (f"{base.card.id} sent the scans of {kept.card.id}'s domain ({kept.ood.domain if kept.ood else '?'}) "
+                           f"to {kept.card.id}; this version does not, so those scans run its fine-tuned networks "
+                           f"(fine-tune {kept.card.id} with all the corrections to keep that routing)")
+    return out
