@@ -310,6 +310,99 @@ def test_unimatch_pool_never_holds_the_validation_cases(tmp_path, monkeypatch, e
     assert set(um.names) == set(names) - excluded and len(um.volumes) == len(um.names)
 
 
+class _ConvNet(torch.nn.Module):
+    """One 1x1x1 conv: logits (0, w * intensity), so constant volumes give known confidences."""
+
+    def __init__(self, w=0.0):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 2, 1)
+        torch.nn.init.zeros_(self.conv.weight)
+        torch.nn.init.zeros_(self.conv.bias)
+        with torch.no_grad():
+            self.conv.weight[1, 0] = w
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _zero_sup(net, x, y):
+    return torch.zeros((), requires_grad=True)
+
+
+ROI = (8, 16, 16)
+LOG2_PLUS_DICE = float(np.log(2.0)) + 1.0 - 1.0 / (0.5 * 8 * 16 * 16 + 1.0)  # zero logits vs an all-background target
+
+
+@pytest.mark.parametrize("min_confident, kept", [(0.5, 0), (0.0, 2)])
+def test_unimatch_drops_unconfident_crops(min_confident, kept):
+    net = _ConvNet()  # zero logits everywhere: confidence 0.5 < tau 0.95
+    um = unimatch.UniMatch([torch.rand(2, 8, 16, 16)], _zero_sup, ROI, tau=0.95, min_confident=min_confident)
+    for _ in range(3):
+        net.zero_grad()
+        loss = um.loss(net, None, None)
+        assert loss.requires_grad and loss.item() == 0.0
+        loss.backward()
+        assert not net.conv.weight.grad.any() and not net.conv.bias.grad.any()
+    assert all(h["fp"] == 0.0 and h["img"] == 0.0 and h["confident"] == 0.0 for h in um.history)
+    assert [h["kept"] for h in um.history] == [kept / 2] * 3
+    summ = um.summary()
+    assert summ["min_confident"] == min_confident and summ["crops_kept"] == {"kept": 3 * kept, "total": 6}
+    assert summ["last_50_steps_mean"]["kept"] == kept / 2
+
+
+def test_unimatch_keeps_a_confident_crop():
+    net = _ConvNet()  # zero logits: confidence exactly 0.5 >= tau 0.5 everywhere, pseudo-label 0
+    um = unimatch.UniMatch([torch.rand(2, 8, 16, 16)], _zero_sup, ROI, tau=0.5, min_confident=1.0)
+    loss = um.loss(net, None, None)
+    loss.backward()
+    h = um.history[0]
+    assert h["confident"] == 1.0 and h["kept"] == 1.0 and um.summary()["crops_kept"] == {"kept": 2, "total": 2}
+    assert h["fp"] == pytest.approx(LOG2_PLUS_DICE) and h["img"] == pytest.approx(LOG2_PLUS_DICE)
+    assert loss.item() == pytest.approx(0.5 * LOG2_PLUS_DICE + 0.5 * LOG2_PLUS_DICE)
+    assert net.conv.bias.grad[0] < 0 < net.conv.bias.grad[1]  # pulled towards the pseudo-label (background)
+
+
+@pytest.mark.parametrize("weak_confident", [False, True])
+def test_unimatch_filters_the_weak_and_the_mix_crop_on_their_own(weak_confident):
+    net = _ConvNet(w=3.0)  # intensity 1: lesion, confidence sigmoid(3) = 0.95; intensity 0: 50/50
+    um = unimatch.UniMatch([torch.zeros(2, 8, 16, 16)], _zero_sup, ROI, tau=0.9, fp_dropout=0.0)
+    sure, unsure = torch.ones(2, *ROI), torch.zeros(2, *ROI)
+    crops = iter([sure, unsure] if weak_confident else [unsure, sure])
+    um.crop = lambda: next(crops)
+    um.loss(net, None, None)
+    h = um.history[0]
+    assert h["kept"] == 0.5 and um.summary()["crops_kept"] == {"kept": 1, "total": 2}
+    assert h["confident"] == (1.0 if weak_confident else 0.0)
+    p, n = float(torch.sigmoid(torch.tensor(3.0))), 8 * 16 * 16
+    assert h["fp"] == (pytest.approx(-np.log(p) + 1 - (2 * p * n + 1) / (p * n + n + 1), rel=1e-5) if weak_confident else 0.0)
+    assert h["img"] > 0.0  # the kept crop's part of the CutMix views still counts
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), "x"])
+def test_unimatch_min_confident_must_lie_in_0_1(bad, tmp_path):
+    import argparse
+
+    with pytest.raises(unimatch.LesionSegError, match=r"--min-confident must lie in \[0, 1\].*got"):
+        unimatch.UniMatch([], _zero_sup, ROI, min_confident=bad)
+    ap = argparse.ArgumentParser()
+    for opt in ("--unlabeled", "--images"):
+        ap.add_argument(opt)
+    ap.add_argument("--seed", type=int, default=0)
+    unimatch.add_arguments(ap)
+    assert ap.parse_args([]).min_confident == 0.5
+    if isinstance(bad, float):  # the CLI path reaches the check before any volume is read
+        args = ap.parse_args(["--unlabeled", str(tmp_path / "absent"), "--min-confident", str(bad)])
+        with pytest.raises(unimatch.LesionSegError, match="min-confident"):
+            unimatch.UniMatch.from_args(args, None, ROI, DEFAULT_CONFIG, torch.device("cpu"))
+        from LesionSegLib.engine.learn import train_seg
+
+        with pytest.raises(unimatch.LesionSegError, match="min-confident"):  # train_seg: before the cases load
+            train_seg.main(["--unlabeled", str(tmp_path), "--min-confident", str(bad), "-o", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()
+    assert unimatch.UniMatch([], _zero_sup, ROI).min_confident == 0.5
+    assert unimatch.UniMatch([], _zero_sup, ROI, min_confident=1).min_confident == 1.0
+
+
 @needs_data
 def test_unimatch_few_steps_on_real_crops():
     from LesionSegLib.engine.io.images import read_image

@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; --batch is per process)")
     unimatch.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.unlabeled:  # now, not after the training cases are loaded
+        unimatch.check_min_confident(args.min_confident)
     code = distributed.relaunch(__spec__.name,
                                 sys.argv[1:] if argv is None else list(argv), args.nproc)
     if code is not None:

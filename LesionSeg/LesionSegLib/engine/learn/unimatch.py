@@ -13,6 +13,13 @@ consistency terms computed on unlabelled crops:
   CutMixed with a second unlabelled crop inside a random box; their targets are the weak
   pseudo-labels mixed with the same box -> ``L_img`` (mean of both).
 
+Image-level filter (the seed design's "keep only masks with >= lambda fraction of confident
+pixels"): a crop (``u_w`` or the mix crop) whose share of confident voxels is below
+``--min-confident`` (default 0.5) gives no pseudo-labels at all: its confident mask is zeroed,
+so its voxels, including those CutMixed into the strong views, drop out of ``L_fp`` and
+``L_img``. ``history`` records per step the share of the two crops kept; ``summary()`` the
+count over the whole run.
+
 ``L = L_sup + lambda * L_fp + mu * L_img``; the unlabelled losses are masked cross-entropy +
 masked soft Dice of the lesion class.
 """
@@ -35,6 +42,8 @@ def add_arguments(ap) -> None:
     g.add_argument("--lambda-fp", dest="lambda_fp", type=float, default=0.5, help="weight of the feature-perturbation loss")
     g.add_argument("--mu-img", dest="mu_img", type=float, default=0.5, help="weight of the strong-view (CutMix) loss")
     g.add_argument("--fp-dropout", dest="fp_dropout", type=float, default=0.5, help="channel dropout on encoder features")
+    g.add_argument("--min-confident", dest="min_confident", type=float, default=0.5,
+                   help="fraction (0-1) of an unlabelled crop's voxels that must be confident (>= tau) for the crop to count")
     g.add_argument("--unlabeled-cases", dest="unlabeled_cases", nargs="*", default=None,
                    help="case folder names inside --unlabeled (default: all but the validation cases)")
 
@@ -110,6 +119,18 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     return ce + dice
 
 
+def check_min_confident(value) -> float:
+    """``value`` as a float in [0, 1] (the image-level pseudo-label filter), else a LesionSegError."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:  # NaN fails too
+        raise LesionSegError(f"--min-confident must lie in [0, 1] (the fraction of an unlabelled crop's voxels that must "
+                             f"be confident for the crop to count); got {value!r}")
+    return v
+
+
 def strong_intensity(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Heavy intensity perturbation: random contrast, brightness, gamma-like curve and noise."""
     b = x.shape[0]
@@ -164,7 +185,8 @@ class UniMatch:
     """Adds UniMatch's unlabelled streams to a supervised step loss."""
 
     def __init__(self, volumes: list[torch.Tensor], sup_loss, roi, tau=0.95, lambda_fp=0.5, mu_img=0.5,
-                 fp_dropout=0.5, seed=0, device=torch.device("cpu")):
+                 fp_dropout=0.5, seed=0, device=torch.device("cpu"), min_confident=0.5):
+        self.min_confident = check_min_confident(min_confident)
         self.volumes = volumes
         self.sup_loss = sup_loss
         self.roi = tuple(int(r) for r in roi)
@@ -173,18 +195,21 @@ class UniMatch:
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.device = device
         self.history: list[dict] = []
+        self.crops_kept, self.crops_total = 0, 0  # unlabelled crops (u_w and u_mix) over the whole run
 
     @classmethod
     def from_args(cls, args, sup_loss, roi, cfg, device) -> "UniMatch":
         from ..io.images import read_image
         from .train_seg import image_channels
 
+        min_confident = check_min_confident(getattr(args, "min_confident", 0.5))  # before any volume is read
         held = validation_cases(args)
         paths = find_unlabeled(args.unlabeled, args.unlabeled_cases, exclude=held)
         vols = [image_channels(read_image(p), cfg["spacing_zyx"], cfg["hu_windows"])[0].half() for p in paths]
         print(f"UniMatch: {len(vols)} unlabeled volumes from {args.unlabeled}"
               f"{f' (validation cases never used: {len(held)})' if held else ''}", flush=True)
-        self = cls(vols, sup_loss, roi, args.tau, args.lambda_fp, args.mu_img, args.fp_dropout, args.seed, device)
+        self = cls(vols, sup_loss, roi, args.tau, args.lambda_fp, args.mu_img, args.fp_dropout, args.seed, device,
+                   min_confident=min_confident)
         self.source = str(args.unlabeled)
         self.names = [p.parent.name if p.name == "image.nii.gz" else p.name for p in paths]
         return self
@@ -208,6 +233,13 @@ class UniMatch:
             net.eval()
             pl, conf = pseudo_labels(net(torch.cat([u_w, u_mix])), self.tau)
             net.train()
+            frac = conf.flatten(1).mean(1)  # confident share of u_w and of u_mix
+            keep = (frac >= self.min_confident).float()
+            conf_raw_w = frac[0].item()
+            conf = conf * keep.view(-1, 1, 1, 1)  # a filtered crop gives no pseudo-labels
+        kept = int(keep.sum().item())
+        self.crops_kept += kept
+        self.crops_total += 2
         pl_w, pl_mix, m_w, m_mix = pl[:1], pl[1:], conf[:1], conf[1:]
         views, targets, masks = [], [], []
         for _ in range(2):
@@ -221,12 +253,14 @@ class UniMatch:
         out_s = main_output(net(torch.cat(views)))
         l_img = 0.5 * (masked_loss(out_s[:1], targets[0], masks[0]) + masked_loss(out_s[1:], targets[1], masks[1]))
         total = l_sup + self.lambda_fp * l_fp + self.mu_img * l_img
-        self.history.append({"sup": l_sup.item(), "fp": l_fp.item(), "img": l_img.item(), "confident": m_w.mean().item()})
+        self.history.append({"sup": l_sup.item(), "fp": l_fp.item(), "img": l_img.item(), "confident": conf_raw_w,
+                             "kept": kept / 2})
         return total
 
     def summary(self) -> dict:
         last = self.history[-50:]
-        mean = {k: round(float(np.mean([h[k] for h in last])), 4) for k in ("sup", "fp", "img", "confident")} if last else {}
+        mean = {k: round(float(np.mean([h[k] for h in last])), 4) for k in ("sup", "fp", "img", "confident", "kept")} if last else {}
         return {"unlabeled": getattr(self, "source", ""), "unlabeled_cases": getattr(self, "names", []),
                 "tau": self.tau, "lambda_fp": self.lambda_fp, "mu_img": self.mu_img, "fp_dropout": self.fp_dropout,
+                "min_confident": self.min_confident, "crops_kept": {"kept": self.crops_kept, "total": self.crops_total},
                 "last_50_steps_mean": mean}
