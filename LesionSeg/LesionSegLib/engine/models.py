@@ -412,13 +412,16 @@ def _recorded_active() -> str | None:
     return upgraded(recorded) if recorded else recorded
 
 
+def built_from_id(card: ModelCard) -> str | None:
+    """The id of the model a shipped release was built from (its ``built_from.model``), or None."""
+    built = card.data.get("built_from")
+    return built["model"] if isinstance(built, dict) and isinstance(built.get("model"), str) else None
+
+
 def shipped_before(card: ModelCard) -> set[str]:
     """The ids a shipped card names as versions shipped before it: the one it was ``built_from``
     and the versions of its ``release_notes``."""
-    ids = set()
-    built = card.data.get("built_from")
-    if isinstance(built, dict) and isinstance(built.get("model"), str):
-        ids.add(built["model"])
+    ids = {built_from_id(card)} - {None}
     notes = card.data.get("release_notes")
     if isinstance(notes, dict):
         ids.update(f"{card.name}@{v}" for v in notes)

@@ -112,9 +112,8 @@ def list_versions(name: str | None = None, problems: list[str] | None = None) ->
     cards.sort(key=lambda c: (c.name, models._version_key(c.version)))
     for c in cards:
         parent = c.data.get("parent") or {}
-        built = c.data.get("built_from")
-        if not parent and isinstance(built, dict) and isinstance(built.get("model"), str):
-            parent = {"id": built["model"]}  # a shipped release: the version it was built from
+        if not parent and models.built_from_id(c):
+            parent = {"id": models.built_from_id(c)}  # a shipped release: the version it was built from
         out.append(
             {
                 "id": c.id,
