@@ -149,3 +149,34 @@ def test_a_version_still_being_built_is_not_listed_as_a_model(tmp_path, monkeypa
     card = tmp_path / "mine" / ".tmp-7-abc" / "card.json"
     card.write_text(card.read_text().replace('"version": "1.2.0"', '"version": "7"').replace('"name": "sts-clcs"', '"name": "mine"'))
     assert "mine@7" not in {c.id for c in models.list_models()}
+
+
+def test_owner_records_survive_a_clock_step_a_reused_pid_and_hostile_json(tmp_path):
+    """The start time a process reports moves when the clock is stepped (NTP, resume), which made a
+    live build's folder look abandoned; a malformed owner record (a pid of 1e400, JSON nested too
+    deep) crashed every later build in that folder."""
+    import json
+    import os
+    import socket
+
+    import psutil
+
+    from LesionSegLib.engine import atomic
+
+    me = atomic._owner_record()
+    assert me["pid"] == os.getpid() and me["command"] == atomic._command_digest(psutil.Process())
+    assert atomic._owner_alive(me)
+    assert atomic._owner_alive({**me, "started": me["started"] + 2.0})  # clock stepped: same pid, same command
+    assert not atomic._owner_alive({**me, "started": me["started"] - 60.0, "command": "0" * 64})  # pid reused by another program
+    assert not atomic._owner_alive({k: v for k, v in me.items() if k != "command"} | {"started": me["started"] - 60.0})
+    host = socket.gethostname()
+    hostile = {"huge-pid": '{"pid": 1e400, "started": 0, "host": "%s"}' % host,
+               "deep": "[" * 100000 + "]" * 100000, "not-a-dict": "[1, 2]",
+               "bad-pid": '{"pid": "x", "started": 0, "host": "%s"}' % host}
+    for name, text in hostile.items():
+        (tmp_path / f".tmp-{name}").mkdir()
+        (tmp_path / f".tmp-{name}" / atomic.OWNER_NAME).write_text(text)
+    assert atomic.remove_abandoned(tmp_path) == []  # kept: LesionSeg cannot tell whose they are
+    with atomic.atomic_folder(tmp_path / "v1") as tmp:  # and a build beside them runs
+        (tmp / "card.json").write_text(json.dumps({}))
+    assert (tmp_path / "v1" / "card.json").is_file()

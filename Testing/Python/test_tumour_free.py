@@ -116,6 +116,22 @@ def test_the_build_refuses_a_taken_output_folder_and_a_model_it_cannot_teach(tmp
     assert not (tmp_path / "new").exists()
 
 
+def test_the_build_writes_to_a_bare_relative_output_name(tmp_path, monkeypatch):
+    """``-o runs`` (no slash) finished the release and then failed: its last check looked ``runs``
+    up as a registered model id.  The training and validation are stood in for here."""
+    import copy
+
+    shipped = _shipped()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tf, "retrain_with_slabs", lambda *a: (SimpleNamespace(card=shipped, summary=lambda: ""), 0))
+    monkeypatch.setattr("LesionSegLib.engine.segment.pipeline.Engine", lambda *a, **k: SimpleNamespace(default_threshold=0.5))
+    monkeypatch.setattr("LesionSegLib.engine.learn.train_cls.evaluate_cases", lambda *a: {})
+    monkeypatch.setattr(tf, "slab_figures", lambda *a: {})
+    monkeypatch.setattr(tf, "release_card", lambda base, *a: {**copy.deepcopy(shipped.data), "version": "9.9.9"})
+    card = tf.build("sts-clcs", "release", "9.9.9", log=lambda *a: None)
+    assert card["version"] == "9.9.9" and models.read_card(tmp_path / "release").version == "9.9.9"
+
+
 def _shipped() -> models.ModelCard:
     return models.read_card(Path(models.__file__).resolve().parents[1] / "models" / "sts-clcs")
 

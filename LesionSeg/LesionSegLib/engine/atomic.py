@@ -251,23 +251,40 @@ OWNER_NAME = ".owner.json"
 ABANDONED_AFTER_S = 24 * 3600
 
 
+def _command_digest(proc) -> str:
+    """A digest of a process's command line (its owner record keeps no path or argument in clear)."""
+    import hashlib
+
+    return hashlib.sha256("\0".join(proc.cmdline()).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def _owner_record() -> dict:
     import psutil
 
-    pid = os.getpid()
-    return {"pid": pid, "started": psutil.Process(pid).create_time(), "host": socket.gethostname()}
+    proc = psutil.Process(os.getpid())
+    rec = {"pid": proc.pid, "started": proc.create_time(), "host": socket.gethostname()}
+    try:
+        rec["command"] = _command_digest(proc)
+    except psutil.Error:
+        pass
+    return rec
 
 
 def _owner_alive(rec: dict) -> bool:
-    """Whether the process that ``rec`` names still runs (the same pid and start time)."""
+    """Whether the process that ``rec`` names still runs: the same pid with the same start time,
+    or with the same command line (the start time a process reports moves when the system clock is
+    stepped, by NTP or on resume; a reused pid runs another command, with rare exceptions that
+    only keep a folder)."""
     import psutil
 
     try:
         proc = psutil.Process(int(rec["pid"]))
-        return abs(proc.create_time() - float(rec["started"])) < 1.0
+        if abs(proc.create_time() - float(rec["started"])) < 1.0:
+            return True
+        return isinstance(rec.get("command"), str) and rec["command"] == _command_digest(proc)
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
-    except (psutil.Error, KeyError, TypeError, ValueError):
+    except (psutil.Error, KeyError, TypeError, ValueError, OverflowError):
         return True  # cannot tell: keep it
 
 
@@ -286,7 +303,7 @@ def abandoned(tmp: Path, now: float | None = None) -> bool:
         return False  # gone already, or unreadable: nothing to remove
     try:
         rec = json.loads((tmp / OWNER_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable or not LesionSeg's: never removed
         return False
     if not isinstance(rec, dict):
         return False

@@ -241,7 +241,7 @@ def build(from_model, out, version: str, seed: int = 0, command: str = "", base_
             return card
 
         write_version(out, fill)  # atomic; every weight the card names is checked before the card is written
-    models.get_card(str(out))  # schema and checksums, as every load does
+    models.get_card(Path(out))  # schema and checksums, as every load does (a path: "runs" alone is no model id)
     return card
 
 
