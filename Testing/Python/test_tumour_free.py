@@ -245,3 +245,24 @@ def test_models_list_names_the_version_a_shipped_release_was_built_from(tmp_path
     assert rows["sts-clcs@1.2.0"]["parent"] == "sts-clcs@1.1.0" and rows["sts-clcs@1.2.0"]["builtin"]
     assert rows["sts-detseg@1.4.1"]["parent"] == "sts-detseg@1.4.0"
     assert rows["sts-attention-unet@1.0.0"]["parent"] is None
+
+
+@pytest.mark.parametrize("name", ["sts-clcs", "sts-detseg"])
+def test_every_shipped_version_is_upgraded_and_its_reviews_count(name, tmp_path, monkeypatch):
+    """A user who had activated sts-clcs@1.0.0 or sts-detseg@1.0.0 (which no card named as shipped
+    before) got "its folder was removed"; reviews made with sts-detseg 1.4.0, whose networks 1.4.1
+    keeps, were left out of its retraining (its built_from recorded no checksums)."""
+    from LesionSegLib.engine.learn.labels import recorded_identities, segmenter_identity
+    from LesionSegLib.engine.learn.model_writer import release_history
+
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path))
+    shipped = models.get_card(name)
+    major = int(shipped.version.split(".")[1])
+    for minor in range(major):  # every earlier 1.x.0 release
+        assert models.upgraded(f"{name}@1.{minor}.0") == shipped.id
+    assert models.upgraded(f"{name}@{shipped.version}-ft.3") == f"{name}@{shipped.version}-ft.3"  # a user's: named
+    built = models.built_from_id(shipped)
+    assert recorded_identities([shipped])[built] == segmenter_identity(shipped)  # the same networks
+    notes = release_history(name, "9.0.0", {"9.0.0": "next"})  # a rebuild keeps every earlier note, newest first
+    assert list(notes)[0] == "9.0.0" and set(notes) == {"9.0.0"} | set(shipped.data["release_notes"])
+    assert list(notes)[1:] == sorted(shipped.data["release_notes"], key=models._version_key, reverse=True)

@@ -87,6 +87,7 @@ def from_model(model: Path, out: Path, name: str, version: str, classifier_from:
     source, the validation figures; the OOD statistics and ONNX records, which ``fit-ood`` and
     ``models export --write-card`` make) is made again by :func:`main`."""
     from ..models import read_card
+    from .model_writer import release_history
 
     old = read_card(model)
     if old.architecture != "detseg":
@@ -94,7 +95,10 @@ def from_model(model: Path, out: Path, name: str, version: str, classifier_from:
     out.mkdir(parents=True, exist_ok=True)
     card = {k: json.loads(json.dumps(v)) for k, v in old.data.items()
             if k not in ("classifier", "confidence_choice", "metrics", "validation", "ood", "onnx", "files")}
-    card.update(name=name, version=version, built_from={"model": old.id, "training": old.data.get("training")})
+    shas = {f"{k}_sha256": old.data[k]["sha256"] for k in (*STAGES, "classifier", "ood")
+            if isinstance(old.data.get(k), dict) and old.data[k].get("sha256")}  # reviews made with it count (labels.recorded_identities)
+    card.update(name=name, version=version, built_from={"model": old.id, **shas, "training": old.data.get("training")},
+                release_notes=release_history(name, version, old.data.get("release_notes")))
     for stage in STAGES:
         part = card[stage]
         shutil.copyfile(old.verified_path(stage), out / part["file"])

@@ -145,6 +145,21 @@ def copy_routing(parent: models.ModelCard, dest: Path) -> dict | None:
     return copy.deepcopy(routing)
 
 
+def release_history(name: str, version: str, notes: dict | None) -> dict:
+    """Release notes for a new shipped ``name@version``: ``notes`` (its own and its base's), with
+    those of the shipped card of ``name`` for earlier versions that they lack, newest first.  A
+    release built from a base that names fewer versions (sts-clcs 1.1.0's card named no 1.0.0)
+    thus keeps every version shipped before it, which :func:`models.upgraded` reads to move a user
+    who had activated one of them to the new release."""
+    out = dict(notes or {})
+    for card in models.list_models():
+        if card.builtin and card.name == name and isinstance(card.data.get("release_notes"), dict):
+            for v, text in card.data["release_notes"].items():
+                if models._version_key(v) < models._version_key(version):
+                    out.setdefault(v, text)
+    return dict(sorted(out.items(), key=lambda kv: models._version_key(kv[0]), reverse=True))
+
+
 def parent_link(parent: models.ModelCard) -> dict:
     """Which model this one came from: id and the sha256 of its weights (never its results)."""
     link = {"id": parent.id, "folder": str(parent.folder)}

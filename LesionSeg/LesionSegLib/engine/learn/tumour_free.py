@@ -153,7 +153,7 @@ def release_card(base: models.ModelCard, new: dict, version: str, n_rejected: in
                  slabs: dict, command: str, code: dict, minutes: float, base_commit: str | None = None) -> dict:
     """The card of the shipped version: what runs it from the retrained card ``new``, its records
     from ``base`` and the retraining, validation on the base's validation cases only."""
-    from .model_writer import parent_link
+    from .model_writer import parent_link, release_history
     from .train_cls import card_metrics
 
     card = {k: copy.deepcopy(v) for k, v in new.items()
@@ -182,13 +182,13 @@ def release_card(base: models.ModelCard, new: dict, version: str, n_rejected: in
     fit_on = card["training"]["classifier_retraining"]["calibration_fit_on"]
     card["classifier"].setdefault("training", {})["temperature_fit_on"] = fit_on  # where train_cls records it
     card["validation"] = {**v, "cases": list(val), "tumour_free_slabs": slabs, "temperature_fit_on": fit_on}
-    card["release_notes"] = {
+    card["release_notes"] = release_history(base.name, version, {
         version: f"{base.id}'s segmenter, OOD reference and inference settings (same weights); the confidence "
                  f"classifier's head retrained (patch encoder frozen) with {n_rejected} rejected clusters of the "
                  "training cases' tumour-free slabs and the training cases' ground-truth clusters, as "
                  "`lesionseg retrain --mode head` does. Rules set before it ran: rule31 (experiment), rule32 (adoption).",
         **copy.deepcopy(base.data.get("release_notes") or {base.version: f"{base.data.get('description', base.id)}; "
-                                                                       f"its card: commit {base_commit or 'unknown'}"})}
+                                                                       f"its card: commit {base_commit or 'unknown'}"})})
     out = command.split(" -o ", 1)[1].split()[0] if " -o " in command else "OUT"
     card["build_command"] = f"{command} && lesionseg models export {out} --write-card   (from the repository root{how})"
     return card
