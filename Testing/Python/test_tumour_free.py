@@ -266,3 +266,14 @@ def test_every_shipped_version_is_upgraded_and_its_reviews_count(name, tmp_path,
     notes = release_history(name, "9.0.0", {"9.0.0": "next"})  # a rebuild keeps every earlier note, newest first
     assert list(notes)[0] == "9.0.0" and set(notes) == {"9.0.0"} | set(shipped.data["release_notes"])
     assert list(notes)[1:] == sorted(shipped.data["release_notes"], key=models._version_key, reverse=True)
+
+
+def test_reviews_made_with_a_removed_user_version_count_by_its_child_s_parent_link():
+    """A retrained or fine-tuned version's ``parent`` link records its parent's networks, so the
+    reviews made with that parent count after the user removed it (``labels.recorded_identities``)."""
+    from LesionSegLib.engine.learn.labels import recorded_identities
+
+    child = SimpleNamespace(data={"parent": {"id": "mine@1", "segmenter_sha256": "a" * 64, "classifier_sha256": "b" * 64}})
+    other = SimpleNamespace(data={"parent": {"id": "mine@1", "segmenter_sha256": "c" * 64}})  # the first record wins
+    bare = SimpleNamespace(data={"parent": {"id": "mine@0"}, "built_from": "not a link"})  # no checksum: nothing known
+    assert recorded_identities([child, other, bare]) == {"mine@1": ("a" * 64, None, None)}
