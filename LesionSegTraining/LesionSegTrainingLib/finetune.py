@@ -32,7 +32,8 @@ def corrections_text(counts: dict) -> str:
 
 def result_text(res: dict) -> str:
     """One line for the panel after a finished fine-tuning (held-apart Dice before -> after when there
-    is one), and the base-domain check's warning when the new network forgets the parent's domain."""
+    is one), the base-domain check's warning when the new network forgets the parent's domain, and
+    the routing's when this version no longer sends the scans of a domain to the model kept for it."""
     from LesionSegLib.engine.learn.finetune_checks import FORGETTING_WARN
 
     m = res.get("metrics", {})
@@ -44,6 +45,9 @@ def result_text(res: dict) -> str:
     if b is not None and a is not None and b - a > FORGETTING_WARN:
         text += (f" Its segmenter forgets part of the parent's own domain (Dice on the parent's training cases "
                  f"{b:.3f} -> {a:.3f}); see the card's routing.")
+    gives_up = (res.get("routing") or {}).get("gives_up")
+    if gives_up:
+        text += f" Warning: {gives_up}."
     return text
 
 

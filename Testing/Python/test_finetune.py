@@ -180,7 +180,8 @@ def test_tiny_finetune_writes_a_valid_version(tmp_path, monkeypatch):
     figures = {"auc": 1.0, "ece": 0.0}
     again = write_model(card, ConfidenceModel.from_card(card), "ft-retrained", {"label_counts": {"total": 0}, "trainer": {"mode": "head"}},
                         {"new": figures, "old": figures})
-    assert again.data["routing"] == card.data["routing"] and again.data["ood"]["sha256"] == card.data["ood"]["sha256"]
+    assert again.data["routing"] == {**card.data["routing"], "via": card.id}  # carried over through the fine-tuned version
+    assert again.data["ood"]["sha256"] == card.data["ood"]["sha256"]
     eng2 = Engine(again, device="cpu")
     assert eng2.in_domain is not None and eng2.route(None, None, eng.in_domain.ood.scans[0]) is not None
     # activate and roll back like retrain

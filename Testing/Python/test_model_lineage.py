@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from LesionSegLib.engine import models
 from LesionSegLib.engine.learn import versions
@@ -127,6 +128,60 @@ def test_fine_tuning_a_routed_model_says_when_it_gives_its_routing_up():
     grandparent.ood = None
     route = routing_decision(parent, [case], None)
     assert not route["enabled"] and route["parent"] == "sts-clcs@2" and "via" not in route
+    # the advice names the corrected cases that lie inside the kept model's domain and the ways out
+    grandparent.ood = ood(0.5, "soft-tissue sarcoma, extremities")
+    text = routing_decision(parent, [case], None)["gives_up"]
+    assert "the corrected cases c1 lie inside that domain" in text and "--routing on" in text
+    assert "routing was turned off" in routing_decision(parent, [case], False)["gives_up"]
+    # a chain written before routing was carried over (a kept copy that keeps one) routes to its end
+    shipped = SimpleNamespace(card=SimpleNamespace(id="sts-clcs@1.0.0"), ood=ood(5.0, "sarcoma"))
+    grandparent.in_domain = shipped
+    route = routing_decision(parent, [case], None)
+    assert route["enabled"] and route["parent"] == "sts-clcs@1.0.0" and route["via"] == "sts-clcs@2"
+    # nothing to judge against: forcing routing on is refused, not ignored
+    lone = SimpleNamespace(card=SimpleNamespace(id="x@1", folder=Path("/m/x/1")), ood=None, in_domain=None)
+    with pytest.raises(ValueError, match="routing cannot be turned on: x@1 has no usable OOD statistics"):
+        routing_decision(lone, [case], True)
+    from LesionSegTrainingLib.finetune import result_text
+
+    done = {"model": "sts-clcs@3", "seconds": 1, "metrics": {}, "routing": {"enabled": False, "gives_up": "it gives up"}}
+    assert result_text(done).endswith("Warning: it gives up.")  # the Slicer panel says it too
+
+
+def test_a_stale_kept_copy_routes_through_its_installed_twin_and_a_damaged_one_is_refused_at_activation(tmp_path, monkeypatch):
+    """A fine-tuned model whose kept copy has statistics of an older scan descriptor could never
+    route again (fine-tuning it judged nothing and wrote no warning); a damaged kept copy passed
+    activation and failed every scan."""
+    from types import SimpleNamespace
+
+    from LesionSegLib.engine.learn.finetune_checks import route_target
+    from LesionSegLib.engine.learn.model_writer import copy_routing
+
+    monkeypatch.setenv("LESIONSEG_MODELS", str(tmp_path / "models"))
+    shipped = models.get_card("sts-clcs")
+    stale = SimpleNamespace(card=shipped, ood=None)
+    parent = SimpleNamespace(card=SimpleNamespace(id="ft@1"), ood=None, in_domain=stale)
+    target = route_target(parent)
+    assert target.card.id == shipped.id and target.ood is not None and target.card.folder == shipped.folder
+    other = SimpleNamespace(card=models.get_card("sts-attention-unet"), ood=None)  # not the installed model's bytes
+    other.card = SimpleNamespace(id=shipped.id, part=lambda k: {"sha256": "0" * 64})
+    assert route_target(SimpleNamespace(card=SimpleNamespace(id="ft@1"), ood=None, in_domain=other)).card.id == "ft@1"
+    # a routed version: its routing says which version it was carried through; a damaged kept copy fails verify
+    ft = _copy("sts-clcs", tmp_path / "models" / "ft" / "2", name="ft", version="2")
+    _copy("sts-clcs", ft / "in_domain")
+    data = json.loads((ft / "card.json").read_text())
+    data["routing"] = {"enabled": True, "parent": shipped.id, "via": "ft@1", "folder": "in_domain",
+                       "card_sha256": models.sha256_file(ft / "in_domain" / "card.json")}
+    (ft / "card.json").write_text(json.dumps(data))
+    card = models.read_card(ft)
+    assert "in_domain/segmenter.safetensors" in versions.verify(card)
+    assert copy_routing(card, tmp_path / "out")["via"] == "ft@2"
+    weights = ft / "in_domain" / "segmenter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(models.ModelError, match="the model it keeps for scans of sts-clcs@1.2.0's domain: .*segmenter"):
+        versions.verify(card)
+    with pytest.raises(models.ModelError, match="keeps for scans"):
+        versions.activate(card.id)
 
 
 def test_fine_tuning_a_fine_tuned_model_keeps_routing_to_the_shipped_model(tmp_path, monkeypatch):

@@ -37,7 +37,8 @@ def _cmd_finetune(args) -> int:
     finally:
         bar.close()
     done = {"event": "done", "model": res.card.id, "folder": str(res.card.folder),
-            "metrics": res.card.data["metrics"], "seconds": round(res.seconds, 2)}
+            "metrics": res.card.data["metrics"], "seconds": round(res.seconds, 2),
+            "routing": {k: v for k, v in (res.card.data.get("routing") or {}).items() if k in ("enabled", "parent", "via", "gives_up")}}
     print(json.dumps(done) if args.progress == "json" else res.summary(), flush=True)
     return 0
 
@@ -69,7 +70,8 @@ def register(subparsers) -> None:
                    help="with --synthetic-lesions: fraction of those lung patches left without a synthetic lesion, so the "
                         f"segmenter also learns lesion-free lung as background (default {DEFAULT_LUNG_NEGATIVES:g})")
     p.add_argument("--routing", choices=["auto", "on", "off"], default="auto",
-                   help="keep the base model for scans of its own domain (auto: when every corrected case lies outside it)")
+                   help="keep the base model for scans of its own domain (auto: when every corrected case lies outside it); "
+                        "when the base model itself routes, the model it routes to (the shipped one) is kept instead")
     p.add_argument("--held-apart", type=int, default=None, help="corrected cases kept out for before/after figures")
     p.add_argument("--min-cases", type=int, default=MIN_CASES)
     p.add_argument("--seed", type=int, default=0)

@@ -238,7 +238,9 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     for key, section in data.items():  # every network and statistics file the base's card names (not only two)
         if isinstance(section, dict) and "file" in section and key != "gate":
             (card_out / section["file"]).write_bytes(base.verified_bytes(key))
-    copy_routing(base, card_out)  # a fine-tuned base's kept parent (its routing section is in ``data`` already)
+    routing = copy_routing(base, card_out)  # a fine-tuned base's kept parent
+    if routing is not None:
+        data["routing"] = routing
     part = json.loads((gate_dir / GATE_JSON).read_text(encoding="utf-8"))
     if (gate_dir / part["file"]).resolve() != (card_out / part["file"]).resolve():
         shutil.copyfile(gate_dir / part["file"], card_out / part["file"])

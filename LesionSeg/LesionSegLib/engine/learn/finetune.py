@@ -328,6 +328,11 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     replay_names, replay_excluded = replay_without_held(replay_names, by_name, held)
     replay_data = [load_training_case(by_name[n], seg["spacing_zyx"], seg["hu_windows"]) for n in replay_names]
     base = Engine(parent, device="cpu", runtime="torch")
+    target = route_target(base)  # the parent, or the shipped model that the parent itself routes to
+    try:  # decided now, not after the training: it depends on the corrected cases and the parent only
+        route = routing_decision(base, train, routing, target)
+    except ValueError as exc:
+        raise FinetuneError(str(exc)) from None
     sampler = PatchSampler(train, replay_data, seg["roi_size"], seg["hu_windows"], seed, synthetic, lung_negatives)
     net = copy.deepcopy(base.segmenter)
     log = train_segmenter(net, sampler, steps, minutes, lr, batch, replay if replay_data else 0.0,
@@ -357,8 +362,6 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
     new.classifier = cm
     domain = _domain(parent, train)
     new.ood = ood_fit.from_candidates([it[1] for it in items + replay_items], emb, domain)
-    route = routing_decision(base, train, routing)
-    target = route_target(base)  # the parent, or the shipped model that the parent itself routes to
     new.in_domain = target if route["enabled"] else None  # scans of that model's own domain go to it
     evaluation = {"cases": {}}
     for c in held:

@@ -66,29 +66,66 @@ def replay_without_held(replay_names, by_name, held) -> tuple[list[str], list[st
     return [n for n in names if n not in excluded], excluded
 
 
+def _installed_twin(kept):
+    """The installed model of ``kept``'s id with the same segmenter and classifier bytes and usable
+    OOD statistics (an Engine), or None: a kept copy whose statistics are of an older scan
+    descriptor still routes through the installed model it is a copy of."""
+    from .. import models
+    from ..errors import LesionSegError
+    from ..segment.pipeline import Engine
+
+    try:
+        card = models.get_card(kept.card.id)
+        same = all(card.part(k).get("sha256") == kept.card.part(k).get("sha256") for k in ("segmenter", "classifier"))
+        twin = Engine(card, device="cpu", runtime="torch") if same else None
+    except (LesionSegError, KeyError):
+        return None
+    return twin if twin is not None and twin.ood is not None else None
+
+
 def route_target(base):
     """The model that a version fine-tuned from ``base`` sends the scans of its domain to, when it
     routes: ``base`` itself, or, when ``base`` already routes (a fine-tuned model that keeps a copy
-    of its own parent), that kept model.  The kept model's OOD reference holds its training domain
-    alone, while ``base``'s also holds the cases it was fine-tuned on: judged against ``base``, a
-    second round of corrections from the same new domain lies inside it, and routing was given up."""
-    kept = getattr(base, "in_domain", None)
-    return kept if kept is not None and getattr(kept, "ood", None) is not None else base
+    of its own parent), the model at the end of that chain (a kept copy written before routing
+    was carried over may itself keep one).  The kept model's OOD reference holds its training
+    domain alone, while ``base``'s also holds the cases it was fine-tuned on: judged against
+    ``base``, a second round of corrections from the same new domain lies inside it, and routing
+    was given up.  A kept copy without usable OOD statistics (an older scan descriptor) is
+    replaced by the installed model it is a copy of, when that one has them."""
+    target = base
+    while getattr(target, "in_domain", None) is not None:
+        kept = target.in_domain
+        if getattr(kept, "ood", None) is None:
+            kept = _installed_twin(kept)
+            if kept is None:
+                break
+        target = kept
+    return target
 
 
-def routing_decision(base, train, wanted: bool | None) -> dict:
+def routing_decision(base, train, wanted: bool | None, target=None) -> dict:
     """The card's ``routing`` section of a version fine-tuned from ``base`` on the corrected cases
     ``train``: whether it routes the scans of :func:`route_target`'s domain to that model.  When
     ``wanted`` is None, yes exactly when every training corrected case lies outside that domain
     (its scan OOD score under the target is above the target's scan threshold), i.e. the
     fine-tuning adapts the model to a new domain.  Corrections from the target's own domain train
-    the model for that domain, so they never route."""
+    the model for that domain, so they never route.  A target without usable OOD statistics
+    cannot route (``wanted`` True is then refused with a ValueError naming the fix).  ``target``:
+    :func:`route_target` of ``base``, when already found."""
     from ..feedback.grid import grid_image
     from .ood_fit import descriptor_of
 
-    target = route_target(base)
+    target = route_target(base) if target is None else target
+    kept = getattr(base, "in_domain", None)
     if target.ood is None:
-        return {"enabled": False, "why": f"{target.card.id} has no OOD statistics, so its domain cannot be told"}
+        if wanted:
+            raise ValueError(f"routing cannot be turned on: {target.card.id} has no usable OOD statistics, so its domain "
+                             f"cannot be told (refit them: lesionseg fit-ood --model {target.card.folder})")
+        out = {"enabled": False, "why": f"{target.card.id} has no usable OOD statistics, so its domain cannot be told"}
+        if kept is not None:
+            out["gives_up"] = (f"{base.card.id} kept a copy of {kept.card.id} for scans of its domain, which cannot be told "
+                               f"without usable OOD statistics: those scans run this version's fine-tuned networks")
+        return out
     scores = {c.case_name: round(target.ood.scan_score(descriptor_of(grid_image(c.hu, c.geometry))), 3) for c in train}
     outside = all(v > target.ood.scan_threshold for v in scores.values())
     enabled = outside if wanted is None else bool(wanted)
@@ -103,9 +140,12 @@ def routing_decision(base, train, wanted: bool | None) -> dict:
            "train_case_scan_ood": scores, "scan_threshold": target.ood.scan_threshold}
     if target is not base:
         out["via"] = base.card.id  # the routing is the parent's own, carried over (its kept copy is copied)
-    kept = getattr(base, "in_domain", None)
     if kept is not None and not enabled:  # the parent routed its own parent's domain: said, since this one does not
-        out["gives_up"] = (f"{base.card.id} sent the scans of {kept.card.id}'s domain ({kept.ood.domain if kept.ood else '?'}) "
-                           f"to {kept.card.id}; this version does not, so those scans run its fine-tuned networks "
-                           f"(fine-tune {kept.card.id} with all the corrections to keep that routing)")
+        inside = sorted(n for n, v in scores.items() if v <= target.ood.scan_threshold)
+        how = ("routing was turned off" if wanted is False else
+               f"the corrected cases {', '.join(inside)} lie inside that domain; to keep the routing, fine-tune without "
+               f"them, or with --routing on (scans of that domain then get {target.card.id}'s answers, not what those "
+               "corrections taught)")
+        out["gives_up"] = (f"{base.card.id} sent the scans of {target.card.id}'s domain ({target.ood.domain or '?'}) "
+                           f"to {target.card.id}; this version does not, so those scans run its fine-tuned networks ({how})")
     return out

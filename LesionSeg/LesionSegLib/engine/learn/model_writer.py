@@ -142,7 +142,7 @@ def copy_routing(parent: models.ModelCard, dest: Path) -> dict | None:
         return None
     shutil.copytree(models.confined(parent.folder, routing["folder"], "routing folder"), dest / routing["folder"],
                     symlinks=True, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".onnx-cache", "*.tmp", "__pycache__"))
-    return copy.deepcopy(routing)
+    return {**copy.deepcopy(routing), "via": parent.id}  # carried over through ``parent`` now
 
 
 def release_history(name: str, version: str, notes: dict | None) -> dict:

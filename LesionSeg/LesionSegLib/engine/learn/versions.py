@@ -88,6 +88,18 @@ def verify(card: models.ModelCard) -> list[str]:
             checked.append(part["file"])
     if not checked:
         raise ModelError(f"model {card.id} names no weight files")
+    routing = card.data.get("routing")
+    if isinstance(routing, dict) and routing.get("enabled") and isinstance(routing.get("folder"), str):
+        kept = models.confined(card.folder, routing["folder"], "routing folder")  # the model kept for a domain's scans
+        card_file = kept / models.CARD_NAME
+        if kept.is_symlink() or not card_file.is_file() or models.sha256_file(card_file) != routing.get("card_sha256"):
+            raise ModelError(f"model {card.id}: the model it keeps for scans of {routing.get('parent', 'its parent')}'s "
+                             f"domain ({kept}) is missing or fails its checksum")
+        try:
+            checked += [f"{routing['folder']}/{name}" for name in verify(models.read_card(kept))]
+        except ModelError as exc:
+            raise ModelError(f"model {card.id}: the model it keeps for scans of {routing.get('parent', 'its parent')}'s "
+                             f"domain: {exc}") from None
     return checked
 
 
