@@ -88,17 +88,14 @@ def verify(card: models.ModelCard) -> list[str]:
             checked.append(part["file"])
     if not checked:
         raise ModelError(f"model {card.id} names no weight files")
-    routing = card.data.get("routing")
-    if isinstance(routing, dict) and routing.get("enabled") and isinstance(routing.get("folder"), str):
-        kept = models.confined(card.folder, routing["folder"], "routing folder")  # the model kept for a domain's scans
-        card_file = kept / models.CARD_NAME
-        if kept.is_symlink() or not card_file.is_file() or models.sha256_file(card_file) != routing.get("card_sha256"):
-            raise ModelError(f"model {card.id}: the model it keeps for scans of {routing.get('parent', 'its parent')}'s "
-                             f"domain ({kept}) is missing or fails its checksum")
+    from ..segment.pipeline import kept_model_folder
+
+    kept = kept_model_folder(card)  # the model kept for the scans of a domain, its card checksum-verified
+    if kept is not None:
         try:
-            checked += [f"{routing['folder']}/{name}" for name in verify(models.read_card(kept))]
+            checked += [f"{kept.name}/{name}" for name in verify(models.read_card(kept))]
         except ModelError as exc:
-            raise ModelError(f"model {card.id}: the model it keeps for scans of {routing.get('parent', 'its parent')}'s "
+            raise ModelError(f"model {card.id}: the model it keeps for scans of {card.data['routing'].get('parent', 'its parent')}'s "
                              f"domain: {exc}") from None
     return checked
 
@@ -124,8 +121,9 @@ def list_versions(name: str | None = None, problems: list[str] | None = None) ->
     cards.sort(key=lambda c: (c.name, models._version_key(c.version)))
     for c in cards:
         parent = c.data.get("parent") or {}
-        if not parent and models.built_from_id(c):
-            parent = {"id": models.built_from_id(c)}  # a shipped release: the version it was built from
+        built = models.built_from_id(c)
+        if not parent and built:
+            parent = {"id": built}  # a shipped release: the version it was built from
         out.append(
             {
                 "id": c.id,

@@ -88,6 +88,31 @@ def engine_class(architecture: str) -> type["Engine"]:
     return getattr(importlib.import_module(module, __package__), name)
 
 
+def kept_model_folder(card: ModelCard):
+    """The folder of the model ``card`` keeps for the scans of its parent's domain (its ``routing``
+    section, written by ``lesionseg finetune``), its card checksum-verified like a weight file and
+    never outside ``card``'s folder; None when the card does not route.  A :class:`ModelError` names
+    a malformed section, a missing folder or a failed checksum."""
+    from ..errors import ModelError
+    from ..models import confined, sha256_file
+
+    routing = card.data.get("routing")
+    if not routing:
+        return None
+    if not isinstance(routing, dict) or not isinstance(routing.get("enabled", False), bool):
+        raise ModelError(f"model {card.id}: the card's routing section must be an object with enabled true or false")
+    if not routing.get("enabled"):
+        return None
+    if not isinstance(routing.get("folder"), str) or not isinstance(routing.get("card_sha256"), str):
+        raise ModelError(f"model {card.id}: the card's routing section needs a folder and a card_sha256 (texts)")
+    folder = confined(card.folder, routing["folder"], "routing folder")
+    card_file = folder / "card.json"
+    if folder.is_symlink() or not card_file.is_file() or card_file.is_symlink() \
+            or sha256_file(card_file) != routing["card_sha256"]:
+        raise ModelError(f"model {card.id}: the in-domain model {folder} is missing or fails its checksum")
+    return folder
+
+
 class Engine:
     """A loaded model, ready to segment images.
 
@@ -144,22 +169,11 @@ class Engine:
         in the card, written by ``lesionseg finetune`` when the corrected cases lie outside the
         parent's domain); its card is checksum-verified like a weight file."""
         from ..errors import LesionSegError, ModelError
-        from ..models import checked_card, confined, read_card, sha256_file
+        from ..models import checked_card, read_card
 
-        routing = self.card.data.get("routing")
-        if not routing:
+        folder = kept_model_folder(self.card)
+        if folder is None:
             return None
-        if not isinstance(routing, dict) or not isinstance(routing.get("enabled", False), bool):
-            raise ModelError(f"model {self.card.id}: the card's routing section must be an object with enabled true or false")
-        if not routing.get("enabled"):
-            return None
-        if not isinstance(routing.get("folder"), str) or not isinstance(routing.get("card_sha256"), str):
-            raise ModelError(f"model {self.card.id}: the card's routing section needs a folder and a card_sha256 (texts)")
-        folder = confined(self.card.folder, routing["folder"], "routing folder")  # never outside this model's folder
-        card_file = folder / "card.json"
-        if folder.is_symlink() or not card_file.is_file() or card_file.is_symlink() \
-                or sha256_file(card_file) != routing["card_sha256"]:
-            raise ModelError(f"model {self.card.id}: the in-domain model {folder} is missing or fails its checksum")
         try:
             parent = Engine(checked_card(read_card(folder)), device=device, threads=threads, runtime=runtime)
         except LesionSegError:
