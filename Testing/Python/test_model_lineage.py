@@ -51,6 +51,36 @@ def test_attach_gate_writes_a_complete_model_folder(user_dir, tmp_path):
     assert card.data["files"] == {p["file"]: models.sha256_file(card.folder / p["file"])
                                   for p in card.data.values() if isinstance(p, dict) and "file" in p and "sha256" in p}
     assert Engine(card, device="cpu").ood is not None
+    assert card.id == "sts-clcs-gated@1.0.0"  # the folder's version, not the base's 1.2.0
+
+
+def test_attach_gate_names_the_card_as_its_folder_and_never_reuses_an_id(user_dir, tmp_path, capsys):
+    """``train-gate --attach`` kept the base's version: a gated card written in ``ftg/1`` was listed
+    as ``ftg@1.2.0``, a second gated card of the same base had the first one's id (never used), and
+    the card showed the base's validation Dice as its own figures."""
+    from LesionSegLib.engine import cli
+    from LesionSegLib.engine.gate.train import attach_gate, gated_identity
+    from LesionSegLib.engine.learn.labels import RetrainError
+
+    gate = models.get_card("sts-clcs").folder.parent / "gates" / "sts-slab-gate"
+    first = attach_gate("sts-clcs", gate, user_dir / "ftg" / "1", name="ftg")
+    assert first.id == "ftg@1" and models.get_card("ftg@1").folder == first.folder
+    assert set(first.data["metrics"]) == {"gate_recall", "gate_precision", "gate_skipped_fraction"}
+    assert "val_dice" not in first.data["metrics"] and "release_notes" not in first.data
+    second = attach_gate("sts-clcs", gate, tmp_path / "elsewhere", name="ftg")  # a folder outside the user models
+    assert second.id == "ftg@2"
+    for name, out, why in (("ftg@1", tmp_path / "again", "already exists"), ("ftg", user_dir / "ftg" / "1", "not empty"),
+                           ("ftg@../x", tmp_path / "bad", "invalid model version")):
+        with pytest.raises(RetrainError, match=why):
+            gated_identity("sts-clcs", gate, out, name)
+    with pytest.raises(RetrainError, match="gate folder"):
+        gated_identity("sts-clcs", gate, gate, "ftg")
+    assert not (tmp_path / "again").exists() and not models.shadowed(models.list_models())
+    # the command refuses a clash before it trains anything
+    rc = cli.main(["train-gate", "-o", str(tmp_path / "g"), "--max-steps", "1", "--attach", "sts-clcs", "--name", "ftg@1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "ftg@1 already exists" in err and "\n" not in err
+    assert not (tmp_path / "g").exists()
 
 
 def test_retrain_keeps_a_click_segmenter(user_dir):

@@ -151,6 +151,14 @@ def run(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.attach:  # the gated model's id and folder, now rather than after the training budget
+        from ..learn.labels import RetrainError
+
+        try:
+            gated_identity(args.attach, args.output, args.card_out or Path(args.output) / "card", args.name)
+        except RetrainError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     t0 = time.time()
     train = [load_gate_case(dataset.case(n), spacing, windows) for n in train_names]
     val = {n: load_gate_case(dataset.case(n), spacing, windows) for n in val_names}
@@ -211,7 +219,13 @@ def run(args) -> int:
     print(f"gate: {step} steps in {minutes:.1f} min; threshold {cal['threshold']:.4f} -> calibration recall "
           f"{cal['recall']:.3f}, precision {cal['precision']:.3f}, F2 {cal['f2']:.3f}, skipped {cal['skipped_fraction']:.3f}")
     if args.attach:
-        card = attach_gate(args.attach, out, Path(args.card_out or out / "card"), args.name)
+        from ..learn.labels import RetrainError
+
+        try:
+            card = attach_gate(args.attach, out, Path(args.card_out or out / "card"), args.name)
+        except RetrainError as exc:  # the gate itself is written: say where, and what to do
+            print(f"error: the gate is in {out}, but no gated model was written: {exc}", file=sys.stderr)
+            return 2
         print(f"model card {card.id} written to {card.folder}")
     return 0
 
@@ -220,39 +234,92 @@ def argv_is_cli() -> bool:
     return len(sys.argv) > 1 and sys.argv[1] == "train-gate"
 
 
-def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.PathLike, name: str | None = None):
-    """A model card = ``model``'s card + the gate in ``gate_dir``.
+def gated_identity(model: str, gate_dir, card_out, name: str | None = None) -> tuple[str, str]:
+    """(name, version) of the card ``train-gate --attach`` writes; raises ``RetrainError`` naming
+    what is wrong (checked before the training, so a clash costs nothing).
 
-    Every weight file (the base's, checksum-verified, and the gate's) is copied into
-    ``card_out``, so the new model folder is self-contained like any other version.
+    ``name`` is ``NAME`` or ``NAME@VERSION`` (default ``<model's name>-gated``).  Without a version
+    it is the folder's own when ``card_out`` is ``<user models>/NAME/<version>`` (so the folder and
+    the listed id agree), else the next free version of NAME.  The base's version was kept before,
+    so a card written in ``ftg/1`` was listed as ``ftg@2``, and a second gated card of one base
+    had the first one's id (one of the two was never used)."""
+    from .. import models
+    from ..errors import ModelError
+    from ..learn.labels import RetrainError
+    from ..learn.versions import next_version
+
+    base = models.get_card(model)
+    text = name or f"{base.name}-gated"
+    new_name, at, version = text.partition("@")
+    try:
+        models.check_model_id(new_name, version if at else None)
+    except ModelError as exc:
+        raise RetrainError(f"--name: {exc}") from None
+    out = Path(card_out).expanduser().resolve()
+    if gate_dir is not None and out == Path(gate_dir).expanduser().resolve():
+        raise RetrainError(f"--card-out {card_out} is the gate folder (-o); the gated model needs a folder of its own")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RetrainError(f"--card-out {card_out} exists and is not empty; give a new folder")
+    root = models.user_models_dir().expanduser().resolve()
+    if not version:
+        version = out.name if out.parent == root / new_name else next_version(new_name)
+        try:
+            models.check_model_id(new_name, version)
+        except ModelError:
+            version = next_version(new_name)
+    if any(c.name == new_name and c.version == version for c in models.list_models()):
+        raise RetrainError(f"model {new_name}@{version} already exists; give --name another name or NAME@VERSION")
+    return new_name, version
+
+
+def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.PathLike, name: str | None = None):
+    """A model card = ``model``'s card + the gate in ``gate_dir``, written as ``name``
+    (:func:`gated_identity`) into the new folder ``card_out``, built under a temporary name and
+    renamed into place (:func:`..learn.model_writer.write_version`).
+
+    Every weight file the base's card names (checksum-verified) and the gate's are copied, so the
+    new model folder is self-contained like any other version.  The base's figures (``metrics``,
+    ``validation``) and its release record are not this model's, so they are not copied: its
+    ``metrics`` are the gate's calibration, and the base's figures stay in the parent's card.
     """
     import json
 
-    from ..learn.model_writer import copy_routing
-    from ..models import ModelCard, get_card
+    from ..common import utc_now
+    from ..learn.labels import RetrainError
+    from ..learn.model_writer import copy_routing, parent_link, write_version
+    from ..models import get_card, sha256_file
 
     base = get_card(model)
     gate_dir, card_out = Path(gate_dir), Path(card_out)
-    card_out.mkdir(parents=True, exist_ok=True)
-    data = json.loads(json.dumps(base.data))
-    for key, section in data.items():  # every network and statistics file the base's card names (not only two)
-        if isinstance(section, dict) and "file" in section and key != "gate":
-            (card_out / section["file"]).write_bytes(base.verified_bytes(key))
-    routing = copy_routing(base, card_out)  # a fine-tuned base's kept parent
-    if routing is not None:
-        data["routing"] = routing
+    new_name, version = gated_identity(model, None, card_out, name)
     part = json.loads((gate_dir / GATE_JSON).read_text(encoding="utf-8"))
-    if (gate_dir / part["file"]).resolve() != (card_out / part["file"]).resolve():
-        shutil.copyfile(gate_dir / part["file"], card_out / part["file"])
-    data["gate"] = part
-    data["name"] = name or f"{base.name}-gated"
-    data["description"] = f"{base.data.get('description', base.name)}; cascade slab gate (threshold {part['threshold']:.3f}, calibrated for >= {part['calibration']['min_recall']:.0%} slab recall on {', '.join(part['calibration']['cases'])})"
-    data["base_model"] = base.id
-    data["parent"] = {"id": base.id, "folder": str(base.folder)}
-    data["files"] = {sec["file"]: sec["sha256"] for sec in data.values() if isinstance(sec, dict) and "file" in sec and "sha256" in sec}
-    card = ModelCard(card_out, data)
-    card.save()
-    return card
+    cal = part["calibration"]
+
+    def build(tmp: Path) -> dict:
+        data = {k: v for k, v in json.loads(json.dumps(base.data)).items()
+                if k not in ("metrics", "validation", "release_notes", "build_command", "created")}
+        for key, section in data.items():  # every network and statistics file the base's card names (not only two)
+            if isinstance(section, dict) and "file" in section and key != "gate":
+                (tmp / section["file"]).write_bytes(base.verified_bytes(key))
+        routing = copy_routing(base, tmp)  # a fine-tuned base's kept parent
+        if routing is not None:
+            data["routing"] = routing
+        shutil.copyfile(gate_dir / part["file"], tmp / part["file"])
+        if sha256_file(tmp / part["file"]) != part["sha256"]:
+            raise RetrainError(f"{gate_dir / part['file']} does not match the sha256 in {gate_dir / GATE_JSON}")
+        data["gate"] = part
+        data.update(name=new_name, version=version, created=utc_now(), base_model=base.id, parent=parent_link(base))
+        data["description"] = (f"{base.data.get('description', base.name)}; cascade slab gate (threshold "
+                               f"{part['threshold']:.3f}, calibrated for >= {cal['min_recall']:.0%} slab recall on "
+                               f"{', '.join(cal['cases'])})")
+        data["metrics"] = {f"gate_{k}": cal[k] for k in ("recall", "precision", "skipped_fraction") if k in cal}
+        data["validation"] = {"what": f"none of its own: {base.id}'s figures are in its card; the gate's calibration "
+                                      "is in 'gate.calibration'"}
+        data["files"] = {sec["file"]: sec["sha256"] for sec in data.values()
+                         if isinstance(sec, dict) and "file" in sec and "sha256" in sec}
+        return data
+
+    return write_version(card_out, build)
 
 
 if __name__ == "__main__":
