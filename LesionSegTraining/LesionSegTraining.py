@@ -183,7 +183,7 @@ class LesionSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                                 _("SQLite database (*.db *.sqlite);;All files (*)"))
         dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
         dialog.setOption(qt.QFileDialog.DontConfirmOverwrite, True)
-        run = getattr(dialog, "exec_", None) or getattr(dialog, "exec")
+        run = getattr(dialog, "exec_", None) or dialog.exec
         if not run():
             return
         files = dialog.selectedFiles()

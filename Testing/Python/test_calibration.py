@@ -79,7 +79,6 @@ def test_train_cls_calibrates_out_of_fold_by_platt_not_a_temperature_alone():
     temperature on its out-of-fold logits, which cannot undo that weight's logit offset: with
     many true lesions (the shipped set is 33 true to 10 false) true ones were under-confident (an
     audit: ECE 0.119 against 0.012 with Platt). It now fits a temperature and a shift."""
-    from LesionSegLib.engine.evaluate.metrics import calibration
     from LesionSegLib.engine.learn.train_cls import out_of_fold_calibration
 
     base = ConfidenceModel.from_card(models.read_card(td.model_folder()))

@@ -54,7 +54,8 @@ def deps(slicer_app, monkeypatch):
     # MONAI in other tests); test_upgrade_of_an_imported_package_asks_for_a_restart sets its own
     real_imported = dependencies._imported
     monkeypatch.setattr(dependencies, "_imported", lambda names: [])
-    yield types.SimpleNamespace(real_imported=real_imported, d=dependencies, settings=settings, installed=installed, calls=calls, slicer=slicer, monkeypatch=monkeypatch)
+    yield types.SimpleNamespace(real_imported=real_imported, d=dependencies, settings=settings, installed=installed, calls=calls,
+                                slicer=slicer, monkeypatch=monkeypatch)
     slicer_app.reset()
 
 

@@ -76,7 +76,8 @@ def _ct(shape=(8, 16, 16), seed=0):
         (lambda d: _write(np.where(np.arange(8 * 16 * 16).reshape(8, 16, 16) == 5, np.inf, _ct()).astype(np.float32), d / "inf.nrrd"), "NaN/Inf"),
         # ITK's NIfTI reader turns NaN into 0 (so the array check alone would pass these): io.integrity counts them
         (lambda d: _write(np.where(np.arange(8 * 16 * 16).reshape(8, 16, 16) == 5, np.nan, _ct()).astype(np.float32), d / "nan.nii.gz"), "contains 1 NaN/Inf"),
-        (lambda d: _write(np.where(np.arange(8 * 16 * 16).reshape(8, 16, 16) % 7 == 0, np.nan, _ct()).astype(np.float32), d / "nan.nii"), "contains 293 NaN/Inf"),
+        (lambda d: _write(np.where(np.arange(8 * 16 * 16).reshape(8, 16, 16) % 7 == 0, np.nan, _ct()).astype(np.float32),
+                          d / "nan.nii"), "contains 293 NaN/Inf"),
         (lambda d: _write(np.where(np.arange(8 * 16 * 16).reshape(8, 16, 16) == 5, -np.inf, _ct()).astype(np.float64), d / "inf.nii.gz"), "contains 1 NaN/Inf"),
         (lambda d: _write(np.full((8, 16, 16), np.nan, np.float32), d / "allnan.nii.gz"), "contains 2048 NaN/Inf"),
         (lambda d: _write(np.abs(_ct()).astype(np.int16) + 100, d / "mr.nrrd"), "not CT in Hounsfield units"),

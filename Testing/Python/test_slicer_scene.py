@@ -174,7 +174,8 @@ def test_terminology_and_study_placement(slicer_app, engine_result):
             category = slicer.vtkSlicerTerminologyCategory()
             assert terminologies.GetNthCategoryInTerminology(mrml.TERMINOLOGY_CONTEXT, _category_index(terminologies), category)
             assert category.GetCodeValue() == "49755003"
-            names = [_type_name(terminologies, category, i, found) for i in range(terminologies.GetNumberOfTypesInTerminologyCategory(mrml.TERMINOLOGY_CONTEXT, category))]
+            n_types = terminologies.GetNumberOfTypesInTerminologyCategory(mrml.TERMINOLOGY_CONTEXT, category)
+            names = [_type_name(terminologies, category, i, found) for i in range(n_types)]
             assert "Mass" in names
             assert mrml.terminology_codes(segment) == {"category": mrml.LESION_CATEGORY, "type": mrml.LESION_TYPE, "region": region}
     finally:

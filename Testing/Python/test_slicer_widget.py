@@ -15,7 +15,6 @@ import os
 import re
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import numpy as np

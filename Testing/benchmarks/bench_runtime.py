@@ -31,7 +31,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +64,8 @@ def segment_once(image: Path, outdir: Path, runtime: str, env: dict, model: str 
         raise RuntimeError(f"segment --runtime {runtime} failed: {err.strip().splitlines()[-1:]}")
     done = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"done"' in line][-1]
     stages = {k: round(v, 3) for k, v in done["timings"].items()}
-    return {"wall_s": round(wall, 3), "stages_s": stages, "startup_s": round(wall - sum(stages.values()), 3), "lesions": done["lesions"], "runtime": done.get("runtime"), "peak_rss_mb": rss}
+    return {"wall_s": round(wall, 3), "stages_s": stages, "startup_s": round(wall - sum(stages.values()), 3), "lesions": done["lesions"],
+            "runtime": done.get("runtime"), "peak_rss_mb": rss}
 
 
 def run_measured(cmd: list[str], env: dict):
@@ -120,7 +120,9 @@ def main(argv=None) -> int:
         "model": args.model or "the active model",
         "input": {"volume": "chest134 (fullscan/lung1, z linearly resampled to 134 slices)", "shape_zyx": [134, 512, 512]},
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "yardstick": {"definition": "MONAI UNet(3,1,2,(16,32,64,128,256),(2,2,2,2),num_res_units=2), sliding_window_inference roi (64,128,128), sw_batch_size 2, overlap 0.25, native grid, HU clip +-1000 /1000; inference alone", "inference_s_median": round(yard, 3), "rounds": rounds["yardstick"]},
+        "yardstick": {"definition": "MONAI UNet(3,1,2,(16,32,64,128,256),(2,2,2,2),num_res_units=2), sliding_window_inference "
+                                    "roi (64,128,128), sw_batch_size 2, overlap 0.25, native grid, HU clip +-1000 /1000; inference alone",
+                      "inference_s_median": round(yard, 3), "rounds": rounds["yardstick"]},
         "segment": summary,
         "rounds": {rt: rounds[rt] for rt in args.runtimes},
         "repeats": args.repeats,

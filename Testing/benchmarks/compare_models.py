@@ -59,7 +59,7 @@ def build_chest134(out_dir: Path) -> Path:
     if img_path.exists() and lab_path.exists():
         return img_path
     src = data.data_root() / "fullscan" / "lung1"
-    for name, path, interp, pix in (("image", img_path, sitk.sitkLinear, sitk.sitkInt16), ("label", lab_path, sitk.sitkLinear, sitk.sitkFloat32)):
+    for name, path, interp, _pix in (("image", img_path, sitk.sitkLinear, sitk.sitkInt16), ("label", lab_path, sitk.sitkLinear, sitk.sitkFloat32)):
         im = sitk.ReadImage(str(src / f"{name}.nii.gz"), sitk.sitkFloat32)
         size = list(im.GetSize())
         sp = list(im.GetSpacing())
@@ -247,7 +247,8 @@ def main(argv=None) -> int:
             link.symlink_to(root / c / "label.nii.gz")
         chest_cases.append(name)
     chest134 = build_chest134(work / "chest134")
-    rep = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": "python Testing/benchmarks/compare_models.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    rep = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "command": "python Testing/benchmarks/compare_models.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()), "threads": args.threads},
            "splits": {"val": data.STS_VAL, "chest": list(CHEST), "timing": "chest134 = fullscan/lung1 z-resampled to 134 slices"},
            "confidence_threshold": CONF, "models": []}
@@ -286,7 +287,8 @@ def main(argv=None) -> int:
             m["timing"] = {"segment_wall_s": round(wall, 1), "peak_rss_mb": round(rss), **({"error": tail[-300:]} if rc else {})}
             write(rep, out)
         if "gate" in args.parts and gate_part:
-            imgs = {**{c: root / "sts" / c / "image.nii.gz" for c in data.STS_VAL}, **{c.split("/")[1]: root / c / "image.nii.gz" for c in CHEST}, "chest134": chest134}
+            imgs = {**{c: root / "sts" / c / "image.nii.gz" for c in data.STS_VAL},
+                    **{c.split("/")[1]: root / c / "image.nii.gz" for c in CHEST}, "chest134": chest134}
             m["gate"]["skipping"] = gate_skipping(model, imgs)
             write(rep, out)
         print(table({"models": [m]}), file=sys.stderr, flush=True)

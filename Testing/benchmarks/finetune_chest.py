@@ -41,6 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "LesionSeg")]
 CHEST = ["lung1", "lung2", "LIDC-IDRI-0001"]
+HELD_OUT_KEYS = ("n_gt", "detected", "fp", "dice", "scan_ood", "coverage")  # per held-out chest scan, before and after
 BASE = str(REPO / "LesionSeg" / "LesionSegLib" / "models" / "sts-clcs")
 
 
@@ -204,8 +205,8 @@ def main(argv=None) -> int:
             print(n, review[n], flush=True)
         store.close()
         with ctx.Pool(len(CHEST)) as pool:
-            folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models"), args.lr, args.synthetic, args.lung_negatives, args.decoder_lr_mult, args.loss)
-                               for h in CHEST])
+            folds = pool.map(task_fold, [(h, str(db), args.steps, args.replay_cases, str(work / "models"), args.lr, args.synthetic,
+                                          args.lung_negatives, args.decoder_lr_mult, args.loss) for h in CHEST])
     t_base = time.perf_counter() - t0
     chest_after = {f["held_out"]: f["chest_after"][f["held_out"]] for f in folds}
     sts_after = {f["held_out"]: _summary(f["sts_after"]) for f in folds}
@@ -226,8 +227,8 @@ def main(argv=None) -> int:
             if args.synthetic else "real scans and labels only"),
         "simulated_review": review if folds else None,
         "chest_held_out": {"before": _summary(chest_before), "after": _summary(chest_after) if folds else None,
-                           "per_case": {n: {"before": {k: chest_before[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood", "coverage")},
-                                            "after": {k: chest_after[n][k] for k in ("n_gt", "detected", "fp", "dice", "scan_ood", "coverage")} if folds else None}
+                           "per_case": {n: {"before": {k: chest_before[n][k] for k in HELD_OUT_KEYS},
+                                            "after": {k: chest_after[n][k] for k in HELD_OUT_KEYS} if folds else None}
                                         for n in CHEST}},
         "sts_val": {"before": _summary(sts_before), "after_per_fold": sts_after,
                     **({"after_per_fold_unrouted": sts_unrouted,

@@ -60,9 +60,9 @@ def _score(engine, corrected, replay) -> dict:
                             "fraction_p_over_half": round(float((prob[m] > 0.5).mean()), 3), "max_p": round(float(prob[m].max()), 3)})
         outside += int(((prob > 0.5) & ~(lab > 0)).sum())
     dice = [segmenter_dice(engine, x, y) for x, y in replay[:3]]
-    fit = [l for l in lesions if l["fraction_p_over_half"] >= 0.5]
-    return {"fitted": len(fit), "fitted_real": sum(l["real"] for l in fit), "lesions_real": sum(l["real"] for l in lesions),
-            "lesions_synthetic": sum(not l["real"] for l in lesions), "p_over_half_voxels_outside": outside,
+    fit = [les for les in lesions if les["fraction_p_over_half"] >= 0.5]
+    return {"fitted": len(fit), "fitted_real": sum(les["real"] for les in fit), "lesions_real": sum(les["real"] for les in lesions),
+            "lesions_synthetic": sum(not les["real"] for les in lesions), "p_over_half_voxels_outside": outside,
             "replay_dice_sts001_003": dice, "replay_dice_mean": round(float(np.mean(dice)), 4), "lesions": lesions}
 
 
@@ -162,7 +162,8 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores; one process per run, {min(len(jobs), os.cpu_count() or 1)} at a time",
         "load_average_at_start": load, "base_model": base.card.id, "training_scans": TRAIN, "simulated_review": review,
         "protocol": "segmenter fine-tuned as lesionseg finetune trains it (replay STS_001-008 at 0.5, synthetic lung lesions at 0.5, "
-                    f"batch 2, seed {' / '.join(map(str, args.seeds))}); scored on its own training scans with 4 synthetic lesions inserted into each (rng seed 5); "
+                    f"batch 2, seed {' / '.join(map(str, args.seeds))}); scored on its own training scans with 4 synthetic lesions "
+                    "inserted into each (rng seed 5); "
                     "a lesion is fitted when >= 50 % of its voxels have p > 0.5",
         "runs": runs, "minutes": round((time.perf_counter() - t0) / 60, 2),
     }

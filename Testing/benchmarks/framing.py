@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         whole = engine.segment(img)
         rec = {"gt_ml": round(float(gt.sum() * sp.prod()) / 1000, 2),
                "whole": {"lesions": len(whole.lesions), "dice": _dice(whole.labelmap > 0, gt),
-                         "ml": round(sum(l.volume_ml for l in whole.lesions), 2)},
+                         "ml": round(sum(les.volume_ml for les in whole.lesions), 2)},
                "crops": {}, "tumour_free": {}}
         for m in MARGINS_MM:
             pad = np.ceil(m / sp).astype(int)
@@ -76,11 +76,11 @@ def main(argv=None) -> int:
             sub = gt[clo[2]:chi[2], clo[1]:chi[1], clo[0]:chi[0]]
             rec["crops"][f"{m:g}mm"] = {"size_xyz": (chi - clo).tolist(), "lesions": len(res.lesions),
                                         "dice": _dice(res.labelmap > 0, sub),
-                                        "ml": round(sum(l.volume_ml for l in res.lesions), 2)}
+                                        "ml": round(sum(les.volume_ml for les in res.lesions), 2)}
         for side, slab in tumour_free_slabs(img, gt).items():
             res = engine.segment(slab)
             rec["tumour_free"][side] = {"slices": int(slab.GetSize()[2]), "lesions": len(res.lesions),
-                                        "max_confidence": round(max((l.confidence for l in res.lesions), default=0.0), 3),
+                                        "max_confidence": round(max((les.confidence for les in res.lesions), default=0.0), 3),
                                         "scan_ood": round(float(res.ood["scan_score"]), 3) if res.ood else None}
         out["cases"][name] = rec
         print(name, json.dumps(rec), file=sys.stderr)

@@ -51,10 +51,10 @@ def measure(folder) -> dict:
     for name in VAL:
         img, lab, gt = read_case(name)
         res, m, _, n_gt = candidates_with_labels(engine, img, lab)
-        conf = np.array([l.confidence for l in res.lesions])
+        conf = np.array([les.confidence for les in res.lesions])
         scores += conf.tolist()
         tps += m.is_tp.tolist()
-        shown = [l.lesion_id for l in res.lesions if l.confidence >= thr]
+        shown = [les.lesion_id for les in res.lesions if les.confidence >= thr]
         dice.append(round(dice_score(np.isin(res.labelmap, shown), gt), 4))
         found += len({int(g) for g, c in zip(m.pred_to_gt, conf) if g and c >= thr})
     cal = calibration(scores, tps)

@@ -87,7 +87,7 @@ def _importable(f) -> str | None:
 @_guarded
 def _cmd_import(args) -> int:
     problems = {f: _importable(f) for f in args.files}
-    for f, why in problems.items():
+    for why in problems.values():
         if why:
             print(f"error: {why}; nothing was imported from it", file=sys.stderr)
     good = [f for f in args.files if not problems[f]]

@@ -180,7 +180,8 @@ def cmd_segment(args) -> int:
                     "device": res.device, "runtime": engine.runtime,
                     "ood": _json_ood(res.ood)})  # the scan's OOD score and warning (the Slicer panel shows it)
         stage_txt = "  ".join(f"{k} {v:.2f}s" for k, v in timings.items())
-        print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / output_stem(path)}_lesions.*  [{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}, {engine.runtime}]", file=sys.stderr)
+        print(f"{path}: {len(res.lesions)} lesion(s) -> {Path(args.output) / output_stem(path)}_lesions.*  "
+              f"[{stage_txt}; total {time.perf_counter() - t0:.2f}s on {res.device}, {engine.runtime}]", file=sys.stderr)
         for m in res.messages:  # the engine's notes (CPU fallback, out-of-memory retry) once; the scan's own each time
             if m in noted:
                 continue
@@ -202,7 +203,8 @@ def register(sub) -> None:
     sp.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     sp.add_argument("--model", default=None, help="model name, name@version or folder (default: the active model)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--threshold", type=unit_interval, default=None, help="keep lesions with confidence >= T (default: the model's, 0.5; 0 keeps every candidate)")
+    sp.add_argument("--threshold", type=unit_interval, default=None,
+                    help="keep lesions with confidence >= T (default: the model's, 0.5; 0 keeps every candidate)")
     sp.add_argument("--progress", default="bar", choices=["bar", "json", "none"])
     sp.add_argument("--save-features", action="store_true", help="also write <stem>_features.npz (classifier inputs, for review/retraining)")
     sp.add_argument("--dicom-seg", action="store_true",

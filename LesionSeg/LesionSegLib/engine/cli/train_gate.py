@@ -16,7 +16,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--model", default="sts-clcs", help="the model whose preprocessing (spacing, HU windows) the gate uses")
     ap.add_argument("--attach", default=None, metavar="MODEL", help="also write a model card: MODEL + this gate")
     ap.add_argument("--card-out", default=None, metavar="DIR", help="folder of that card (with --attach)")
-    ap.add_argument("--name", default=None, help="NAME or NAME@VERSION of that card (default MODEL-gated; version: the folder's under the user model folder, else the next free one)")
+    ap.add_argument("--name", default=None, help="NAME or NAME@VERSION of that card (default MODEL-gated; version: the folder's "
+                                                 "under the user model folder, else the next free one)")
     ap.add_argument("--seed", type=int, default=0)
 
 

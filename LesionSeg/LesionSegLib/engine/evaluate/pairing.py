@@ -164,7 +164,8 @@ def _read_volume(path: Path, what: str) -> sitk.Image:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise InputError(f"cannot read {what}: {lines[-1][:200] if lines else 'unreadable'}", str(path)) from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{what} must be a single-channel 3D image, not {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} component(s)", str(path))
+        raise InputError(f"{what} must be a single-channel 3D image, not {img.GetDimension()}D with "
+                         f"{img.GetNumberOfComponentsPerPixel()} component(s)", str(path))
     return img
 
 

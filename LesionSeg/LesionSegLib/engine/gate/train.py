@@ -195,7 +195,7 @@ def run(args) -> int:
         labs.append(lab)
         per_case[n] = {"slabs": len(s), "lesion_slabs": int(lab.sum())}
     cal = calibrate_threshold(np.concatenate(scores), np.concatenate(labs), args.min_recall)
-    for (n, info), s in zip(per_case.items(), scores):
+    for info, s in zip(per_case.values(), scores):
         info["open"] = int((s >= cal["threshold"]).sum())
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -182,8 +182,8 @@ def score_case(engine, image, label: np.ndarray) -> dict:
         scan = ood.scan_score(descriptor_of(image))
         conf = ood.apply(raw, scan)
         if len(raw):
-            emb = lesion_embedding(engine.classifier, np.stack([l.patch for l in res.lesions]),
-                                   feature_matrix([l.features for l in res.lesions]))
+            emb = lesion_embedding(engine.classifier, np.stack([les.patch for les in res.lesions]),
+                                   feature_matrix([les.features for les in res.lesions]))
             knn, maha = ood.lesion_scores(emb, "knn").tolist(), ood.lesion_scores(emb, "mahalanobis").tolist()
     gt, n_gt = gt_components(label)
     m = match(res.labelmap, gt, len(res.lesions), n_gt)
@@ -390,7 +390,9 @@ def finetune(feedback, base_model=None, output=None, *, steps: int = DEFAULT_STE
                            "replay_excluded_held_apart": replay_excluded,
                            "replay_fraction": replay, "synthetic_fraction": synthetic,
                            "lung_negative_fraction": sampler.lung_negatives, "lung_negative_patches": sampler.n_lung_negatives,
-                           "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls, "base_domain_check": forgetting, "lr": lr, "decoder_lr_mult": decoder_lr_mult, "loss": loss, "batch": batch, **log, "classifier": cls_info,
+                           "synthetic_lesions": sampler.n_synthetic, "synthetic_classifier_lesions": n_syn_cls,
+                           "base_domain_check": forgetting, "lr": lr, "decoder_lr_mult": decoder_lr_mult, "loss": loss,
+                           "batch": batch, **log, "classifier": cls_info,
                            "evaluation": _brief(evaluation), "total_minutes": round(seconds / 60, 2), "seed": seed,
                            "parent_sections_not_kept": dropped,
                            "threads": torch.get_num_threads(), "device": "cpu"},

@@ -48,8 +48,8 @@ def references(engine, images, progress=None, cancel=None) -> tuple[np.ndarray, 
         finally:
             engine.ood = own
         if res.lesions:
-            embs.append(lesion_embedding(engine.classifier, np.stack([l.patch for l in res.lesions]),
-                                         feature_matrix([l.features for l in res.lesions])))
+            embs.append(lesion_embedding(engine.classifier, np.stack([les.patch for les in res.lesions]),
+                                         feature_matrix([les.features for les in res.lesions])))
         if progress:
             progress((k + 1) / len(images), f"OOD reference {k + 1}/{len(images)}")
     return np.stack(scans), (np.concatenate(embs) if embs else np.zeros((0, 1)))

@@ -5,7 +5,8 @@ ground-truth lesion (matching rule of :mod:`..evaluate.matching`) is **edited**,
 by that lesion's ground truth; a proposal that hits none is **deleted** (rejected).  Every
 ground-truth lesion that no shown proposal hits is **added** (a missed lesion, as with a click).
 The proposals are the model's uncapped ones (the OOD cap is off, as if the reviewer lowered the
-threshold on a flagged scan), so the false positives it would show get rejected.  Used by the adaptation experiment (``Testing/benchmarks/finetune_chest.py``) and the tests.
+threshold on a flagged scan), so the false positives it would show get rejected.  Used by the
+adaptation experiment (``Testing/benchmarks/finetune_chest.py``) and the tests.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def crop(image, lo, hi):
     """The sub-image of voxels ``lo`` (inclusive) to ``hi`` (exclusive), x y z."""
     import SimpleITK as sitk
 
-    return sitk.RegionOfInterest(image, [int(h - l) for l, h in zip(lo, hi)], [int(v) for v in lo])
+    return sitk.RegionOfInterest(image, [int(b - a) for a, b in zip(lo, hi)], [int(v) for v in lo])
 
 
 def tumour_free_slabs(img, gt: np.ndarray) -> dict:

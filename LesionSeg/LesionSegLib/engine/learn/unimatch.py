@@ -185,7 +185,7 @@ class UniMatch:
     """Adds UniMatch's unlabelled streams to a supervised step loss."""
 
     def __init__(self, volumes: list[torch.Tensor], sup_loss, roi, tau=0.95, lambda_fp=0.5, mu_img=0.5,
-                 fp_dropout=0.5, seed=0, device=torch.device("cpu"), min_confident=0.5):
+                 fp_dropout=0.5, seed=0, device: torch.device | str = "cpu", min_confident=0.5):
         self.min_confident = check_min_confident(min_confident)
         self.volumes = volumes
         self.sup_loss = sup_loss
@@ -193,7 +193,7 @@ class UniMatch:
         self.tau, self.lambda_fp, self.mu_img, self.fp_dropout = float(tau), float(lambda_fp), float(mu_img), float(fp_dropout)
         self.rng = np.random.default_rng(seed + 1)
         self.gen = torch.Generator().manual_seed(seed + 1)
-        self.device = device
+        self.device = torch.device(device)
         self.history: list[dict] = []
         self.crops_kept, self.crops_total = 0, 0  # unlabelled crops (u_w and u_mix) over the whole run
 

@@ -347,6 +347,11 @@ def export(build: Callable[[], tuple], folder: Path, onnx_name: str, manifest_na
                 output_names=output_names,
                 dynamic_axes=dynamic_axes or None,
                 opset_version=OPSET,
+                # the module is in eval mode either way; PRESERVE skips the exporter's eval peephole, which
+                # folds each BatchNorm into its Conv with float arithmetic whose last bits depend on the
+                # CPU, so the same weights and torch gave another sha256 on another machine; the runtimes
+                # (ONNX Runtime, OpenVINO) fuse them themselves when they load the graph
+                training=torch.onnx.TrainingMode.PRESERVE,
             )
         manifest = {
             "format": MANIFEST_FORMAT,

@@ -262,7 +262,8 @@ def train_classifier(
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
     net.eval()
-    info = {"epochs": done_epochs, "seconds": round(time.time() - t0, 2), "n": int(len(labels)), "n_tp": int(n_pos), "n_fp": int(n_neg), "final_loss": losses[-1] if losses else None}
+    info = {"epochs": done_epochs, "seconds": round(time.time() - t0, 2), "n": int(len(labels)), "n_tp": int(n_pos),
+            "n_fp": int(n_neg), "final_loss": losses[-1] if losses else None}
     return model, info
 
 

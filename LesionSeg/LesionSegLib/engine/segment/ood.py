@@ -140,7 +140,8 @@ class OODModel:
 
         sha = save_weights({"scans": torch.as_tensor(self.scans, dtype=torch.float64),
                             "lesions": torch.as_tensor(self.lesions, dtype=torch.float64)}, Path(folder) / filename)
-        return {"file": filename, "sha256": sha, "scan_descriptor": DESCRIPTOR_VERSION, "lesion_method": self.lesion_method, "scan_threshold": self.scan_threshold,
+        return {"file": filename, "sha256": sha, "scan_descriptor": DESCRIPTOR_VERSION, "lesion_method": self.lesion_method,
+                "scan_threshold": self.scan_threshold,
                 "cap": self.cap, "reference_quantile": REF_QUANTILE, "n_scans": int(len(self.scans)),
                 "n_clusters": int(len(self.lesions)), "domain": self.domain}
 

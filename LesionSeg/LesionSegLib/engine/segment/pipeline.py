@@ -179,7 +179,8 @@ class Engine:
         except LesionSegError:
             raise
         except Exception as exc:  # a bad kept copy is this model's fault, never the CT's
-            raise ModelError(f"model {self.card.id}: its in-domain model {folder} cannot be loaded: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"model {self.card.id}: its in-domain model {folder} cannot be loaded: {why}") from None
         if parent.ood is None:  # no usable OOD statistics in the kept copy: nothing can be routed
             self.messages.append(f"model {self.card.id}: routing to {parent.card.id} is off, because the copy of it kept in this "
                                  f"model has no usable out-of-distribution statistics; every scan runs this model's fine-tuned "
@@ -426,7 +427,7 @@ class ClcsEngine(Engine):
 
             runner, use_gate = self.click_runner, False
             lo, step = fov_mapping(crop.shape, shape)  # model voxel j lies at crop index lo + j * step
-            at = [(c - b - l) / s for c, b, l, s in zip(click_zyx, box.lo, lo, step)]
+            at = [(c - b - a) / s for c, b, a, s in zip(click_zyx, box.lo, lo, step)]
             g = guidance_channel(shape, at, self.seg_cfg["spacing_zyx"], float(runner.cfg["guidance"]["sigma_mm"]))
             x = np.concatenate([x, g[None]])
         timings["preprocess"] = time.perf_counter() - t
