@@ -69,12 +69,29 @@ def test_attach_gate_names_the_card_as_its_folder_and_never_reuses_an_id(user_di
     assert "val_dice" not in first.data["metrics"] and "release_notes" not in first.data
     second = attach_gate("sts-clcs", gate, tmp_path / "elsewhere", name="ftg")  # a folder outside the user models
     assert second.id == "ftg@2"
-    for name, out, why in (("ftg@1", tmp_path / "again", "already exists"), ("ftg", user_dir / "ftg" / "1", "not empty"),
+    for name, out, why in (("ftg@1", tmp_path / "again", "already exists"), ("ftg", tmp_path / "elsewhere", "not empty"),
                            ("ftg@../x", tmp_path / "bad", "invalid model version")):
         with pytest.raises(RetrainError, match=why):
             gated_identity("sts-clcs", gate, out, name)
     with pytest.raises(RetrainError, match="gate folder"):
         gated_identity("sts-clcs", gate, gate, "ftg")
+    with pytest.raises(RetrainError, match="gate folder"):  # -o inside --card-out: that folder would not be empty
+        gated_identity("sts-clcs", tmp_path / "x" / "gate", tmp_path / "x", "ftg")
+    # in the user model folder a card lives in NAME/VERSION, as it says: a card in <root>/flat hid every
+    # later flat/N, one inside ftg@1's folder was never listed, and other/3 or ftg/1 held ftg@5
+    for out, name in ((user_dir / "flat", "flat"), (user_dir / "ftg" / "1" / "sub", None), (user_dir / "other" / "3", "ftg"),
+                      (user_dir / "ftg" / "7", "ftg@5")):
+        with pytest.raises(RetrainError, match="user model folder|not of"):
+            gated_identity("sts-clcs", gate, out, name)
+    assert gated_identity("sts-clcs", gate, user_dir / "ftg" / "7", None)[:2] == ("ftg", "7")  # the folder names it
+    third = attach_gate("sts-clcs", gate, None, "ftg")  # no --card-out: where retrain puts a version
+    assert third.id == "ftg@2" and third.folder == user_dir / "ftg" / "2"
+    fake = tmp_path / "forged-gate"
+    shutil.copytree(gate, fake)
+    (fake / json.loads((fake / "gate.json").read_text())["file"]).write_bytes(b"not the gate")
+    with pytest.raises(RetrainError, match="does not match the sha256"):
+        attach_gate("sts-clcs", fake, None, "ftg")
+    assert not (user_dir / "ftg" / "3").exists()
     assert not (tmp_path / "again").exists() and not models.shadowed(models.list_models())
     # the command refuses a clash before it trains anything
     rc = cli.main(["train-gate", "-o", str(tmp_path / "g"), "--max-steps", "1", "--attach", "sts-clcs", "--name", "ftg@1"])

@@ -15,7 +15,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--min-voxels", type=int, default=1, help="lesion voxels that make a slab positive")
     ap.add_argument("--model", default="sts-clcs", help="the model whose preprocessing (spacing, HU windows) the gate uses")
     ap.add_argument("--attach", default=None, metavar="MODEL", help="also write a model card: MODEL + this gate")
-    ap.add_argument("--card-out", default=None, metavar="DIR", help="folder of that card (with --attach)")
+    ap.add_argument("--card-out", default=None, metavar="DIR",
+                    help="folder of that card (default: the user model folder's NAME/VERSION, where retrain puts versions)")
     ap.add_argument("--name", default=None, help="NAME or NAME@VERSION of that card (default MODEL-gated; version: the folder's "
                                                  "under the user model folder, else the next free one)")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """Train and calibrate the cascade gate (``lesionseg train-gate``).
 
-    lesionseg train-gate -o runs/gate --minutes 4 [--extra-cases lung2] [--attach sts-clcs --card-out DIR --name NAME]
+    lesionseg train-gate -o runs/gate --minutes 4 [--extra-cases lung2] [--attach sts-clcs [--name NAME[@VERSION]] [--card-out DIR]]
 
 Training data: the z-slabs of STS_001-033 (and ``--extra-cases``, e.g. the chest scan lung2) on
 the model grid, cropped to the body exactly as at inference.  A slab is positive when it holds
@@ -155,7 +155,7 @@ def run(args) -> int:
         from ..learn.labels import RetrainError
 
         try:
-            gated_identity(args.attach, args.output, args.card_out or Path(args.output) / "card", args.name)
+            gated_identity(args.attach, args.output, args.card_out, args.name)
         except RetrainError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -222,7 +222,7 @@ def run(args) -> int:
         from ..learn.labels import RetrainError
 
         try:
-            card = attach_gate(args.attach, out, Path(args.card_out or out / "card"), args.name)
+            card = attach_gate(args.attach, out, args.card_out, args.name)
         except RetrainError as exc:  # the gate itself is written: say where, and what to do
             print(f"error: the gate is in {out}, but no gated model was written: {exc}", file=sys.stderr)
             return 2
@@ -234,45 +234,67 @@ def argv_is_cli() -> bool:
     return len(sys.argv) > 1 and sys.argv[1] == "train-gate"
 
 
-def gated_identity(model: str, gate_dir, card_out, name: str | None = None) -> tuple[str, str]:
-    """(name, version) of the card ``train-gate --attach`` writes; raises ``RetrainError`` naming
-    what is wrong (checked before the training, so a clash costs nothing).
+def gated_identity(model: str, gate_dir, card_out, name: str | None = None) -> tuple[str, str, Path]:
+    """(name, version, folder) of the card ``train-gate --attach`` writes; raises ``RetrainError``
+    naming what is wrong (checked before the training, so a clash costs nothing).
 
-    ``name`` is ``NAME`` or ``NAME@VERSION`` (default ``<model's name>-gated``).  Without a version
-    it is the folder's own when ``card_out`` is ``<user models>/NAME/<version>`` (so the folder and
-    the listed id agree), else the next free version of NAME.  The base's version was kept before,
-    so a card written in ``ftg/1`` was listed as ``ftg@2``, and a second gated card of one base
-    had the first one's id (one of the two was never used)."""
+    ``name`` is ``NAME`` or ``NAME@VERSION`` (default ``<model's name>-gated``).  Without
+    ``card_out`` the card goes where ``retrain`` puts a version: ``<user models>/NAME/VERSION``, the
+    next free version unless one is given, so it is listed and offered like any other.  A
+    ``card_out`` inside the user model folder must be such a ``NAME/VERSION`` folder, and it gives
+    the name and version when ``name`` does not (they must agree when it does): a card there is
+    listed by what its card says, so a folder ``ftg/1`` holding ``ftg@1.2.0`` (the base's version,
+    kept before), a card in ``<user models>/NAME`` (whose later versions ``NAME/2`` were then never
+    listed) or one inside another model's folder (never listed at all) misled.  A ``card_out``
+    elsewhere is not listed; its version is the next free one among the listed models."""
     from .. import models
     from ..errors import ModelError
     from ..learn.labels import RetrainError
     from ..learn.versions import next_version
 
     base = models.get_card(model)
-    text = name or f"{base.name}-gated"
-    new_name, at, version = text.partition("@")
+    new_name, at, version = (name or f"{base.name}-gated").partition("@")
     try:
         models.check_model_id(new_name, version if at else None)
     except ModelError as exc:
         raise RetrainError(f"--name: {exc}") from None
-    out = Path(card_out).expanduser().resolve()
-    if gate_dir is not None and out == Path(gate_dir).expanduser().resolve():
-        raise RetrainError(f"--card-out {card_out} is the gate folder (-o); the gated model needs a folder of its own")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RetrainError(f"--card-out {card_out} exists and is not empty; give a new folder")
     root = models.user_models_dir().expanduser().resolve()
-    if not version:
-        version = out.name if out.parent == root / new_name else next_version(new_name)
-        try:
-            models.check_model_id(new_name, version)
-        except ModelError:
-            version = next_version(new_name)
+    if card_out is None:
+        problem = models.user_models_problem()
+        if problem:
+            raise RetrainError(f"the gated model cannot go to the user model folder: {problem}; give --card-out DIR")
+        version = version or next_version(new_name)
+        out = root / new_name / version
+    else:
+        out = Path(card_out).expanduser().resolve()
+        if out == root or root in out.parents:
+            rel = out.relative_to(root).parts
+            if len(rel) != 2 or (root / rel[0] / models.CARD_NAME).exists():
+                raise RetrainError(f"--card-out {card_out} lies in the user model folder {root}, where a model lives in "
+                                   "NAME/VERSION (its card would not be listed as it says); leave --card-out out to put it "
+                                   "there, or give such a folder")
+            if (name and rel[0] != new_name) or (version and rel[1] != version):
+                raise RetrainError(f"--card-out {card_out} is the folder of {rel[0]}@{rel[1]}, not of "
+                                   f"{new_name}@{version or '...'} (--name); give them alike, or one of the two")
+            try:
+                models.check_model_id(*rel)
+            except ModelError as exc:
+                raise RetrainError(f"--card-out {card_out}: {exc}") from None
+            new_name, version = rel
+        version = version or next_version(new_name)
+    if gate_dir is not None:
+        gate = Path(gate_dir).expanduser().resolve()
+        if gate == out or out in gate.parents:
+            raise RetrainError(f"the gate folder {gate_dir} (-o) lies in the gated model's folder {out}; "
+                               "the model needs a folder of its own")
     if any(c.name == new_name and c.version == version for c in models.list_models()):
         raise RetrainError(f"model {new_name}@{version} already exists; give --name another name or NAME@VERSION")
-    return new_name, version
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RetrainError(f"the gated model's folder {out} exists and is not empty; give a new folder")
+    return new_name, version, out
 
 
-def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.PathLike, name: str | None = None):
+def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.PathLike | None = None, name: str | None = None):
     """A model card = ``model``'s card + the gate in ``gate_dir``, written as ``name``
     (:func:`gated_identity`) into the new folder ``card_out``, built under a temporary name and
     renamed into place (:func:`..learn.model_writer.write_version`).
@@ -290,8 +312,8 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     from ..models import get_card, sha256_file
 
     base = get_card(model)
-    gate_dir, card_out = Path(gate_dir), Path(card_out)
-    new_name, version = gated_identity(model, None, card_out, name)
+    gate_dir = Path(gate_dir)
+    new_name, version, card_out = gated_identity(model, gate_dir, card_out, name)
     part = json.loads((gate_dir / GATE_JSON).read_text(encoding="utf-8"))
     cal = part["calibration"]
 
