@@ -197,3 +197,18 @@ def test_detseg_init_checked_before_any_stage(tmp_path, monkeypatch, capsys, con
     rc = cli.main(["train-detseg", "-o", str(tmp_path / "m"), "--detector-init", str(init)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: --detector-init") and str(init) in err and "\n" not in err
+
+
+def test_train_seg_refused_at_its_start_leaves_no_empty_output_folder(tmp_path, capsys):
+    """A bad ``train_seg`` option passed after ``--`` (here UniMatch's --min-confident 1.5) is
+    refused by the training process at its start; the output folder the command had made for it
+    was left behind empty (README audit).  A folder that existed before is kept."""
+    ds = _dataset(tmp_path / "ds")
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "old", True)):
+        if existed:
+            out.mkdir()
+        rc = cli.main(["train-seg", "--images", str(ds), "-o", str(out), "--max-steps", "1", "--unlabeled", str(ds),
+                       "--", "--min-confident", "1.5"])
+        err = capsys.readouterr().err
+        assert rc == 1 and "--min-confident must lie in [0, 1]" in err
+        assert out.exists() == existed

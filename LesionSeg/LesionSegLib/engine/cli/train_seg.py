@@ -18,6 +18,9 @@ def _cmd_train_seg(args) -> int:
         extra += ["--recipe", args.recipe]
     job = SegmenterTrainingJob(args.images, args.output, minutes=args.minutes, max_steps=args.max_steps,
                                val=args.val, extra=[*extra, *(["--nproc", str(args.nproc)] if args.nproc > 1 else [])])
+    from pathlib import Path
+
+    made_output = not Path(args.output).exists()
     try:
         problem = output_problem(args.output)  # now, not after the training budget
         if problem:
@@ -62,6 +65,11 @@ def _cmd_train_seg(args) -> int:
         print(line, flush=True)
     if job.returncode != 0:
         print(f"error: segmenter training failed (exit {job.returncode}): {job.error_text()}", file=sys.stderr)
+        if made_output:  # a run refused at its start (e.g. a bad option after --) leaves no empty folder behind
+            try:
+                Path(args.output).rmdir()
+            except OSError:  # not empty: what the run wrote stays
+                pass
         return 1
     print(f"segmenter written to {args.output}")
     if args.register:
