@@ -195,6 +195,25 @@ def test_fine_tuning_a_routed_model_says_when_it_gives_its_routing_up():
     assert result_text(done).endswith("Warning: it gives up.")  # the Slicer panel says it too
 
 
+def test_the_finetune_command_s_done_event_carries_the_routing_warning(tmp_path, monkeypatch, capsys):
+    """The LesionSegTraining panel learns that routing was given up only from the ``--progress json``
+    done event of ``lesionseg finetune``; dropping it there passed every test (audit mutation)."""
+    from LesionSegLib.engine import cli
+    from LesionSegLib.engine.cli import finetune as cli_finetune
+    from types import SimpleNamespace
+
+    from LesionSegLib.engine.learn.finetune import FinetuneResult
+    from LesionSegTrainingLib.finetune import result_text
+
+    routing = {"enabled": False, "parent": "sts-clcs@1.2.0", "via": "ft@1", "gives_up": "it gives up", "folder": "in_domain"}
+    card = SimpleNamespace(id="ft@2", folder=tmp_path / "ft" / "2", data={"metrics": {"n": 1}, "routing": routing})
+    monkeypatch.setattr(cli_finetune, "finetune", lambda *a, **k: FinetuneResult(card, 2.0, {}))
+    assert cli.main(["finetune", "--feedback", str(tmp_path / "fb.db"), "-o", "ft@2", "--progress", "json"]) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert done["event"] == "done" and done["routing"] == {k: routing[k] for k in ("enabled", "parent", "via", "gives_up")}
+    assert result_text(done).endswith("Warning: it gives up.")
+
+
 def test_a_stale_kept_copy_routes_through_its_installed_twin_and_a_damaged_one_is_refused_at_activation(tmp_path, monkeypatch):
     """A fine-tuned model whose kept copy has statistics of an older scan descriptor could never
     route again (fine-tuning it judged nothing and wrote no warning); a damaged kept copy passed
