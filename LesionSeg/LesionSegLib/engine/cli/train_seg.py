@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from ..errors import LesionSegError
 from ..learn.jobs import SegmenterTrainingJob, check_register_name, register_segmenter
@@ -18,8 +19,6 @@ def _cmd_train_seg(args) -> int:
         extra += ["--recipe", args.recipe]
     job = SegmenterTrainingJob(args.images, args.output, minutes=args.minutes, max_steps=args.max_steps,
                                val=args.val, extra=[*extra, *(["--nproc", str(args.nproc)] if args.nproc > 1 else [])])
-    from pathlib import Path
-
     made_output = not Path(args.output).exists()
     try:
         problem = output_problem(args.output)  # now, not after the training budget

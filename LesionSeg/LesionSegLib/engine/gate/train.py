@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from .. import data as dataset
+from ..learn.labels import RetrainError
 from .model import DEFAULT_GATE_NETWORK, GATE_JSON, SlabGate, slab_labels, slabs_of, write_gate_json
 
 
@@ -152,8 +153,6 @@ def run(args) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.attach:  # the gated model's id and folder, now rather than after the training budget
-        from ..learn.labels import RetrainError
-
         try:
             gated_identity(args.attach, args.output, args.card_out, args.name)
         except RetrainError as exc:
@@ -219,8 +218,6 @@ def run(args) -> int:
     print(f"gate: {step} steps in {minutes:.1f} min; threshold {cal['threshold']:.4f} -> calibration recall "
           f"{cal['recall']:.3f}, precision {cal['precision']:.3f}, F2 {cal['f2']:.3f}, skipped {cal['skipped_fraction']:.3f}")
     if args.attach:
-        from ..learn.labels import RetrainError
-
         try:
             card = attach_gate(args.attach, out, args.card_out, args.name)
         except RetrainError as exc:  # the gate itself is written: say where, and what to do
@@ -249,7 +246,6 @@ def gated_identity(model: str, gate_dir, card_out, name: str | None = None) -> t
     elsewhere is not listed; its version is the next free one among the listed models."""
     from .. import models
     from ..errors import ModelError
-    from ..learn.labels import RetrainError
     from ..learn.versions import next_version
 
     base = models.get_card(model)
@@ -307,7 +303,6 @@ def attach_gate(model: str, gate_dir: str | os.PathLike, card_out: str | os.Path
     import json
 
     from ..common import utc_now
-    from ..learn.labels import RetrainError
     from ..learn.model_writer import copy_routing, parent_link, write_version
     from ..models import get_card, sha256_file
 
