@@ -246,6 +246,7 @@ def gated_identity(model: str, gate_dir, card_out, name: str | None = None) -> t
     elsewhere is not listed; its version is the next free one among the listed models."""
     from .. import models
     from ..errors import ModelError
+    from ..learn.model_writer import resolve_output
     from ..learn.versions import next_version
 
     base = models.get_card(model)
@@ -255,15 +256,17 @@ def gated_identity(model: str, gate_dir, card_out, name: str | None = None) -> t
     except ModelError as exc:
         raise RetrainError(f"--name: {exc}") from None
     root = models.user_models_dir().expanduser().resolve()
-    if card_out is None:
-        problem = models.user_models_problem()
-        if problem:
-            raise RetrainError(f"the gated model cannot go to the user model folder: {problem}; give --card-out DIR")
-        version = version or next_version(new_name)
-        out = root / new_name / version
-    else:
-        out = Path(card_out).expanduser().resolve()
-        if out == root or root in out.parents:
+    out = None if card_out is None else Path(card_out).expanduser().resolve()
+    gate = None if gate_dir is None else Path(gate_dir).expanduser().resolve()
+    if gate is not None and out is not None and (gate == out or out in gate.parents):
+        raise RetrainError(f"the gate folder {gate_dir} (-o) lies in the gated model's folder {out}; "
+                           "the model needs a folder of its own")
+    if out is None or out == root or root in out.parents:  # a version in the user model folder, as retrain writes one
+        if out is None:
+            problem = models.user_models_problem()
+            if problem:
+                raise RetrainError(f"the gated model cannot go to the user model folder: {problem}; give --card-out DIR")
+        else:
             rel = out.relative_to(root).parts
             if len(rel) != 2 or (root / rel[0] / models.CARD_NAME).exists():
                 raise RetrainError(f"--card-out {card_out} lies in the user model folder {root}, where a model lives in "
@@ -272,21 +275,14 @@ def gated_identity(model: str, gate_dir, card_out, name: str | None = None) -> t
             if (name and rel[0] != new_name) or (version and rel[1] != version):
                 raise RetrainError(f"--card-out {card_out} is the folder of {rel[0]}@{rel[1]}, not of "
                                    f"{new_name}@{version or '...'} (--name); give them alike, or one of the two")
-            try:
-                models.check_model_id(*rel)
-            except ModelError as exc:
-                raise RetrainError(f"--card-out {card_out}: {exc}") from None
             new_name, version = rel
+        new_name, version, out = resolve_output(base, f"{new_name}@{version}" if version else new_name)
+    else:  # an explicit folder elsewhere: not listed, so the next free version among the listed ones
         version = version or next_version(new_name)
-    if gate_dir is not None:
-        gate = Path(gate_dir).expanduser().resolve()
-        if gate == out or out in gate.parents:
-            raise RetrainError(f"the gate folder {gate_dir} (-o) lies in the gated model's folder {out}; "
-                               "the model needs a folder of its own")
-    if any(c.name == new_name and c.version == version for c in models.list_models()):
-        raise RetrainError(f"model {new_name}@{version} already exists; give --name another name or NAME@VERSION")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RetrainError(f"the gated model's folder {out} exists and is not empty; give a new folder")
+        if any(c.name == new_name and c.version == version for c in models.list_models()):
+            raise RetrainError(f"model {new_name}@{version} already exists; give --name another name or NAME@VERSION")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RetrainError(f"the gated model's folder {out} exists and is not empty; give a new folder")
     return new_name, version, out
 
 
